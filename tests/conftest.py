@@ -1,0 +1,34 @@
+"""Shared fixtures. ``ToyModel`` is a transparent linear step-time model so engine tests can reason about times."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+class ToyModel:
+    """step = base + per_token * tokens + attn * sum(chunk * ctx) + kv * decode_kv_sum (seconds)."""
+
+    def __init__(self, base=0.01, per_token=2e-5, attn=1e-9, kv=1e-6):
+        self.base, self.per_token, self.attn, self.kv = base, per_token, attn, kv
+
+    def step_time(self, prefill_chunks, num_decode, decode_kv_sum):
+        n = num_decode + sum(c for c, _ in prefill_chunks)
+        t = self.base + self.per_token * n + self.kv * decode_kv_sum
+        for c, ctx in prefill_chunks:
+            t += self.attn * c * (ctx + c / 2)
+        return t
+
+    def decode_coeffs(self, batch):
+        return self.base + self.per_token * batch, self.kv
+
+
+@pytest.fixture
+def toy_model():
+    return ToyModel()

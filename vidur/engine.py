@@ -1,0 +1,502 @@
+"""One engine (replica) of vLLM, simulated step by step -- and run by run where steps repeat.
+
+Why this shape: both the cluster experiments and the predictors' what-if run this one class, and a what-if must
+answer in well under a millisecond. Most engine iterations are decode-only steps whose batch does not change
+until some request finishes, the KV cache runs out, or a new request arrives. Over such a *run* every decode
+sequence gains one token per step, so the run's duration is a closed-form sum (the execution model is linear in the
+total KV length for a fixed batch size), the step at which the next request finishes is the top of a heap, and the
+step at which the KV cache runs out follows from a histogram of the sequences' positions inside their last block.
+Decode sequences are therefore kept *lazily*: a sequence that joined the decode group at decode-clock ``d0`` with
+``c0`` computed tokens has ``c0 + (dclock - d0)`` computed tokens now; nothing is touched per step.
+
+Scheduling semantics (vLLM V0, which Block ran):
+
+* chunked prefill (Sarathi / vLLM ``--enable-chunked-prefill``): per step a token budget ``chunk_size``; every
+  decode sequence first (one token each), then the chunks of prefills already running, in running order, then new
+  prompts admitted from the waiting queue (FCFS, head-of-line blocking) while the budget, ``max_num_seqs`` and the
+  KV blocks allow;
+* without chunked prefill (vLLM default, prefill first): if any waiting prompt can be admitted the step is
+  prefill-only (whole prompts, token sum <= ``max_num_batched_tokens``), else a decode-only step;
+* KV: paged blocks of ``block_size`` tokens. An admitted prompt gets blocks for all its known tokens at once, but only
+  while ``watermark`` of all blocks stays free; a decode sequence takes one more block when its length crosses a
+  block boundary. When a decode step cannot get the blocks it needs, the most recently admitted running request is
+  preempted (repeatedly) by recompute: its blocks are freed and it goes back to the *front* of the waiting queue;
+  on re-admission it prefills its prompt plus the tokens it had generated.
+* a request generates exactly its output length (ignore_eos); the step that finishes a prompt's prefill emits the
+  first output token.
+
+Time semantics: ``time`` is the end of the last step the engine has committed. ``sync(t)`` commits every step that
+starts before ``t``; the step in flight at ``t`` is committed too (its batch is fixed when it starts), so after
+``sync(t)`` the engine's requests are in their state *after* that step and ``time - t`` is how long it still runs.
+A request added at ``t`` joins the first step formed after that.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import Iterable, Optional, Protocol
+
+from vidur.types import EngineConfig, InstanceState, InstanceStats, SeqState
+
+INF = float("inf")
+
+
+class StepTimeModel(Protocol):
+    """What the engine needs from an execution-time model (see ``vidur.execution_model``)."""
+
+    def step_time(self, prefill_chunks: list[tuple[int, int]], num_decode: int, decode_kv_sum: int) -> float: ...
+
+    def decode_coeffs(self, batch: int) -> tuple[float, float]: ...
+
+
+class Seq:
+    """A request inside an engine. Decode-phase fields are lazy (see the module docstring)."""
+
+    __slots__ = (
+        "id", "prompt", "out", "expected", "arrival", "computed", "generated", "in_decode", "c0", "d0", "g0",
+        "ver", "first_sched", "first_token", "finish", "preemptions", "status", "tag",
+    )
+
+    def __init__(self, id: int, prompt: int, out: int, arrival: float = 0.0, expected: Optional[int] = None,
+                 computed: int = 0, generated: int = 0, tag: object = None) -> None:
+        self.id = id
+        self.prompt = prompt
+        self.out = out  # the engine stops the request after exactly this many output tokens
+        self.expected = out if expected is None else expected  # what a predictor may know of `out`
+        self.arrival = arrival
+        self.computed = computed
+        self.generated = generated
+        self.in_decode = False
+        self.c0 = self.d0 = self.g0 = 0
+        self.ver = 0
+        self.first_sched: Optional[float] = None
+        self.first_token: Optional[float] = None
+        self.finish: Optional[float] = None
+        self.preemptions = 0
+        self.status = "waiting"
+        self.tag = tag  # anything the caller wants back with the finished request
+
+    @property
+    def known(self) -> int:
+        """Tokens a (re)prefill must process: the prompt plus every token already generated."""
+        return self.prompt + self.generated
+
+
+class Engine:
+    """A simulated vLLM engine. See the module docstring for the semantics."""
+
+    def __init__(self, config: EngineConfig, model: StepTimeModel, instance_id: int = 0,
+                 keep_finished: bool = True) -> None:
+        config.validate()
+        self.cfg = config
+        self.model = model
+        self.instance_id = instance_id
+        self.bs = config.block_size
+        self.total_blocks = config.num_blocks
+        self.free = config.num_blocks
+        self.watermark_blocks = config.watermark_blocks
+        self.chunked = config.chunked_prefill
+        self.budget = config.token_budget
+        self.max_seqs = config.max_num_seqs
+        self.time = 0.0
+        self.running: dict[int, Seq] = {}  # admission order (decides preemption victims)
+        self.prefilling: list[Seq] = []  # running requests still in prefill, in running order
+        self.waiting: deque[Seq] = deque()
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self.busy_s = 0.0
+        self.keep_finished = keep_finished
+        self.finished: list[Seq] = []
+        self.rejected: list[Seq] = []
+        # lazy decode group
+        self.dclock = 0
+        self.dg_count = 0
+        self.dg_sum = 0  # sum of (c0 - d0): computed tokens of the group = dg_sum + dg_count * dclock
+        self.dg_hist = [0] * self.bs  # count of members by (c0 - d0) mod block_size
+        self.dg_heap: list[tuple[int, int, int, Seq]] = []  # (finish clock, id, version, seq)
+        self.on_finish = None  # optional callback(seq)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    def add(self, seq: Seq, now: float) -> Seq:
+        """Queue a request that arrives at ``now`` (call ``sync(now)`` first so the engine is not behind)."""
+        if not self.running and not self.waiting and self.time < now:
+            self.time = now  # an idle engine starts its next step when the request arrives
+        seq.status = "waiting"
+        self.waiting.append(seq)
+        return seq
+
+    def sync(self, t: float) -> None:
+        """Commit every step that starts before ``t`` (the step in flight at ``t`` included)."""
+        while self.time < t and (self.running or self.waiting):
+            self._advance(t)
+
+    def run_until_idle(self) -> None:
+        while self.running or self.waiting:
+            self._advance(INF)
+
+    def run_until_finished(self, seq: Seq) -> None:
+        """Advance until ``seq`` has finished (or was rejected)."""
+        while seq.finish is None and seq.status != "rejected":
+            if not (self.running or self.waiting):
+                raise RuntimeError("engine went idle before the request finished")
+            self._advance(INF)
+
+    def computed_of(self, s: Seq) -> int:
+        return s.c0 + self.dclock - s.d0 if s.in_decode else s.computed
+
+    def generated_of(self, s: Seq) -> int:
+        return s.g0 + self.dclock - s.d0 if s.in_decode else s.generated
+
+    def stats(self) -> InstanceStats:
+        """Cheap load figures (what vLLM's /metrics or Block's simple trace report)."""
+        bs = self.bs
+        wblocks = 0
+        wtokens = 0
+        unprocessed = 0
+        for s in self.waiting:
+            k = s.prompt + s.generated
+            wblocks += -(-k // bs)
+            wtokens += k
+            unprocessed += max(0, s.prompt + s.expected)
+        for s in self.running.values():
+            unprocessed += max(0, s.prompt + s.expected - self.computed_of(s))
+        return InstanceStats(
+            instance_id=self.instance_id, num_running=len(self.running), num_waiting=len(self.waiting),
+            free_blocks=self.free, total_blocks=self.total_blocks, num_preemptions=self.num_preemptions,
+            waiting_prompt_blocks=wblocks, waiting_prompt_tokens=wtokens, unprocessed_tokens=unprocessed,
+        )
+
+    def snapshot(self, now: float) -> InstanceState:
+        """The exact state a predictor would see at ``now`` (after ``sync(now)``)."""
+        running = []
+        for s in self.running.values():
+            running.append(SeqState(s.id, s.prompt, s.expected, self.computed_of(s), self.generated_of(s), s.arrival))
+        waiting = [SeqState(s.id, s.prompt, s.expected, 0, s.generated, s.arrival) for s in self.waiting]
+        return InstanceState(
+            running=running, waiting=waiting, free_blocks=self.free, total_blocks=self.total_blocks,
+            num_preemptions=self.num_preemptions, config=self.cfg, now_s=now,
+            busy_for_s=max(0.0, self.time - now),
+        )
+
+    @classmethod
+    def from_state(cls, state: InstanceState, model: StepTimeModel, overrun_tokens: int = 10) -> "Engine":
+        """Rebuild an engine from what a predictor knows, to simulate it forward (the what-if).
+
+        In-flight requests run to their expected length; one that has already decoded that many tokens (the
+        estimate was too short) is assumed to end ``overrun_tokens`` later -- Block's rule, with 10 tokens.
+        """
+        eng = cls(state.config, model, keep_finished=False)
+        eng.total_blocks = state.total_blocks
+        eng.free = state.free_blocks
+        eng.num_preemptions = state.num_preemptions
+        eng.time = max(0.0, state.busy_for_s)
+        for st in state.running:
+            out = st.expected_output_tokens
+            if st.decoded_tokens >= out:
+                out = st.decoded_tokens + overrun_tokens
+            s = Seq(st.id, st.prompt_tokens, out, st.arrival_s, computed=st.computed_tokens,
+                    generated=st.decoded_tokens)
+            s.status = "running"
+            s.first_sched = 0.0
+            eng.running[s.id] = s
+            if st.decoded_tokens > 0 and st.computed_tokens >= st.prompt_tokens + st.decoded_tokens - 1:
+                s.computed = st.prompt_tokens + st.decoded_tokens - 1
+                eng._join_decode(s)
+            else:
+                eng.prefilling.append(s)
+        for st in state.waiting:
+            out = st.expected_output_tokens
+            if st.decoded_tokens >= out:
+                out = st.decoded_tokens + overrun_tokens
+            s = Seq(st.id, st.prompt_tokens, out, st.arrival_s, generated=st.decoded_tokens)
+            eng.waiting.append(s)
+        return eng
+
+    # ------------------------------------------------------------------ decode group bookkeeping
+    def _join_decode(self, s: Seq) -> None:
+        s.in_decode = True
+        s.c0 = s.computed
+        s.d0 = self.dclock
+        s.g0 = s.generated
+        s.ver += 1
+        off = s.c0 - s.d0
+        self.dg_count += 1
+        self.dg_sum += off
+        self.dg_hist[off % self.bs] += 1
+        heapq.heappush(self.dg_heap, (s.d0 + s.out - s.g0, s.id, s.ver, s))
+
+    def _leave_decode(self, s: Seq) -> None:
+        """Materialise a decode member's lazy fields and take it out of the group."""
+        s.computed = s.c0 + self.dclock - s.d0
+        s.generated = s.g0 + self.dclock - s.d0
+        off = s.c0 - s.d0
+        self.dg_count -= 1
+        self.dg_sum -= off
+        self.dg_hist[off % self.bs] -= 1
+        s.in_decode = False
+        s.ver += 1  # lazily deletes its heap entry
+
+    def _blocks_held(self, s: Seq) -> int:
+        if s.in_decode:
+            return -(-(s.c0 + self.dclock - s.d0) // self.bs)
+        return -(-s.known // self.bs)  # a running prefill holds blocks for all its known tokens
+
+    def _preempt_last(self) -> Seq:
+        """Preempt the most recently admitted running request by recompute (vLLM V0)."""
+        sid = next(reversed(self.running))
+        s = self.running.pop(sid)
+        freed = self._blocks_held(s)
+        if s.in_decode:
+            self._leave_decode(s)
+        else:
+            self.prefilling.remove(s)
+        self.free += freed
+        s.computed = 0
+        s.preemptions += 1
+        s.status = "waiting"
+        self.num_preemptions += 1
+        self.waiting.appendleft(s)
+        return s
+
+    def _finish(self, s: Seq, t: float) -> None:
+        s.finish = t
+        s.status = "finished"
+        del self.running[s.id]
+        self.free += -(-s.computed // self.bs)
+        if self.keep_finished:
+            self.finished.append(s)
+        if self.on_finish is not None:
+            self.on_finish(s)
+
+    def _pop_finished(self, t: float) -> None:
+        heap = self.dg_heap
+        d = self.dclock
+        while heap and heap[0][0] <= d:
+            _, _, ver, s = heapq.heappop(heap)
+            if ver != s.ver or not s.in_decode:
+                continue
+            self._leave_decode(s)
+            self._finish(s, t)
+
+    def _heap_top_clock(self) -> int:
+        heap = self.dg_heap
+        while heap:
+            top = heap[0]
+            if top[2] == top[3].ver and top[3].in_decode:
+                return top[0]
+            heapq.heappop(heap)
+        return 1 << 62
+
+    def _decode_need(self, k: int = 0) -> int:
+        """New blocks the decode group needs in the step at decode clock ``dclock + k``."""
+        return self.dg_hist[(-(self.dclock + k)) % self.bs]
+
+    def _ensure_decode_blocks(self) -> int:
+        """Preempt until the next decode step's new blocks fit; return how many it needs."""
+        need = self._decode_need()
+        while need > self.free:
+            self._preempt_last()
+            need = self._decode_need()
+        return need
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self, budget: int, seqs_room: int, whole: bool) -> list[tuple[Seq, int]]:
+        """Admit waiting prompts FCFS (head-of-line blocking). Returns (seq, tokens this step)."""
+        out: list[tuple[Seq, int]] = []
+        waiting = self.waiting
+        bs = self.bs
+        while waiting and budget > 0 and seqs_room > 0:
+            s = waiting[0]
+            known = s.prompt + s.generated
+            need = -(-known // bs)
+            if need > self.total_blocks - self.watermark_blocks or s.prompt > self.cfg.max_model_len:
+                waiting.popleft()  # can never fit: vLLM ignores such a prompt with an error
+                s.status = "rejected"
+                self.rejected.append(s)
+                continue
+            if self.free - need < self.watermark_blocks:
+                break
+            n = known if whole else min(known, budget)
+            if whole and n > budget:
+                break
+            waiting.popleft()
+            self.free -= need
+            s.status = "running"
+            s.computed = 0
+            self.running[s.id] = s
+            if s.first_sched is None:
+                s.first_sched = self.time
+            out.append((s, n))
+            budget -= n
+            seqs_room -= 1
+        return out
+
+    # ------------------------------------------------------------------ stepping
+    def _advance(self, until: float) -> None:
+        """Form the next step at ``self.time`` and commit it (or the part of a decode run that starts < until)."""
+        if self.chunked:
+            self._advance_chunked(until)
+        else:
+            self._advance_prefill_first(until)
+
+    def _advance_chunked(self, until: float) -> None:
+        need = self._ensure_decode_blocks() if self.dg_count else 0
+        self.free -= need  # reserve the decode sequences' new blocks before admitting prompts
+        budget = self.budget - self.dg_count
+        chunks: list[tuple[Seq, int]] = []
+        for s in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(s.known - s.computed, budget)
+            chunks.append((s, n))
+            budget -= n
+        if budget > 0 and self.waiting and len(self.running) < self.max_seqs:
+            new = self._admit(budget, self.max_seqs - len(self.running), whole=False)
+            if new:
+                self.prefilling.extend(s for s, _ in new)
+                chunks.extend(new)
+        if chunks:
+            self._mixed_step(chunks, with_decodes=True)
+            return
+        self.free += need
+        if self.dg_count:
+            self._decode_run(until)
+        elif self.waiting and not self.running:
+            raise RuntimeError("engine stalled: waiting requests cannot be admitted into an empty engine")
+
+    def _advance_prefill_first(self, until: float) -> None:
+        if self.waiting and len(self.running) < self.max_seqs:
+            new = self._admit(self.budget, self.max_seqs - len(self.running), whole=True)
+            if new:
+                self.prefilling.extend(s for s, _ in new)
+                self._mixed_step(new, with_decodes=False)
+                return
+        if self.dg_count:
+            self._ensure_decode_blocks()  # may preempt everyone: then the next call re-admits
+            if self.dg_count:
+                self._decode_run(until)
+        elif self.waiting and not self.running:
+            raise RuntimeError("engine stalled: waiting requests cannot be admitted into an empty engine")
+
+    def _mixed_step(self, chunks: list[tuple[Seq, int]], with_decodes: bool) -> None:
+        """One step with prefill chunks (and, if chunked, every decode sequence, whose blocks are reserved)."""
+        B = self.dg_count if with_decodes else 0
+        pre = [(n, s.computed) for s, n in chunks]
+        kv = self.dg_sum + B * self.dclock + B if B else 0
+        dt = self.model.step_time(pre, B, kv)
+        t_end = self.time + dt
+        self.busy_s += dt
+        self.num_steps += 1
+        if B:
+            self.dclock += 1
+            self._pop_finished(t_end)
+        done = []
+        for s, n in chunks:
+            s.computed += n
+            if s.computed >= s.known:
+                done.append(s)
+        if done:
+            self.prefilling = [s for s in self.prefilling if s.computed < s.known]
+            for s in done:
+                s.generated += 1  # the step that completes a prefill emits the next token
+                if s.first_token is None:
+                    s.first_token = t_end
+                if s.generated >= s.out:
+                    self._finish(s, t_end)
+                else:
+                    self._join_decode(s)
+        self.time = t_end
+
+    def _decode_run(self, until: float) -> None:
+        """A run of decode-only steps until the next finish or KV exhaustion; commit the steps starting < until.
+
+        The first step's blocks were already secured by ``_ensure_decode_blocks``.
+        """
+        B = self.dg_count
+        m = self._heap_top_clock() - self.dclock  # steps until the first request finishes
+        if m > 1:
+            m = min(m, self._steps_until_blocks_run_out())
+        c, k = self.model.decode_coeffs(B)
+        S1 = self.dg_sum + B * self.dclock + B  # KV tokens in the first step
+        t0 = self.time
+        a = 0.5 * k * B
+        b = c + k * S1 - a
+        if until < INF:
+            delta = until - t0
+            j = self._steps_started_before(a, b, delta)
+            if j < m:
+                m = j
+        total = m * b + a * m * m  # = sum_{i<m} (c + k (S1 + B i))
+        self.free -= self._cum_need(m)
+        self.dclock += m
+        self.num_steps += m
+        self.busy_s += total
+        self.time = t0 + total
+        self._pop_finished(self.time)
+
+    @staticmethod
+    def _steps_started_before(a: float, b: float, delta: float) -> int:
+        """Number of steps i >= 0 whose start time cum(i) = a i^2 + b i is < delta (at least 1)."""
+        if delta <= 0:
+            return 1
+        if a > 0:
+            j = math.ceil((-b + math.sqrt(b * b + 4 * a * delta)) / (2 * a))
+        else:
+            j = math.ceil(delta / b)
+        j = max(j, 1)
+        while j > 1 and a * (j - 1) * (j - 1) + b * (j - 1) >= delta:
+            j -= 1
+        while a * j * j + b * j < delta:
+            j += 1
+        return j
+
+    def _cum_need(self, m: int) -> int:
+        """New blocks the decode group takes over the next ``m`` steps (the first included)."""
+        bs = self.bs
+        q, r = divmod(m, bs)
+        total = q * self.dg_count
+        hist = self.dg_hist
+        d = self.dclock
+        for i in range(r):
+            total += hist[(-(d + i)) % bs]
+        return total
+
+    def _steps_until_blocks_run_out(self) -> int:
+        """Largest m such that the next m decode steps get their blocks from the free pool."""
+        B = self.dg_count
+        bs = self.bs
+        free = self.free
+        q = free // B  # full block periods the pool covers
+        rem = free - q * B
+        hist = self.dg_hist
+        d = self.dclock + q * bs
+        r = 0
+        used = 0
+        while r < bs:
+            used += hist[(-(d + r)) % bs]
+            if used > rem:
+                break
+            r += 1
+        return max(1, q * bs + r)
+
+
+def make_seqs(requests: Iterable, use_prediction: bool = True) -> list[Seq]:
+    """Seqs for ``vidur.types.Request`` objects (the engine stops at the true length; predictors see the hint)."""
+    out = []
+    for r in requests:
+        exp = r.expected_output_tokens() if use_prediction else r.output_tokens
+        out.append(Seq(r.id, r.prompt_tokens, r.output_tokens, r.arrival_s, expected=exp, tag=r))
+    return out

@@ -1,0 +1,145 @@
+"""Run records: per-request and per-instance tables, the summary, and atomic writing of a run directory.
+
+The format is fixed by DESIGN.md (Outputs) so that sim, emulate and deploy runs all feed the same analysis code:
+``config.yaml``, ``requests.parquet``, ``instances.parquet`` and ``summary.json``, the summary written last so that a
+sweep can take its presence as "this run is complete".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from vidur.types import INSTANCE_RECORD_COLUMNS, REQUEST_RECORD_COLUMNS
+
+PERCENTILES = (50, 90, 99)
+
+
+def requests_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per request, DESIGN's columns first (extra columns, e.g. ``queue_s``, follow)."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        df = pd.DataFrame(columns=REQUEST_RECORD_COLUMNS)
+    missing = [c for c in REQUEST_RECORD_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"request records lack columns {missing}")
+    extra = [c for c in df.columns if c not in REQUEST_RECORD_COLUMNS]
+    return df[REQUEST_RECORD_COLUMNS + extra].reset_index(drop=True)
+
+
+def instances_frame(samples: Iterable[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(list(samples), columns=INSTANCE_RECORD_COLUMNS)
+
+
+def _stats_ms(values: np.ndarray, name: str) -> dict[str, Optional[float]]:
+    v = values[np.isfinite(values)] * 1e3
+    if v.size == 0:
+        return {f"mean_{name}_ms": None, f"median_{name}_ms": None, **{f"p{p}_{name}_ms": None for p in (90, 99)}}
+    out = {f"mean_{name}_ms": float(v.mean()), f"median_{name}_ms": float(np.median(v))}
+    for p in (90, 99):
+        out[f"p{p}_{name}_ms"] = float(np.percentile(v, p))
+    return out
+
+
+def summarize(requests: pd.DataFrame, duration_s: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+    """The run's summary with ``vllm bench serve``'s key names where they exist.
+
+    ``duration`` is from the first arrival to the last finish. TTFT/TPOT/E2E come from the request rows; ITL is only
+    known where per-token times were measured (emulate/deploy): a simulated run leaves it None.
+    """
+    ok = requests[requests["status"] == "ok"] if len(requests) else requests
+    if duration_s is None:
+        duration_s = float(ok["finish_s"].max() - requests["arrival_s"].min()) if len(ok) else 0.0
+    dur = max(duration_s, 1e-9)
+    in_tok = int(ok["prompt_tokens"].sum()) if len(ok) else 0
+    out_tok = int(ok["output_tokens"].sum()) if len(ok) else 0
+    s: dict[str, Any] = {
+        "completed": int(len(ok)),
+        "failed": int(len(requests) - len(ok)),
+        "duration": float(duration_s),
+        "total_input_tokens": in_tok,
+        "total_output_tokens": out_tok,
+        "request_throughput": len(ok) / dur,
+        "output_throughput": out_tok / dur,
+        "total_token_throughput": (in_tok + out_tok) / dur,
+    }
+    s.update(_stats_ms(ok["ttft_s"].to_numpy(float), "ttft"))
+    s.update(_stats_ms(ok["tpot_s"].to_numpy(float), "tpot"))
+    if "itl_s" in ok.columns:
+        s.update(_stats_ms(ok["itl_s"].to_numpy(float), "itl"))
+    else:
+        s.update({k: None for k in ("mean_itl_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms")})
+    s.update(_stats_ms(ok["e2e_s"].to_numpy(float), "e2el"))
+    if len(requests) > 1:
+        span = float(requests["arrival_s"].max() - requests["arrival_s"].min())
+        s["achieved_qps"] = (len(requests) - 1) / span if span > 0 else None
+    else:
+        s["achieved_qps"] = None
+    s["num_preemptions"] = int(requests["num_preemptions"].sum()) if len(requests) else 0
+    if "decision_ms" in requests.columns and len(requests):
+        d = requests["decision_ms"].to_numpy(float)
+        d = d[np.isfinite(d)]
+        s["mean_scheduler_overhead_ms"] = float(d.mean()) if d.size else None
+        s["p99_scheduler_overhead_ms"] = float(np.percentile(d, 99)) if d.size else None
+    s.update(extra)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in s.items()}
+
+
+# ---------------------------------------------------------------------- atomic writing
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path | str, text: str) -> None:
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def write_parquet(path: Path | str, df: pd.DataFrame) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_run(run_dir: Path | str, config_yaml: str, requests: pd.DataFrame, instances: pd.DataFrame,
+              summary: Mapping[str, Any]) -> Path:
+    """Write a run directory; ``summary.json`` goes last, so its presence means the run is complete."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary_path.unlink()  # a rerun invalidates the old summary first
+    write_text(run_dir / "config.yaml", config_yaml)
+    write_parquet(run_dir / "requests.parquet", requests)
+    write_parquet(run_dir / "instances.parquet", instances)
+    write_text(summary_path, json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
+    return run_dir
+
+
+def is_complete(run_dir: Path | str) -> bool:
+    return (Path(run_dir) / "summary.json").is_file()
