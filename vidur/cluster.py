@@ -63,7 +63,7 @@ class RoutingPolicy:
 class ClusterResult:
     """Everything a run records (``vidur.records`` turns it into tables)."""
 
-    requests: list[dict[str, Any]]
+    requests: Any  # pandas.DataFrame, one row per request (see vidur.records)
     instances: list[tuple[float, int, int, int, int, int]]
     duration_s: float
     wall_s: float
@@ -90,6 +90,8 @@ class Cluster:
         self._samples: list[tuple[float, int, int, int, int, int]] = []
         self._next_sample = 0.0
         self._meta: dict[int, tuple[int, float, float, float]] = {}  # id -> (instance, dispatch, pred e2e, ms)
+        self._sent: dict[tuple[int, int], int] = {}  # (request, instance) -> length told to it, this decision
+        self._chosen_expected = 0
 
     @classmethod
     def build(cls, n: int, config: EngineConfig, model: StepTimeModel, policy: RoutingPolicy, **kw: Any) -> "Cluster":
@@ -110,10 +112,25 @@ class Cluster:
             if pol.signal == "stats":
                 cands.append(Candidate(i, stats=eng.stats()))
             else:
-                exp = pol.expected_length(req, i, ctx) if pol.expected_length is not None else None
+                exp = self._expected(req, i, ctx)
                 p = predict(eng.snapshot(t), req, eng.model, instance_id=i, expected_output_tokens=exp)
                 cands.append(Candidate(i, stats=None, prediction=p))
         return cands
+
+    def _expected(self, req: Request, instance: int, ctx: RoutingContext) -> int:
+        """The output length the scheduler tells ``instance`` (and its predictor) for ``req``.
+
+        The chosen instance keeps it as the request's expected length, as Block's vLLM fork stores
+        ``num_predicted_tokens``: later what-ifs on that instance use it for the in-flight request.
+        """
+        key = (req.id, instance)
+        exp = self._sent.get(key)
+        if exp is None:
+            pol = self.policy
+            exp = int(pol.expected_length(req, instance, ctx)) if pol.expected_length is not None \
+                else req.expected_output_tokens()
+            self._sent[key] = exp
+        return exp
 
     def route(self, req: Request, index: int) -> int:
         t = req.arrival_s
@@ -132,6 +149,8 @@ class Cluster:
                 pred_e2e = c.prediction.e2e_s
         ms = (time.perf_counter() - w0) * 1e3
         self._meta[req.id] = (choice, t, pred_e2e, ms)
+        self._chosen_expected = self._expected(req, choice, ctx)
+        self._sent.clear()
         return choice
 
     # ------------------------------------------------------------------ the loop
@@ -160,8 +179,7 @@ class Cluster:
             i = self.route(req, idx)
             eng = engines[i]
             eng.sync(t)
-            exp = req.expected_output_tokens()
-            eng.add(Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=exp, tag=req), t)
+            eng.add(Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._chosen_expected, tag=req), t)
             if progress is not None and idx % 1000 == 999:
                 progress(1000)
         if progress is not None:
@@ -182,26 +200,43 @@ class Cluster:
                            "preemptions": e.num_preemptions} for e in engines],
         )
 
-    def _request_rows(self) -> list[dict[str, Any]]:
-        rows = []
+    def _request_rows(self) -> "pd.DataFrame":
+        """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``), built column-wise."""
+        import numpy as np
+        import pandas as pd
+
+        seqs = [s for e in self.engines for s in (*e.finished, *e.rejected)]
+        seqs.sort(key=lambda s: s.id)
         nan = float("nan")
-        for e in self.engines:
-            for s in list(e.finished) + list(e.rejected):
-                req: Request = s.tag
-                inst, dispatch, pred, ms = self._meta.get(s.id, (e.instance_id, s.arrival, nan, nan))
-                ok = s.finish is not None
-                ttft = s.first_token - req.arrival_s if ok else nan
-                e2e = s.finish - req.arrival_s if ok else nan
-                tpot = (e2e - ttft) / (s.out - 1) if ok and s.out > 1 else nan
-                rows.append({
-                    "id": req.id, "instance": inst, "arrival_s": req.arrival_s, "dispatch_s": dispatch,
-                    "first_token_s": s.first_token if ok else nan, "finish_s": s.finish if ok else nan,
-                    "prompt_tokens": req.prompt_tokens, "output_tokens": req.output_tokens,
-                    "predicted_tokens": req.predicted_output_tokens if req.predicted_output_tokens is not None else -1,
-                    "ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e, "predicted_e2e_s": pred,
-                    "num_preemptions": s.preemptions, "status": "ok" if ok else "rejected",
-                    "queue_s": (s.first_sched - req.arrival_s) if s.first_sched is not None else nan,
-                    "decision_ms": ms,
-                })
-        rows.sort(key=lambda r: r["id"])
-        return rows
+        meta = self._meta
+        default = (-1, nan, nan, nan)
+        m = [meta.get(s.id, default) for s in seqs]
+        reqs = [s.tag for s in seqs]
+        arrival = np.array([r.arrival_s for r in reqs], dtype=float)
+        first = np.array([nan if s.first_token is None or s.finish is None else s.first_token for s in seqs], float)
+        finish = np.array([nan if s.finish is None else s.finish for s in seqs], dtype=float)
+        out = np.array([r.output_tokens for r in reqs], dtype=np.int64)
+        ttft = first - arrival
+        e2e = finish - arrival
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(out > 1, (e2e - ttft) / np.maximum(out - 1, 1), nan)
+        return pd.DataFrame({
+            "id": np.array([r.id for r in reqs], dtype=np.int64),
+            "instance": np.array([x[0] for x in m], dtype=np.int64),
+            "arrival_s": arrival,
+            "dispatch_s": np.array([x[1] for x in m], dtype=float),
+            "first_token_s": first,
+            "finish_s": finish,
+            "prompt_tokens": np.array([r.prompt_tokens for r in reqs], dtype=np.int64),
+            "output_tokens": out,
+            "predicted_tokens": np.array([-1 if r.predicted_output_tokens is None else r.predicted_output_tokens
+                                          for r in reqs], dtype=np.int64),
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "e2e_s": e2e,
+            "predicted_e2e_s": np.array([x[2] for x in m], dtype=float),
+            "num_preemptions": np.array([s.preemptions for s in seqs], dtype=np.int64),
+            "status": ["ok" if s.finish is not None else "rejected" for s in seqs],
+            "queue_s": np.array([nan if s.first_sched is None else s.first_sched for s in seqs], float) - arrival,
+            "decision_ms": np.array([x[3] for x in m], dtype=float),
+        })

@@ -427,7 +427,7 @@ class Engine:
         """
         B = self.dg_count
         m = self._heap_top_clock() - self.dclock  # steps until the first request finishes
-        if m > 1:
+        if m > 1 and self.free < B * (m // self.bs + 1):  # else the pool surely covers all m steps
             m = min(m, self._steps_until_blocks_run_out())
         c, k = self.model.decode_coeffs(B)
         S1 = self.dg_sum + B * self.dclock + B  # KV tokens in the first step
@@ -468,10 +468,11 @@ class Engine:
         bs = self.bs
         q, r = divmod(m, bs)
         total = q * self.dg_count
-        hist = self.dg_hist
-        d = self.dclock
-        for i in range(r):
-            total += hist[(-(d + i)) % bs]
+        if r:
+            hist = self.dg_hist
+            d = self.dclock
+            for i in range(r):
+                total += hist[(-(d + i)) % bs]
         return total
 
     def _steps_until_blocks_run_out(self) -> int:

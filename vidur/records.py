@@ -22,9 +22,9 @@ from vidur.types import INSTANCE_RECORD_COLUMNS, REQUEST_RECORD_COLUMNS
 PERCENTILES = (50, 90, 99)
 
 
-def requests_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+def requests_frame(rows: "Iterable[Mapping[str, Any]] | pd.DataFrame") -> pd.DataFrame:
     """One row per request, DESIGN's columns first (extra columns, e.g. ``queue_s``, follow)."""
-    df = pd.DataFrame(list(rows))
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if df.empty:
         df = pd.DataFrame(columns=REQUEST_RECORD_COLUMNS)
     missing = [c for c in REQUEST_RECORD_COLUMNS if c not in df.columns]

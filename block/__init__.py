@@ -1,0 +1,1 @@
+"""Block: the global scheduler, predictor side-cars, engines, benchmark client and provisioning."""

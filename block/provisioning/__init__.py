@@ -1,0 +1,1 @@
+"""Package placeholder: see DESIGN.md for what lives here."""

@@ -1,0 +1,140 @@
+"""Workload builder: a dataset plus an arrival process -> the list of ``Request`` every mode replays.
+
+Semantics follow Block's benchmark client: take the records from ``start_index`` on, filter them, shuffle with the
+seed and take ``num_requests``. When fewer rows are left, ``wrap=True`` repeats them cyclically (e.g. 100k requests
+over the 19,366-row Azure trace); otherwise it is an error. With ``arrival="trace"`` rows are never shuffled: they
+are taken in time order so that each keeps its own timestamp (see ``data.arrivals.trace_arrivals``).
+
+Randomness: one ``numpy.random.SeedSequence(seed)`` spawns two independent streams, one for the shuffle and one for
+the arrival gaps, so the same seed gives an identical workload and changing ``shuffle`` does not change the gaps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from vidur.types import Request
+
+from .arrivals import ARRIVALS, arrival_times, tile_timestamps, trace_arrivals
+from .datasets import filter_requests, load_dataset
+
+PREDICTED_LENGTH_MODES = ("none", "column", "oracle")
+
+
+@dataclass
+class WorkloadConfig:
+    """What to replay. ``path`` (a user's file) takes precedence over ``dataset`` (a bundled name).
+
+    ``qps`` is the mean arrival rate; for ``arrival="trace"`` None/0 keeps the trace's own rate.
+    ``predicted_length``: "none" (no hint), "column" (the file's prediction column), "oracle" (the true length).
+    """
+
+    dataset: str = "sharegpt"
+    path: str | None = None
+    num_requests: int = 1000
+    qps: float | None = 20.0
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    seed: int = 0
+    start_index: int = 0
+    shuffle: bool = True
+    wrap: bool = False
+    max_model_len: int = 4096
+    min_prompt_tokens: int = 4
+    tokenizer: str = "llama2"
+    predicted_length: str = "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _select_rows(cfg: WorkloadConfig, df: pd.DataFrame, rng: np.random.Generator, source: str) -> np.ndarray:
+    """Row indices of the workload, in arrival order (before arrivals are drawn)."""
+    m, n = len(df), cfg.num_requests
+    order = rng.permutation(m) if cfg.shuffle and cfg.arrival != "trace" else np.arange(m)
+    if n > m:
+        if not cfg.wrap:
+            raise ValueError(f"{source}: only {m} requests left after start_index={cfg.start_index} and filtering, "
+                             f"{n} requested; set wrap=True to repeat them cyclically or lower num_requests")
+        return order[np.arange(n) % m]
+    return order[:n]
+
+
+def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
+    """The workload as a DataFrame (columns of ``workload_to_frame``); ``build_workload`` wraps it into Requests."""
+    if cfg.num_requests <= 0:
+        raise ValueError(f"num_requests={cfg.num_requests} must be > 0")
+    if cfg.arrival not in ARRIVALS:
+        raise ValueError(f"unknown arrival {cfg.arrival!r}: use one of {ARRIVALS}")
+    if cfg.predicted_length not in PREDICTED_LENGTH_MODES:
+        raise ValueError(f"unknown predicted_length {cfg.predicted_length!r}: use one of {PREDICTED_LENGTH_MODES}")
+    if cfg.start_index < 0:
+        raise ValueError(f"start_index={cfg.start_index} must be >= 0")
+
+    df = load_dataset(cfg.path or cfg.dataset, tokenizer=cfg.tokenizer)
+    source = df.attrs.get("source", str(cfg.path or cfg.dataset))
+    if cfg.start_index >= len(df):
+        raise ValueError(f"{source}: start_index={cfg.start_index} is past the end ({len(df)} rows)")
+    df = filter_requests(df.iloc[cfg.start_index:], cfg.min_prompt_tokens, cfg.max_model_len, source)
+    if cfg.predicted_length == "column" and "predicted_output_tokens" not in df.columns:
+        raise ValueError(f"{source}: predicted_length='column' but the file has no prediction column "
+                         "(num_predicted_decode_tokens, predicted_output_tokens or predicted_length)")
+    if cfg.arrival == "trace":
+        if "arrival_s" not in df.columns:
+            raise ValueError(f"{source}: arrival='trace' needs timestamps (arrived_at or arrival_s); use poisson/gamma")
+        df = df.sort_values("arrival_s", kind="stable").reset_index(drop=True)
+
+    shuffle_ss, arrival_ss = np.random.SeedSequence(cfg.seed).spawn(2)
+    idx = _select_rows(cfg, df, np.random.default_rng(shuffle_ss), source)
+    n = len(idx)
+
+    if cfg.arrival == "trace":
+        arrival = trace_arrivals(tile_timestamps(df["arrival_s"].to_numpy(), n), cfg.qps)
+    else:
+        if cfg.qps is None:
+            raise ValueError(f"qps must be set for arrival={cfg.arrival!r}")
+        arrival = arrival_times(n, cfg.qps, cfg.arrival, cfg.burstiness, np.random.default_rng(arrival_ss))
+
+    out = pd.DataFrame({
+        "id": np.arange(n, dtype=np.int64),
+        "arrival_s": arrival,
+        "prompt_tokens": df["prompt_tokens"].to_numpy()[idx],
+        "output_tokens": df["output_tokens"].to_numpy()[idx],
+    })
+    if cfg.predicted_length == "column":
+        out["predicted_output_tokens"] = df["predicted_output_tokens"].to_numpy()[idx]
+    elif cfg.predicted_length == "oracle":
+        out["predicted_output_tokens"] = out["output_tokens"]
+    if "prompt" in df.columns:
+        out["prompt"] = df["prompt"].to_numpy()[idx]
+    out.attrs["source"] = source
+    return out
+
+
+def build_workload(cfg: WorkloadConfig) -> list[Request]:
+    """The requests to replay, ids 0..n-1 in arrival order. Deterministic in ``cfg`` (same seed, same workload)."""
+    f = build_workload_frame(cfg)
+    n = len(f)
+    ids = range(n)
+    arr = f["arrival_s"].tolist()
+    p = f["prompt_tokens"].tolist()
+    o = f["output_tokens"].tolist()
+    pred = f["predicted_output_tokens"].tolist() if "predicted_output_tokens" in f else [None] * n
+    text = f["prompt"].tolist() if "prompt" in f else [None] * n
+    return [Request(i, a, pt, ot, pr, tx) for i, a, pt, ot, pr, tx in zip(ids, arr, p, o, pred, text)]
+
+
+def workload_to_frame(requests: list[Request]) -> pd.DataFrame:
+    """Requests as a DataFrame with columns id, arrival_s, prompt_tokens, output_tokens, predicted_output_tokens
+    (nullable Int64) and prompt (object), e.g. to save a workload next to a run's records."""
+    return pd.DataFrame({
+        "id": np.fromiter((r.id for r in requests), dtype=np.int64, count=len(requests)),
+        "arrival_s": np.fromiter((r.arrival_s for r in requests), dtype=np.float64, count=len(requests)),
+        "prompt_tokens": np.fromiter((r.prompt_tokens for r in requests), dtype=np.int64, count=len(requests)),
+        "output_tokens": np.fromiter((r.output_tokens for r in requests), dtype=np.int64, count=len(requests)),
+        "predicted_output_tokens": pd.array([r.predicted_output_tokens for r in requests], dtype="Int64"),
+        "prompt": pd.Series([r.prompt for r in requests], dtype=object),
+    })

@@ -1,0 +1,70 @@
+"""One run: ``python -m experiments.run [overrides]`` (Hydra). ``-m`` runs a sweep; finished runs are skipped.
+
+Examples::
+
+    python -m experiments.run                                   # 4 A30 instances, round-robin, 1000 ShareGPT requests
+    python -m experiments.run cluster=a30x12 policy=random workload.qps=24 workload.num_requests=10000
+    python -m experiments.run -m workload.qps=20,24,28 policy=round_robin,random
+
+Each run writes ``config.yaml``, ``requests.parquet``, ``instances.parquet`` and, last, ``summary.json`` into
+``<output_root>/<experiment_name>/<override dirname>`` (see DESIGN.md, Outputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import wiring
+from experiments.wiring import ConfigError
+
+log = logging.getLogger("experiments.run")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory Hydra resolved for this job (run or sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
+    """Run ``cfg`` into ``run_dir`` unless it already has a summary (resume); return the summary."""
+    from vidur.records import is_complete
+
+    if is_complete(run_dir) and not cfg.get("force", False):
+        log.info("skip %s: summary.json exists (force=true reruns)", run_dir)
+        return None
+    wiring.validate(cfg)
+    mode = str(cfg.mode.name)
+    if mode == "sim":
+        from experiments.sim import run_sim
+
+        return run_sim(cfg, run_dir)
+    raise ConfigError(f"mode={mode} is not available yet (supported: sim)")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    try:
+        summary = run_one(cfg, run_dir_of(cfg))
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        print(f"configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    if summary:
+        keys = ("completed", "failed", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_e2el_ms",
+                "p99_e2el_ms", "num_preemptions")
+        print(" ".join(f"{k}={summary.get(k):.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
+                       for k in keys))
+        return summary.get("p99_ttft_ms")
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Turn a composed Hydra config into the objects a run needs, and refuse impossible combinations early.
+
+Every check names the config keys involved, so a bad sweep point fails before its run starts, not halfway through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vidur.types import EngineConfig, Request
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent configuration; the message names the keys."""
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    v = OmegaConf.select(cfg, key, default=default)
+    return default if v is None else v
+
+
+def profile_root() -> Path:
+    """The bundled Vidur-format profiles (data/profiling)."""
+    from data import DATA_DIR
+
+    return Path(DATA_DIR) / "profiling"
+
+
+def model_spec(cfg: DictConfig):
+    from vidur.specs import ModelSpec
+
+    return ModelSpec.from_dict(cfg.model)
+
+
+def gpu_spec(cfg: DictConfig):
+    from vidur.specs import GpuSpec
+
+    return GpuSpec.from_dict(cfg.gpu)
+
+
+def engine_config(cfg: DictConfig) -> EngineConfig:
+    """The engine config with ``num_blocks`` resolved from GPU memory when it is null."""
+    e = cfg.engine
+    num_blocks = e.get("num_blocks")
+    if num_blocks is None:
+        from vidur.memory import kv_capacity_blocks
+
+        try:
+            num_blocks = kv_capacity_blocks(
+                model_spec(cfg), gpu_spec(cfg), gpu_memory_utilization=float(e.gpu_memory_utilization),
+                block_size=int(e.block_size), tp=int(e.tensor_parallel),
+                max_num_batched_tokens=int(e.chunk_size if e.chunked_prefill else e.max_num_batched_tokens),
+                max_num_seqs=int(e.max_num_seqs),
+            )
+        except ValueError as err:
+            raise ConfigError(f"model={cfg.model.name} gpu={cfg.gpu.name} engine.tensor_parallel="
+                              f"{e.tensor_parallel}: {err}") from err
+    max_len = int(e.max_model_len)
+    model_max = _get(cfg, "model.max_model_len")
+    if model_max is not None and max_len > int(model_max):
+        raise ConfigError(f"engine.max_model_len={max_len} exceeds model.max_model_len={model_max} ({cfg.model.name})")
+    ec = EngineConfig(
+        max_num_seqs=int(e.max_num_seqs), max_num_batched_tokens=int(e.max_num_batched_tokens),
+        chunked_prefill=bool(e.chunked_prefill), chunk_size=int(e.chunk_size), block_size=int(e.block_size),
+        num_blocks=int(num_blocks), watermark=float(e.watermark), max_model_len=max_len,
+    )
+    try:
+        ec.validate()
+    except ValueError as err:
+        raise ConfigError(str(err).replace("invalid engine config: ", "invalid engine config (engine.*): ")) from err
+    return ec
+
+
+def execution_model(cfg: DictConfig):
+    from vidur.execution_model import ExecutionModel
+
+    cache = _get(cfg, "cache_dir")
+    return ExecutionModel.fit(
+        model_spec(cfg), gpu_spec(cfg), tp=int(cfg.engine.tensor_parallel), profile_root=profile_root(),
+        cache_dir=cache, cpu_overhead_s=float(_get(cfg, "engine.cpu_overhead_s", 0.0)),
+    )
+
+
+def workload_config(cfg: DictConfig):
+    from data import WorkloadConfig
+
+    w, d = cfg.workload, cfg.dataset
+    return WorkloadConfig(
+        dataset=str(d.name), path=d.get("path"), num_requests=int(w.num_requests),
+        qps=None if w.qps is None else float(w.qps), arrival=str(w.arrival), burstiness=float(w.burstiness),
+        seed=int(cfg.seed), start_index=int(w.start_index), shuffle=bool(w.shuffle), wrap=bool(w.wrap),
+        max_model_len=int(cfg.engine.max_model_len), min_prompt_tokens=int(w.min_prompt_tokens),
+        tokenizer=str(d.get("tokenizer", "llama2")), predicted_length=str(d.get("predicted_length", "none")),
+    )
+
+
+def workload(cfg: DictConfig) -> list[Request]:
+    from data import build_workload
+
+    return build_workload(workload_config(cfg))
+
+
+def policy(cfg: DictConfig):
+    from block.policies import make_policy
+
+    k = cfg.policy.get("k")
+    try:
+        return make_policy(str(cfg.policy.name), k=None if k is None else int(k))
+    except ValueError as err:
+        raise ConfigError(f"policy.name / policy.k: {err}") from err
+
+
+def validate(cfg: DictConfig) -> EngineConfig:
+    """All the checks that need no data: returns the resolved engine config."""
+    w = cfg.workload
+    problems = []
+    if w.qps is not None and float(w.qps) <= 0 and str(w.arrival) != "trace":
+        problems.append(f"workload.qps={w.qps} must be > 0 (arrival={w.arrival})")
+    if int(w.num_requests) <= 0:
+        problems.append(f"workload.num_requests={w.num_requests} must be > 0")
+    if str(w.arrival) == "gamma" and float(w.burstiness) <= 0:
+        problems.append(f"workload.burstiness={w.burstiness} must be > 0 for arrival=gamma")
+    n = int(cfg.cluster.num_instances)
+    if n < 1:
+        problems.append(f"cluster.num_instances={n} must be >= 1")
+    k = cfg.policy.get("k")
+    if k is not None and int(k) < 1:
+        problems.append(f"policy.k={k} must be >= 1 or null (all instances)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return engine_config(cfg)
