@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -23,7 +25,10 @@ def run_sim(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     requests = wiring.workload(cfg)
     n = int(cfg.cluster.num_instances)
     engines = [Engine(ecfg, model, i) for i in range(n)]
-    cluster = Cluster(engines, policy, seed=int(cfg.seed), sample_interval_s=float(cfg.mode.sample_interval_s))
+    controller = wiring.provisioning(cfg, n)
+    cluster = Cluster(engines, policy, seed=int(cfg.seed), sample_interval_s=float(cfg.mode.sample_interval_s),
+                      accuracy_sampling_rate=float(OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0)),
+                      controller=controller)
     bar = tqdm(total=len(requests), desc=f"sim {policy.name} qps={cfg.workload.qps}", unit="req",
                disable=not cfg.get("progress", True), leave=False)
     result = cluster.run(requests, progress=bar.update)
@@ -37,5 +42,35 @@ def run_sim(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         sim_requests_per_wall_s=len(requests) / max(result.wall_s, 1e-9),
     )
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    write_run(run_dir, resolved, req_df, instances_frame(result.instances), summary)
+    extra = {}
+    if result.accuracy:
+        acc = pd.DataFrame(result.accuracy)
+        extra["accuracy"] = acc
+        summary.update(accuracy_summary(acc))
+    if controller is not None:
+        extra["provisioning"] = pd.DataFrame(result.provisioning, columns=["time_s", "event", "instance", "num_active"])
+        summary["max_active_instances"] = int(req_df["num_active"].max()) if len(req_df) else 0
+    write_run(run_dir, resolved, req_df, instances_frame(result.instances), summary, extra)
     return summary
+
+
+def accuracy_summary(acc: pd.DataFrame) -> dict[str, Any]:
+    """Fig 5's headline numbers: the mean |predicted - actual| / actual, and how often Block's pick was fastest."""
+    ok = acc[np.isfinite(acc["actual_e2e_s"]) & (acc["actual_e2e_s"] > 0)]
+    if ok.empty:
+        return {}
+    err = (ok["predicted_e2e_s"] - ok["actual_e2e_s"]).abs() / ok["actual_e2e_s"]
+    ranks = []
+    for _, g in ok.groupby("sample"):
+        actual = g["actual_e2e_s"].to_numpy()
+        pick = g[g["block_pick"]]["actual_e2e_s"]
+        if len(pick):
+            ranks.append(1 + int((actual < pick.iloc[0] - 1e-12).sum()))
+    return {
+        "accuracy_samples": int(ok["sample"].nunique()),
+        "mean_error_ratio": float(err.mean()),
+        "median_error_ratio": float(err.median()),
+        "p90_error_ratio": float(err.quantile(0.9)),
+        "pick_fastest_fraction": float(np.mean([r == 1 for r in ranks])) if ranks else None,
+        "mean_pick_rank": float(np.mean(ranks)) if ranks else None,
+    }

@@ -106,13 +106,12 @@ def workload(cfg: DictConfig) -> list[Request]:
 
 
 def policy(cfg: DictConfig):
-    from block.policies import make_policy
+    from block.policies import policy_from_config
 
-    k = cfg.policy.get("k")
     try:
-        return make_policy(str(cfg.policy.name), k=None if k is None else int(k))
+        return policy_from_config(OmegaConf.to_container(cfg.policy, resolve=True))
     except ValueError as err:
-        raise ConfigError(f"policy.name / policy.k: {err}") from err
+        raise ConfigError(f"policy.*: {err}") from err
 
 
 def validate(cfg: DictConfig) -> EngineConfig:
@@ -131,6 +130,32 @@ def validate(cfg: DictConfig) -> EngineConfig:
     k = cfg.policy.get("k")
     if k is not None and int(k) < 1:
         problems.append(f"policy.k={k} must be >= 1 or null (all instances)")
+    rate = OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0) or 0.0
+    if not 0.0 <= float(rate) <= 1.0:
+        problems.append(f"accuracy.sampling_rate={rate} must be in [0, 1]")
     if problems:
         raise ConfigError("; ".join(problems))
-    return engine_config(cfg)
+    ec = engine_config(cfg)
+    provisioning(cfg, n)
+    return ec
+
+
+def provisioning(cfg: DictConfig, num_instances: int):
+    """The auto-provisioning controller, or None when ``provisioning.enabled`` is false."""
+    p = cfg.get("provisioning")
+    if p is None or not p.get("enabled", False):
+        return None
+    from block.provisioning import ProvisioningConfig, ProvisioningController
+
+    try:
+        pc = ProvisioningConfig.from_dict(OmegaConf.to_container(p, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if pc.initial_instances > num_instances:
+        raise ConfigError(f"provisioning.initial_instances={pc.initial_instances} exceeds "
+                          f"cluster.num_instances={num_instances}")
+    if pc.strategy == "predictive" and str(cfg.policy.name) not in ("block", "block_star", "block_oracle",
+                                                                     "block_noisy"):
+        raise ConfigError(f"provisioning.strategy=predictive needs predicted latencies: policy.name="
+                          f"{cfg.policy.name} predicts none (use the block family)")
+    return ProvisioningController(pc)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from vidur.engine import Engine, Seq, StepTimeModel
 from vidur.types import Candidate, EngineConfig, InstanceStats, Prediction, Request
@@ -59,6 +59,20 @@ class RoutingPolicy:
             raise ValueError(f"policy {self.name!r}: k must be >= 1 or None (all), got {self.k}")
 
 
+class Controller(Protocol):
+    """An auto-provisioning controller (``block.provisioning``): it grows or shrinks the set of routable instances.
+
+    ``start`` sets the initial pool; ``before_route`` sees each request with its candidates (and may return an
+    instance to send it to, e.g. one it just added); ``on_finish`` sees each finished request (reactive triggers).
+    """
+
+    def start(self, cluster: "Cluster") -> None: ...
+
+    def before_route(self, cluster: "Cluster", req: Request, cands: list[Candidate], t: float) -> Optional[int]: ...
+
+    def on_finish(self, cluster: "Cluster", seq: Seq, t: float) -> None: ...
+
+
 @dataclass
 class ClusterResult:
     """Everything a run records (``vidur.records`` turns it into tables)."""
@@ -69,35 +83,98 @@ class ClusterResult:
     wall_s: float
     num_instances: int
     engine_stats: list[dict[str, Any]]
+    accuracy: list[dict[str, Any]] = field(default_factory=list)  # Fig 5 samples (duplicated requests)
+    provisioning: list[tuple[float, str, int, int]] = field(default_factory=list)  # (time, event, instance, active)
 
 
 class Cluster:
-    """N engines and the hook that routes each request (see the module docstring)."""
+    """N engines and the hook that routes each request (see the module docstring).
+
+    ``accuracy_sampling_rate``: the fraction of requests that are also *duplicated* to every active instance (as
+    Block's ``--profiling_sampling_rate`` does for Fig 5): the copies really run, so they load the cluster; the
+    policy's pick is the request's record, and every copy's predicted and actual latency goes to ``accuracy``.
+    """
 
     def __init__(self, engines: Sequence[Engine], policy: RoutingPolicy, *, seed: int = 0,
-                 sample_interval_s: float = 1.0, record_predictions: bool = True) -> None:
+                 sample_interval_s: float = 1.0, accuracy_sampling_rate: float = 0.0,
+                 controller: Optional[Controller] = None) -> None:
         if not engines:
             raise ValueError("a cluster needs at least one engine")
+        if not 0.0 <= accuracy_sampling_rate <= 1.0:
+            raise ValueError(f"accuracy_sampling_rate={accuracy_sampling_rate} must be in [0, 1]")
         self.engines = list(engines)
         for i, e in enumerate(self.engines):
             e.instance_id = i
+            e.on_finish = self._on_finish
         self.policy = policy
         self.rng = random.Random(seed)
+        self.acc_rng = random.Random(seed * 7919 + 17)  # its own stream: sampling must not change routing draws
         self.sample_interval_s = sample_interval_s
-        self.record_predictions = record_predictions
+        self.accuracy_sampling_rate = accuracy_sampling_rate
+        self.controller = controller
         self.active: list[int] = list(range(len(self.engines)))
+        self.warming: dict[int, float] = {}  # instance -> time it becomes routable (cold start)
         self.policy_state: dict[str, Any] = {}
+        self.now = 0.0
         self._samples: list[tuple[float, int, int, int, int, int]] = []
         self._next_sample = 0.0
-        self._meta: dict[int, tuple[int, float, float, float]] = {}  # id -> (instance, dispatch, pred e2e, ms)
+        # id -> (instance, dispatch, predicted e2e, decision ms, active instances)
+        self._meta: dict[int, tuple[int, float, float, float, int]] = {}
         self._sent: dict[tuple[int, int], int] = {}  # (request, instance) -> length told to it, this decision
         self._chosen_expected = 0
+        self._dups: list[tuple[int, Request, int, float, bool, bool, Seq]] = []
+        self._events: list[tuple[float, str, int, int]] = []
+        if controller is not None:
+            controller.start(self)
 
     @classmethod
     def build(cls, n: int, config: EngineConfig, model: StepTimeModel, policy: RoutingPolicy, **kw: Any) -> "Cluster":
         return cls([Engine(config, model, i) for i in range(n)], policy, **kw)
 
+    # ------------------------------------------------------------------ pool (provisioning)
+    def set_active(self, ids: Sequence[int]) -> None:
+        self.active = sorted(ids)
+        self._events.append((self.now, "initial", -1, len(self.active)))
+
+    def back_pool(self) -> list[int]:
+        """Instances neither routable nor warming up."""
+        return [i for i in range(len(self.engines)) if i not in self.active and i not in self.warming]
+
+    def add_instance(self, i: int, t: float, cold_start_s: float = 0.0) -> None:
+        """Make instance ``i`` routable at ``t + cold_start_s``."""
+        if cold_start_s > 0:
+            self.warming[i] = t + cold_start_s
+            self._events.append((t, "start", i, len(self.active)))
+        else:
+            self.active = sorted(self.active + [i])
+            self._events.append((t, "add", i, len(self.active)))
+
+    def remove_instance(self, i: int, t: float) -> None:
+        """Stop routing to ``i``; it finishes the requests it has (drains)."""
+        self.active = [a for a in self.active if a != i]
+        self._events.append((t, "remove", i, len(self.active)))
+
+    def _promote_warm(self, t: float) -> None:
+        for i, ready in list(self.warming.items()):
+            if ready <= t:
+                del self.warming[i]
+                self.active = sorted(self.active + [i])
+                self._events.append((ready, "ready", i, len(self.active)))
+
+    def _on_finish(self, seq: Seq) -> None:
+        if self.controller is not None and not isinstance(seq.tag, tuple):
+            self.controller.on_finish(self, seq, seq.finish)
+
     # ------------------------------------------------------------------ routing
+    def _signal(self, req: Request, i: int, t: float, ctx: RoutingContext, kind: str) -> Candidate:
+        eng = self.engines[i]
+        eng.sync(t)
+        if kind == "stats":
+            return Candidate(i, stats=eng.stats())
+        exp = self._expected(req, i, ctx)
+        p = predict(eng.snapshot(t), req, eng.model, instance_id=i, expected_output_tokens=exp)
+        return Candidate(i, stats=None, prediction=p)
+
     def _candidates(self, req: Request, t: float, ctx: RoutingContext) -> list[Candidate]:
         pol = self.policy
         ids = self.active
@@ -105,17 +182,7 @@ class Cluster:
             ids = self.rng.sample(ids, pol.k)
         if pol.signal == "none":
             return [Candidate(i) for i in ids]
-        cands = []
-        for i in ids:
-            eng = self.engines[i]
-            eng.sync(t)
-            if pol.signal == "stats":
-                cands.append(Candidate(i, stats=eng.stats()))
-            else:
-                exp = self._expected(req, i, ctx)
-                p = predict(eng.snapshot(t), req, eng.model, instance_id=i, expected_output_tokens=exp)
-                cands.append(Candidate(i, stats=None, prediction=p))
-        return cands
+        return [self._signal(req, i, t, ctx, pol.signal) for i in ids]
 
     def _expected(self, req: Request, instance: int, ctx: RoutingContext) -> int:
         """The output length the scheduler tells ``instance`` (and its predictor) for ``req``.
@@ -132,15 +199,20 @@ class Cluster:
             self._sent[key] = exp
         return exp
 
-    def route(self, req: Request, index: int) -> int:
+    def route(self, req: Request, index: int) -> tuple[int, list[Candidate], RoutingContext]:
+        """Pick the instance for ``req`` (the global scheduler's decision)."""
         t = req.arrival_s
         w0 = time.perf_counter()
         ctx = RoutingContext(now_s=t, num_instances=len(self.active), instance_ids=self.active, rng=self.rng,
                              request_index=index, state=self.policy_state)
         cands = self._candidates(req, t, ctx)
-        choice = self.policy.choose(req, cands, ctx)
-        if choice not in self.active:
-            raise ValueError(f"policy {self.policy.name!r} chose instance {choice}, not one of {self.active}")
+        forced = self.controller.before_route(self, req, cands, t) if self.controller is not None else None
+        if forced is not None:
+            choice = forced
+        else:
+            choice = self.policy.choose(req, cands, ctx)
+            if choice not in self.active:
+                raise ValueError(f"policy {self.policy.name!r} chose instance {choice}, not one of {self.active}")
         if self.policy.observe is not None:
             self.policy.observe(req, choice, cands, ctx)
         pred_e2e = float("nan")
@@ -148,10 +220,26 @@ class Cluster:
             if c.instance_id == choice and c.prediction is not None:
                 pred_e2e = c.prediction.e2e_s
         ms = (time.perf_counter() - w0) * 1e3
-        self._meta[req.id] = (choice, t, pred_e2e, ms)
+        self._meta[req.id] = (choice, t, pred_e2e, ms, len(self.active))
         self._chosen_expected = self._expected(req, choice, ctx)
-        self._sent.clear()
-        return choice
+        return choice, cands, ctx
+
+    def _duplicate(self, req: Request, choice: int, cands: list[Candidate], ctx: RoutingContext, sample: int) -> None:
+        """Fig 5: predict on every active instance and run a copy of ``req`` on each (the pick's copy is the request)."""
+        t = req.arrival_s
+        have = {c.instance_id: c.prediction for c in cands if c.prediction is not None}
+        preds = {i: have.get(i) or self._signal(req, i, t, ctx, "prediction").prediction for i in self.active}
+        best = min(preds.values(), key=lambda p: p.e2e_s).instance_id
+        for i, p in preds.items():
+            eng = self.engines[i]
+            eng.sync(t)
+            if i == choice:
+                seq = self._dispatched_seq
+            else:
+                seq = Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._expected(req, i, ctx),
+                          tag=("dup", req))
+                eng.add(seq, t)
+            self._dups.append((sample, req, i, p.e2e_s, i == best, i == choice, seq))
 
     # ------------------------------------------------------------------ the loop
     def _sample_until(self, t: float) -> None:
@@ -170,20 +258,32 @@ class Cluster:
         w0 = time.perf_counter()
         engines = self.engines
         last_t = -1.0
+        rate = self.accuracy_sampling_rate
+        samples = 0
         for idx, req in enumerate(requests):
             t = req.arrival_s
             if t < last_t:
                 raise ValueError(f"requests must be sorted by arrival_s (request {req.id} at {t} < {last_t})")
             last_t = t
+            self.now = t
             self._sample_until(t)
-            i = self.route(req, idx)
+            if self.controller is not None:
+                for e in engines:  # deliver every finish up to now to the controller (reactive triggers)
+                    e.sync(t)
+                self._promote_warm(t)
+            self._sent.clear()
+            i, cands, ctx = self.route(req, idx)
             eng = engines[i]
             eng.sync(t)
-            eng.add(Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._chosen_expected, tag=req), t)
-            if progress is not None and idx % 1000 == 999:
-                progress(1000)
+            self._dispatched_seq = eng.add(
+                Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._chosen_expected, tag=req), t)
+            if rate > 0 and self.acc_rng.random() < rate:
+                self._duplicate(req, i, cands, ctx, samples)
+                samples += 1
+            if progress is not None and idx % 100 == 99:
+                progress(100)
         if progress is not None:
-            progress(len(requests) % 1000)
+            progress(len(requests) % 100)
         if self.sample_interval_s > 0:
             while any(e.has_work() for e in engines):
                 self._sample_until(self._next_sample)
@@ -198,18 +298,27 @@ class Cluster:
             num_instances=len(engines),
             engine_stats=[{"instance": e.instance_id, "steps": e.num_steps, "busy_s": e.busy_s,
                            "preemptions": e.num_preemptions} for e in engines],
+            accuracy=self._accuracy_rows(),
+            provisioning=list(self._events),
         )
+
+    def _accuracy_rows(self) -> list[dict[str, Any]]:
+        nan = float("nan")
+        return [{"sample": k, "id": req.id, "instance": i, "predicted_e2e_s": pred,
+                 "actual_e2e_s": (seq.finish - req.arrival_s) if seq.finish is not None else nan,
+                 "block_pick": best, "dispatched": chosen}
+                for k, req, i, pred, best, chosen, seq in self._dups]
 
     def _request_rows(self) -> "pd.DataFrame":
         """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``), built column-wise."""
         import numpy as np
         import pandas as pd
 
-        seqs = [s for e in self.engines for s in (*e.finished, *e.rejected)]
+        seqs = [s for e in self.engines for s in (*e.finished, *e.rejected) if not isinstance(s.tag, tuple)]
         seqs.sort(key=lambda s: s.id)
         nan = float("nan")
         meta = self._meta
-        default = (-1, nan, nan, nan)
+        default = (-1, nan, nan, nan, 0)
         m = [meta.get(s.id, default) for s in seqs]
         reqs = [s.tag for s in seqs]
         arrival = np.array([r.arrival_s for r in reqs], dtype=float)
@@ -239,4 +348,5 @@ class Cluster:
             "status": ["ok" if s.finish is not None else "rejected" for s in seqs],
             "queue_s": np.array([nan if s.first_sched is None else s.first_sched for s in seqs], float) - arrival,
             "decision_ms": np.array([x[3] for x in m], dtype=float),
+            "num_active": np.array([x[4] for x in m], dtype=np.int64),
         })

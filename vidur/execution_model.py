@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -63,18 +62,18 @@ DEFAULT_ROOFLINE: dict[str, Any] = {
     "gpu": "A30",
     "models": ["Qwen/Qwen-2-7B", "meta-llama/Llama-2-7b-hf"],
     "input_layernorm": {"overhead_ms": 0.00482, "eff_compute": None, "eff_memory": 0.4014},
-    "attn_pre_proj": {"overhead_ms": 0.03812, "eff_compute": 0.6336, "eff_memory": 1.0},
+    "attn_pre_proj": {"overhead_ms": 0.01899, "eff_compute": 0.7218, "eff_memory": 1.0},
     "attn_rope": {"overhead_ms": 0.005356, "eff_compute": None, "eff_memory": 0.5561},
-    "attn_post_proj": {"overhead_ms": 0.02883, "eff_compute": 0.6336, "eff_memory": 1.0},
+    "attn_post_proj": {"overhead_ms": 0.0008411, "eff_compute": 0.7218, "eff_memory": 0.6762},
     "post_attention_layernorm": {"overhead_ms": 0.004721, "eff_compute": None, "eff_memory": 0.4014},
-    "mlp_up_proj": {"overhead_ms": 0.1017, "eff_compute": 0.6762, "eff_memory": 1.0},
+    "mlp_up_proj": {"overhead_ms": 0.0, "eff_compute": 0.7704, "eff_memory": 1.0},
     "mlp_act": {"overhead_ms": 0.0113, "eff_compute": None, "eff_memory": 0.5936},
-    "mlp_down_proj": {"overhead_ms": 0.06697, "eff_compute": 0.6336, "eff_memory": 1.0},
+    "mlp_down_proj": {"overhead_ms": 0.01701, "eff_compute": 0.7218, "eff_memory": 1.0},
     "add": {"overhead_ms": 0.001848, "eff_compute": None, "eff_memory": 1.0},
     "emb": {"overhead_ms": 0.007038, "eff_compute": None, "eff_memory": 0.1836},
     "kv_save": {"overhead_ms": 0.004122, "eff_compute": None, "eff_memory": 0.7218},
-    "attn_prefill": {"overhead_ms": 0.0367, "eff_compute": 0.3523, "eff_memory": 1.0},
-    "attn_decode": {"overhead_ms": 0.01858, "per_seq_ms": 3.511e-05, "eff_memory": 0.7906, "eff_compute": 0.3523},
+    "attn_prefill": {"overhead_ms": 0.0293, "eff_compute": 0.4014, "eff_memory": 0.521},
+    "attn_decode": {"overhead_ms": 0.01858, "per_seq_ms": 3.511e-05, "eff_memory": 0.7906, "eff_compute": 0.4014},
 }
 
 
@@ -627,8 +626,9 @@ def derive_attention(donor: dict, donor_dims: dict, model: ModelSpec, tp: int) -
 
     r_q = query width ratio (heads x head_dim per GPU), r_kv = KV width ratio (KV bytes per token per layer).
     Decode: intercepts kept, slope per KV token x r_kv (memory bound: bytes per token). Prefill: launch floor
-    kept, the rest of alpha0(c), alpha1(c) and beta(c) x r_q (FLOPs proportional to query heads x head_dim), beta floored
-    at the donor's saturated decode cost per KV token x r_kv (a chunk must at least read the cached KV).
+    kept, the rest of alpha0(c), alpha1(c) and beta(c) x r_q (FLOPs proportional to query heads x head_dim),
+    beta floored at the donor's saturated decode cost per KV token x r_kv (a chunk must at least read the cached
+    KV).
     kv_cache_save: intercept kept, growth x r_kv.
     """
     tgt = _Dims.of(model, tp)
@@ -960,7 +960,7 @@ def holdout_attention(att: pd.DataFrame, seed: int = 0, frac: float = 0.8) -> di
     pred = co[:, 0] + co[:, 1] * (te["batch"] * te["kv"]).to_numpy(float)
     out["attn_decode"] = _err_stats(pred, te["decode"])
     tr = _holdout_split(len(att), seed + 2, frac)
-    ks, info = fit_kv_save(att[tr])
+    ks = fit_kv_save(att[tr])[0]
     te = att[~tr]
     tokens = np.where(te["is_prefill"], te["chunk"], te["batch"]).astype(float)
     out["attn_kv_cache_save"] = _err_stats(_pl_eval(ks, tokens), te["kv_save"])
@@ -1040,10 +1040,11 @@ def _fit_params(model: ModelSpec, gpu: GpuSpec, tp: int, root: Optional[Path]) -
                                 f"query-width ratio {der['r_q']:.4g}, KV-width ratio {der['r_kv']:.4g}")
         methods.update({"prefill": METHODS["derived"], "decode": METHODS["derived"], "kv_save": METHODS["derived"]})
         params["derived"] = derived_attention_report(donor, dims, der, model, tp, gpu)
+        rep = params["derived"]
         notes.append(
-            f"attention derived from {name}: donor decode slope implies {params['derived']['donor_hbm_fraction_max']:.0%}"
-            f" of peak HBM at its largest batch; the derived slope implies the same fraction by construction; it "
-            f"can be at most {params['derived']['max_overestimate_at_bmax']:.0%} too slow there (roofline bound)"
+            f"attention derived from {name}: donor decode slope implies {rep['donor_hbm_fraction_max']:.0%} of peak "
+            f"HBM at its largest batch; the derived slope implies the same fraction by construction; it can be at "
+            f"most {rep['max_overestimate_at_bmax']:.0%} too slow there (roofline bound)"
         )
         log.info(notes[-1])
         att_src = "derived"
@@ -1146,7 +1147,7 @@ def evaluate_holdout(profile_root: PathLike, seed: int = 0, frac: float = 0.8) -
         cal_q = calibrate_roofline(root, A30, only_models=["Qwen/Qwen-2-7B"]) if (qdir / "mlp.csv").exists() else None
         for tp in sorted(t for t in mlp["tp"].unique() if t > 1):
             te = mlp[mlp["tp"] == tp]
-            _, info = fit_token_ops(te)
+            info = fit_token_ops(te)[1]
             scaled = scale_token_ops_tp(ops1, int(tp), cal_q)
             xs = te["num_tokens"].to_numpy(float)
             obs = sum(te[op].to_numpy(float) for op in LAYER_OPS)

@@ -127,8 +127,11 @@ def write_parquet(path: Path | str, df: pd.DataFrame) -> None:
 
 
 def write_run(run_dir: Path | str, config_yaml: str, requests: pd.DataFrame, instances: pd.DataFrame,
-              summary: Mapping[str, Any]) -> Path:
-    """Write a run directory; ``summary.json`` goes last, so its presence means the run is complete."""
+              summary: Mapping[str, Any], extra: Optional[Mapping[str, pd.DataFrame]] = None) -> Path:
+    """Write a run directory; ``summary.json`` goes last, so its presence means the run is complete.
+
+    ``extra`` adds further tables by name (``accuracy`` for Fig 5 samples, ``provisioning`` for pool events).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
@@ -137,6 +140,8 @@ def write_run(run_dir: Path | str, config_yaml: str, requests: pd.DataFrame, ins
     write_text(run_dir / "config.yaml", config_yaml)
     write_parquet(run_dir / "requests.parquet", requests)
     write_parquet(run_dir / "instances.parquet", instances)
+    for name, df in (extra or {}).items():
+        write_parquet(run_dir / f"{name}.parquet", df)
     write_text(summary_path, json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
     return run_dir
 

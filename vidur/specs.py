@@ -7,20 +7,19 @@ MiB (2**20) where it says ``_mib``, TFLOP/s and GB/s as vendors state them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, MISSING
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
 
 def _plain(d: Any) -> dict[str, Any]:
     """A plain dict from a dict or an OmegaConf container (resolved), without importing omegaconf eagerly."""
-    if isinstance(d, Mapping) and type(d).__module__.split(".")[0] != "omegaconf":
-        return dict(d)
-    try:
+    if type(d).__module__.split(".")[0] == "omegaconf":
         from omegaconf import OmegaConf
 
         return dict(OmegaConf.to_container(d, resolve=True))  # type: ignore[arg-type]
-    except Exception:  # pragma: no cover - anything mapping-like
+    if isinstance(d, Mapping):
         return dict(d)
+    raise TypeError(f"expected a dict or an OmegaConf DictConfig, got {type(d).__name__}")
 
 
 def _build(cls, d: Any):
