@@ -51,12 +51,17 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Optional[float]:
+    from experiments import logger as run_logger
+
+    run_dir = run_dir_of(cfg)
     try:
-        summary = run_one(cfg, run_dir_of(cfg))
-    except ConfigError as err:
+        run_logger.check(cfg)
+        summary = run_one(cfg, run_dir)
+    except (ConfigError, run_logger.LoggerError) as err:
         log.error("configuration error: %s", err)
         print(f"configuration error: {err}", file=sys.stderr)
         raise SystemExit(2)
+    run_logger.log_run(cfg, run_dir, summary)
     if summary:
         keys = ("completed", "failed", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_e2el_ms",
                 "p99_e2el_ms", "num_preemptions")

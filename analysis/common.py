@@ -1,0 +1,452 @@
+"""Shared helpers for the figure modules (fig5, fig6, fig8, table2): legend names, colours, grouping, smoothing.
+
+Reads run records only (``analysis.records``); never imports the simulator, the services or the experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from analysis.records import Run, find_runs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLO_S = 3.0
+
+# The paper's legend names (its Block is our block_oracle, its Block* our block_star) and names for our extra policies.
+POLICY_LABELS: dict[str, str] = {
+    "block_oracle": "Block",
+    "block_star": "Block*",
+    "llumnix": "Llumnix-",
+    "infaas": "INFaaS++",
+    "min_qpm": "Min QPM",
+    "round_robin": "Round Robin",
+    "random": "Random",
+    "block": "Block (hint)",
+    "block_noisy": "Block (noisy len)",
+    "block_nosim": "Block-NoSim",
+    "least_requests": "Least requests",
+    "llmd": "llm-d",
+    "sglang_least_load": "SGLang least_load",
+    "dynamo_kv": "Dynamo KV",
+}
+POLICY_ORDER = list(POLICY_LABELS)
+
+# One fixed colour per policy so that a policy looks the same in every figure.
+_PALETTE = sns.color_palette("tab10") + sns.color_palette("Dark2")
+POLICY_COLORS: dict[str, Any] = {
+    "block_oracle": _PALETTE[3],     # red
+    "block_star": _PALETTE[1],       # orange
+    "llumnix": _PALETTE[0],          # blue
+    "infaas": _PALETTE[2],           # green
+    "min_qpm": _PALETTE[4],          # purple
+    "round_robin": _PALETTE[5],      # brown
+    "random": _PALETTE[7],           # grey
+    "block": _PALETTE[6],            # pink
+    "block_noisy": _PALETTE[8],      # olive
+    "block_nosim": _PALETTE[9],      # cyan
+    "least_requests": _PALETTE[10],
+    "llmd": _PALETTE[11],
+    "sglang_least_load": _PALETTE[12],
+    "dynamo_kv": _PALETTE[13],
+}
+POLICY_MARKERS: dict[str, str] = {
+    "block_oracle": "o", "block_star": "s", "llumnix": "^", "infaas": "v", "min_qpm": "D", "round_robin": "P",
+    "random": "X", "block": "<", "block_noisy": ">", "block_nosim": "h", "least_requests": "p", "llmd": "*",
+    "sglang_least_load": "d", "dynamo_kv": "H",
+}
+# Short names for policy parameters that tell apart runs of one policy (e.g. "Block (k=2)").
+_PARAM_NAMES = {"k": "k", "length_noise_pct": "len noise %", "latency_noise_pct": "lat noise %"}
+
+
+class AnalysisError(Exception):
+    """The runs lack what a figure needs (the command exits 2 with this message)."""
+
+
+def theme() -> None:
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.15)
+    plt.rcParams.update({"legend.frameon": True, "axes.titleweight": "bold"})
+
+
+# ------------------------------------------------------------------------------------------------ run attributes
+def policy_name(run: Run) -> str:
+    return str(run.get("policy.name") or run.summary.get("policy") or "?")
+
+
+def policy_params(run: Run) -> dict[str, Any]:
+    pol = run.config.get("policy") if isinstance(run.config.get("policy"), dict) else {}
+    out = {k: v for k, v in (pol or {}).items() if k != "name" and not isinstance(v, (dict, list))}
+    if "k" not in out and run.summary.get("k") is not None:
+        out["k"] = run.summary.get("k")
+    return out
+
+
+def run_qps(run: Run) -> float:
+    q = run.summary.get("qps", run.get("workload.qps"))
+    if q is None:
+        raise AnalysisError(f"{run.path}: no QPS in summary.json or config.yaml")
+    return float(q)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def base_label(policy: str) -> str:
+    return POLICY_LABELS.get(policy, policy)
+
+
+def policy_labels(runs: Sequence[Run]) -> dict[Path, str]:
+    """A legend label per run: the paper's policy name, plus the policy parameters that vary among runs of that
+    policy (e.g. "Block (k=2)" and "Block (k=12)" when both are present; plain "Block" otherwise)."""
+    by_policy: dict[str, list[Run]] = {}
+    for r in runs:
+        by_policy.setdefault(policy_name(r), []).append(r)
+    labels: dict[Path, str] = {}
+    for pol, rs in by_policy.items():
+        params = [policy_params(r) for r in rs]
+        keys = sorted({k for p in params for k in p})
+        varying = [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
+        for r, p in zip(rs, params):
+            lab = base_label(pol)
+            if varying:
+                lab += " (" + ", ".join(f"{_PARAM_NAMES.get(k, k)}={_fmt(p.get(k))}" for k in varying) + ")"
+            labels[r.path] = lab
+    return labels
+
+
+def label_policy(label: str) -> str:
+    """The policy name behind a label (for colours and ordering): an exact legend name, else the longest legend name
+    the label starts with followed by its parameters, e.g. "Block (hint) (k=2)" -> block, "Block (k=2)" ->
+    block_oracle."""
+    for pol, lab in POLICY_LABELS.items():
+        if label == lab:
+            return pol
+    best = None
+    for pol, lab in POLICY_LABELS.items():
+        if label.startswith(lab + " (") and (best is None or len(lab) > len(POLICY_LABELS[best])):
+            best = pol
+    return best or label
+
+
+def label_sort_key(label: str) -> tuple:
+    """Paper order of the policies, then the label with numbers compared as numbers ("k=2" before "k=12")."""
+    import re
+
+    pol = label_policy(label)
+    idx = POLICY_ORDER.index(pol) if pol in POLICY_ORDER else len(POLICY_ORDER)
+    natural = tuple((0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+                    for t in re.split(r"(\d+(?:\.\d+)?)", label) if t)
+    return (idx, natural)
+
+
+def label_style(labels: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Colour, marker and line style per label; several labels of one policy share its colour, differ in style."""
+    styles: dict[str, dict[str, Any]] = {}
+    seen: Counter = Counter()
+    extra = iter(sns.color_palette("husl", 24))
+    dashes = ["-", "--", ":", "-."]
+    for lab in sorted(set(labels), key=label_sort_key):
+        pol = label_policy(lab)
+        color = POLICY_COLORS.get(pol)
+        if color is None:
+            color = next(extra)
+        n = seen[pol]
+        seen[pol] += 1
+        if n:  # further variants of one policy: the same hue, alternately lighter and darker, and another dash
+            mix, toward = (0.35 * ((n + 1) // 2), 1.0) if n % 2 else (0.3 * (n // 2), 0.0)
+            color = tuple((1 - mix) * c + mix * toward for c in matplotlib.colors.to_rgb(color))
+        styles[lab] = {"color": color, "marker": POLICY_MARKERS.get(pol, "o"), "ls": dashes[n % len(dashes)]}
+    return styles
+
+
+def slo_from_runs(runs: Sequence[Run], override: float | None = None) -> float:
+    """The TTFT SLO (s): ``override``, else the runs' ``slo.ttft_s`` (the most common), else 3 s."""
+    if override is not None:
+        return float(override)
+    vals = [r.get("slo.ttft_s") for r in runs if r.get("slo.ttft_s") is not None]
+    if not vals:
+        return DEFAULT_SLO_S
+    return float(Counter(float(v) for v in vals).most_common(1)[0][0])
+
+
+def parse_filters(items: Sequence[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for it in items or []:
+        if "=" not in it:
+            raise AnalysisError(f"--filter expects key=value (a dotted config key), got {it!r}")
+        k, v = it.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def apply_filters(runs: Sequence[Run], filters: Sequence[tuple[str, str]]) -> list[Run]:
+    """Keep runs whose config value at each dotted key equals the given value (compared as strings/numbers)."""
+
+    def match(r: Run, k: str, v: str) -> bool:
+        got = r.get(k)
+        if got is None:
+            return v.lower() in ("none", "null")
+        if str(got).lower() == v.lower():
+            return True
+        try:
+            return float(got) == float(v)
+        except (TypeError, ValueError):
+            return False
+
+    return [r for r in runs if all(match(r, k, v) for k, v in filters)]
+
+
+def load_runs(root: str | Path, filters: Sequence[str] | None = None) -> list[Run]:
+    runs = find_runs(root)  # FileNotFoundError when there are none
+    flt = parse_filters(filters)
+    if flt:
+        runs = apply_filters(runs, flt)
+        if not runs:
+            raise AnalysisError(f"no runs under {root} match the filters {filters}")
+    return runs
+
+
+def is_provisioning_run(run: Run) -> bool:
+    en = run.get("provisioning.enabled")
+    return bool(en) and str(en).lower() != "false"
+
+
+def is_accuracy_run(run: Run) -> bool:
+    try:
+        return float(run.get("accuracy.sampling_rate") or 0.0) > 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def comparable_runs(runs: Sequence[Run], what: str) -> list[Run]:
+    """Drop the runs a policy comparison must not mix in: auto-provisioning runs (a changing instance count) and
+    accuracy runs (sampled requests are duplicated to every instance, which adds load). Says what it dropped."""
+    keep = [r for r in runs if not is_provisioning_run(r) and not is_accuracy_run(r)]
+    dropped = len(runs) - len(keep)
+    if dropped:
+        log.warning("%s: left out %d auto-provisioning or accuracy-sampling run(s)", what, dropped)
+    if not keep:
+        raise AnalysisError(f"{what}: every run found is an auto-provisioning or accuracy-sampling run; "
+                            "point it at a policy sweep")
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def ok_requests(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"] if "status" in df.columns else df
+
+
+def ecdf(values: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
+    v = np.sort(np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float))
+    v = v[np.isfinite(v)]
+    return v, np.arange(1, v.size + 1) / max(v.size, 1)
+
+
+def gaussian_smooth(y: Sequence[float], sigma: float) -> np.ndarray:
+    """Gaussian smoothing (as scipy.ndimage.gaussian_filter1d, truncate=4) with edge renormalisation; NaNs ignored."""
+    y = np.asarray(y, dtype=float)
+    if sigma <= 0 or y.size < 2:
+        return y.copy()
+    radius = int(4 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    kern = np.exp(-0.5 * (x / sigma) ** 2)
+    valid = np.isfinite(y)
+    num = np.convolve(np.where(valid, y, 0.0), kern, mode="same")
+    den = np.convolve(valid.astype(float), kern, mode="same")
+    if kern.size > y.size:  # np.convolve 'same' returns max(len) when the kernel is longer: centre-crop
+        start = (kern.size - y.size) // 2
+        num, den = num[start:start + y.size], den[start:start + y.size]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def pick_qps(present: Sequence[float], targets: Sequence[float] | None = None, limit: int = 5) -> list[float]:
+    """The QPS values for the CDF panels: the present ones closest to ``targets`` (default the paper's 20, 24, 28,
+    32, 36; all of them when no more than ``limit`` are present), without repeats, at most ``limit``."""
+    present = sorted({float(q) for q in present})
+    if not present:
+        return []
+    if targets is None:
+        if len(present) <= limit:
+            return present
+        targets = (20, 24, 28, 32, 36)
+    chosen: list[float] = []
+    for t in targets:
+        q = min(present, key=lambda p: (abs(p - float(t)), p))
+        if q not in chosen:
+            chosen.append(q)
+    return sorted(chosen)[:limit]
+
+
+@dataclass
+class Capacity:
+    """Max QPS before the P99 TTFT crosses the SLO (``analysis.capacity.interpolate_capacity``), as the figures show it.
+
+    ``bound``: "exact" (an interpolated crossing), "lower" (the SLO holds up to the highest QPS measured: capacity is
+    at least that), "upper" (the SLO fails already at the lowest QPS measured and is never crossed: capacity is
+    below it), or "none" (no usable point). ``crossings`` > 1 flags a non-monotone curve (the last crossing is kept).
+    """
+
+    qps: float
+    bound: str
+    points: int
+    qps_min: float = math.nan
+    qps_max: float = math.nan
+    crossings: int = 0
+    note: str = ""
+
+    def text(self, digits: int = 1) -> str:
+        if not math.isfinite(self.qps):
+            return "n/a"
+        v = f"{self.qps:.{digits}f}"
+        return {"lower": f"≥{v}", "upper": f"<{v}"}.get(self.bound, v)
+
+
+def capacity(qps: Sequence[float], p99_ttft_s: Sequence[float], slo_s: float) -> Capacity:
+    """Capacity by linear interpolation of P99 TTFT (s) vs QPS against the SLO (the rule of ``analysis.capacity``)."""
+    from analysis.capacity import interpolate_capacity
+
+    c = interpolate_capacity(list(qps), list(p99_ttft_s), slo_s)
+    if c.capacity is None:
+        return Capacity(math.nan, "none", c.num_points)
+    bound = "lower" if c.lower_bound else ("upper" if c.exceeds_at_min and c.crossings == 0 else "exact")
+    nan = math.nan
+    return Capacity(float(c.capacity), bound, c.num_points, c.min_qps if c.min_qps is not None else nan,
+                    c.max_qps if c.max_qps is not None else nan, c.crossings, c.note)
+
+
+# ------------------------------------------------------------------------------------------------ per-run table
+def summary_table(runs: Sequence[Run], labels: dict[Path, str] | None = None) -> pd.DataFrame:
+    """One row per run: label, policy, QPS and the latency/throughput figures in seconds (from summary.json, with
+    the overhead share of E2E from requests.parquet)."""
+    labels = labels or policy_labels(runs)
+    rows = []
+    def sec(s: dict, key: str) -> float:
+        v = s.get(key)
+        return float(v) / 1e3 if v is not None else math.nan
+
+    for r in runs:
+        s = r.summary
+        row = {
+            "label": labels[r.path], "policy": policy_name(r), "k": policy_params(r).get("k"), "qps": run_qps(r),
+            "achieved_qps": s.get("achieved_qps"), "completed": s.get("completed"), "failed": s.get("failed"),
+            "mean_e2e_s": sec(s, "mean_e2el_ms"), "p99_e2e_s": sec(s, "p99_e2el_ms"),
+            "mean_ttft_s": sec(s, "mean_ttft_ms"), "p99_ttft_s": sec(s, "p99_ttft_ms"),
+            "median_ttft_s": sec(s, "median_ttft_ms"), "request_throughput": s.get("request_throughput"),
+            "output_throughput": s.get("output_throughput"), "num_preemptions": s.get("num_preemptions"),
+            "mean_overhead_ms": s.get("mean_scheduler_overhead_ms"),
+            "p99_overhead_ms": s.get("p99_scheduler_overhead_ms"),
+            "run": str(r.path),
+        }
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["_o"] = df["label"].map(label_sort_key)
+        df = df.sort_values(["_o", "qps"]).drop(columns="_o").reset_index(drop=True)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def run_cli(description: str, add_args: Callable[[argparse.ArgumentParser], None],
+            body: Callable[[argparse.Namespace], list[Path]], argv=None) -> int:
+    """Parse arguments, run ``body``, print the written paths; exit 2 when there are no runs or they lack data."""
+    mod = body.__module__
+    if mod == "__main__":  # run as python -m analysis.<name>
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        mod = spec.name if spec is not None else None
+    ap = argparse.ArgumentParser(prog=f"python -m {mod}" if mod else None, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="a run directory or a directory of runs (searched recursively)")
+    add_args(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = body(args)
+    except (FileNotFoundError, AnalysisError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        plt.close("all")
+    for p in paths:
+        print(p)
+    return 0
+
+
+def add_common_args(ap: argparse.ArgumentParser, slo: bool = True) -> None:
+    if slo:
+        ap.add_argument("--slo", type=float, default=None,
+                        help="P99 TTFT SLO in seconds (default: the runs' slo.ttft_s, else 3)")
+    ap.add_argument("--filter", action="append", metavar="KEY=VALUE", default=[],
+                    help="keep only runs whose config has this value at this dotted key, e.g. engine.max_num_seqs=48 "
+                         "(repeatable)")
+    ap.add_argument("--out", default=None, help="output directory (default: <root>/figures)")
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    from analysis.records import figures_dir
+
+    if getattr(args, "out", None):
+        p = Path(args.out)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return figures_dir(args.root)
+
+
+def shared_legend(fig, axes, ncol: int | None = None, y: float = 1.0, **kw) -> None:
+    """One legend for the figure, from the union of the axes' labelled artists (first occurrence wins)."""
+    handles, labels = [], []
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, y), ncol=ncol or min(len(labels), 8),
+                   frameon=False, **kw)
+
+
+def plain_log_axis(ax, axis: str = "y") -> None:
+    """Log scale with plain numbers (0.5, 1, 2, 5, 10 ...) instead of 10^x labels; minor ticks at 2 and 5 are
+    labelled when the axis spans at most two decades, all of them when it spans less than a factor of 4. Data that
+    span less than a factor of 3 keep a linear axis."""
+    from matplotlib.ticker import FuncFormatter
+
+    lo_d, hi_d = (ax.dataLim.y0, ax.dataLim.y1) if axis == "y" else (ax.dataLim.x0, ax.dataLim.x1)
+    if np.isfinite(lo_d) and np.isfinite(hi_d) and lo_d > 0 and hi_d / lo_d < 3:
+        return  # less than a factor of 3: a linear axis reads better (call after plotting)
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    lim = ax.get_ylim if axis == "y" else ax.get_xlim
+
+    def major(v, _pos):
+        return f"{v:g}"
+
+    def minor(v, _pos):
+        lo, hi = lim()
+        if lo <= 0 or hi / lo > 100:
+            return ""
+        mant = v / 10 ** math.floor(math.log10(v) + 1e-9)
+        keep = range(2, 10) if hi / lo <= 4 else (2, 5)
+        return f"{v:g}" if round(mant) in keep and abs(mant - round(mant)) < 1e-6 else ""
+
+    target.set_major_formatter(FuncFormatter(major))
+    target.set_minor_formatter(FuncFormatter(minor))

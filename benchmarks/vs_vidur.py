@@ -1,0 +1,141 @@
+"""Our simulator against Microsoft's Vidur on the same workload: wall time and latency percentiles.
+
+    python -m benchmarks.vs_vidur --vidur-src DIR --vidur-python DIR/venv/bin/python [--out outputs/vs_vidur]
+                                  [--reuse] [--only vllm-r1-10k ...]
+
+For each case Vidur runs first (its own process, through ``benchmarks/vidur_peer.py``); its ``request_metrics.csv``
+gives the exact requests it simulated (arrival = cumulative inter-arrival delay, prompt and output tokens), which we
+write to a CSV and replay in our simulator with ``python -m experiments.run`` in a fresh process (start-up, workload
+loading, simulation and writing the run records all counted). Both sides: Qwen2-7B on an A30 (the one complete A30
+profile), round-robin over R replicas, batch cap 128, block 16, watermark 1%, 4096 tokens per vLLM prefill batch or a
+512-token chunk for Sarathi, and Vidur's 11,008 KV blocks. Cases:
+
+    vllm/sarathi x 1/4 replicas, 10,000 requests with the Azure conv trace's lengths at 2 req/s per replica;
+    vllm, 4 replicas, 100,000 requests of fixed 1024/200 tokens at 8 req/s (Vidur's trace generator cannot wrap).
+
+Preparing a Vidur checkout: see the docstring of ``benchmarks/vidur_peer.py`` (a clone of microsoft/vidur plus the
+A30/Qwen2-7B profile and config); Vidur's first run trains its execution-time predictor (about 15 minutes on 2
+cores). With ``--reuse`` a case whose Vidur metrics already exist under --out is not rerun (its wall time is read
+back from the saved JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.vidur_peer import run_vidur  # noqa: E402
+
+VIDUR_BLOCKS = 11008  # Vidur's memory planner for Qwen2-7B on a 24 GiB A30 at 0.9 utilisation (256 x 43 slots)
+
+CASES = {
+    "vllm-r1-10k": dict(scheduler="vllm", replicas=1, n=10_000, qps=2.0, lengths="trace"),
+    "vllm-r4-10k": dict(scheduler="vllm", replicas=4, n=10_000, qps=8.0, lengths="trace"),
+    "sarathi-r1-10k": dict(scheduler="sarathi", replicas=1, n=10_000, qps=2.0, lengths="trace"),
+    "sarathi-r4-10k": dict(scheduler="sarathi", replicas=4, n=10_000, qps=8.0, lengths="trace"),
+    "vllm-r4-100k": dict(scheduler="vllm", replicas=4, n=100_000, qps=8.0, lengths="fixed"),
+}
+
+
+def vidur_requests(metrics_csv: str) -> pd.DataFrame:
+    """The requests Vidur simulated, in our lengths format (arrival_s, prompt_tokens, output_tokens)."""
+    df = pd.read_csv(metrics_csv).sort_values("Request Id")
+    return pd.DataFrame({
+        "arrival_s": np.cumsum(df["request_inter_arrival_delay"].fillna(0.0).to_numpy(float)),
+        "prompt_tokens": df["request_num_prefill_tokens"].astype(int).to_numpy(),
+        "output_tokens": df["request_num_decode_tokens"].astype(int).to_numpy(),
+        "vidur_e2e_s": df["request_e2e_time"].to_numpy(float),
+        "vidur_ttft_s": df["prefill_e2e_time"].to_numpy(float),
+    })
+
+
+def run_ours(case: dict, requests_csv: Path, out: Path) -> tuple[float, Path]:
+    """Replay the requests with ``python -m experiments.run`` in a fresh process; return (wall s, run dir)."""
+    engine = "vllm" if case["scheduler"] == "vllm" else "vllm_chunked"
+    overrides = [
+        f"output_root={out}", "experiment_name=ours", "model=qwen2_7b", "gpu=a30", f"engine={engine}",
+        "engine.max_num_seqs=128", f"engine.num_blocks={VIDUR_BLOCKS}", "engine.watermark=0.01",
+        "engine.chunk_size=512", "engine.max_num_batched_tokens=4097",
+        # Vidur trims requests to prompt + output <= 4096; our filter keeps prompt + output < max_model_len
+        "model.max_model_len=4097", "engine.max_model_len=4097",
+        f"cluster.num_instances={case['replicas']}", "policy=round_robin", f"dataset.path={requests_csv}",
+        "workload.arrival=trace", "workload.qps=null", f"workload.num_requests={case['n']}", "workload.shuffle=false",
+        "workload.min_prompt_tokens=1", "progress=false", "force=true", "hydra.run.dir=" + str(out / "ours_run"),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=ROOT, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"our run failed:\n{proc.stdout}\n{proc.stderr}")
+    return wall, out / "ours_run"
+
+
+def q(v: np.ndarray, p: float) -> float:
+    return float(np.percentile(v[np.isfinite(v)], p))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vidur-src", required=True, help="prepared Vidur source folder (see benchmarks/vidur_peer.py)")
+    ap.add_argument("--vidur-python", required=True, help="python of Vidur's own virtual environment")
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "vs_vidur"))
+    ap.add_argument("--reuse", action="store_true", help="reuse Vidur results saved under --out")
+    ap.add_argument("--only", nargs="*", choices=sorted(CASES), help="cases to run (default: all)")
+    args = ap.parse_args(argv)
+    out_root = Path(args.out)
+    rows = []
+    for name in args.only or list(CASES):
+        case = CASES[name]
+        out = out_root / name
+        out.mkdir(parents=True, exist_ok=True)
+        saved = out / "vidur.json"
+        if args.reuse and saved.exists():
+            vid = json.loads(saved.read_text())
+        else:
+            vid = run_vidur(args.vidur_src, args.vidur_python, case["n"], case["replicas"], case["scheduler"],
+                            case["qps"], lengths=case["lengths"], out_dir=str(out / "vidur"))
+            saved.write_text(json.dumps(vid, indent=2, default=str))
+        reqs = vidur_requests(vid["metrics_csv"])
+        csv = out / "requests.csv"
+        reqs[["arrival_s", "prompt_tokens", "output_tokens"]].to_csv(csv, index=False)
+        wall, run_dir = run_ours(case, csv, out)
+        ours = pd.read_parquet(run_dir / "requests.parquet").sort_values("id")
+        assert len(ours) == len(reqs), f"{name}: we simulated {len(ours)} requests, Vidur {len(reqs)}"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        row = {"case": name, "vidur_wall_s": vid["wall_s"], "ours_wall_s": wall,
+               "vidur_req_per_s": case["n"] / vid["wall_s"], "ours_req_per_s": case["n"] / wall,
+               "speedup": vid["wall_s"] / wall, "ours_loop_req_per_s": summary.get("sim_requests_per_wall_s")}
+        for metric, ocol, vcol in (("ttft", "ttft_s", "vidur_ttft_s"), ("e2e", "e2e_s", "vidur_e2e_s")):
+            for p in (50, 99):
+                a, b = q(ours[ocol].to_numpy(float), p), q(reqs[vcol].to_numpy(float), p)
+                row[f"{metric}_p{p}_ours"], row[f"{metric}_p{p}_vidur"] = a, b
+                row[f"{metric}_p{p}_diff_pct"] = 100 * (a - b) / b
+        rows.append(row)
+        print(f"{name}: Vidur {vid['wall_s']:.1f} s, ours {wall:.2f} s -> {row['speedup']:.0f}x; "
+              f"TTFT p50 {row['ttft_p50_ours']:.3f}/{row['ttft_p50_vidur']:.3f} s, "
+              f"p99 {row['ttft_p99_ours']:.3f}/{row['ttft_p99_vidur']:.3f} s; "
+              f"E2E p50 {row['e2e_p50_ours']:.2f}/{row['e2e_p50_vidur']:.2f} s, "
+              f"p99 {row['e2e_p99_ours']:.2f}/{row['e2e_p99_vidur']:.2f} s (ours/Vidur)", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out_root / "vs_vidur.csv", index=False)
+    cols = ["case", "vidur_req_per_s", "ours_req_per_s", "speedup", "ttft_p50_diff_pct", "ttft_p99_diff_pct",
+            "e2e_p50_diff_pct", "e2e_p99_diff_pct"]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.1f}"))
+    print(f"written {out_root / 'vs_vidur.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

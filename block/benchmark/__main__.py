@@ -1,0 +1,3 @@
+from block.benchmark.cli import main
+
+main()

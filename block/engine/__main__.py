@@ -1,0 +1,3 @@
+from block.engine.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from block.predictor.cli import main
+
+main()

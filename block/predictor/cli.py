@@ -1,0 +1,129 @@
+"""Command line of the predictor side-car: ``python -m block.predictor``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional, Sequence
+
+from block.service import add_common_args
+
+DEFAULT_PORT = 8100  # Block's predictor port
+TOKENIZERS = ("auto", "none", "llama2", "qwen2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m block.predictor",
+        description="Predictor side-car, one per engine on the same host: a pass-through proxy for the engine's "
+                    "OpenAI API that tracks every request it forwards, POST /predict (what-if: predicted e2e, TTFT "
+                    "and queueing of one more request, vidur.whatif.predict on the current instance state), "
+                    "GET /stats, /state, /metrics, /health.",
+    )
+    add_common_args(ap, DEFAULT_PORT)
+    ap.add_argument("--engine-url", default="http://127.0.0.1:8000",
+                    help="base URL of the engine (vLLM or python -m block.engine; default http://127.0.0.1:8000)")
+    ap.add_argument("--engine-token", default=None, help="bearer token the engine requires (default: none)")
+    ap.add_argument("--forward-client-auth", action="store_true",
+                    help="without --engine-token, forward the client's Authorization header to the engine")
+    ap.add_argument("--state-source", choices=("proxy", "engine"), default="proxy",
+                    help="proxy: build the state from the proxied requests (any OpenAI server, stock vLLM too); "
+                         "engine: read GET {engine}/state (the emulated engine exports it). Default proxy")
+    ap.add_argument("--metrics-interval-s", type=float, default=0.5,
+                    help="proxy mode: poll the engine's /metrics this often for running/waiting/KV usage "
+                         "(0 = never; default 0.5)")
+    ap.add_argument("--state-interval-s", type=float, default=0.05,
+                    help="engine mode: poll GET {engine}/state this often (0 = fetch on every /predict, as Block "
+                         "does; default 0.05)")
+    ap.add_argument("--connect-timeout-s", type=float, default=2.0, help="engine connect timeout (default 2)")
+    ap.add_argument("--read-timeout-s", type=float, default=300.0,
+                    help="engine read timeout: longest silence between two chunks, including the wait for the "
+                         "first token (default 300)")
+    ap.add_argument("--engine-down-after-s", type=float, default=0.0,
+                    help="report the engine down after this long without an answer (default max(3, 5 polls))")
+    ap.add_argument("--force-stream", action=argparse.BooleanOptionalAction, default=True,
+                    help="send non-streaming requests upstream as streams (include_usage, continuous_usage_stats) "
+                         "and reassemble the answer, so their progress is tracked (default on)")
+    ap.add_argument("--instance-id", type=int, default=0, help="instance id reported in predictions and stats")
+    ap.add_argument("--overrun-tokens", type=int, default=10,
+                    help="a request past its expected length is assumed to end this many tokens later (Block: 10)")
+    ap.add_argument("--debug-allow-state-injection", action="store_true",
+                    help="enable POST/DELETE /debug/state to replace the state with a given InstanceState "
+                         "(benchmarks and debugging only; off by default)")
+    g = ap.add_argument_group("execution model and engine config (as python -m block.engine)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--model", default=None, help="model config name under conf/model (default llama2_7b)")
+    m.add_argument("--model-config", default=None, help="path to a model YAML (conf/model format)")
+    g.add_argument("--gpu", default="a30", help="GPU config name under conf/gpu, or a YAML path (default a30)")
+    g.add_argument("--engine", default="vllm_chunked",
+                   help="engine config name under conf/engine, or a YAML path (default vllm_chunked)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="override engine.max_num_seqs")
+    g.add_argument("--chunk-size", type=int, default=None, help="override engine.chunk_size")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="override engine.max_num_batched_tokens")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="total KV blocks (default: the engine's vllm:cache_config_info when it reports it, else "
+                        "from GPU memory as vLLM)")
+    g.add_argument("--max-model-len", type=int, default=None, help="override engine.max_model_len")
+    g.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="override engine.chunked_prefill")
+    g.add_argument("--tensor-parallel", type=int, default=None, help="override engine.tensor_parallel")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="override engine.gpu_memory_utilization (when --num-blocks is not given)")
+    g.add_argument("--tokenizer", choices=TOKENIZERS, default="auto",
+                   help="how text prompts are counted until the engine reports usage (auto: the model's)")
+    g.add_argument("--cache-dir", default=None, help="execution-model cache directory")
+    return ap
+
+
+def make_service(args: argparse.Namespace):
+    """The PredictorService for parsed arguments (raises ValueError on a bad configuration)."""
+    from block.engine.config import build_setup
+    from block.predictor.app import PredictorService
+
+    for name in ("metrics_interval_s", "state_interval_s", "engine_down_after_s"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("connect_timeout_s", "read_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    if args.overrun_tokens < 0:
+        raise ValueError("--overrun-tokens must be >= 0")
+    if not args.engine_url.startswith(("http://", "https://")):
+        raise ValueError(f"--engine-url {args.engine_url!r} must start with http:// or https://")
+    setup = build_setup(
+        args.model_config or args.model or "llama2_7b", args.gpu, args.engine,
+        max_num_seqs=args.max_num_seqs, chunk_size=args.chunk_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=args.num_blocks,
+        chunked_prefill=args.chunked_prefill, max_model_len=args.max_model_len,
+        tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    em = setup.execution_model(args.cache_dir)
+    tok = setup.model.tokenizer if args.tokenizer == "auto" else args.tokenizer
+    return PredictorService(
+        setup.engine, em, engine_url=args.engine_url, engine_token=args.engine_token,
+        state_source=args.state_source, metrics_interval_s=args.metrics_interval_s,
+        state_interval_s=args.state_interval_s, connect_timeout_s=args.connect_timeout_s,
+        read_timeout_s=args.read_timeout_s, instance_id=args.instance_id, overrun_tokens=args.overrun_tokens,
+        tokenizer=tok, force_stream=args.force_stream, num_blocks_fixed=args.num_blocks is not None,
+        engine_down_after_s=args.engine_down_after_s, allow_state_injection=args.debug_allow_state_injection,
+        forward_client_auth=args.forward_client_auth,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    try:
+        service = make_service(args)
+    except ValueError as err:
+        ap.error(str(err))
+    from block.predictor.app import build_app
+    from block.service import serve
+
+    app = build_app(service, token=args.token, max_body_bytes=args.max_body_bytes)
+    serve(app, args.host, args.port, args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from block.scheduler.cli import main
+
+main()

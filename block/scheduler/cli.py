@@ -1,0 +1,167 @@
+"""Command line of the global scheduler: ``python -m block.scheduler``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+from block.service import add_common_args
+
+DEFAULT_PORT = 8200  # Block's global scheduler port
+UPSTREAM_TOKEN_ENV = "BLOCK_UPSTREAM_TOKEN"
+TOKENIZERS = ("llama2", "qwen2", "none")
+
+
+def _policy_help() -> str:
+    from block.policies import describe_policies
+
+    return "; ".join(f"{n}: {d}" for n, d in describe_policies().items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from block.policies import policy_names
+
+    ap = argparse.ArgumentParser(
+        prog="python -m block.scheduler",
+        description="Block's global scheduler: a stateless OpenAI-compatible front door. For each request it samples "
+                    "k instances, asks their predictors concurrently (POST /predict or GET /stats, as the policy "
+                    "needs), applies the routing policy and streams the answer back through the chosen predictor.",
+        epilog="Policies -- " + _policy_help(),
+    )
+    add_common_args(ap, DEFAULT_PORT)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--instances", default=None,
+                     help="comma-separated predictor base URLs (http://host:port); requests are forwarded through "
+                          "them. The instance index (x-block-instance) is the position in this list")
+    src.add_argument("--instances-file", default=None,
+                     help="file with the predictor URLs: one per line (# comments), or a YAML/JSON list")
+    ap.add_argument("--policy", default=None, choices=policy_names(),
+                    help="routing policy (default: the --policy-config's name, else block)")
+    ap.add_argument("--policy-config", default=None,
+                    help="a conf/policy/<name>.yaml-style file (name, k, noise, parameters); the flags below "
+                         "override it")
+    ap.add_argument("--k", default=None,
+                    help="instances probed per request (an integer, or 'all'); default: the policy's own "
+                         "(block*: 2, others: all)")
+    ap.add_argument("--length-noise-pct", type=float, default=None,
+                    help="Block's noise on the output length told to each probed instance (default: the policy's, "
+                         "25 for block_noisy, else 0)")
+    ap.add_argument("--latency-noise-pct", type=float, default=None,
+                    help="Block's noise on each predicted e2e before the argmin (block* policies; default 0)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a policy parameter, e.g. --param queue_weight=1 (repeatable; values parsed as YAML)")
+    ap.add_argument("--probe-timeout-ms", type=float, default=1000.0,
+                    help="how long to wait for the probes; a predictor that does not answer in time is left out "
+                         "(default 1000)")
+    ap.add_argument("--default-output-tokens", type=int, default=None,
+                    help="expected output length of a request that carries no hint (header x-expected-output-tokens "
+                         "or body expected_output_tokens); default: its max_tokens")
+    ap.add_argument("--max-retries", type=int, default=2,
+                    help="re-dispatches of a request whose instance fails before the first token (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the scheduler's random draws (sampling, ties)")
+    ap.add_argument("--log-file", default=None, help="append one JSON line per request here (flushed per line)")
+    ap.add_argument("--upstream-token", default=os.environ.get(UPSTREAM_TOKEN_ENV),
+                    help=f"bearer token sent to the predictors (default: ${UPSTREAM_TOKEN_ENV}; unset = none)")
+    ap.add_argument("--tokenizer", choices=TOKENIZERS, default="llama2",
+                    help="how text prompts are counted (as the emulated engine: bundled tokenizer, or "
+                         "none = ceil(utf8 bytes / 4)); token-id prompts count their length")
+    ap.add_argument("--connect-timeout-s", type=float, default=5.0, help="connect timeout to an instance")
+    ap.add_argument("--upstream-timeout-s", type=float, default=1800.0,
+                    help="longest wait for the next piece of an instance's answer (Block: backend_timeout 1800)")
+    ap.add_argument("--down-cooldown-s", type=float, default=2.0,
+                    help="an instance that refused a connection is left out of the sampling this long (0 = never)")
+    ap.add_argument("--max-connections", type=int, default=4096, help="connection pool size to the instances")
+    return ap
+
+
+def _parse_value(v: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def make_policy_from_args(args: argparse.Namespace):
+    """The RoutingPolicy the arguments describe, and the mapping that built it."""
+    from block.policies import POLICIES, policy_from_config
+
+    cfg: dict[str, Any] = {}
+    if args.policy_config:
+        import yaml
+
+        with open(args.policy_config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.policy_config}: expected a mapping")
+        cfg.update(loaded)
+    if args.policy and cfg.get("name") not in (None, args.policy):
+        raise ValueError(f"--policy {args.policy} contradicts {args.policy_config} (name: {cfg.get('name')})")
+    name = cfg["name"] = args.policy or cfg.get("name") or "block"
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    if args.k is not None:
+        k = str(args.k).strip().lower()
+        if k in ("all", "none", "null", "0"):
+            cfg["k"] = None
+        else:
+            try:
+                cfg["k"] = int(k)
+            except ValueError:
+                raise ValueError(f"--k must be an integer or 'all', got {args.k!r}") from None
+    elif "k" not in cfg:
+        cfg["k"] = POLICIES[name].default_k
+    if args.length_noise_pct is not None:
+        cfg["length_noise_pct"] = args.length_noise_pct
+    if args.latency_noise_pct is not None:
+        cfg["latency_noise_pct"] = args.latency_noise_pct
+    for kv in args.param:
+        if "=" not in kv:
+            raise ValueError(f"--param expects KEY=VALUE, got {kv!r}")
+        key, v = kv.split("=", 1)
+        cfg[key.strip()] = _parse_value(v)
+    return policy_from_config(cfg), cfg
+
+
+def make_scheduler(args: argparse.Namespace):
+    from block.scheduler.core import Scheduler, SchedulerConfig, read_instances_file
+
+    if args.instances_file:
+        urls = read_instances_file(args.instances_file)
+    elif args.instances:
+        urls = [u for u in args.instances.split(",") if u.strip()]
+    else:
+        raise ValueError("give the instances: --instances URL[,URL...] or --instances-file FILE")
+    policy, pcfg = make_policy_from_args(args)
+    if args.probe_timeout_ms <= 0:
+        raise ValueError(f"--probe-timeout-ms={args.probe_timeout_ms} must be > 0")
+    cfg = SchedulerConfig(
+        instances=urls, policy=policy, probe_timeout_s=args.probe_timeout_ms / 1e3,
+        default_output_tokens=args.default_output_tokens, max_retries=args.max_retries, seed=args.seed,
+        log_file=args.log_file, upstream_token=args.upstream_token or None, tokenizer=args.tokenizer,
+        connect_timeout_s=args.connect_timeout_s, upstream_timeout_s=args.upstream_timeout_s,
+        down_cooldown_s=args.down_cooldown_s, max_connections=args.max_connections, policy_config=pcfg,
+    )
+    return Scheduler(cfg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    try:
+        sched = make_scheduler(args)
+    except (ValueError, OSError) as err:
+        ap.error(str(err))
+    from block.scheduler.app import build_app
+    from block.service import serve
+
+    app = build_app(sched, token=args.token, max_body_bytes=args.max_body_bytes)
+    serve(app, args.host, args.port, args.log_level)
+
+
+if __name__ == "__main__":
+    main()

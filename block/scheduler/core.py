@@ -1,0 +1,644 @@
+"""The global scheduler's logic: parse a request, gather the policy's signals from k predictors, choose, forward.
+
+One :class:`Scheduler` per process. It holds no durable state (any number of schedulers may run side by side): a
+per-process ``random.Random(seed)``, the policy's own memory (``RoutingContext.state``, e.g. min-QPM's history), a
+short-lived "down" mark per instance (a connection refused puts an instance out of the sampling for
+``down_cooldown_s``), counters for ``/metrics`` and the per-request log.
+
+Request path (``handle``):
+
+1. parse the body (prompt tokens: a list of ids -> its length, text/chat -> ``block.engine.tokens.TokenCounter``),
+   the length hint (header ``x-expected-output-tokens`` or body ``expected_output_tokens``, else
+   ``default_output_tokens``, else ``max_tokens``); bad input -> 400 JSON;
+2. ``route``: sample k of the eligible instances with the process's rng (as ``vidur.cluster`` does), probe them
+   concurrently according to the policy's signal (prediction: ``POST /predict`` with the length the policy tells
+   that instance; stats: ``GET /stats``; none: no probe) within ``probe_timeout_s``; probes that fail or time out are
+   left out; if none answers, fall back to a uniformly random healthy instance (counted); else apply the policy's
+   ``choose`` -- the very function the simulator calls -- and its ``observe`` hook;
+3. forward the body to the chosen instance's predictor with the hint header set to the length told to that instance;
+   a streaming answer is relayed chunk by chunk once the first token has arrived. A failure before the first token
+   (connect error, 5xx, a stream that ends or errors without a token) re-routes the request on the instances not yet
+   tried, up to ``max_retries`` times; a failure after it ends the stream with an SSE error event.
+
+Every request ends as a success or a clear error (HTTP status + JSON body, or an SSE error event), is counted in
+``/metrics`` and written as one JSON line to the log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
+
+from block import prom
+from block.engine.tokens import TokenCounter, message_text
+from block.scheduler.upstream import Origin, Pool, Response, UpstreamError
+from block.service import ServiceError
+from vidur.cluster import RoutingContext, RoutingPolicy
+from vidur.types import Candidate, InstanceStats, Prediction, Request
+
+try:  # orjson (the predictor's dependency too) is faster; the standard library is the fallback
+    import orjson as _orjson
+
+    def _loads(b: bytes) -> Any:
+        return _orjson.loads(b)
+
+    def _dumps(obj: Any) -> bytes:
+        return _orjson.dumps(obj)
+except ImportError:  # pragma: no cover - depends on the environment
+    def _loads(b: bytes) -> Any:
+        return json.loads(b)
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+log = logging.getLogger("block.scheduler")
+
+HINT_HEADER = "x-expected-output-tokens"
+HINT_FIELD = "expected_output_tokens"
+FALLBACK_OUTPUT_TOKENS = 256  # length assumed when a request has neither a hint nor max_tokens (and no default set)
+SSE_DONE = b"data: [DONE]\n\n"
+ERROR_EVENT_PREFIX = b'data: {"error"'
+
+# statuses of a finished request (the log's ``status`` and the label of block_scheduler_requests_total)
+ST_OK = "ok"  # answered in full
+ST_CLIENT_ERROR = "client_error"  # 4xx: the request was bad (ours or the engine's verdict)
+ST_UPSTREAM_ERROR = "upstream_error"  # no instance could serve it before the first token (5xx to the client)
+ST_STREAM_ERROR = "stream_error"  # the upstream failed after the first token (SSE error event)
+ST_DISCONNECTED = "client_disconnected"  # the client went away first
+ST_INTERNAL = "internal_error"  # a bug in the scheduler (500)
+STATUSES = (ST_OK, ST_CLIENT_ERROR, ST_UPSTREAM_ERROR, ST_STREAM_ERROR, ST_DISCONNECTED, ST_INTERNAL)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@dataclass
+class SchedulerConfig:
+    instances: list[str]  # predictor base URLs; requests are forwarded through them
+    policy: RoutingPolicy
+    probe_timeout_s: float = 1.0
+    default_output_tokens: Optional[int] = None  # None: max_tokens
+    max_retries: int = 2
+    seed: int = 0
+    log_file: Optional[str] = None
+    upstream_token: Optional[str] = None
+    tokenizer: str = "llama2"
+    connect_timeout_s: float = 5.0
+    upstream_timeout_s: float = 1800.0  # between two chunks of an upstream answer
+    down_cooldown_s: float = 2.0
+    max_connections: int = 4096
+    policy_config: dict[str, Any] = field(default_factory=dict)  # what built the policy (for /health and logs)
+
+    def __post_init__(self) -> None:
+        if not self.instances:
+            raise ValueError("the scheduler needs at least one instance (--instances or --instances-file)")
+        self.instances = [normalize_url(u) for u in self.instances]
+        if len(set(self.instances)) != len(self.instances):
+            raise ValueError(f"duplicate instance URLs in {self.instances}")
+        for name in ("probe_timeout_s", "connect_timeout_s", "upstream_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v} must be a positive number")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries={self.max_retries} must be >= 0")
+        if self.default_output_tokens is not None and self.default_output_tokens < 1:
+            raise ValueError(f"default_output_tokens={self.default_output_tokens} must be >= 1")
+        if self.down_cooldown_s < 0:
+            raise ValueError(f"down_cooldown_s={self.down_cooldown_s} must be >= 0")
+
+
+def normalize_url(u: str) -> str:
+    u = str(u).strip()
+    if not u:
+        raise ValueError("empty instance URL")
+    if "://" not in u:
+        u = "http://" + u
+    if not u.startswith(("http://", "https://")):
+        raise ValueError(f"instance URL {u!r} must be http(s)://host:port")
+    return u.rstrip("/")
+
+
+def read_instances_file(path: str) -> list[str]:
+    """Instance URLs from a file: a YAML/JSON list (of URLs or ``{url: ...}`` mappings) or one URL per line
+    (blank lines and ``#`` comments skipped)."""
+    with open(path) as f:
+        text = f.read()
+    stripped = text.strip()
+    if stripped.startswith(("[", "-", "{", "instances:")):
+        import yaml
+
+        data = yaml.safe_load(text)
+        if isinstance(data, dict) and "instances" in data:
+            data = data["instances"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a list of instance URLs")
+        out = []
+        for i, x in enumerate(data):
+            if isinstance(x, dict):
+                x = x.get("url") or x.get("predictor")
+            if not isinstance(x, str):
+                raise ValueError(f"{path}: entry {i} is not a URL: {x!r}")
+            out.append(x)
+        return out
+    return [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
+
+
+# ------------------------------------------------------------------------------------------------ request parsing
+@dataclass
+class Parsed:
+    chat: bool
+    stream: bool
+    prompt_tokens: int
+    max_tokens: Optional[int]
+    hint: Optional[int]
+    hint_in_body: bool
+
+
+def _bad(msg: str) -> ServiceError:
+    return ServiceError(400, msg, "BadRequestError")
+
+
+def _int(name: str, v: Any, lo: int) -> Optional[int]:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise _bad(f"{name} must be an integer, got {v!r}")
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    elif isinstance(v, str):
+        try:
+            v = int(v.strip())
+        except ValueError:
+            raise _bad(f"{name} must be an integer, got {v!r}") from None
+    if not isinstance(v, int):
+        raise _bad(f"{name} must be an integer, got {type(v).__name__}")
+    if v < lo:
+        raise _bad(f"{name} must be at least {lo}, got {v}")
+    return v
+
+
+class PromptCounter:
+    """Prompt tokens of a completions/chat body, as the emulated engine counts them (block/engine/tokens.py)."""
+
+    def __init__(self, tokenizer: str = "llama2") -> None:
+        self.counter = TokenCounter(tokenizer)
+
+    def count(self, body: Mapping[str, Any], chat: bool) -> int:
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise _bad("messages is required: a non-empty list of {role, content} objects")
+            contents = []
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise _bad(f"messages[{i}] must be an object with a string 'role'")
+                text = message_text(m.get("content"))
+                if text is None:
+                    raise _bad(f"messages[{i}].content must be a string or a list of text parts")
+                contents.append(text)
+            return self.counter.count_chat(contents)
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise _bad("prompt is required")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.counter.count_text(prompt)
+        if isinstance(prompt, list):
+            if not prompt:
+                raise _bad("prompt must not be empty")
+            for t in prompt:
+                if type(t) is not int:  # noqa: E721 - bool is rejected too
+                    raise _bad("prompt must be a string or a list of token ids (integers); "
+                               "batched prompts are not supported")
+            return len(prompt)
+        raise _bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def parse_body(raw: bytes, headers: Mapping[str, str], chat: bool, counter: PromptCounter) -> tuple[dict, Parsed]:
+    if not raw:
+        raise _bad("request body is empty; expected a JSON object")
+    try:
+        body = _loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _bad(f"body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise _bad(f"body must be a JSON object, got {type(body).__name__}")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad(f"stream must be a boolean, got {stream!r}")
+    mt_name, mt = "max_tokens", body.get("max_tokens")
+    if chat and body.get("max_completion_tokens") is not None:
+        mt_name, mt = "max_completion_tokens", body.get("max_completion_tokens")
+    max_tokens = _int(mt_name, mt, 1)
+    in_body = body.get(HINT_FIELD) is not None
+    hint = _int(HINT_FIELD, body.get(HINT_FIELD) if in_body else headers.get(HINT_HEADER), 1)
+    prompt = counter.count(body, chat)
+    return body, Parsed(chat, stream, prompt, max_tokens, hint, in_body)
+
+
+# ------------------------------------------------------------------------------------------------ state
+@dataclass
+class Instance:
+    index: int
+    url: str
+    origin: Origin
+    down_until: float = 0.0  # monotonic time; sampled again after it
+
+
+@dataclass
+class Decision:
+    instance: int
+    told_tokens: int  # output length told to the chosen instance (hint header)
+    predicted_e2e_s: float
+    probe_ms: float
+    decision_ms: float
+    fallback: bool
+    probed: list[int]
+    answered: list[int]
+
+
+class UpstreamFailure(Exception):
+    """The chosen instance failed before the first token: the request may be retried elsewhere."""
+
+    def __init__(self, message: str, status: int = 502, mark_down: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.mark_down = mark_down
+
+
+class Metrics:
+    def __init__(self, n: int) -> None:
+        r = self.registry = prom.Registry()
+        self.requests = r.counter("block_scheduler_requests", "Requests finished, by final status.", ("status",))
+        for s in STATUSES:
+            self.requests.touch(status=s)
+        self.routed = r.counter("block_scheduler_routed", "Dispatches (first tries and retries) per instance.",
+                                ("instance",))
+        self.probe_failures = r.counter("block_scheduler_probe_failures",
+                                        "Probes (/predict or /stats) that failed or timed out, per instance.",
+                                        ("instance",))
+        self.upstream_failures = r.counter("block_scheduler_upstream_failures",
+                                           "Forwarded requests that failed before their first token, per instance.",
+                                           ("instance",))
+        for i in range(n):
+            for c in (self.routed, self.probe_failures, self.upstream_failures):
+                c.touch(instance=str(i))
+        self.retries = r.counter("block_scheduler_retries", "Re-dispatches after a failure before the first token.")
+        self.fallbacks = r.counter("block_scheduler_fallbacks",
+                                   "Decisions where no probed instance answered (random healthy instance).")
+        self.stream_errors = r.counter("block_scheduler_stream_errors",
+                                       "Streams that failed after the first token (error event sent).")
+        for c in (self.retries, self.fallbacks, self.stream_errors):
+            c.touch()
+        self.inflight = r.gauge("block_scheduler_requests_in_flight", "Requests being served now.")
+        self.inflight.set(0)
+        self.healthy = r.gauge("block_scheduler_healthy_instances", "Instances not marked down.")
+        buckets = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+        self.decision = r.histogram("block_scheduler_decision_seconds",
+                                    "Routing time per dispatch (sampling + probes + policy).", buckets)
+        self.probe = r.histogram("block_scheduler_probe_seconds", "Time waiting for the probes per dispatch.",
+                                 buckets)
+        self.decision.touch()
+        self.probe.touch()
+        self.n_inflight = 0
+
+
+def _finite(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.inf
+    return v if math.isfinite(v) else math.inf
+
+
+class Scheduler:
+    """See the module docstring. Create it, ``await start()`` inside the event loop, ``await close()`` at the end."""
+
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.policy = cfg.policy
+        self.instances = [Instance(i, u, Origin(u)) for i, u in enumerate(cfg.instances)]
+        self.rng = random.Random(cfg.seed)
+        self.policy_state: dict[str, Any] = {}
+        self.counter = PromptCounter(cfg.tokenizer)
+        self.metrics = Metrics(len(self.instances))
+        self.t0 = time.monotonic()
+        self.n = 0  # requests routed (the RoutingContext's request_index)
+        self.pool: Optional[Pool] = None
+        self._auth = {"authorization": f"Bearer {cfg.upstream_token}"} if cfg.upstream_token else {}
+        self._json_headers = {"content-type": "application/json", **self._auth}
+        self._log = open(cfg.log_file, "a", buffering=1) if cfg.log_file else None
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.pool is None:
+            self.pool = Pool(connect_timeout_s=self.cfg.connect_timeout_s, max_idle=self.cfg.max_connections)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
+            self.pool = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    # ------------------------------------------------------------------ health
+    def eligible(self, exclude: Iterable[int] = ()) -> list[int]:
+        """Instances to route to: not excluded and not marked down (all non-excluded ones if every one is down)."""
+        now = time.monotonic()
+        ex = set(exclude)
+        ids = [x.index for x in self.instances if x.index not in ex and x.down_until <= now]
+        if not ids:
+            ids = [x.index for x in self.instances if x.index not in ex]
+        return ids
+
+    def mark_down(self, i: int) -> None:
+        if self.cfg.down_cooldown_s > 0:
+            self.instances[i].down_until = time.monotonic() + self.cfg.down_cooldown_s
+
+    def health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        up = sum(1 for x in self.instances if x.down_until <= now)
+        return {"role": "scheduler", "policy": self.policy.name, "k": self.policy.k, "signal": self.policy.signal,
+                "instances": len(self.instances), "healthy_instances": up, "requests": self.n,
+                "in_flight": self.metrics.n_inflight}
+
+    def render_metrics(self) -> str:
+        now = time.monotonic()
+        self.metrics.healthy.set(sum(1 for x in self.instances if x.down_until <= now))
+        self.metrics.inflight.set(self.metrics.n_inflight)
+        return self.metrics.registry.render()
+
+    # ------------------------------------------------------------------ routing
+    def _told(self, req: Request, i: int, ctx: RoutingContext, sent: dict[int, int]) -> int:
+        """The output length told to instance ``i`` (``vidur.cluster.Cluster._expected``: drawn once per pair)."""
+        exp = sent.get(i)
+        if exp is None:
+            pol = self.policy
+            exp = int(pol.expected_length(req, i, ctx)) if pol.expected_length is not None \
+                else req.expected_output_tokens()
+            exp = sent[i] = max(1, exp)
+        return exp
+
+    async def _probe_one(self, kind: str, i: int, req: Request, told: int, rid: str) -> Candidate:
+        inst = self.instances[i]
+        pool = self.pool
+        assert pool is not None
+        t = self.cfg.probe_timeout_s
+        if kind == "prediction":
+            payload = _dumps({"prompt_tokens": req.prompt_tokens, "expected_output_tokens": told, "id": rid})
+            r = await pool.request("POST", inst.origin, "/predict", payload, self._json_headers, t)
+        else:
+            r = await pool.request("GET", inst.origin, "/stats", b"", self._auth, t)
+        body = await r.read()
+        if r.status_code != 200:
+            raise UpstreamError("status", f"{'/predict' if kind == 'prediction' else '/stats'} answered "
+                                          f"{r.status_code}")
+        d = _loads(body)
+        d["instance_id"] = i
+        if kind == "prediction":
+            d["e2e_s"] = _finite(d.get("e2e_s"))
+            return Candidate(i, prediction=Prediction.from_dict(d))
+        return Candidate(i, stats=InstanceStats.from_dict(d))
+
+    async def _probe(self, kind: str, ids: list[int], req: Request, ctx: RoutingContext, sent: dict[int, int],
+                     rid: str) -> list[Candidate]:
+        """Probe ``ids`` concurrently; return the candidates that answered in time (failures are left out)."""
+        tasks = [asyncio.ensure_future(self._probe_one(kind, i, req, self._told(req, i, ctx, sent), rid))
+                 for i in ids]
+        done, pending = await asyncio.wait(tasks, timeout=self.cfg.probe_timeout_s)
+        for t in pending:
+            t.cancel()
+        out = []
+        for i, t in zip(ids, tasks):
+            if t in done and t.exception() is None:
+                out.append(t.result())
+            else:
+                self._probe_failed(i, t.exception() if t in done else asyncio.TimeoutError())
+        return out
+
+    def _probe_failed(self, i: int, err: Optional[BaseException]) -> None:
+        self.metrics.probe_failures.inc(instance=str(i))
+        if isinstance(err, UpstreamError) and err.kind == "connect":
+            self.mark_down(i)
+        log.debug("probe of instance %d failed: %r", i, err)
+
+    async def route(self, req: Request, index: int, exclude: Sequence[int] = ()) -> Decision:
+        """Choose the instance for ``req`` among the eligible ones (``exclude``: instances that already failed it)."""
+        w0 = time.perf_counter()
+        ids = self.eligible(exclude)
+        if not ids:
+            raise UpstreamFailure("no instance left to try", 503)
+        pol = self.policy
+        ctx = RoutingContext(now_s=time.monotonic() - self.t0, num_instances=len(ids), instance_ids=ids,
+                             rng=self.rng, request_index=index, state=self.policy_state)
+        probe_ids = ids
+        if pol.k is not None and pol.k < len(ids):
+            probe_ids = self.rng.sample(ids, pol.k)
+        sent: dict[int, int] = {}
+        probe_ms = 0.0
+        fallback = False
+        answered: list[int]
+        if pol.signal == "none":
+            cands = [Candidate(i) for i in probe_ids]
+            answered = list(probe_ids)
+            choice = pol.choose(req, cands, ctx)
+        else:
+            p0 = time.perf_counter()
+            cands = await self._probe(pol.signal, probe_ids, req, ctx, sent, str(req.id))
+            probe_ms = (time.perf_counter() - p0) * 1e3
+            self.metrics.probe.observe(probe_ms / 1e3)
+            answered = [c.instance_id for c in cands]
+            if cands:
+                choice = pol.choose(req, cands, ctx)
+            else:  # nobody answered: a random healthy instance (those whose probe just failed are not)
+                fallback = True
+                self.metrics.fallbacks.inc()
+                rest = [i for i in self.eligible(exclude) if i not in probe_ids] or ids
+                choice = self.rng.choice(rest)
+        if choice not in ids:
+            raise RuntimeError(f"policy {pol.name!r} chose instance {choice}, not one of {ids}")
+        if pol.observe is not None:
+            pol.observe(req, choice, cands, ctx)
+        pred = math.nan
+        for c in cands:
+            if c.instance_id == choice and c.prediction is not None:
+                pred = c.prediction.e2e_s
+        told = self._told(req, choice, ctx, sent)
+        ms = (time.perf_counter() - w0) * 1e3
+        self.metrics.decision.observe(ms / 1e3)
+        self.metrics.routed.inc(instance=str(choice))
+        return Decision(choice, told, pred, probe_ms, ms, fallback, list(probe_ids), answered)
+
+    # ------------------------------------------------------------------ request handling
+    def make_request(self, index: int, arrival_s: float, p: Parsed) -> Request:
+        out = p.max_tokens or self.cfg.default_output_tokens or FALLBACK_OUTPUT_TOKENS
+        predicted = p.hint if p.hint is not None else self.cfg.default_output_tokens
+        return Request(index, arrival_s, p.prompt_tokens, out, predicted)
+
+    def _write_log(self, row: dict[str, Any]) -> None:
+        if self._log is not None:
+            try:
+                self._log.write(_dumps(row).decode() + "\n")
+            except (OSError, ValueError) as err:  # a full disk must not fail requests
+                log.warning("cannot write the request log: %s", err)
+
+    def finish(self, row: dict[str, Any], status: str, http_status: int, error: Optional[str] = None) -> None:
+        row["status"] = status
+        row["http_status"] = http_status
+        row["finish_s"] = time.time()
+        if error is not None:
+            row["error"] = error
+        self.metrics.requests.inc(status=status)
+        self.metrics.n_inflight -= 1
+        self._write_log(row)
+
+    @staticmethod
+    def block_headers(d: Optional[Decision], retries: int) -> dict[str, str]:
+        if d is None:
+            return {"x-block-retries": str(retries)}
+        return {
+            "x-block-instance": str(d.instance),
+            "x-block-predicted-e2e-s": "nan" if math.isnan(d.predicted_e2e_s) else repr(d.predicted_e2e_s),
+            "x-block-probe-ms": f"{d.probe_ms:.3f}",
+            "x-block-decision-ms": f"{d.decision_ms:.3f}",
+            "x-block-retries": str(retries),
+            "x-block-fallback": "1" if d.fallback else "0",
+        }
+
+    async def open_upstream(self, d: Decision, path: str, raw: bytes, body: dict, p: Parsed,
+                            request_id: str) -> tuple[Response, list[bytes], bool, Optional[AsyncIterator[bytes]]]:
+        """Send the request to the chosen instance and read until its first token (streaming) or to the end.
+
+        Returns (response, buffered chunks, finished, the body iterator to continue with). Raises
+        :class:`UpstreamFailure` for a failure before the first token; a 4xx answer is returned as is (the
+        client's fault: not retried).
+        """
+        pool = self.pool
+        assert pool is not None
+        if p.hint_in_body and body.get(HINT_FIELD) != d.told_tokens:
+            body = dict(body)
+            body[HINT_FIELD] = d.told_tokens
+            raw = _dumps(body)
+        headers = {"content-type": "application/json", HINT_HEADER: str(d.told_tokens), "x-request-id": request_id,
+                   **self._auth}
+        try:
+            resp = await pool.request("POST", self.instances[d.instance].origin, path, raw, headers,
+                                      self.cfg.upstream_timeout_s)
+        except UpstreamError as err:
+            raise UpstreamFailure(f"instance {d.instance}: {err}", 502, mark_down=err.kind == "connect") from err
+        chunks: list[bytes] = []
+        try:
+            if resp.status_code >= 500:
+                data = await resp.read()
+                raise UpstreamFailure(f"instance {d.instance} answered {resp.status_code}: "
+                                      f"{data[:300].decode('utf-8', 'replace')}", 502)
+            if resp.status_code != 200 or not p.stream:
+                return resp, [await resp.read()], True, None
+            it = resp.aiter_raw()
+            while True:
+                try:
+                    chunk = await it.__anext__()
+                except StopAsyncIteration:
+                    buf = b"".join(chunks)
+                    if not buf:
+                        raise UpstreamFailure(f"instance {d.instance} ended the stream without any data", 502)
+                    if ERROR_EVENT_PREFIX in buf or SSE_DONE not in buf:
+                        raise UpstreamFailure(f"instance {d.instance} ended the stream before the first token: "
+                                              f"{buf[-300:].decode('utf-8', 'replace')}", 502)
+                    return resp, chunks, True, None  # a complete answer without text (e.g. an immediate stop)
+                if not chunk:
+                    continue
+                chunks.append(chunk)
+                state = _first_token_state(b"".join(chunks) if len(chunks) > 1 else chunk)
+                if state == "token":
+                    return resp, chunks, False, it
+                if state == "error":
+                    raise UpstreamFailure(f"instance {d.instance} sent an error before the first token: "
+                                          f"{b''.join(chunks)[-300:].decode('utf-8', 'replace')}", 502)
+        except UpstreamFailure:
+            await resp.aclose()
+            raise
+        except UpstreamError as err:
+            await resp.aclose()
+            raise UpstreamFailure(f"instance {d.instance} failed before the first token: {err}", 502) from err
+        except BaseException:
+            await resp.aclose()
+            raise
+
+    async def relay(self, resp: Response, it: AsyncIterator[bytes], chunks: list[bytes],
+                    row: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Yield the buffered chunks, then the rest of the upstream stream; end the request's bookkeeping."""
+        status, error = ST_OK, None
+        tail = b""
+        try:
+            first = b"".join(chunks)
+            tail = first[-32:]
+            yield first
+            try:
+                async for chunk in it:
+                    if not chunk:
+                        continue
+                    if ERROR_EVENT_PREFIX in chunk:
+                        status, error = ST_STREAM_ERROR, "the engine reported an error during the stream"
+                    tail = chunk[-32:]
+                    yield chunk
+            except UpstreamError as err:
+                status, error = ST_STREAM_ERROR, f"upstream failed after the first token: {err}"
+                yield _error_event(f"upstream instance {row.get('instance')} failed after the first token: "
+                                   f"{err}", 502)
+                yield SSE_DONE
+            else:
+                if status == ST_OK and not tail.endswith(SSE_DONE):
+                    status, error = ST_STREAM_ERROR, "upstream stream ended without [DONE]"
+                    yield _error_event(f"upstream instance {row.get('instance')} ended the stream early", 502)
+                    yield SSE_DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            status, error = ST_DISCONNECTED, "client disconnected"
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. the client's socket broke
+            status, error = ST_DISCONNECTED, f"client went away: {err!r}"
+            raise
+        finally:
+            if status == ST_STREAM_ERROR:
+                self.metrics.stream_errors.inc()
+            await resp.aclose()
+            self.finish(row, status, 200, error)
+
+
+def _error_event(message: str, code: int) -> bytes:
+    return b"data: " + _dumps({"error": {"message": message, "type": "upstream_error", "code": code}}) + b"\n\n"
+
+
+def _first_token_state(buf: bytes) -> str:
+    """'token' once an SSE event with non-empty text/content is in ``buf``, 'error' for an error event, else ''."""
+    if ERROR_EVENT_PREFIX in buf:
+        return "error"
+    for line in buf.split(b"\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        try:
+            ev = _loads(line[6:])
+        except ValueError:
+            continue  # an event split across chunks: wait for the rest
+        for ch in ev.get("choices") or ():
+            if not isinstance(ch, dict):
+                continue
+            if ch.get("text"):
+                return "token"
+            delta = ch.get("delta")
+            if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")
+                                            or delta.get("tool_calls")):
+                return "token"
+            if ch.get("finish_reason"):
+                return "token"  # a finished choice: nothing more to wait for
+    return ""

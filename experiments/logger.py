@@ -1,0 +1,190 @@
+"""Run loggers (``logger=none`` | ``logger=wandb``) and the progress bar of a whole sweep.
+
+* ``check(cfg)`` runs before a run starts (a missing ``wandb`` fails at once, not after the run), ``log_run(cfg,
+  run_dir, summary)`` after it: with ``logger=wandb`` it logs the resolved config and the summary to one W&B run,
+  offline unless ``logger.mode`` (default ``${oc.env:WANDB_MODE,offline}``) says otherwise; ``wandb sync
+  <run_dir>/wandb/offline-run-*`` uploads it later.
+* ``SweepProgress`` is a Hydra callback (presets register it under ``hydra.callbacks``): on ``-m`` it works out the
+  sweep's run directories from the sweeper's parameters and the command line, and a background thread counts those
+  that hold a ``summary.json``. Counting files rather than job-end events makes it work with every launcher that
+  shares the file system (basic, joblib, submitit); runs already complete (resumed sweeps) count from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("experiments.logger")
+
+LOGGERS = ("none", "wandb")
+
+
+class LoggerError(RuntimeError):
+    """The chosen logger cannot run (e.g. ``wandb`` is not installed)."""
+
+
+def _name(cfg: DictConfig) -> str:
+    name = OmegaConf.select(cfg, "logger.name", default="none")
+    return "none" if name in (None, "", "none") else str(name)
+
+
+def _import_wandb():
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise LoggerError("logger=wandb needs the wandb package: pip install wandb "
+                          "(or run with logger=none)") from err
+    return wandb
+
+
+def check(cfg: DictConfig) -> None:
+    """Fail before the run if the logger cannot work."""
+    name = _name(cfg)
+    if name not in LOGGERS:
+        raise LoggerError(f"logger.name={name!r}: choose one of {list(LOGGERS)}")
+    if name == "wandb":
+        _import_wandb()
+
+
+def _scalars(summary: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+
+
+def log_run(cfg: DictConfig, run_dir: Path | str, summary: Optional[Mapping[str, Any]]) -> None:
+    """Log one finished run (its resolved config and summary) to the configured logger; no-op for ``none``."""
+    name = _name(cfg)
+    if name == "none" or not summary:
+        return
+    if name != "wandb":
+        raise LoggerError(f"logger.name={name!r}: choose one of {list(LOGGERS)}")
+    wandb = _import_wandb()
+    lg = cfg.logger
+    mode = str(lg.get("mode") or "offline")
+    os.environ["WANDB_MODE"] = mode  # the environment wins over wandb's own settings files
+    run_dir = Path(run_dir)
+    wb_dir = Path(lg.get("dir") or run_dir)
+    wb_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run = wandb.init(
+        project=str(lg.get("project") or "block-repro"), entity=lg.get("entity"),
+        group=str(lg.get("group") or cfg.get("experiment_name", "default")),
+        name=run_dir.name, dir=str(wb_dir), config=config, mode=mode,
+        tags=[str(t) for t in (lg.get("tags") or [])], job_type=str(OmegaConf.select(cfg, "mode.name", default="sim")),
+    )
+    try:
+        run.summary.update(_scalars(summary))
+    finally:
+        run.finish()
+    log.info("logged %s to wandb (mode=%s, dir=%s)", run_dir, mode, wb_dir)
+
+
+# ---------------------------------------------------------------------- progress of a whole sweep
+def sweep_run_dirs(config: DictConfig) -> list[Path]:
+    """The run directories a basic-sweeper multirun of ``config`` will use, in launch order.
+
+    Mirrors ``BasicSweeper`` (``hydra.sweeper.params`` then the command line, later keys win) and Hydra's
+    ``override_dirname`` (sorted ``key=value`` items without ``exclude_keys``).
+    """
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = config.hydra
+    node = hc.sweeper.get("params")
+    params = {} if node is None else (OmegaConf.to_container(node, resolve=False) or {})
+    lines = [f"{k}={v}" for k, v in params.items()]
+    lines += list(OmegaConf.to_container(hc.overrides.task, resolve=False))
+    parser = OverridesParser.create()
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
+    od = hc.job.config.override_dirname
+    exclude = list(od.exclude_keys)
+    sweep_dir = Path(str(hc.sweep.dir))
+    dirs = []
+    for batch in batches:
+        for job in batch:
+            name = get_overrides_dirname(parser.parse_overrides(job), exclude_keys=exclude,
+                                         item_sep=str(od.item_sep), kv_sep=str(od.kv_sep))
+            dirs.append(sweep_dir / name)
+    return dirs
+
+
+class SweepProgress(Callback):
+    """Hydra callback: one tqdm bar over the runs of a ``-m`` sweep, counting run directories with a summary.json.
+
+    Register it in a preset (all presets do)::
+
+        hydra:
+          callbacks:
+            sweep_progress:
+              _target_: experiments.logger.SweepProgress
+              interval_s: 1.0
+    """
+
+    def __init__(self, interval_s: float = 1.0, enabled: bool = True) -> None:
+        self.interval_s = float(interval_s)
+        self.enabled = bool(enabled)
+        self._dirs: list[Path] = []
+        self._bar = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks with each job: a copy
+    # carries only the settings and stays inert there (the bar lives in the sweep's own process).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"interval_s": self.interval_s, "enabled": self.enabled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._dirs = sweep_run_dirs(config)
+        except Exception as err:  # a sweep must never fail because of its progress bar
+            log.warning("sweep progress bar disabled: %s", err)
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=len(self._dirs), desc=f"sweep {config.get('experiment_name', '')}", unit="run",
+                         position=0, dynamic_ncols=True, leave=True)
+        self._refresh()
+        self._thread = threading.Thread(target=self._poll, name="sweep-progress", daemon=True)
+        self._thread.start()
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._refresh()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._bar is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._bar.n = self.completed()
+        self._bar.close()
+        self._bar = None
+
+    def completed(self) -> int:
+        return sum((d / "summary.json").is_file() for d in self._dirs)
+
+    def _refresh(self) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        done = self.completed()
+        if done != bar.n:
+            bar.n = done
+            bar.refresh()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._refresh()

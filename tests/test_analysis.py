@@ -1,0 +1,244 @@
+"""The figure modules (analysis.fig5, fig6, fig8, table2) on small real run records.
+
+The records come from the simulator through its command line (``python -m experiments.run``), once per session:
+a policy sweep (2 policies x 2 QPS), an accuracy run (2 QPS, 20 % of requests duplicated to every instance), and a
+reactive auto-provisioning run beside a static one. Each module's ``main`` then runs on them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import fig5, fig6, fig8, table2
+from analysis.common import gaussian_smooth, label_policy, pick_qps, policy_labels
+from analysis.records import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 150
+
+
+def _sim(*overrides: str, multirun: bool = False) -> list[str]:
+    return [sys.executable, "-m", "experiments.run", *(["-m"] if multirun else []), "progress=false",
+            "cluster=local4", f"workload.num_requests={N}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def records(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("analysis_runs")
+    jobs = [
+        _sim(f"output_root={out}", "experiment_name=sweep", "policy=block_oracle,round_robin", "workload.qps=4,10",
+             multirun=True),
+        _sim(f"output_root={out}", "experiment_name=acc", "policy=random", "accuracy.sampling_rate=0.2",
+             "workload.qps=4,8", multirun=True),
+        _sim(f"output_root={out}", "experiment_name=prov", "cluster.num_instances=6", "policy=block_oracle",
+             "provisioning=reactive", "provisioning.initial_instances=3", "provisioning.slo_s=5", "workload.qps=6"),
+        _sim(f"output_root={out}", "experiment_name=prov", "cluster.num_instances=6", "policy=block_oracle",
+             "workload.qps=6"),
+    ]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in jobs]
+    for cmd, p in zip(jobs, procs):
+        log, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-3000:]}"
+    assert len(list(out.rglob("summary.json"))) == 8
+    return out
+
+
+def _summaries(d: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(d.rglob("summary.json")) if "figures" not in p.parts]
+
+
+def _check_png(p: Path) -> None:
+    import matplotlib.image as mpimg
+
+    assert p.is_file() and p.stat().st_size > 15_000, p
+    img = mpimg.imread(p)
+    assert img.shape[0] > 300 and img.shape[1] > 400, img.shape
+    assert float(np.std(img[..., :3])) > 0.02  # not a blank canvas
+    assert p.with_suffix(".pdf").is_file() and p.with_suffix(".pdf").stat().st_size > 5_000
+
+
+def _interp(qps: list[float], p99: list[float], slo: float) -> tuple[float, str]:
+    """The capacity rule written out for two or more points: last upward crossing, else a bound."""
+    pts = sorted(zip(qps, p99))
+    if all(y <= slo for _, y in pts):
+        return pts[-1][0], "lower"
+    cap = None
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if y0 <= slo < y1 or y1 <= slo < y0:
+            cap = x0 + (slo - y0) * (x1 - x0) / (y1 - y0)
+    if cap is None:
+        return pts[0][0], "upper"
+    return cap, "exact"
+
+
+# ------------------------------------------------------------------------------------------------ fig6
+def test_fig6_outputs_and_tables(records, capsys):
+    d = records / "sweep"
+    assert fig6.main([str(d)]) == 0
+    printed = capsys.readouterr().out.split()
+    figs = d / "figures"
+    for stem in ("fig6_qps", "fig6_cdf", "fig6_load", "fig6_overhead"):
+        _check_png(figs / f"{stem}.png")
+        assert str(figs / f"{stem}.png") in printed
+    summ = pd.read_csv(figs / "fig6_summary.csv")
+    assert len(summ) == 4 and set(summ["label"]) == {"Block", "Round Robin"}
+    by = {(s["policy"], float(s["qps"])): s for s in _summaries(d)}
+    for _, row in summ.iterrows():
+        s = by[(row["policy"], row["qps"])]
+        assert row["p99_ttft_s"] == pytest.approx(s["p99_ttft_ms"] / 1e3)
+        assert row["mean_e2e_s"] == pytest.approx(s["mean_e2el_ms"] / 1e3)
+        assert row["request_throughput"] == pytest.approx(s["request_throughput"])
+        assert row["overhead_pct_e2e"] >= 0
+    cap = pd.read_csv(figs / "fig6_capacity.csv")
+    assert len(cap) == 2 and set(cap["label"]) == {"Block", "Round Robin"}  # one row per policy
+    assert (cap["slo_s"] == 3.0).all()  # the runs' slo.ttft_s
+    load = pd.read_csv(figs / "fig6_load.csv")
+    assert set(load["qps"]) == {10.0} and set(load["label"]) == {"Block", "Round Robin"}
+
+
+def test_fig6_capacity_matches_interpolation(records, tmp_path):
+    d = records / "sweep"
+    runs = _summaries(d)
+    slo = float(np.median([s["p99_ttft_ms"] / 1e3 for s in runs]))  # inside the measured range: some crossings
+    assert fig6.main([str(d), "--slo", str(slo), "--out", str(tmp_path), "--qps-list", "4"]) == 0
+    cap = pd.read_csv(tmp_path / "fig6_capacity.csv").set_index("policy")
+    for pol in ("block_oracle", "round_robin"):
+        pts = [s for s in runs if s["policy"] == pol]
+        want, bound = _interp([s["qps"] for s in pts], [s["p99_ttft_ms"] / 1e3 for s in pts], slo)
+        assert cap.loc[pol, "capacity_qps"] == pytest.approx(want)
+        assert cap.loc[pol, "bound"] == bound
+        assert cap.loc[pol, "slo_s"] == pytest.approx(slo)
+
+
+# ------------------------------------------------------------------------------------------------ fig5
+def test_fig5_outputs_and_ranks(records):
+    d = records / "acc"
+    assert fig5.main([str(d)]) == 0
+    figs = d / "figures"
+    _check_png(figs / "fig5.png")
+    tab = pd.read_csv(figs / "fig5.csv")
+    ranks = pd.read_csv(figs / "fig5_ranks.csv")
+    assert sorted(tab["qps"]) == [4.0, 8.0]
+    assert set(tab["config"]) == {"Chunked prefill"}
+    summaries = {float(s["qps"]): s for s in _summaries(d)}
+    for _, row in tab.iterrows():
+        acc = pd.read_parquet(next(p for p in d.rglob("accuracy.parquet")
+                                   if f"workload.qps={row['qps']:g}" in str(p)))
+        assert row["samples"] == acc["sample"].nunique() > 0
+        assert row["copies_per_sample"] == 4  # cluster=local4: every instance gets a copy
+        hist = ranks[ranks["qps"] == row["qps"]]
+        assert hist["count"].sum() == row["samples_with_pick"] == row["samples"]
+        assert hist["percent"].sum() == pytest.approx(100.0)
+        assert hist["rank"].tolist() == [1, 2, 3, 4]
+        s = summaries[row["qps"]]
+        assert row["mean_error_ratio"] == pytest.approx(s["mean_error_ratio"])
+        assert row["fraction_rank1"] == pytest.approx(s["pick_fastest_fraction"])
+        assert row["mean_rank"] == pytest.approx(s["mean_pick_rank"])
+
+
+# ------------------------------------------------------------------------------------------------ fig8
+def test_fig8_outputs_and_instances(records):
+    d = records / "prov"
+    assert fig8.main([str(d)]) == 0
+    figs = d / "figures"
+    _check_png(figs / "fig8.png")
+    tab = pd.read_csv(figs / "fig8.csv").set_index("variant")
+    assert set(tab.index) == {"static", "reactive"}
+    assert tab.loc["static", "label"] == "Full provisioned" and tab.loc["reactive", "label"] == "Relief (reactive)"
+    st, re_ = tab.loc["static"], tab.loc["reactive"]
+    assert st["max_instances"] == 6 and st["initial_instances"] == 6
+    assert st["instance_seconds"] == pytest.approx(6 * st["span_s"], rel=1e-6)
+    assert re_["initial_instances"] == 3 and 3 <= re_["max_instances"] <= 6
+    assert 3 * re_["span_s"] - 1e-6 <= re_["instance_seconds"] <= 6 * re_["span_s"] + 1e-6
+    assert (tab["slo_s"] == 5.0).all()
+    req = pd.read_parquet(next(p for p in d.rglob("requests.parquet") if "provisioning=reactive" in str(p)))
+    assert re_["p99_e2e_s"] == pytest.approx(np.percentile(req["e2e_s"], 99))
+    assert re_["frac_over_slo"] == pytest.approx((req["e2e_s"] > 5.0).mean())
+
+
+# ------------------------------------------------------------------------------------------------ table2
+def test_table2_outputs(records):
+    d = records / "sweep"
+    assert table2.main([str(d)]) == 0
+    figs = d / "figures"
+    _check_png(figs / "table2.png")
+    tab = pd.read_csv(figs / "table2.csv")
+    assert len(tab) == 2 and set(tab["label"]) == {"Block", "Round Robin"}
+    assert tab["setting"].nunique() == 1 and (tab["batch_size"] == 48).all() and (tab["chunk_size"] == 512).all()
+    assert (tab["slo_s"] == 3.0).all()
+    assert set(tab["bound"]) <= {"exact", "lower", "upper"}
+    assert (tab["lower_bound"] == (tab["bound"] == "lower")).all()
+    md = (figs / "table2.md").read_text()
+    assert "| Setting | Block | Round Robin |" in md and "3 s" in md
+    assert md.count("\n| Llama-2-7b") == 1
+
+
+def test_table2_whole_tree_separates_settings(records, tmp_path):
+    # the root holds the sweep (4 instances) and the static provisioning-comparison run (6 instances); the
+    # auto-provisioning and accuracy runs are left out of a policy comparison
+    assert table2.main([str(records), "--out", str(tmp_path)]) == 0
+    tab = pd.read_csv(tmp_path / "table2.csv")
+    assert set(tab["setting"].str.extract(r"(\d+) instances")[0].astype(int)) == {4, 6}
+    assert "Random" not in set(tab["label"])
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("module", [fig5, fig6, fig8, table2])
+def test_no_runs_exits_2(module, tmp_path, capsys):
+    assert module.main([str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()
+    assert module.main([str(tmp_path / "missing")]) == 2
+
+
+def test_runs_lacking_data_exit_2(records, capsys):
+    assert fig5.main([str(records / "sweep")]) == 2  # no accuracy samples
+    assert "accuracy" in capsys.readouterr().err
+    assert fig8.main([str(records / "sweep")]) == 2  # no provisioning run
+    assert "provisioning" in capsys.readouterr().err
+    assert fig6.main([str(records / "acc")]) == 2  # only accuracy-sampling runs
+
+
+def test_help(capsys):
+    for module in (fig5, fig6, fig8, table2):
+        with pytest.raises(SystemExit) as e:
+            module.main(["--help"])
+        assert e.value.code == 0
+    assert "--slo" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _run(policy: str, k=None, qps=10.0) -> Run:
+    cfg = {"policy": {"name": policy, **({"k": k} if k is not None else {})}, "workload": {"qps": qps}}
+    return Run(Path(f"/x/{policy}-{k}-{qps}"), {"policy": policy, "qps": qps}, cfg)
+
+
+def test_policy_labels_add_k_only_when_it_varies():
+    runs = [_run("block_oracle", 2), _run("block_oracle", 12), _run("block_star", 2), _run("llumnix"),
+            _run("least_requests"), _run("llmd"), _run("block_nosim")]
+    labels = sorted(set(policy_labels(runs).values()))
+    assert labels == sorted(["Block (k=2)", "Block (k=12)", "Block*", "Llumnix-", "Least requests", "llm-d",
+                             "Block-NoSim"])
+    assert label_policy("Block (k=12)") == "block_oracle" and label_policy("Block (hint)") == "block"
+    assert label_policy("Block (hint) (k=2)") == "block" and label_policy("Block* (k=2)") == "block_star"
+
+
+def test_pick_qps_and_smoothing():
+    assert pick_qps(range(20, 37)) == [20, 24, 28, 32, 36]
+    assert pick_qps([4, 10]) == [4, 10]
+    assert pick_qps(range(20, 37), [21.4, 21.6]) == [21, 22]
+    y = gaussian_smooth(np.full(50, 3.0), 5)
+    assert np.allclose(y, 3.0)
+    z = gaussian_smooth(np.r_[np.zeros(20), np.ones(20)], 2)
+    assert z[0] == pytest.approx(0) and z[-1] == pytest.approx(1) and 0 < z[20] < 1
+    assert math.isclose(float(gaussian_smooth([1.0, np.nan, 3.0], 1)[1]), 2.0)

@@ -1,0 +1,232 @@
+"""The benchmark client against a real emulated engine on loopback: vLLM's summary keys, run records that the
+analysis reads, time scaling, failures recorded, and agreement of the measured latencies with the engine's model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from block.benchmark.client import (
+    BenchmarkConfig,
+    benchmark,
+    build_requests,
+    chat_text,
+    parse_goodput,
+    request_body,
+    run_benchmark,
+)
+from vidur.types import REQUEST_RECORD_COLUMNS, Request
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALE = 5.0  # slow enough that the HTTP path (~1-2 ms real) stays small next to the modelled times
+VLLM_KEYS = ["completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+             "request_goodput", "output_throughput", "total_token_throughput", "max_output_tokens_per_s",
+             "max_concurrent_requests"] + [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
+                                           for s in ("mean", "median", "std", "p90", "p99")]
+
+
+class Engine:
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("BLOCK_API_TOKEN", None)
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "block.engine", "--port", "0", *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=self.err, env=env)
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        self.url = None
+        deadline = time.monotonic() + 90
+        while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
+            if select.select([fd], [], [], 0.2)[0]:
+                buf += os.read(fd, 4096)
+                for line in buf.decode(errors="replace").splitlines():
+                    if "listening on" in line:
+                        self.url = line.split("listening on", 1)[1].strip()
+        if self.url is None:
+            self.stop()
+            self.err.seek(0)
+            raise RuntimeError("engine did not start: " + self.err.read().decode()[-3000:])
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine("--time-scale", str(SCALE), "--tokenizer", "none", "--num-blocks", "200", "--max-model-len", "3200")
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Long prompts, short answers (light load: the TTFT is the prefill), one request the engine must refuse
+    (a 3500-token prompt; the engine's max_model_len is 3200)."""
+    rng = np.random.default_rng(3)
+    n = 16
+    df = pd.DataFrame({"prompt_tokens": rng.integers(1200, 2000, n), "output_tokens": rng.integers(20, 40, n)})
+    df.loc[len(df)] = (3500, 100)
+    df["predicted_output_tokens"] = df["output_tokens"] + 3
+    path = tmp_path_factory.mktemp("data") / "lengths.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def _cfg(engine, dataset, **kw) -> BenchmarkConfig:
+    base = dict(base_url=engine.url, dataset_path=str(dataset), num_requests=16, request_rate=1.0, seed=1,
+                time_scale=SCALE, disable_tqdm=True)
+    base.update(kw)
+    return BenchmarkConfig(**base)
+
+
+def test_requests_are_shaped_as_vllm_bench_serve_sends_them():
+    req = Request(3, 0.0, prompt_tokens=12, output_tokens=9)
+    b = request_body(req, BenchmarkConfig(), "m")
+    assert b["prompt"] == [(3 * 7 + j) % 30000 + 100 for j in range(12)]
+    assert (b["max_tokens"], b["min_tokens"], b["ignore_eos"], b["stream"]) == (9, 9, True, True)
+    assert b["stream_options"] == {"include_usage": True} and b["model"] == "m"
+    b = request_body(Request(0, 0.0, 5, 2, prompt="hello"), BenchmarkConfig(), None)
+    assert b["prompt"] == "hello" and "model" not in b
+    b = request_body(req, BenchmarkConfig(endpoint="/v1/chat/completions"), None)
+    assert b["messages"][0]["content"] == chat_text(12 - 7)
+    assert parse_goodput(["ttft:500", "tpot:50", "e2el:2000"]) == {"ttft": 500.0, "tpot": 50.0, "e2el": 2000.0}
+    for bad in (["ttft"], ["foo:1"], ["ttft:-1"], ["tpot:x"]):
+        with pytest.raises(ValueError):
+            parse_goodput(bad)
+    for bad in (dict(endpoint="/v1/x"), dict(hint="maybe"), dict(request_rate=0), dict(time_scale=0),
+                dict(max_concurrency=0), dict(goodput={"ttft": -1})):
+        with pytest.raises(ValueError):
+            BenchmarkConfig(**bad).validate()
+
+
+def test_summary_and_records_against_an_engine(engine, dataset, tmp_path):
+    from analysis.records import load_run
+    from vidur.records import requests_frame
+
+    out = tmp_path / "run"
+    cfg = _cfg(engine, dataset, num_requests=17, request_rate=4.0, hint="oracle", output_dir=str(out),
+               goodput={"ttft": 5000, "e2el": 60000}, metadata={"policy.name": "direct", "k": 1})
+    summary = asyncio.run(run_benchmark(cfg))
+    for k in VLLM_KEYS:
+        assert k in summary, k
+    assert summary["completed"] == 16 and summary["failed"] == 1
+    assert summary["errors"] == {"http_400": 1}
+    assert summary["request_goodput"] is not None and summary["request_goodput"] > 0
+    assert summary["policy.name"] == "direct" and summary["qps"] == 4.0 and summary["time_scale"] == SCALE
+
+    run = load_run(out)
+    assert run.get("policy.name") == "direct" and run.get("workload.qps") == 4.0
+    assert run.summary["completed"] == 16
+    df = run.requests()
+    requests_frame(df)  # the DESIGN columns are all there
+    assert list(df.columns[:len(REQUEST_RECORD_COLUMNS)]) == REQUEST_RECORD_COLUMNS
+    for col in ("itl_s", "decision_ms", "http_status", "error"):
+        assert col in df.columns
+    assert run.instances().empty
+    ok = df[df["status"] == "ok"]
+    bad = df[df["status"] != "ok"].iloc[0]
+    assert bad["status"] == "http_400" and "maximum context length" in bad["error"] and bad["prompt_tokens"] == 3500
+    assert (ok["instance"] == -1).all() and (ok["num_preemptions"] == -1).all()
+    assert (ok["output_tokens"] == ok["expected_output_tokens"]).all()  # ignore_eos + max_tokens: exact lengths
+    assert (ok["predicted_tokens"] == ok["output_tokens"]).all()  # the oracle hint that was sent
+    assert (ok["ttft_s"] > 0).all() and (ok["e2e_s"] > ok["ttft_s"]).all()
+    assert np.allclose(ok["tpot_s"], (ok["e2e_s"] - ok["ttft_s"]) / (ok["output_tokens"] - 1))
+    assert np.allclose(ok["first_token_s"] - ok["dispatch_s"], ok["ttft_s"])
+    assert (ok["dispatch_s"] >= ok["arrival_s"] - 1e-3).all()
+    # the engine saw the hint: its /state expected lengths come from x-expected-output-tokens (nothing in flight now)
+    assert summary["total_output_tokens"] == int(ok["output_tokens"].sum())
+    assert summary["max_concurrent_requests"] >= 1
+
+
+def test_time_scale_rescales_every_time(engine, dataset):
+    """The same real schedule run as (rate r, scale S) and (rate r*S, scale 1): records differ by the factor S."""
+    base = dict(num_requests=8, seed=4)
+    a = asyncio.run(benchmark(_cfg(engine, dataset, request_rate=2.0, time_scale=SCALE, **base)))
+    b = asyncio.run(benchmark(_cfg(engine, dataset, request_rate=2.0 * SCALE, time_scale=1.0, **base)))
+    ra, rb = a.requests.set_index("id"), b.requests.set_index("id")
+    assert np.allclose(ra["arrival_s"], SCALE * rb["arrival_s"])
+    ok = (ra["status"] == "ok") & (rb["status"] == "ok")
+    assert ok.sum() >= 7
+    ratio = (ra.loc[ok, "e2e_s"] / rb.loc[ok, "e2e_s"]).median()
+    assert abs(ratio / SCALE - 1) < 0.15, ratio
+    assert abs(a.summary["duration"] / b.summary["duration"] / SCALE - 1) < 0.15
+
+
+def test_light_load_latencies_agree_with_the_engine_model(engine, dataset):
+    from block.engine.config import build_setup
+    from vidur.cluster import Cluster, RoutingPolicy
+    from vidur.engine import Engine as SimEngine
+    from vidur.types import EngineConfig
+
+    cfg = _cfg(engine, dataset, request_rate=1.0, seed=2)
+    reqs = [r for r in build_requests(cfg) if r.prompt_tokens < 3500]
+    res = asyncio.run(benchmark(cfg, requests=reqs))
+    got = res.requests[res.requests["status"] == "ok"]
+    assert len(got) == len(reqs)
+
+    ecfg = EngineConfig.from_dict(httpx.get(engine.url + "/state").json()["config"])
+    em = build_setup().execution_model()
+    sim = Cluster([SimEngine(ecfg, em, instance_id=0)],
+                  RoutingPolicy("one", lambda r, c, ctx: 0), sample_interval_s=0).run(reqs).requests
+    for col in ("ttft_s", "e2e_s"):
+        want = float(np.median(sim[col]))
+        have = float(np.median(got[col]))
+        print(f"p50 {col}: measured {have * 1e3:.1f} ms, model {want * 1e3:.1f} ms (model time, scale {SCALE})")
+        assert abs(have - want) <= 0.15 * want, (col, have, want)
+
+
+def test_cli_writes_the_run_and_prints_the_vllm_summary(engine, dataset, tmp_path):
+    out = tmp_path / "cli"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "block.benchmark", "--base-url", engine.url, "--dataset-path",
+                        str(dataset), "--num-requests", "4", "--request-rate", "inf", "--max-concurrency", "2",
+                        "--time-scale", str(SCALE), "--hint", "predicted", "--endpoint", "/v1/chat/completions",
+                        "--output-dir", str(out), "--disable-tqdm", "--goodput", "ttft:10000", "--seed", "5",
+                        "--token", "secret-xyz"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Serving Benchmark Result" in r.stdout and "Median TTFT (ms):" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["completed"] + s["failed"] == 4 and s["max_concurrent_requests"] <= 2
+    assert s["request_rate"] == "inf" and s["endpoint"] == "/v1/chat/completions"
+    df = pd.read_parquet(out / "requests.parquet")
+    ok = df[df["status"] == "ok"]
+    assert (ok["predicted_tokens"] == ok["expected_output_tokens"] + 3).all()  # the dataset's prediction column
+    assert (df["arrival_s"] == 0).all()  # inf: everything at once
+    assert "secret-xyz" not in (out / "config.yaml").read_text()  # the engine ignores it; the records never keep it
+    r = subprocess.run([sys.executable, "-m", "block.benchmark", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0 and "--time-scale" in r.stdout and "--goodput" in r.stdout
+
+
+def test_unreachable_server_requests_fail_clearly(dataset):
+    cfg = BenchmarkConfig(base_url="http://127.0.0.1:1", dataset_path=str(dataset), num_requests=3, model="m",
+                          request_rate=math.inf, disable_tqdm=True)
+    res = asyncio.run(benchmark(cfg))
+    assert res.summary["completed"] == 0 and res.summary["failed"] == 3
+    assert (res.requests["status"] == "transport_error").all()
+    assert res.requests["error"].str.contains("connect").all()

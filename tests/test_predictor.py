@@ -1,0 +1,567 @@
+"""The predictor side-car: tracking rules in-process, then real engines and predictors as servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from block.engine.tokens import TokenCounter
+from block.predictor.app import parse_predict
+from block.predictor.tracker import Reassembler, SSEScanner, Tracker, chunk_progress, parse_payload
+from block.prom import VllmLoad, get_histogram, get_value, parse_prometheus
+from block.service import ServiceError
+from vidur.engine import Engine
+from vidur.types import EngineConfig, InstanceState, Prediction, Request, SeqState
+from vidur.whatif import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALE = "20"
+SEQS = "2"  # small batch cap: a handful of requests gives both running and waiting ones
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-process: tracking rules, SSE, reassembly, /predict parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tracker(cfg: EngineConfig) -> tuple[Tracker, list]:
+    tr = Tracker(cfg.max_model_len, clock=lambda: 100.0)
+    counter = TokenCounter("none")
+    ts = []
+    for i, (prompt, mt, hint) in enumerate([(100, 50, None), (40, 20, 30), (33, 10, 5), (200, None, None)]):
+        body = {"prompt": list(range(prompt)), "max_tokens": mt, "stream": True}
+        headers = {}
+        if hint is not None and i % 2:
+            body["expected_output_tokens"] = hint
+        elif hint is not None:
+            headers["x-expected-output-tokens"] = str(hint)
+        ts.append(tr.add(body, headers, False, counter))
+    return tr, ts
+
+
+def test_tracker_state_rules():
+    cfg = EngineConfig(max_num_seqs=8, chunk_size=512, max_num_batched_tokens=512, num_blocks=100, block_size=16,
+                       max_model_len=1024)
+    tr, ts = _tracker(cfg)
+    assert [t.expected for t in ts] == [50, 20, 5, cfg.max_model_len - 200]  # hint capped at max_tokens
+    tr.progress(ts[0], 1)
+    tr.progress(ts[0], 1)
+    tr.progress(ts[2], 1, prompt_tokens=35)  # usage corrects the prompt count
+    st = tr.build_state(cfg, 100)
+    assert [s.id for s in st.running] == [0, 2] and [s.id for s in st.waiting] == [1, 3]
+    r0, r2 = st.running
+    assert (r0.prompt_tokens, r0.decoded_tokens, r0.computed_tokens) == (100, 2, 101)
+    assert (r2.prompt_tokens, r2.computed_tokens) == (35, 35)
+    assert st.free_blocks == 100 - 7 - 3 and st.busy_for_s == 0.0
+    assert all(s.computed_tokens == 0 and s.decoded_tokens == 0 for s in st.waiting)
+    # /metrics says 3 running: the oldest no-token request is a running prefill holding its prompt's blocks
+    st = tr.build_state(cfg, 100, VllmLoad(num_running=3, num_waiting=1))
+    assert [s.id for s in st.running] == [0, 1, 2] and [s.id for s in st.waiting] == [3]
+    assert st.free_blocks == 100 - 7 - 3 - 3
+    # /metrics says 1 running and 3 waiting: the newest decode was preempted (recompute, front of the queue)
+    st = tr.build_state(cfg, 100, VllmLoad(num_running=1, num_waiting=3))
+    assert [s.id for s in st.running] == [0] and [s.id for s in st.waiting] == [2, 1, 3]
+    assert st.waiting[0].decoded_tokens == 1 and st.waiting[0].computed_tokens == 0
+    # completion_tokens from usage is authoritative (several tokens in one chunk)
+    tr.progress(ts[0], 1, completion_tokens=9)
+    assert ts[0].decoded == 9
+    tr.remove(ts[0])
+    assert [s.id for s in tr.build_state(cfg, 100).running] == [2]
+    Engine.from_state(st, _toy())  # the states are valid what-if inputs
+
+
+def _toy():
+    from tests.conftest import ToyModel
+
+    return ToyModel()
+
+
+def test_sse_scanner_and_reassembler():
+    events = [
+        {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": " a"}, "finish_reason": None}],
+         "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}},
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": " b"}, "finish_reason": "length"}]},
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}},
+    ]
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    for cut in (1, 7, 50, len(raw)):  # any chunking gives the same payloads
+        sc = SSEScanner()
+        got = []
+        for i in range(0, len(raw), cut):
+            got.extend(sc.feed(raw[i:i + cut]))
+        assert len(got) == 5 and got[-1] == b"[DONE]"
+    ra = Reassembler(chat=True)
+    for p in got:
+        ra.add(parse_payload(p))
+    out = ra.response()
+    assert out["choices"][0]["message"]["content"] == " a b" and out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 2 and out["object"] == "chat.completion" and ra.done
+    assert chunk_progress(events[0])[0] == 0 and chunk_progress(events[1])[:3] == (1, 7, 1)
+    assert chunk_progress({"error": {"message": "x"}})[4] == {"message": "x"}
+    assert SSEScanner().feed(b"data: x\r\n\r\n") == [b"x"]
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"{", b"[]", b'"x"', b"null", b"{}", b'{"prompt_tokens": 10}', b'{"prompt_tokens": 0, "expected_output_tokens": 5}',
+    b'{"prompt_tokens": -3, "expected_output_tokens": 5}', b'{"prompt_tokens": "10", "expected_output_tokens": 5}',
+    b'{"prompt_tokens": true, "expected_output_tokens": 5}', b'{"prompt_tokens": 1.5, "expected_output_tokens": 5}',
+    b'{"prompt_tokens": [1], "expected_output_tokens": 5}', b'\xff\xfe',
+])
+def test_parse_predict_rejects(body):
+    with pytest.raises(ServiceError) as e:
+        parse_predict(body)
+    assert e.value.status == 400
+
+
+def test_parse_predict_accepts_block_names():
+    assert parse_predict(b'{"prompt_tokens": 10, "expected_output_tokens": 5.0}') == (10, 5)
+    assert parse_predict(b'{"id": 3, "arrival_time": 1.0, "num_context_tokens": 12, "num_decode_tokens": 4}') == (12, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real servers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Proc:
+    """``python -m <module> --port 0 ...`` as a subprocess; the URL comes from its "listening on" line."""
+
+    def __init__(self, module: str, *args: str, port: int = 0) -> None:
+        self.err = tempfile.TemporaryFile()
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("BLOCK_API_TOKEN", None)
+        self.module = module
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
+        self.url = ""
+
+    def wait_ready(self, timeout: float = 60.0) -> "Proc":
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if r:
+                line = self.proc.stdout.readline()
+                if "listening on" in line or not line:
+                    break
+            if self.proc.poll() is not None:
+                break
+        if "listening on" not in line:
+            self.stop()
+            self.err.seek(0)
+            raise RuntimeError(f"{self.module} did not start: {line!r}\n{self.err.read().decode()[-3000:]}")
+        self.url = line.split("listening on", 1)[1].strip()
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+
+ENGINE_ARGS = ("--time-scale", SCALE, "--max-num-seqs", SEQS, "--tokenizer", "none", "--seed", "3")
+PRED_ARGS = ("--max-num-seqs", SEQS, "--tokenizer", "none")
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """Engines and predictors, started together: e1 (+ p1 proxy mode, pe engine mode), e2/p2 with bearer tokens
+    and state injection, e3/p3 for the failure tests."""
+    from block.service import free_port
+
+    ports = [free_port() for _ in range(3)]  # engines on known ports: everything starts at once
+    url = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = []
+    try:
+        procs.append(e1 := Proc("block.engine", *ENGINE_ARGS, port=ports[0]))
+        procs.append(e2 := Proc("block.engine", *ENGINE_ARGS, "--token", "engsecret", port=ports[1]))
+        procs.append(e3 := Proc("block.engine", *ENGINE_ARGS, port=ports[2]))
+        procs.append(p1 := Proc("block.predictor", "--engine-url", url[0], "--metrics-interval-s", "0.1", *PRED_ARGS))
+        procs.append(pe := Proc("block.predictor", "--engine-url", url[0], "--state-source", "engine",
+                                "--state-interval-s", "0.3", *PRED_ARGS))
+        procs.append(p2 := Proc("block.predictor", "--engine-url", url[1], "--token", "predsecret", "--engine-token",
+                                "engsecret", "--debug-allow-state-injection", *PRED_ARGS))
+        procs.append(p3 := Proc("block.predictor", "--engine-url", url[2], "--metrics-interval-s", "0.1",
+                                "--read-timeout-s", "5", *PRED_ARGS))
+        for p in procs:
+            p.wait_ready()
+        yield {"e1": e1, "e2": e2, "e3": e3, "p1": p1, "pe": pe, "p2": p2, "p3": p3}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+@pytest.fixture(scope="session")
+def exec_model():
+    from block.engine.config import build_setup
+
+    return build_setup(max_num_seqs=int(SEQS)).execution_model()
+
+
+def sse_payloads(raw: bytes) -> list:
+    out = []
+    for ev in raw.split(b"\n\n"):
+        if ev.strip():
+            assert ev.startswith(b"data: "), ev
+            p = ev[6:]
+            out.append(p.decode() if p == b"[DONE]" else json.loads(p))
+    return out
+
+
+def norm(raw: bytes) -> bytes:
+    return re.sub(rb'"created":\d+', b'"created":0', raw)
+
+
+def wait_until(fn, timeout=10.0, every=0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(every)
+
+
+def idle(c: httpx.Client) -> bool:
+    st = c.get("/state").json()
+    return not st["running"] and not st["waiting"]
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, "-m", "block.predictor", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "--engine-url" in r.stdout and "--state-source" in r.stdout
+    assert "--debug-allow-state-injection" in r.stdout
+
+
+def test_default_bind_loopback(servers):
+    for p in ("p1", "pe", "p2", "p3"):
+        assert servers[p].url.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "the quick brown fox", "max_tokens": 12}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 9}),
+])
+def test_stream_is_the_engines_byte_stream(servers, path, body):
+    e1, p1 = servers["e1"], servers["p1"]
+    body = dict(body, stream=True, stream_options={"include_usage": True}, seed=11)
+    hdr = {"X-Request-Id": "same", "x-expected-output-tokens": "7"}
+    raws, chunks = [], []
+    for srv in (e1, p1):
+        with srv.client() as c, c.stream("POST", path, json=body, headers=hdr) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            parts = list(r.iter_raw())
+            raws.append(b"".join(parts))
+            chunks.append(parts)
+    assert norm(raws[0]) == norm(raws[1])  # byte for byte, up to the "created" timestamp
+    ev_e, ev_p = sse_payloads(raws[0]), sse_payloads(raws[1])
+    assert len(ev_e) == len(ev_p) and ev_p[-1] == "[DONE]"
+    assert ev_p[-2]["usage"] == ev_e[-2]["usage"] and ev_p[-2]["usage"]["completion_tokens"] == body["max_tokens"]
+    texts = [e for e in ev_p[:-2] if e["choices"]]
+    assert len(texts) >= body["max_tokens"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": list(range(1, 60)), "max_tokens": 10}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 6}),
+])
+def test_non_stream_returns_the_normal_json(servers, path, body):
+    body = dict(body, seed=5)
+    hdr = {"X-Request-Id": "ns"}
+    with servers["e1"].client() as ce, servers["p1"].client() as cp:
+        a = ce.post(path, json=body, headers=hdr)
+        b = cp.post(path, json=body, headers=hdr)
+    assert a.status_code == b.status_code == 200 and b.headers["content-type"].startswith("application/json")
+    ja, jb = a.json(), b.json()
+    ja.pop("created"), jb.pop("created")
+    assert ja == jb
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "max_tokens": 0},
+    {"prompt": "x", "model": "nope"},
+    {"prompt": list(range(5000)), "max_tokens": 5},
+    {"prompt": {"a": 1}},
+    {"prompt": "x", "stream": "yes"},
+    {"max_tokens": 3},
+    {"prompt": "x", "stream_options": {"include_usage": True}},
+])
+def test_engine_errors_pass_through(servers, body):
+    with servers["e1"].client() as ce, servers["p1"].client() as cp:
+        a = ce.post("/v1/completions", json=body)
+        b = cp.post("/v1/completions", json=body)
+        assert 400 <= a.status_code < 500 and a.status_code == b.status_code
+        assert a.json() == b.json() and "message" in b.json()["error"]
+        if "stream" not in body and "stream_options" not in body:  # the same error on the streaming path
+            s = cp.post("/v1/completions", json=dict(body, stream=True))
+            assert s.status_code == a.status_code and s.json() == a.json()
+
+
+def test_models_passthrough(servers):
+    with servers["e1"].client() as ce, servers["p1"].client() as cp:
+        assert cp.get("/v1/models").json() == ce.get("/v1/models").json()
+
+
+def test_hostile_proxy_input(servers):
+    with servers["p1"].client() as c:
+        for raw in (b"", b"{", b"[1, 2]", b"\xff\xfe", b'"str"'):
+            r = c.post("/v1/completions", content=raw)
+            assert r.status_code == 400 and r.json()["error"]["message"], raw
+        r = c.post("/v1/chat/completions", json={"messages": "not a list", "max_tokens": 3})
+        assert r.status_code == 400
+        r = c.post("/v1/completions", content=b"{" + b" " * (5 << 20) + b"}")
+        assert r.status_code == 413
+        assert c.get("/health").status_code == 200
+        assert wait_until(lambda: c.get("/state").json()["request_ids"] == {} and idle(c))
+
+
+def test_hostile_predict_input(servers):
+    with servers["p1"].client() as c:
+        for raw in (b"", b"{", b"[]", b"{}", b'{"prompt_tokens": 0, "expected_output_tokens": 1}',
+                    b'{"prompt_tokens": 5, "expected_output_tokens": "many"}',
+                    b'{"prompt_tokens": 4096, "expected_output_tokens": 1}', b"\x00" * 100,
+                    b'{"prompt_tokens": 99999999999999999999999, "expected_output_tokens": 5}'):
+            r = c.post("/predict", content=raw)
+            assert r.status_code == 400 and r.json()["error"]["message"], raw
+        assert c.post("/predict", content=b"{" + b" " * (5 << 20) + b"}").status_code == 413
+        assert c.get("/predict").status_code == 405
+        r = c.post("/predict", json={"num_context_tokens": 100, "num_decode_tokens": 10 ** 9})  # clamped
+        assert r.status_code == 200 and r.json()["e2e_s"] > 0
+        r = c.post("/predict", json={"prompt_tokens": 100, "expected_output_tokens": 20, "id": "abc"})
+        assert r.status_code == 200 and set(r.json()) == set(Prediction(0, 0, 0, 0, 0, 0).to_dict())
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def _stream_worker(url: str, body: dict, out: list, headers=None) -> None:
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body,
+                                                              headers=headers or {}) as r:
+        out.append(r.status_code)
+        for _ in r.iter_raw():
+            pass
+
+
+def test_proxy_state_tracks_the_engine(servers, exec_model):
+    """5 requests (one non-streaming) through the proxy on a 2-seat engine: the proxy-mode state agrees with the
+    engine's own /state on who runs and who waits, prompts and (roughly) progress; both go idle at the end."""
+    e1, p1 = servers["e1"], servers["p1"]
+    with e1.client() as ce, p1.client() as cp:
+        assert wait_until(lambda: idle(ce) and idle(cp))
+        bodies = [{"prompt": list(range(1, 80 + 10 * i)), "max_tokens": 500, "stream": i != 2} for i in range(5)]
+        done: list = []
+        pool = ThreadPoolExecutor(5)
+        futs = []
+        for i, b in enumerate(bodies):
+            if b["stream"]:
+                futs.append(pool.submit(_stream_worker, p1.url, b, done, {"x-expected-output-tokens": "300"}))
+            else:
+                futs.append(pool.submit(lambda b=b: done.append(httpx.post(p1.url + "/v1/completions", json=b,
+                                                                           timeout=60).status_code)))
+            time.sleep(0.02)  # arrival order = submission order
+        matches = samples = 0
+        while not all(f.done() for f in futs):
+            se = ce.get("/state").json()
+            sp = cp.get("/state").json()
+            if se["running"] or se["waiting"]:
+                samples += 1
+                ne = (len(se["running"]), len(se["waiting"]))
+                npx = (len(sp["running"]), len(sp["waiting"]))
+                if ne == npx:
+                    matches += 1
+                    pe = sorted(s["prompt_tokens"] for s in se["running"] + se["waiting"])
+                    pp = sorted(s["prompt_tokens"] for s in sp["running"] + sp["waiting"])
+                    assert pe == pp
+                    de = sorted(s["decoded_tokens"] for s in se["running"])
+                    dp = sorted(s["decoded_tokens"] for s in sp["running"])
+                    assert all(abs(a - b) <= 40 for a, b in zip(de, dp)), (de, dp)
+                    assert sp["free_blocks"] <= sp["total_blocks"]
+                    assert {s["expected_output_tokens"] for s in sp["running"] + sp["waiting"]} <= {300, 500}
+                st = cp.get("/stats").json()
+                assert st["num_running"] + st["num_waiting"] <= 5
+            time.sleep(0.03)
+        for f in futs:
+            f.result()
+        assert done == [200] * 5
+        assert samples >= 5 and matches >= 0.6 * samples, (matches, samples)
+        assert wait_until(lambda: idle(cp) and idle(ce))
+        # a prediction on the proxy state is the what-if on that state
+        r = cp.post("/predict", json={"prompt_tokens": 300, "expected_output_tokens": 40}).json()
+        want = predict(InstanceState.from_dict(cp.get("/state").json()), Request(0, 0, 300, 40), exec_model)
+        assert r["e2e_s"] == pytest.approx(want.e2e_s, rel=1e-9)
+
+
+def test_predict_equals_whatif_on_engine_state(servers, exec_model):
+    e1, pe = servers["e1"], servers["pe"]
+    with e1.client() as ce, pe.client() as cp:
+        assert wait_until(lambda: idle(ce))
+        time.sleep(0.35)  # one poll: the engine-mode predictor holds the idle engine's state
+        eng = ce.get("/state").json()
+        mine = cp.get("/state").json()
+        assert mine["source"] == "engine" and mine["time_scale"] == float(SCALE)
+        for k in ("running", "waiting", "free_blocks", "total_blocks", "config", "num_preemptions"):
+            assert mine[k] == eng[k], k
+        got = cp.post("/predict", json={"prompt_tokens": 700, "expected_output_tokens": 90}).json()
+        want = predict(InstanceState.from_dict(eng), Request(0, 0, 700, 90), exec_model).to_dict()
+        got.pop("predict_ms"), want.pop("predict_ms")
+        assert got == want
+        # busy engine: the prediction is the what-if on the state the predictor holds (read before and after)
+        out: list = []
+        threads = [threading.Thread(target=_stream_worker, args=(e1.url, {"prompt": list(range(1, 200)),
+                                                                          "max_tokens": 400, "stream": True}, out))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        checked = 0
+        deadline = time.monotonic() + 10
+        while checked < 2 and time.monotonic() < deadline:
+            s1 = cp.get("/state").json()
+            p = cp.post("/predict", json={"prompt_tokens": 300, "expected_output_tokens": 50}).json()
+            s2 = cp.get("/state").json()
+            if s1["version"] == s2["version"] and (s1["running"] or s1["waiting"]):
+                w = predict(InstanceState.from_dict(s1), Request(0, 0, 300, 50), exec_model).to_dict()
+                p.pop("predict_ms"), w.pop("predict_ms")
+                assert p == w
+                assert set(s1["request_ids"]) == {str(s["id"]) for s in s1["running"] + s1["waiting"]}
+                checked += 1
+            time.sleep(0.05)
+        st = cp.get("/stats").json()
+        assert st["num_running"] <= int(SEQS)
+        for t in threads:
+            t.join(30)
+        assert checked == 2 and out == [200] * 4
+
+
+def test_client_disconnect_untracks_and_aborts(servers):
+    e1, p1 = servers["e1"], servers["p1"]
+    with e1.client() as ce, p1.client() as cp:
+        assert wait_until(lambda: idle(ce) and idle(cp))
+        with cp.stream("POST", "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3000, "stream": True}) as r:
+            it = r.iter_raw()  # keep a reference: a collected iterator closes the response
+            next(it)
+            sp = cp.get("/state").json()
+            assert len(sp["running"]) == 1, json.dumps(sp)
+        assert wait_until(lambda: idle(cp) and idle(ce), timeout=5)
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            httpx.post(p1.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3000}, timeout=0.3)
+        assert wait_until(lambda: idle(cp) and idle(ce), timeout=5)
+        m = parse_prometheus(cp.get("/metrics").text)
+        assert get_value(m, "block_predictor_proxied_requests_total", {"outcome": "client_disconnect"}) >= 2
+
+
+def test_metrics_and_stats(servers):
+    with servers["p1"].client() as c:
+        for _ in range(3):
+            assert c.post("/predict", json={"prompt_tokens": 50, "expected_output_tokens": 5}).status_code == 200
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        m = parse_prometheus(r.text)
+        assert get_value(m, "block_predictor_predictions_total") >= 3
+        h = get_histogram(m, "block_predictor_predict_seconds")
+        assert h.count >= 3 and 0 < h.mean < 0.1
+        assert get_value(m, "block_predictor_proxied_requests_total", {"outcome": "ok"}) >= 1
+        assert get_value(m, "block_predictor_proxied_requests_total", {"outcome": "bad_request"}) >= 0
+        for g in ("block_predictor_requests_running", "block_predictor_requests_waiting",
+                  "block_predictor_engine_up", "process_resident_memory_bytes"):
+            assert get_value(m, g) is not None, g
+        assert get_value(m, "process_resident_memory_bytes") < 400e6
+        st = c.get("/stats").json()
+        assert {"num_running", "num_waiting", "free_blocks", "waiting_prompt_blocks", "unprocessed_tokens",
+                "num_preemptions"} <= set(st)
+        hl = c.get("/health").json()
+        assert hl["engine_ok"] is True and hl["status"] == "ok"
+        assert c.post("/debug/state", json={}).status_code in (404, 405)  # injection is off by default
+
+
+def test_bearer_token_and_state_injection(servers, exec_model):
+    p2, e2 = servers["p2"], servers["e2"]
+    auth = {"Authorization": "Bearer predsecret"}
+    with p2.client() as c:
+        assert c.get("/health").status_code == 200
+        for method, path in (("POST", "/predict"), ("GET", "/stats"), ("GET", "/state"), ("GET", "/metrics"),
+                             ("POST", "/v1/completions"), ("GET", "/v1/models")):
+            r = c.request(method, path, json={"prompt_tokens": 5, "expected_output_tokens": 5})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
+            r = c.request(method, path, json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401
+        assert httpx.post(e2.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 401
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth)  # engine token upstream
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert c.get("/health").json()["engine_ok"] is True
+        # the injection hook (enabled on this predictor): a 48 + 16 state, prediction = what-if on it
+        cfg = EngineConfig.from_dict(c.get("/state", headers=auth).json()["config"])
+        running = [SeqState(i, 300 + i, 200, 300 + i + 49, 50, 0.0) for i in range(48)]
+        waiting = [SeqState(100 + j, 200, 100, 0, 0, 0.0) for j in range(16)]
+        used = sum(-(-s.computed_tokens // cfg.block_size) for s in running)
+        st = InstanceState(running, waiting, cfg.num_blocks - used, cfg.num_blocks, config=cfg)
+        assert c.post("/debug/state", json=st.to_dict()).status_code == 401
+        assert c.post("/debug/state", content=b"[]", headers=auth).status_code == 400
+        r = c.post("/debug/state", json=st.to_dict(), headers=auth)
+        assert r.status_code == 200 and r.json()["running"] == 48
+        got = c.post("/predict", json={"prompt_tokens": 500, "expected_output_tokens": 120}, headers=auth).json()
+        want = predict(st, Request(0, 0, 500, 120), exec_model).to_dict()
+        got.pop("predict_ms"), want.pop("predict_ms")
+        assert got == want and got["num_running"] == 48 and got["num_waiting"] == 16
+        stats = c.get("/stats", headers=auth).json()
+        assert stats == Engine.from_state(st, exec_model).stats().to_dict()
+        assert c.get("/state", headers=auth).json()["source"] == "injected"
+        assert c.delete("/debug/state", headers=auth).json() == {"injected": False}
+        assert c.get("/state", headers=auth).json()["source"] == "proxy"
+
+
+def test_killed_engine_gives_prompt_5xx(servers):
+    """Last: it kills e3. An in-flight stream ends with an error event; new requests get a prompt 502 JSON (nothing
+    sent, so the scheduler can retry elsewhere); /health says the engine is gone; /predict keeps answering."""
+    e3, p3 = servers["e3"], servers["p3"]
+    with p3.client() as c:
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+        assert c.get("/health").json()["engine_ok"] is True
+        with c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 3000, "stream": True}) as r:
+            it = r.iter_raw()
+            next(it)
+            e3.stop(signal.SIGKILL)
+            t0 = time.monotonic()
+            rest = b"".join(it)
+            assert time.monotonic() - t0 < 5
+        assert b'"error"' in rest
+        for body in ({"prompt": "x", "max_tokens": 3}, {"prompt": "x", "max_tokens": 3, "stream": True}):
+            t0 = time.monotonic()
+            r = c.post("/v1/completions", json=body)
+            assert time.monotonic() - t0 < 3
+            assert r.status_code in (502, 503) and r.json()["error"]["type"] == "engine_unavailable"
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code in (502, 503)
+        assert c.get("/v1/models").status_code in (502, 503)
+        h = c.get("/health").json()
+        assert h["engine_ok"] is False and h["status"] == "degraded" and h["engine_last_error"]
+        assert c.post("/predict", json={"prompt_tokens": 10, "expected_output_tokens": 10}).status_code == 200
+        assert idle(c)
+        m = parse_prometheus(c.get("/metrics").text)
+        assert get_value(m, "block_predictor_engine_up") == 0.0
+        assert get_value(m, "block_predictor_proxied_requests_total", {"outcome": "unavailable"}) >= 3

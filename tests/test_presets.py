@@ -1,0 +1,380 @@
+"""Experiment presets (conf/experiment/*.yaml), the sweep machinery (resume, progress bar, launchers), errors and the
+run logger. Presets are composed from the real config tree; the smoke preset really runs (seconds)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from experiments import wiring
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+Q_FIG6 = [float(q) for q in range(20, 37)]
+Q_EXT = [float(q) for q in range(48, 71)]
+
+# name -> (experiment_name, swept params {key: values}, fixed expectations {dotted key: value})
+PRESETS = {
+    "smoke": ("smoke", {"policy": ["round_robin", "block_oracle"], "workload.qps": [4.0, 8.0]},
+              {"cluster.num_instances": 4, "workload.num_requests": 200}),
+    "fig5": ("fig5", {"engine": ["vllm", "vllm_chunked"], "workload.qps": [20.0, 24.0, 28.0, 32.0, 36.0]},
+             {"cluster.num_instances": 12, "policy.name": "random", "dataset.name": "sharegpt",
+              "accuracy.sampling_rate": 0.01, "workload.num_requests": 9777, "model.name": "meta-llama/Llama-2-7b-hf",
+              "engine.max_num_seqs": 48}),
+    "fig6": ("fig6", {"policy": ["block_oracle", "block_star", "llumnix", "infaas", "round_robin", "min_qpm", "random"],
+                      "workload.qps": Q_FIG6},
+             {"cluster.num_instances": 12, "dataset.name": "sharegpt_predicted", "engine.name": "vllm_chunked",
+              "engine.max_num_seqs": 48, "engine.chunk_size": 512, "workload.num_requests": 10000,
+              "provisioning.enabled": False}),
+    "fig8": ("fig8", {"provisioning": ["none", "reactive", "predictive"]},
+             {"cluster.num_instances": 10, "policy.name": "block_oracle", "workload.qps": 24,
+              "workload.num_requests": 9777}),
+    "table2": ("table2/reference", {"policy": ["block_oracle", "block_star", "llumnix"], "workload.qps": Q_FIG6},
+               {"engine.max_num_seqs": 48, "engine.chunk_size": 512, "dataset.name": "sharegpt_predicted"}),
+    "table2_batch": ("table2/batch", {"policy": ["block_oracle", "block_star"], "workload.qps": Q_FIG6},
+                     {"engine.max_num_seqs": 24, "engine.chunk_size": 512, "cluster.num_instances": 12}),
+    "table2_chunk": ("table2/chunk", {"policy": ["block_oracle", "block_star"], "workload.qps": Q_FIG6},
+                     {"engine.max_num_seqs": 48, "engine.chunk_size": 2048, "cluster.num_instances": 12}),
+    "table2_qwen": ("table2/qwen", {"policy": ["block_oracle", "block_star", "llumnix"], "workload.qps": Q_EXT},
+                    {"model.name": "Qwen/Qwen2-7B", "dataset.name": "sharegpt_predicted"}),
+    "table2_azure": ("table2/azure", {"policy": ["block_oracle", "block_noisy", "llumnix"],
+                                      "workload.qps": [float(q) for q in range(6, 19)]},
+                     {"dataset.name": "azure_conv", "workload.arrival": "trace", "model.name": "meta-llama/Llama-2-7b-hf"}),
+}
+SELF_ORDER_MSG = ("conf/config.yaml must list `_self_` before `experiment` in its defaults list, otherwise the base "
+                  "config's own keys (experiment_name, seed, accuracy, ...) override every preset")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("WANDB_MODE", None)
+    return env
+
+
+def _run(*args, timeout=120, check=True):
+    p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n"
+                             f"{p.stderr[-3000:]}")
+    return p
+
+
+def _values(s) -> list:
+    """The values of a basic-sweeper string 'a,b,c' (numbers as floats)."""
+    out = []
+    for v in str(s).split(","):
+        v = v.strip()
+        try:
+            out.append(float(v))
+        except ValueError:
+            out.append(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def composer():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides: compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_preset_files_are_all_covered():
+    names = {p.stem for p in (CONF / "experiment").glob("*.yaml")} - {"default"}
+    assert names == set(PRESETS)
+    for name in names:
+        assert (CONF / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")
+
+
+def test_presets_override_the_base_config(composer):
+    cfg = composer(["experiment=fig5"])
+    assert cfg.experiment_name == "fig5", SELF_ORDER_MSG
+    assert cfg.accuracy.sampling_rate == 0.01, SELF_ORDER_MSG
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_composes_and_every_sweep_point_validates(composer, name):
+    exp_name, swept, fixed = PRESETS[name]
+    base = composer([f"experiment={name}"])
+    assert base.experiment_name == exp_name, SELF_ORDER_MSG
+    params = {k: _values(v) for k, v in base.hydra.sweeper.params.items()}
+    assert params == swept
+    assert base.hydra.callbacks.sweep_progress._target_ == "experiments.logger.SweepProgress"
+    # every combination: the group choices are composed, the QPS (a plain value) is set on the composed config
+    keys = [k for k in swept if k != "workload.qps"]
+    for combo in itertools.product(*(swept[k] for k in keys)):
+        cfg = composer([f"experiment={name}"] + [f"{k}={v}" for k, v in zip(keys, combo)])
+        for key, want in fixed.items():
+            assert OmegaConf.select(cfg, key) == want, (name, combo, key)
+        for k, v in zip(keys, combo):
+            got = OmegaConf.select(cfg, f"{k}.name" if k in ("policy", "engine") else k)
+            if k == "provisioning":
+                assert cfg.provisioning.enabled == (v != "none")
+            else:
+                assert got == v
+        for q in swept.get("workload.qps", [cfg.workload.qps]):
+            cfg.workload.qps = q
+            ec = wiring.validate(cfg)
+            assert ec.max_num_seqs == cfg.engine.max_num_seqs
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_workload_builds_at_full_scale(composer, name):
+    cfg = composer([f"experiment={name}"])
+    first = {k: _values(v)[0] for k, v in cfg.hydra.sweeper.params.items()}
+    if "workload.qps" in first:
+        cfg.workload.qps = first["workload.qps"]
+    requests = wiring.workload(cfg)
+    assert len(requests) == cfg.workload.num_requests
+    if cfg.dataset.predicted_length != "none":
+        assert all(r.predicted_output_tokens is not None for r in requests[:100])
+
+
+def test_fig6_block_family_probes_k(composer):
+    for policy, k in [("block_oracle", 12), ("block_star", 12), ("llumnix", None), ("random", None)]:
+        cfg = composer(["experiment=fig6", f"policy={policy}"])
+        assert cfg.policy.k == k
+    assert composer(["experiment=fig6", "policy=block_star", "block_k=2"]).policy.k == 2
+    assert composer(["experiment=fig6", "policy=llumnix", "block_k=2"]).policy.k is None
+    cfg = composer(["experiment=fig6", "policy=block_star"])
+    assert cfg.dataset.predicted_length == "column"
+
+
+def test_fig8_variants(composer):
+    static = composer(["experiment=fig8", "provisioning=none"])
+    assert static.cluster.num_instances == 10 and not static.provisioning.enabled
+    for strategy in ("reactive", "predictive"):
+        cfg = composer(["experiment=fig8", f"provisioning={strategy}"])
+        p = cfg.provisioning
+        assert (p.enabled, p.strategy, p.initial_instances, p.slo_s) == (True, strategy, 6, 70.0)
+        assert wiring.provisioning(cfg, cfg.cluster.num_instances) is not None
+
+
+def test_sweep_run_dirs_follow_the_command_line(composer):
+    from experiments.logger import sweep_run_dirs
+
+    cfg = composer(["experiment=smoke", "output_root=/x", "workload.num_requests=50"])
+    # compose() runs in RUN mode (no sweep values): set the command line as a -m run records it
+    OmegaConf.update(cfg, "hydra.overrides.task",
+                     ["experiment=smoke", "output_root=/x", "workload.qps=1,2,3", "workload.num_requests=50"],
+                     force_add=True)
+    dirs = sweep_run_dirs(cfg)
+    assert len(dirs) == 6  # 2 policies x the command line's 3 QPS (the preset's list is replaced)
+    assert Path("/x/smoke/policy=block_oracle,workload.num_requests=50,workload.qps=3") in dirs
+    # an ad-hoc sweep without a preset (no sweeper params)
+    cfg = composer(["output_root=/y"])
+    OmegaConf.update(cfg, "hydra.overrides.task", ["output_root=/y", "policy=random,llumnix", "seed=1"],
+                     force_add=True)
+    assert sweep_run_dirs(cfg) == [Path("/y/default/policy=random,seed=1"), Path("/y/default/policy=llumnix,seed=1")]
+
+
+def test_sweep_progress_pickles_without_its_bar():
+    from experiments.logger import SweepProgress
+
+    cb = SweepProgress(interval_s=0.5)
+    cb._bar = object()
+    copy = pickle.loads(pickle.dumps(cb))
+    assert copy.interval_s == 0.5 and copy._bar is None
+
+
+# ---------------------------------------------------------------------- running sweeps
+def _summaries(root: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/summary.json")}
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    p = _run("experiments.run", "-m", "experiment=smoke", f"output_root={out}", "progress=false")
+    return out, p
+
+
+def test_smoke_preset_runs_end_to_end(smoke_sweep):
+    out, proc = smoke_sweep
+    root = out / "smoke"
+    runs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    assert runs == ["policy=block_oracle,workload.qps=4", "policy=block_oracle,workload.qps=8",
+                    "policy=round_robin,workload.qps=4", "policy=round_robin,workload.qps=8"]
+    for name in runs:
+        d = root / name
+        s = json.loads((d / "summary.json").read_text())
+        req = pd.read_parquet(d / "requests.parquet")
+        assert len(req) == 200 and s["completed"] + s["failed"] == 200
+        assert s["policy"] == name.split(",")[0].split("=")[1]
+        assert s["qps"] == float(name.split("=")[-1]) and s["num_instances"] == 4
+        assert (d / "instances.parquet").is_file()
+        cfg = OmegaConf.load(d / "config.yaml")
+        assert cfg.experiment_name == "smoke" and cfg.workload.num_requests == 200
+    assert "sweep smoke" in proc.stderr and "4/4" in proc.stderr  # the sweep's progress bar
+
+
+def test_resume_redoes_only_missing_runs(smoke_sweep, tmp_path):
+    import shutil
+
+    src, _ = smoke_sweep
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    root = tmp_path / "smoke"
+    before = _summaries(root)
+    victim = "policy=round_robin,workload.qps=8"
+    (root / victim / "summary.json").unlink()
+    _run("experiments.run", "-m", "experiment=smoke", f"output_root={tmp_path}", "progress=false")
+    after = _summaries(root)
+    assert set(after) == set(before)
+    redone = {k for k in after if after[k] != before[k]}
+    assert redone == {victim}
+
+
+def test_a_crashed_run_leaves_no_summary_and_is_redone(tmp_path):
+    # a crash while one run writes its records (after config.yaml and requests.parquet)
+    crash = (
+        "import runpy, sys, vidur.records as r\n"
+        "orig = r.write_parquet\n"
+        "def boom(path, df):\n"
+        "    if 'block_oracle,workload.qps=4' in str(path) and str(path).endswith('instances.parquet'):\n"
+        "        raise RuntimeError('simulated crash')\n"
+        "    return orig(path, df)\n"
+        "r.write_parquet = boom\n"
+        f"sys.argv = ['run', '-m', 'experiment=smoke', 'output_root={tmp_path}', 'progress=false']\n"
+        "runpy.run_module('experiments.run', run_name='__main__')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", crash], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "simulated crash" in p.stderr
+    root = tmp_path / "smoke"
+    crashed = root / "policy=block_oracle,workload.qps=4"
+    assert (crashed / "requests.parquet").is_file() and not (crashed / "summary.json").exists()
+    before = _summaries(root)
+    # Hydra's launcher goes on with the other runs and reports the failure at the end
+    assert set(before) == {"policy=round_robin,workload.qps=4", "policy=round_robin,workload.qps=8",
+                           "policy=block_oracle,workload.qps=8"}
+    _run("experiments.run", "-m", "experiment=smoke", f"output_root={tmp_path}", "progress=false")
+    after = _summaries(root)
+    assert len(after) == 4
+    assert all(after[k] == before[k] for k in before)  # finished runs untouched
+
+
+def test_a_killed_run_leaves_no_summary(tmp_path):
+    run_dir = tmp_path / "default" / "big"
+    cmd = [sys.executable, "-m", "experiments.run", f"output_root={tmp_path}", "cluster=local4", "policy=block_oracle",
+           "workload.qps=40", "workload.num_requests=20000", "workload.wrap=true", "progress=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (run_dir / ".hydra").is_dir() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the run finished before it could be killed: make it bigger"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert run_dir.is_dir() and not (run_dir / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------- errors
+def test_bad_override_is_hydras_error(tmp_path):
+    p = _run("experiments.run", "policy=no_such_policy", f"output_root={tmp_path}", check=False)
+    assert p.returncode != 0 and "no_such_policy" in p.stderr and "policy" in p.stderr
+    p = _run("experiments.run", "workload.no_such_key=1", f"output_root={tmp_path}", check=False)
+    assert p.returncode != 0 and "no_such_key" in p.stderr
+
+
+def test_impossible_combination_names_the_keys(tmp_path):
+    p = _run("experiments.run", "engine.chunk_size=4096", "engine.max_num_batched_tokens=512",
+             f"output_root={tmp_path}", check=False)
+    assert p.returncode == 2
+    assert "engine" in p.stderr and "chunk_size" in p.stderr and "max_num_batched_tokens" in p.stderr
+    p = _run("experiments.run", "workload.qps=0", f"output_root={tmp_path}", check=False)
+    assert p.returncode == 2 and "workload.qps" in p.stderr
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+# ---------------------------------------------------------------------- logger
+def test_logger_none_is_default_and_wandb_composes(composer):
+    assert composer([]).logger.name == "none"
+    cfg = composer(["logger=wandb", "experiment=smoke"])
+    assert cfg.logger.mode == "offline" and cfg.logger.group == "smoke"
+
+
+def test_wandb_logger_logs_config_and_summary_offline(composer, monkeypatch, tmp_path):
+    import types
+
+    from experiments import logger
+
+    calls = {}
+
+    class FakeRun:
+        def __init__(self):
+            self.summary = {}
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kw):
+        calls["init"] = kw
+        calls["env_mode"] = os.environ.get("WANDB_MODE")
+        calls["run"] = FakeRun()
+        return calls["run"]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("WANDB_MODE", "unset")  # recorded, so log_run's setting is undone after the test
+    monkeypatch.delenv("WANDB_MODE")
+    cfg = composer(["logger=wandb", "experiment=smoke", "workload.qps=4"])
+    with open_dict(cfg):
+        del cfg["hydra"]  # a task's config has no hydra node
+    logger.check(cfg)
+    logger.log_run(cfg, tmp_path / "run", {"completed": 200, "p99_ttft_ms": 400.0, "itl": None, "x": [1]})
+    kw = calls["init"]
+    assert kw["mode"] == "offline" and calls["env_mode"] == "offline"
+    assert kw["config"]["workload"]["qps"] == 4 and kw["group"] == "smoke" and kw["name"] == "run"
+    assert calls["run"].summary == {"completed": 200, "p99_ttft_ms": 400.0} and calls["finished"]
+
+
+def test_wandb_missing_is_a_clear_error(composer, monkeypatch):
+    from experiments import logger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    cfg = composer(["logger=wandb"])
+    with pytest.raises(logger.LoggerError, match="pip install wandb"):
+        logger.check(cfg)
+
+
+def test_wandb_missing_exits_before_running(tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed")
+    except ImportError:
+        pass
+    p = _run("experiments.run", "logger=wandb", f"output_root={tmp_path}", "workload.num_requests=20", check=False)
+    assert p.returncode == 2 and "pip install wandb" in p.stderr
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+# ---------------------------------------------------------------------- launchers
+@pytest.mark.parametrize("launcher,plugin", [("joblib", "hydra_plugins.hydra_joblib_launcher"),
+                                             ("slurm", "hydra_plugins.hydra_submitit_launcher")])
+def test_launcher_configs_compose(composer, launcher, plugin):
+    pytest.importorskip(plugin)
+    cfg = composer(["experiment=smoke", f"hydra/launcher={launcher}"])
+    assert "_target_" in cfg.hydra.launcher
+
+
+def test_joblib_launcher_runs_the_smoke_sweep_in_parallel(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    p = _run("experiments.run", "-m", "experiment=smoke", f"output_root={tmp_path}", "hydra/launcher=joblib",
+             "hydra.launcher.n_jobs=2", "progress=false")
+    assert len(_summaries(tmp_path / "smoke")) == 4
+    assert "Joblib.Parallel(n_jobs=2" in p.stdout + p.stderr and "4/4" in p.stderr
