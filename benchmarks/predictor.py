@@ -18,6 +18,8 @@ time inside the handler as the predictor reports it.
    (default 2): Poisson arrivals of both for ``--duration`` seconds against an emulated engine in real time
    (prompts 50-500 tokens, outputs 20-300). Reports achieved rates, latency, errors and the predictor's CPU use,
    then the closed-loop /predict rate one connection gets while the streams continue.
+Also: the proxy's added latency (TTFT and e2e of the same small requests straight to an idle engine and through the
+predictor, streaming and non-streaming).
 Memory: VmRSS (and peak VmHWM) of each predictor process, from /proc/<pid>/status.
 """
 
@@ -302,13 +304,13 @@ def _new_stats() -> dict:
 # ------------------------------------------------------------------------------------------------ phases
 
 
-def proxy_overhead(engine_url: str, pred_url: str, n: int = 40) -> None:
+def proxy_overhead(engine_url: str, pred_url: str, n: int = 20) -> None:
     """TTFT and e2e of the same requests sent straight to an idle engine and through the predictor, alternating."""
     res: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "e2e": [], "plain": []} for k in ("direct", "proxy")}
     with httpx.Client(timeout=60) as c:
         for i in range(n + 3):
             for name, url in (("direct", engine_url), ("proxy", pred_url)):
-                body = {"prompt": list(range(1, 201)), "max_tokens": 32, "stream": True}
+                body = {"prompt": list(range(1, 201)), "max_tokens": 8, "stream": True}
                 t0 = time.perf_counter()
                 first = None
                 with c.stream("POST", url + "/v1/completions", json=body) as r:
@@ -317,14 +319,14 @@ def proxy_overhead(engine_url: str, pred_url: str, n: int = 40) -> None:
                             first = time.perf_counter() - t0
                 e2e = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                c.post(url + "/v1/completions", json={"prompt": list(range(1, 201)), "max_tokens": 32}).raise_for_status()
+                c.post(url + "/v1/completions", json={"prompt": list(range(1, 201)), "max_tokens": 8}).raise_for_status()
                 plain = time.perf_counter() - t1
                 if i >= 3:  # warm-up
                     res[name]["ttft"].append(first * 1e3)
                     res[name]["e2e"].append(e2e * 1e3)
                     res[name]["plain"].append(plain * 1e3)
     d, p = res["direct"], res["proxy"]
-    print(f"proxy overhead, idle engine in real time, 200-token prompt + 32 tokens, {n} each (median ms): "
+    print(f"proxy overhead, idle engine in real time, 200-token prompt + 8 tokens, {n} each (median ms): "
           f"stream TTFT {pct(d['ttft'], 50):.1f} -> {pct(p['ttft'], 50):.1f}, stream e2e {pct(d['e2e'], 50):.1f} -> "
           f"{pct(p['e2e'], 50):.1f}, non-stream e2e {pct(d['plain'], 50):.1f} -> {pct(p['plain'], 50):.1f} "
           f"(forced upstream stream + reassembly)")

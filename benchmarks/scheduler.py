@@ -349,6 +349,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-saturation", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the scheduler and the rest to separate cores")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run every process of the benchmark at this nice value (e.g. -10 on a shared box; root)")
     args = ap.parse_args(argv)
     if args.cmd == "stub":
         ports = [int(p) for p in args.ports.split(",")]
@@ -360,12 +363,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    sched_cpus = {cpus[0]} if ncpu >= 2 else None
-    other_cpus = set(cpus[1:]) if ncpu >= 2 else None
+    sched_cpus = {cpus[0]} if ncpu >= 2 and not args.no_pin else None
+    other_cpus = set(cpus[1:]) if ncpu >= 2 and not args.no_pin else None
+    if args.nice:
+        os.nice(args.nice)  # inherited by the subprocesses
     if other_cpus:
         os.sched_setaffinity(0, other_cpus)
-    print(f"# {ncpu} CPUs; scheduler pinned to {sched_cpus or 'any'}, upstreams + client on {other_cpus or 'any'}; "
-          f"python {sys.version.split()[0]}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {ncpu} CPUs (load average {load:.2f} before the run); scheduler pinned to {sched_cpus or 'any'}, "
+          f"upstreams + client on {other_cpus or 'any'}; nice {args.nice}; python {sys.version.split()[0]}")
     stubs = Proc([str(Path(__file__).resolve()), "stub", "--ports", ",".join("0" * args.instances)],
                  cpus=other_cpus, count=args.instances)
     procs = [stubs]
