@@ -1,7 +1,8 @@
 """The global scheduler's own cost: added TTFT at p99 under a steady load, and routing decisions per second.
 
     python benchmarks/scheduler.py                  # both measurements, prints the numbers
-    python benchmarks/scheduler.py --rate 100 --k 2 --seconds 20 --policy block
+    python benchmarks/scheduler.py --rate 100 --k 2 --seconds 20 --repeats 3 --policy block
+    python benchmarks/scheduler.py --realtime       # on a shared box: SCHED_FIFO during the latency phase (root)
 
 Set-up (all on loopback): one process of *instant* upstreams -- minimal HTTP/1.1 servers that answer ``/predict``,
 ``/stats`` and ``/v1/completions`` (streaming: a few SSE token chunks, usage, ``[DONE]``) at once, one port per
@@ -9,10 +10,11 @@ instance -- the scheduler (``python -m block.scheduler``) and a lean asyncio loa
 kept-alive connections, no httpx, so the client's own cost stays small and equal in both arms). On a machine with
 at least two cores the scheduler is pinned to core 0 and the upstreams and the client to the other cores.
 
-1. Added latency: Poisson arrivals at ``--rate`` req/s, streaming requests; the client's TTFT (send -> first token
-   chunk) directly against an instant upstream, then through the scheduler (policy ``--policy``, ``--k``) at the
-   same rate. The difference of the percentiles is the scheduler's cost: parsing, sampling, k concurrent probes,
-   the policy, the extra proxy hop. Goal: < 2 ms at p99 with k=2 at 100 req/s.
+1. Added latency: two Poisson streams of streaming requests at ``--rate`` req/s each, run at the same time (so the
+   background load of a shared machine hits both alike): one straight to an instant upstream, one through the
+   scheduler (policy ``--policy``, ``--k``) in front of the others. The client measures TTFT (send -> first token
+   chunk); the difference of the percentiles is the scheduler's cost: parsing, sampling, k concurrent probes, the
+   policy, the extra proxy hop. ``--repeats`` runs, pooled. Goal: < 2 ms at p99 with k=2 at 100 req/s.
 2. Decisions per second: closed loop with C concurrent clients (C doubled until the rate stops growing) through
    the scheduler; each request is one full routing decision (k probes + policy) plus its forwarding. Goal: >= 400/s
    (llm-d's Go endpoint picker: 324-388 req/s). Reported for streaming and non-streaming requests.
@@ -149,13 +151,24 @@ class Conn:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, float, float, dict]:
         """(status, time of the first body byte of a token event, time of the end, response headers)."""
-        if self.w is None:
-            await self.open()
-        assert self.r is not None and self.w is not None
         head = f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n" \
                f"content-length: {len(body)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        self.w.write(head.encode() + body)
-        raw = await self.r.readuntil(b"\r\n\r\n")
+        data = head.encode() + body
+        for attempt in (0, 1):
+            fresh = self.w is None
+            if fresh:
+                await self.open()
+            assert self.r is not None and self.w is not None
+            self.w.write(data)
+            try:
+                raw = await self.r.readuntil(b"\r\n\r\n")
+                break
+            except (asyncio.IncompleteReadError, ConnectionError) as err:
+                self.w.close()
+                self.r = self.w = None
+                if fresh or (isinstance(err, asyncio.IncompleteReadError) and err.partial):
+                    raise
+                # the server closed this kept-alive connection while idle (uvicorn: after 5 s): reconnect once
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         hdrs = {}
@@ -340,7 +353,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     st.add_argument("--ports", default="0,0")
     st.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--rate", type=float, default=100.0, help="req/s of the latency measurement (default 100)")
-    ap.add_argument("--seconds", type=float, default=15.0, help="length of each latency arm (default 15 s)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of one latency repetition (default 10 s)")
+    ap.add_argument("--repeats", type=int, default=3, help="latency repetitions (default 3)")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--instances", type=int, default=4, help="instant upstreams behind the scheduler (default 4)")
     ap.add_argument("--policy", default="block")
@@ -352,6 +366,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-pin", action="store_true", help="do not pin the scheduler and the rest to separate cores")
     ap.add_argument("--nice", type=int, default=0,
                     help="run every process of the benchmark at this nice value (e.g. -10 on a shared box; root)")
+    ap.add_argument("--realtime", action="store_true",
+                    help="during the latency phase only, run the scheduler, the upstreams and the client with "
+                         "SCHED_FIFO priority 10 (root): other tenants of a shared box cannot delay them, as on "
+                         "dedicated cores. The processes sleep most of the time at this load")
     args = ap.parse_args(argv)
     if args.cmd == "stub":
         ports = [int(p) for p in args.ports.split(",")]
@@ -372,35 +390,50 @@ def main(argv: Optional[list[str]] = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {ncpu} CPUs (load average {load:.2f} before the run); scheduler pinned to {sched_cpus or 'any'}, "
           f"upstreams + client on {other_cpus or 'any'}; nice {args.nice}; python {sys.version.split()[0]}")
-    stubs = Proc([str(Path(__file__).resolve()), "stub", "--ports", ",".join("0" * args.instances)],
-                 cpus=other_cpus, count=args.instances)
+    stubs = Proc([str(Path(__file__).resolve()), "stub", "--ports", ",".join("0" * (args.instances + 1))],
+                 cpus=other_cpus, count=args.instances + 1)  # the last one is the direct arm's
     procs = [stubs]
     try:
         urls = stubs.urls
-        sched = Proc(["-m", "block.scheduler", "--port", "0", "--instances", ",".join(urls), "--policy", args.policy,
-                      "--k", str(args.k), "--seed", str(args.seed), "--tokenizer", "none"], cpus=sched_cpus)
+        sched = Proc(["-m", "block.scheduler", "--port", "0", "--instances", ",".join(urls[:-1]), "--policy",
+                      args.policy, "--k", str(args.k), "--seed", str(args.seed), "--tokenizer", "none"],
+                     cpus=sched_cpus)
         procs.append(sched)
         surl = sched.urls[0]
         _wait_ready(surl)
         print(f"# policy {args.policy}, k={args.k}, {args.instances} instant upstreams")
         if not args.skip_latency:
             n = int(args.rate * args.seconds)
-            # warm both paths, then measure direct and through the scheduler, twice each, interleaved
-            asyncio.run(open_loop(surl, args.rate, 100, args.seed, warmup=0))
+            asyncio.run(open_loop(surl, args.rate, 100, args.seed, warmup=0))  # warm the pools and the code
             direct: list[float] = []
             through: list[float] = []
-            for rep in range(2):
-                direct += asyncio.run(open_loop(urls[0], args.rate, n // 2, args.seed + rep))
-                through += asyncio.run(open_loop(surl, args.rate, n // 2, args.seed + rep))
-            print(f"latency at {args.rate:g} req/s, {len(direct)} + {len(through)} streaming requests "
-                  f"(client TTFT, ms):")
+            added_p99 = []
+
+            async def both(rep: int) -> tuple[list[float], list[float]]:
+                # the two arms run at the same time, so background load on a shared box hits both alike
+                return tuple(await asyncio.gather(open_loop(urls[-1], args.rate, n, args.seed + 100 + rep),
+                                                  open_loop(surl, args.rate, n, args.seed + rep)))
+
+            rt_pids = [0, stubs.proc.pid, sched.proc.pid] if args.realtime else []
+            for pid in rt_pids:
+                os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(10))
+            for rep in range(args.repeats):
+                d, t = asyncio.run(both(rep))
+                direct += d
+                through += t
+                added_p99.append((_pct(t, 99) - _pct(d, 99)) * 1e3)
+            for pid in rt_pids:
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            print(f"latency at {args.rate:g} req/s per arm, {args.repeats} x {n} streaming requests per arm, both "
+                  f"arms at once{' (SCHED_FIFO)' if rt_pids else ''} (client TTFT, ms):")
             print(f"  {'':10s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'max':>8s}")
             for name, xs in (("direct", direct), ("scheduler", through)):
                 print(f"  {name:10s} " + " ".join(f"{_pct(xs, p) * 1e3:8.3f}" for p in (50, 90, 99, 100)))
             print("  added      " + " ".join(f"{(_pct(through, p) - _pct(direct, p)) * 1e3:8.3f}"
                                               for p in (50, 90, 99)))
-            print(f"ADDED_P99_MS {(_pct(through, 99) - _pct(direct, 99)) * 1e3:.3f} "
-                  f"(goal < 2 ms at {args.rate:g} req/s, k={args.k})")
+            print("  added p99 per repetition: " + ", ".join(f"{x:.3f}" for x in added_p99))
+            print(f"ADDED_P99_MS {(_pct(through, 99) - _pct(direct, 99)) * 1e3:.3f} (pooled; median of repetitions "
+                  f"{sorted(added_p99)[len(added_p99) // 2]:.3f}; goal < 2 ms at {args.rate:g} req/s, k={args.k})")
         if not args.skip_saturation:
             for stream in (False, True):
                 best = 0.0

@@ -46,7 +46,11 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
         from experiments.sim import run_sim
 
         return run_sim(cfg, run_dir)
-    raise ConfigError(f"mode={mode} is not available yet (supported: sim)")
+    if mode == "emulate":
+        from experiments.emulate import run_emulate
+
+        return run_emulate(cfg, run_dir)
+    raise ConfigError(f"mode={mode} is not available yet (supported: sim, emulate)")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

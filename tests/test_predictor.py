@@ -37,8 +37,8 @@ SEQS = "2"  # small batch cap: a handful of requests gives both running and wait
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tracker(cfg: EngineConfig) -> tuple[Tracker, list]:
-    tr = Tracker(cfg.max_model_len, clock=lambda: 100.0)
+def _tracker(cfg: EngineConfig, now: list) -> tuple[Tracker, list]:
+    tr = Tracker(cfg.max_model_len, clock=lambda: now[0])
     counter = TokenCounter("none")
     ts = []
     for i, (prompt, mt, hint) in enumerate([(100, 50, None), (40, 20, 30), (33, 10, 5), (200, None, None)]):
@@ -49,14 +49,17 @@ def _tracker(cfg: EngineConfig) -> tuple[Tracker, list]:
         elif hint is not None:
             headers["x-expected-output-tokens"] = str(hint)
         ts.append(tr.add(body, headers, False, counter))
+        now[0] += 1.0  # arrivals at t = 0, 1, 2, 3
     return tr, ts
 
 
-def test_tracker_state_rules():
+def test_tracker_state_rules(toy_model):
     cfg = EngineConfig(max_num_seqs=8, chunk_size=512, max_num_batched_tokens=512, num_blocks=100, block_size=16,
                        max_model_len=1024)
-    tr, ts = _tracker(cfg)
+    now = [100.0]
+    tr, ts = _tracker(cfg, now)
     assert [t.expected for t in ts] == [50, 20, 5, cfg.max_model_len - 200]  # hint capped at max_tokens
+    now[0] = 105.0  # t = 5: tokens arrive
     tr.progress(ts[0], 1)
     tr.progress(ts[0], 1)
     tr.progress(ts[2], 1, prompt_tokens=35)  # usage corrects the prompt count
@@ -67,26 +70,27 @@ def test_tracker_state_rules():
     assert (r2.prompt_tokens, r2.computed_tokens) == (35, 35)
     assert st.free_blocks == 100 - 7 - 3 and st.busy_for_s == 0.0
     assert all(s.computed_tokens == 0 and s.decoded_tokens == 0 for s in st.waiting)
+    now[0] = 106.0
     # /metrics says 3 running: the oldest no-token request is a running prefill holding its prompt's blocks
     st = tr.build_state(cfg, 100, VllmLoad(num_running=3, num_waiting=1))
     assert [s.id for s in st.running] == [0, 1, 2] and [s.id for s in st.waiting] == [3]
     assert st.free_blocks == 100 - 7 - 3 - 3
-    # /metrics says 1 running and 3 waiting: the newest decode was preempted (recompute, front of the queue)
-    st = tr.build_state(cfg, 100, VllmLoad(num_running=1, num_waiting=3))
+    # ... unless it arrived after the reading
+    st = tr.build_state(cfg, 100, VllmLoad(num_running=3, num_waiting=1), load_t=0.5)
+    assert [s.id for s in st.running] == [0, 2]
+    # /metrics (read at t = 5.5) says 1 running and 3 waiting: the newest decode was preempted (recompute, front)
+    st = tr.build_state(cfg, 100, VllmLoad(num_running=1, num_waiting=3), load_t=5.5)
     assert [s.id for s in st.running] == [0] and [s.id for s in st.waiting] == [2, 1, 3]
     assert st.waiting[0].decoded_tokens == 1 and st.waiting[0].computed_tokens == 0
+    # a reading older than the last token proves nothing: the request ran after it
+    st = tr.build_state(cfg, 100, VllmLoad(num_running=1, num_waiting=3), load_t=4.5)
+    assert [s.id for s in st.running] == [0, 2]
     # completion_tokens from usage is authoritative (several tokens in one chunk)
     tr.progress(ts[0], 1, completion_tokens=9)
     assert ts[0].decoded == 9
     tr.remove(ts[0])
     assert [s.id for s in tr.build_state(cfg, 100).running] == [2]
-    Engine.from_state(st, _toy())  # the states are valid what-if inputs
-
-
-def _toy():
-    from tests.conftest import ToyModel
-
-    return ToyModel()
+    Engine.from_state(st, toy_model)  # the states are valid what-if inputs
 
 
 def test_sse_scanner_and_reassembler():
@@ -117,7 +121,8 @@ def test_sse_scanner_and_reassembler():
 
 
 @pytest.mark.parametrize("body", [
-    b"", b"{", b"[]", b'"x"', b"null", b"{}", b'{"prompt_tokens": 10}', b'{"prompt_tokens": 0, "expected_output_tokens": 5}',
+    b"", b"{", b"[]", b'"x"', b"null", b"{}", b'{"prompt_tokens": 10}',
+    b'{"prompt_tokens": 0, "expected_output_tokens": 5}',
     b'{"prompt_tokens": -3, "expected_output_tokens": 5}', b'{"prompt_tokens": "10", "expected_output_tokens": 5}',
     b'{"prompt_tokens": true, "expected_output_tokens": 5}', b'{"prompt_tokens": 1.5, "expected_output_tokens": 5}',
     b'{"prompt_tokens": [1], "expected_output_tokens": 5}', b'\xff\xfe',
@@ -378,7 +383,7 @@ def test_proxy_state_tracks_the_engine(servers, exec_model):
         done: list = []
         pool = ThreadPoolExecutor(5)
         futs = []
-        for i, b in enumerate(bodies):
+        for b in bodies:
             if b["stream"]:
                 futs.append(pool.submit(_stream_worker, p1.url, b, done, {"x-expected-output-tokens": "300"}))
             else:
@@ -400,7 +405,7 @@ def test_proxy_state_tracks_the_engine(servers, exec_model):
                     assert pe == pp
                     de = sorted(s["decoded_tokens"] for s in se["running"])
                     dp = sorted(s["decoded_tokens"] for s in sp["running"])
-                    assert all(abs(a - b) <= 40 for a, b in zip(de, dp)), (de, dp)
+                    assert all(abs(a - b) <= 40 for a, b in zip(de, dp, strict=True)), (de, dp)
                     assert sp["free_blocks"] <= sp["total_blocks"]
                     assert {s["expected_output_tokens"] for s in sp["running"] + sp["waiting"]} <= {300, 500}
                 st = cp.get("/stats").json()

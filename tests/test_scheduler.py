@@ -25,7 +25,7 @@ import pytest
 
 from block.policies import make_policy
 from block.prom import get_value, parse_prometheus
-from block.scheduler.cli import build_parser, make_policy_from_args, make_scheduler
+from block.scheduler.cli import build_parser, make_policy_from_args
 from block.scheduler.core import (
     PromptCounter,
     Scheduler,
@@ -34,7 +34,7 @@ from block.scheduler.core import (
     parse_body,
     read_instances_file,
 )
-from block.scheduler.upstream import Origin, Pool, UpstreamError
+from block.http import Origin, Pool, UpstreamError
 from block.service import ServiceError
 from vidur.cluster import RoutingContext
 from vidur.types import Candidate, InstanceStats, Prediction, Request
@@ -446,6 +446,19 @@ def test_streaming_and_non_streaming_through_the_scheduler(stack, tmp_path):
                         "fallback", "status"):
                 assert key in x
         assert rows[0]["told_tokens"] == 5 and rows[0]["hint"] == 5
+
+        # the benchmark client through the scheduler records its headers (time scale: the engines')
+        from block.benchmark import BenchmarkConfig, benchmark
+
+        reqs = [Request(i, 0.02 * i, 30 + i, 5 + i) for i in range(4)]
+        res = asyncio.run(benchmark(BenchmarkConfig(base_url=s.url, hint="oracle", time_scale=SCALE,
+                                                    disable_tqdm=True), requests=reqs))
+        df = res.requests
+        assert (df["status"] == "ok").all() and df["instance"].isin([0, 1, 2]).all()
+        assert (df["predicted_e2e_s"] > 0).all() and (df["decision_ms"] > 0).all() and (df["retries"] == 0).all()
+        assert (df["output_tokens"] == [5, 6, 7, 8]).all()
+        rows = log_rows(log)
+        assert {x["id"] for x in rows[-4:]} == {f"bench-0-{i}" for i in range(4)}  # the client's request ids
     finally:
         s.stop()
 
@@ -512,7 +525,8 @@ def test_hostile_input_gets_4xx_json_and_the_service_stays_up(stack):
         c = httpx.Client(base_url=s.url, timeout=30)
         cases = [
             (b"{not json", 400), (b"[1, 2]", 400), (b"", 400), (b'{"max_tokens": 5}', 400),
-            (b'{"prompt": {"a": 1}}', 400), (b'{"prompt": [1, null]}', 400), (b'{"prompt": [1], "max_tokens": -1}', 400),
+            (b'{"prompt": {"a": 1}}', 400), (b'{"prompt": [1, null]}', 400),
+            (b'{"prompt": [1], "max_tokens": -1}', 400),
             (b'{"prompt": [1], "max_tokens": 9999999}', 400),  # the engine's verdict, relayed
             (b'{"prompt": [1], "stream": 3}', 400), (b'{"prompt": [1], "model": "nope"}', 404),
             (b"\xff\xfe\x00garbage", 400), (b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}', 413),

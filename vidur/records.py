@@ -82,7 +82,9 @@ def summarize(requests: pd.DataFrame, duration_s: Optional[float] = None, **extr
         s["achieved_qps"] = (len(requests) - 1) / span if span > 0 else None
     else:
         s["achieved_qps"] = None
-    s["num_preemptions"] = int(requests["num_preemptions"].sum()) if len(requests) else 0
+    pre = requests["num_preemptions"].to_numpy() if len(requests) else np.array([0])
+    known = pre[pre >= 0]  # -1: unknown (measured against a live engine)
+    s["num_preemptions"] = int(known.sum()) if known.size else None
     if "decision_ms" in requests.columns and len(requests):
         d = requests["decision_ms"].to_numpy(float)
         d = d[np.isfinite(d)]

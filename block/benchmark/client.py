@@ -44,7 +44,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from block.scheduler.upstream import Origin, Pool, UpstreamError
+from block.http import Origin, Pool, UpstreamError
 from vidur.types import Request
 
 log = logging.getLogger("block.benchmark")
@@ -463,8 +463,13 @@ def config_yaml(cfg: BenchmarkConfig, model: Optional[str]) -> str:
 
 
 async def benchmark(config: Union[BenchmarkConfig, Mapping[str, Any]], requests: Optional[Sequence[Request]] = None,
-                    pool: Optional[Pool] = None) -> BenchmarkResult:
-    """Run the benchmark; ``requests`` (ids, model-time arrivals, lengths) replace the dataset when given."""
+                    pool: Optional[Pool] = None, instance_samples: Optional[Sequence[tuple]] = None) -> BenchmarkResult:
+    """Run the benchmark; ``requests`` (ids, model-time arrivals, lengths) replace the dataset when given.
+
+    ``instance_samples``: rows ``(time_s, instance, num_running, num_waiting, free_blocks, num_preemptions)`` that
+    the caller collected (e.g. by polling the predictors) for ``instances.parquet``; it may be a list the caller
+    keeps filling while the benchmark runs (it is read at the end). Empty by default.
+    """
     cfg = config if isinstance(config, BenchmarkConfig) else BenchmarkConfig.from_mapping(config)
     cfg.validate()
     reqs = list(requests) if requests is not None else build_requests(cfg)
@@ -541,11 +546,13 @@ async def benchmark(config: Union[BenchmarkConfig, Mapping[str, Any]], requests:
     summary["wall_s"] = wall
     run_dir = None
     if cfg.output_dir:
-        run_dir = write_run(cfg.output_dir, config_yaml(cfg, model), df, instances_frame([]), summary)
+        run_dir = write_run(cfg.output_dir, config_yaml(cfg, model), df, instances_frame(instance_samples or []),
+                            summary)
     return BenchmarkResult(summary, df, itls, run_dir)
 
 
 async def run_benchmark(config: Union[BenchmarkConfig, Mapping[str, Any]],
-                        requests: Optional[Sequence[Request]] = None) -> dict[str, Any]:
+                        requests: Optional[Sequence[Request]] = None,
+                        instance_samples: Optional[Sequence[tuple]] = None) -> dict[str, Any]:
     """Run the benchmark and return its summary (``summary.json``'s content); see :func:`benchmark`."""
-    return (await benchmark(config, requests)).summary
+    return (await benchmark(config, requests, instance_samples=instance_samples)).summary

@@ -221,7 +221,7 @@ class RealTimeEngine:
         rid = self._next_id
         self._next_id += 1
         h = Handle(rid=rid, external_id=external_id or str(rid), prompt_tokens=int(prompt_tokens),
-                   max_tokens=int(max_tokens), expected=int(expected if expected else max_tokens), seed=int(seed),
+                   max_tokens=int(max_tokens), expected=min(int(expected or max_tokens), int(max_tokens)), seed=int(seed),
                    arrival_wall=self.clock())
         now = self.model_now()
         self.catch_up(now)  # = engine.sync(now), emitting the tokens of steps that have already ended

@@ -334,7 +334,8 @@ class PredictorService:
         key = (self.tracker.version, self.load_version if load is not None else -1)
         if key != self._cache_key or self._cache_state is None:
             pre = int(load.num_preemptions) if load is not None and load.num_preemptions is not None else 0
-            self._cache_state = self.tracker.build_state(self.config, self.config.num_blocks, load, pre)
+            lt = (self.load_at - self.tracker.t0) if load is not None and self.load_at is not None else None
+            self._cache_state = self.tracker.build_state(self.config, self.config.num_blocks, load, pre, lt)
             self._cache_key = key
         else:
             self._cache_state.now_s = self.tracker.now()
@@ -412,8 +413,12 @@ class PredictorService:
         if prompt >= lim:
             raise ServiceError(400, f"prompt_tokens={prompt} must be below the engine's max_model_len={lim}")
         expected = min(expected, lim - prompt)  # the engine would stop there
-        p = predict(st, VRequest(-2, 0.0, prompt, expected), self.model, instance_id=self.instance_id,
-                    overrun_tokens=self.overrun, expected_output_tokens=expected)
+        try:
+            p = predict(st, VRequest(-2, 0.0, prompt, expected), self.model, instance_id=self.instance_id,
+                        overrun_tokens=self.overrun, expected_output_tokens=expected)
+        except Exception as err:  # noqa: BLE001 - e.g. an inconsistent injected or engine state
+            log.exception("what-if failed")
+            raise ServiceError(500, f"what-if failed: {type(err).__name__}: {err}", "server_error") from None
         d = p.to_dict()
         for k in ("e2e_s", "ttft_s", "queue_s"):
             if not math.isfinite(d[k]):
@@ -521,6 +526,10 @@ class PredictorService:
         except Upstream as up:
             self._finish(t, "unavailable")
             return _err(up.status, up.message, "engine_unavailable")
+        except Exception as err:  # noqa: BLE001 - a bug must not cost the client a JSON answer
+            log.exception("proxying %s failed", path)
+            self._finish(t, "engine_error")
+            return _err(500, f"predictor error while proxying: {type(err).__name__}: {err}", "server_error")
         finally:
             if not handed_off:
                 self.tracker.remove(t)  # no-op when already finished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 from typing import Optional, Sequence
 
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(ap, DEFAULT_PORT)
     ap.add_argument("--engine-url", default="http://127.0.0.1:8000",
                     help="base URL of the engine (vLLM or python -m block.engine; default http://127.0.0.1:8000)")
-    ap.add_argument("--engine-token", default=None, help="bearer token the engine requires (default: none)")
+    ap.add_argument("--engine-token", default=os.environ.get("BLOCK_ENGINE_TOKEN"),
+                    help="bearer token the engine requires (default: $BLOCK_ENGINE_TOKEN; unset = none)")
     ap.add_argument("--forward-client-auth", action="store_true",
                     help="without --engine-token, forward the client's Authorization header to the engine")
     ap.add_argument("--state-source", choices=("proxy", "engine"), default="proxy",

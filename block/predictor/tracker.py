@@ -7,10 +7,11 @@ non-streaming OpenAI response, and :meth:`Tracker.build_state` applies the proxy
 
 - a request with no output token yet is *waiting* (FCFS by arrival, computed 0) -- unless the engine's /metrics
   (``vllm:num_requests_running``, when fresh) says more requests run than have tokens: then the oldest no-token
-  requests are taken as *running prefills* (computed 0, holding their prompt's blocks);
+  requests (that had arrived when /metrics was read) are taken as *running prefills* (computed 0, holding their
+  prompt's blocks);
 - a request with ``d >= 1`` tokens is a *running decode* with ``computed = prompt + d - 1``; when /metrics says fewer
-  requests run than have tokens and more wait than we think, the newest decodes are taken as *preempted*
-  (recompute: waiting at the front, computed 0, decoded kept);
+  requests run than have tokens and more wait than we think, the newest decodes without a token since that reading
+  are taken as *preempted* (recompute: waiting at the front, computed 0, decoded kept);
 - free blocks = total - blocks held (``ceil(computed / block_size)`` per decode, ``ceil(prompt / block_size)`` per
   running prefill), never below 0; ``busy_for_s = 0``.
 """
@@ -18,7 +19,6 @@ non-streaming OpenAI response, and :meth:`Tracker.build_state` applies the proxy
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Mapping, Optional
 
@@ -83,7 +83,7 @@ class Tracked:
     """One proxied request in flight."""
 
     __slots__ = ("id", "arrival_s", "prompt", "expected", "max_tokens", "decoded", "prompt_exact", "upstream_id",
-                 "stream", "chat", "first_token_s")
+                 "stream", "chat", "first_token_s", "last_token_s")
 
     def __init__(self, id: int, arrival_s: float, prompt: int, expected: int, max_tokens: Optional[int],
                  stream: bool, chat: bool) -> None:
@@ -98,6 +98,7 @@ class Tracked:
         self.stream = stream
         self.chat = chat
         self.first_token_s: Optional[float] = None
+        self.last_token_s: Optional[float] = None
 
 
 class Tracker:
@@ -152,8 +153,10 @@ class Tracker:
         if completion_tokens is not None and completion_tokens >= 0:
             d = completion_tokens  # the engine's own count (several tokens may share a chunk)
         if d != t.decoded:
+            now = self.now()
             if t.decoded == 0 and d > 0:
-                t.first_token_s = self.now()
+                t.first_token_s = now
+            t.last_token_s = now
             t.decoded = d
             changed = True
         if changed:
@@ -166,19 +169,31 @@ class Tracker:
         return with_tok, len(self.entries) - with_tok
 
     def build_state(self, config: EngineConfig, total_blocks: int, load: Optional[VllmLoad] = None,
-                    num_preemptions: int = 0) -> InstanceState:
-        """The proxy-mode ``InstanceState`` (module docstring); ``load`` is a fresh /metrics reading or None."""
+                    num_preemptions: int = 0, load_t: Optional[float] = None) -> InstanceState:
+        """The proxy-mode ``InstanceState`` (module docstring).
+
+        ``load`` is a fresh /metrics reading taken at ``load_t`` (this tracker's clock; None = now). Only requests
+        that had arrived by then can be the running prefills it implies, and only decodes with no token since then
+        can be the preempted ones (a token after the reading proves the request was running).
+        """
         entries = list(self.entries.values())
         n_dec = sum(1 for t in entries if t.decoded > 0)
         n_fresh = len(entries) - n_dec
         prefills = preempted = 0
+        lt = self.now() if load_t is None else load_t
         if load is not None and load.num_running is not None:
             r_m = int(load.num_running)
             extra = r_m - n_dec
             if extra > 0:
-                prefills = min(extra, n_fresh)
+                prefills = min(extra, sum(1 for t in entries if t.decoded == 0 and t.arrival_s <= lt))
             elif extra < 0 and load.num_waiting is not None and int(load.num_waiting) > n_fresh:
-                preempted = min(-extra, int(load.num_waiting) - n_fresh)
+                stalled = 0  # the newest decodes with no token since the reading
+                for t in reversed(entries):
+                    if t.decoded > 0:
+                        if t.last_token_s is not None and t.last_token_s >= lt:
+                            break
+                        stalled += 1
+                preempted = min(-extra, int(load.num_waiting) - n_fresh, stalled)
         bs = config.block_size
         running: list[SeqState] = []
         waiting: list[SeqState] = []
@@ -372,6 +387,3 @@ class Reassembler:
         out.update(self.extra)
         return out
 
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    return math.ceil(tokens / block_size) if tokens > 0 else 0

@@ -157,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ValueError, OSError) as err:
         ap.error(str(err))
     from block.scheduler.app import build_app
-    from block.service import serve
+    from block.scheduler.serving import serve
 
     app = build_app(sched, token=args.token, max_body_bytes=args.max_body_bytes)
     serve(app, args.host, args.port, args.log_level)

@@ -27,6 +27,7 @@ Every request ends as a success or a clear error (HTTP status + JSON body, or an
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 from block import prom
 from block.engine.tokens import TokenCounter, message_text
-from block.scheduler.upstream import Origin, Pool, Response, UpstreamError
+from block.http import Origin, Pool, Response, UpstreamError
 from block.service import ServiceError
 from vidur.cluster import RoutingContext, RoutingPolicy
 from vidur.types import Candidate, InstanceStats, Prediction, Request
@@ -340,6 +341,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        gc.collect()
+        gc.freeze()  # startup objects (FastAPI, pandas via vidur) out of the collector's way: shorter GC pauses
         if self.pool is None:
             self.pool = Pool(connect_timeout_s=self.cfg.connect_timeout_s, max_idle=self.cfg.max_connections)
 
@@ -393,12 +396,12 @@ class Scheduler:
         inst = self.instances[i]
         pool = self.pool
         assert pool is not None
-        t = self.cfg.probe_timeout_s
+        # no per-read timer: _probe bounds the whole probe (and cancels it) with asyncio.wait
         if kind == "prediction":
             payload = _dumps({"prompt_tokens": req.prompt_tokens, "expected_output_tokens": told, "id": rid})
-            r = await pool.request("POST", inst.origin, "/predict", payload, self._json_headers, t)
+            r = await pool.request("POST", inst.origin, "/predict", payload, self._json_headers, None)
         else:
-            r = await pool.request("GET", inst.origin, "/stats", b"", self._auth, t)
+            r = await pool.request("GET", inst.origin, "/stats", b"", self._auth, None)
         body = await r.read()
         if r.status_code != 200:
             raise UpstreamError("status", f"{'/predict' if kind == 'prediction' else '/stats'} answered "
@@ -512,7 +515,6 @@ class Scheduler:
             "x-block-probe-ms": f"{d.probe_ms:.3f}",
             "x-block-decision-ms": f"{d.decision_ms:.3f}",
             "x-block-retries": str(retries),
-            "x-block-fallback": "1" if d.fallback else "0",
         }
 
     async def open_upstream(self, d: Decision, path: str, raw: bytes, body: dict, p: Parsed,
@@ -593,6 +595,9 @@ class Scheduler:
                     tail = chunk[-32:]
                     yield chunk
             except UpstreamError as err:
+                if row.get("_client_gone"):  # we cut the upstream because the client left
+                    status, error = ST_DISCONNECTED, "client disconnected"
+                    return
                 status, error = ST_STREAM_ERROR, f"upstream failed after the first token: {err}"
                 yield _error_event(f"upstream instance {row.get('instance')} failed after the first token: "
                                    f"{err}", 502)
@@ -612,6 +617,7 @@ class Scheduler:
             if status == ST_STREAM_ERROR:
                 self.metrics.stream_errors.inc()
             await resp.aclose()
+            row.pop("_client_gone", None)
             self.finish(row, status, 200, error)
 
 

@@ -187,6 +187,9 @@ class Response:
                 raise
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
                 raise self._broken(err) from err
+            except BaseException:  # cancelled or closed mid-read: the connection is in an unknown state
+                await self.aclose()
+                raise
 
     async def _read_chunks(self, r: asyncio.StreamReader) -> bytes:
         """Read at least one HTTP chunk, then every further chunk already buffered; their payloads joined.
@@ -229,6 +232,9 @@ class Response:
                 self.content = await c.reader.readexactly(self._left)
             except (OSError, asyncio.IncompleteReadError) as err:
                 raise self._broken(err) from err
+            except BaseException:
+                await self.aclose()
+                raise
             self._left = 0
             self._finish()
             return self.content

@@ -1,0 +1,171 @@
+"""``mode=emulate``: the whole distributed system as real services on loopback, engines emulated on the CPU.
+
+Starts N emulated engines (``block.engine``), N predictor side-cars (``block.predictor``, one per engine) and M
+stateless global schedulers (``block.scheduler``) as subprocesses on free ports, waits for their health, replays the
+same workload as ``mode=sim`` with the benchmark client (``block.benchmark``; requests are spread over the
+schedulers round-robin), samples every engine's ``/state`` for ``instances.parquet``, writes the run records, and
+stops every process -- on success, on failure and on Ctrl-C.
+
+Time: the stack runs ``mode.time_scale`` times faster than the modelled GPU; the client sends at ``qps x scale`` and
+multiplies every measured time by the scale, so the records are in model seconds and compare with ``mode=sim``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import wiring
+from experiments.local_stack import LocalStack
+from vidur.records import instances_frame, summarize, write_run
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /state sample otherwise
+
+
+def _write_yaml(path: Path, node: Any) -> str:
+    path.write_text(OmegaConf.to_yaml(node, resolve=True))
+    return str(path)
+
+
+def engine_args(cfg: DictConfig, conf_dir: Path) -> list[str]:
+    """The model/GPU/engine flags shared by the engine and predictor command lines (resolved config as YAML)."""
+    ec = wiring.engine_config(cfg)
+    return [
+        "--model-config", _write_yaml(conf_dir / "model.yaml", cfg.model),
+        "--gpu", _write_yaml(conf_dir / "gpu.yaml", cfg.gpu),
+        "--engine", _write_yaml(conf_dir / "engine.yaml", cfg.engine),
+        "--num-blocks", str(ec.num_blocks), "--max-num-seqs", str(ec.max_num_seqs),
+        "--chunk-size", str(ec.chunk_size), "--max-num-batched-tokens", str(ec.max_num_batched_tokens),
+        "--max-model-len", str(ec.max_model_len),
+        "--chunked-prefill" if ec.chunked_prefill else "--no-chunked-prefill",
+    ]
+
+
+def scheduler_args(cfg: DictConfig, predictor_urls: list[str], log_file: Path) -> list[str]:
+    """The scheduler's command line: the resolved policy config as a file, k explicit (null = all instances)."""
+    policy_file = log_file.with_name("policy.yaml")
+    _write_yaml(policy_file, cfg.policy)
+    k = cfg.policy.get("k")
+    return ["--instances", ",".join(predictor_urls), "--policy-config", str(policy_file),
+            "--k", "all" if k is None else str(int(k)), "--seed", str(int(cfg.seed)),
+            "--probe-timeout-ms", str(int(cfg.mode.probe_timeout_ms)), "--log-file", str(log_file)]
+
+
+class _Sampler:
+    """Reads every engine's ``/state`` at a fixed model-time interval while the benchmark runs."""
+
+    def __init__(self, urls: list[str], interval_model_s: float, scale: float, token: str | None) -> None:
+        self.urls, self.interval, self.scale = urls, interval_model_s, scale
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.rows: list[tuple] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        with httpx.Client(timeout=2.0) as client:
+            k = 0
+            while not self._stop.is_set():
+                ts = k * self.interval
+                for i, u in enumerate(self.urls):
+                    try:
+                        st = client.get(f"{u}/state", headers=self.headers).json()
+                        self.rows.append((ts, i, len(st["running"]), len(st["waiting"]), int(st["free_blocks"]),
+                                          int(st.get("num_preemptions", 0))))
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        pass
+                k += 1
+                self._stop.wait(max(0.0, t0 + k * self.interval / self.scale - time.monotonic()))
+
+    def __enter__(self) -> "_Sampler":
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, token: str | None):
+    from block.benchmark.client import BenchmarkConfig, benchmark
+
+    scale = float(cfg.mode.time_scale)
+    parts = [requests[i::len(scheduler_urls)] for i in range(len(scheduler_urls))]
+    hint = str(cfg.mode.hint)
+    jobs = []
+    for url, part in zip(scheduler_urls, parts):
+        if not part:
+            continue
+        bc = BenchmarkConfig(base_url=url, num_requests=len(part), request_rate=float(cfg.workload.qps or 1.0),
+                             seed=int(cfg.seed), hint=hint, time_scale=scale, token=token,
+                             disable_tqdm=not cfg.get("progress", True) or len(scheduler_urls) > 1,
+                             max_model_len=int(cfg.engine.max_model_len), timeout_s=float(cfg.mode.timeout_s))
+        jobs.append(benchmark(bc, part))
+    return await asyncio.gather(*jobs)
+
+
+def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ecfg = wiring.validate(cfg)
+    requests = wiring.workload(cfg)
+    wiring.policy(cfg)  # a bad policy config fails here, before any process starts
+    n = int(cfg.cluster.num_instances)
+    m = int(cfg.mode.num_schedulers)
+    scale = float(cfg.mode.time_scale)
+    token = cfg.mode.get("token") or os.environ.get("BLOCK_API_TOKEN")
+    run_dir = Path(run_dir)
+    conf_dir = run_dir / "services"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    shared = engine_args(cfg, conf_dir)
+    with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
+        engines = [stack.start(f"engine{i}", "block.engine", [*shared, "--time-scale", str(scale),
+                                                                "--seed", str(int(cfg.seed) + i)])
+                   for i in range(n)]
+        predictors = [stack.start(f"predictor{i}", "block.predictor",
+                                  [*shared, "--engine-url", e.url, "--instance-id", str(i),
+                                   "--state-source", str(cfg.mode.state_source)])
+                      for i, e in enumerate(engines)]
+        schedulers = [stack.start(f"scheduler{j}", "block.scheduler",
+                                  scheduler_args(cfg, [p.url for p in predictors], conf_dir / f"scheduler{j}.jsonl"))
+                      for j in range(m)]
+        stack.wait_healthy()
+        with _Sampler([e.url for e in engines], float(cfg.mode.sample_interval_s), scale, token) as sampler:
+            results = asyncio.run(_replay(cfg, [s.url for s in schedulers], requests, token))
+        stack.check_alive()
+    req_df = pd.concat([r.requests for r in results], ignore_index=True).sort_values("id").reset_index(drop=True)
+    summary = summarize(
+        req_df, mode="emulate", policy=str(cfg.policy.name), k=cfg.policy.get("k"), qps=cfg.workload.qps,
+        num_instances=n, num_schedulers=m, num_requests=len(requests), num_blocks=ecfg.num_blocks,
+        seed=int(cfg.seed), model=str(cfg.model.name), gpu=str(cfg.gpu.name), dataset=str(cfg.dataset.name),
+        time_scale=scale, wall_s=time.perf_counter() - t0,
+    )
+    itls = np.concatenate([r.itls_s for r in results]) if results else np.array([])
+    if itls.size:
+        v = itls * 1e3
+        summary.update(mean_itl_ms=float(v.mean()), median_itl_ms=float(np.median(v)),
+                       p90_itl_ms=float(np.percentile(v, 90)), p99_itl_ms=float(np.percentile(v, 99)))
+    inst = instances_frame(sampler.rows)
+    if len(inst):  # per-request preemptions are unknown live; the engines' counters give the total
+        summary["num_preemptions"] = int(inst.groupby("instance")["num_preemptions"].max().sum())
+    write_run(run_dir, redacted_yaml(cfg), req_df, inst, summary)
+    return summary
+
+
+def redacted_yaml(cfg: DictConfig) -> str:
+    """The resolved config with secrets replaced: a token never lands in the run records."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(c.get("mode"), dict) and c["mode"].get("token"):
+        c["mode"]["token"] = "***"
+    return OmegaConf.to_yaml(OmegaConf.create(c))
