@@ -27,10 +27,11 @@ from block.engine.runner import (
     RealTimeEngine,
 )
 from block.engine.tokens import (
+    PromptError,
+    count_request_prompt,
     WORDS,
     TokenCounter,
     filler_text,
-    message_text,
     token_text,
 )
 from block.service import DEFAULT_MAX_BODY, ServiceError, create_app, read_json
@@ -188,41 +189,10 @@ class EngineService:
 
     # ------------------------------------------------------------------ request parsing
     def _count_prompt(self, body: Mapping[str, Any], chat: bool) -> int:
-        if chat:
-            msgs = body.get("messages")
-            if msgs is None:
-                raise _bad("messages is required")
-            if not isinstance(msgs, list) or not msgs:
-                raise _bad("messages must be a non-empty list of {role, content} objects")
-            contents = []
-            for i, m in enumerate(msgs):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise _bad(f"messages[{i}] must be an object with a string 'role'")
-                text = message_text(m.get("content"))
-                if text is None:
-                    raise _bad(f"messages[{i}].content must be a string or a list of text parts")
-                contents.append(text)
-            return self.counter.count_chat(contents)
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise _bad("prompt is required")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one prompt
-        if isinstance(prompt, str):
-            return self.counter.count_text(prompt)
-        if isinstance(prompt, list):
-            if not prompt:
-                raise _bad("prompt must not be empty")
-            vmax = self.vocab_size
-            for t in prompt:
-                if isinstance(t, bool) or not isinstance(t, int):
-                    if isinstance(t, (str, list)):
-                        raise _bad("batched prompts are not supported: send one prompt per request")
-                    raise _bad("prompt must be a string or a list of token ids (integers)")
-                if t < 0 or (vmax is not None and t >= vmax):
-                    raise _bad(f"Token id {t} is out of vocabulary")
-            return len(prompt)
-        raise _bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        try:
+            return count_request_prompt(self.counter, body, chat, self.vocab_size)
+        except PromptError as err:
+            raise _bad(str(err)) from None
 
     def parse(self, body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) -> Params:
         model = body.get("model")

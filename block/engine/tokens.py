@@ -93,3 +93,48 @@ def message_text(content: Any) -> Optional[str]:
                 return None
         return "\n".join(out)
     return None
+
+
+class PromptError(ValueError):
+    """A malformed prompt in an OpenAI request body (the services answer it with a 400)."""
+
+
+def count_request_prompt(counter: "TokenCounter", body: Any, chat: bool, vocab_size: Optional[int] = None) -> int:
+    """Prompt tokens of a /v1/completions (``prompt``: text or token ids) or /v1/chat/completions (``messages``) body.
+
+    One function for the engine and the scheduler, so both count -- and refuse -- the same prompts.
+    """
+    if chat:
+        msgs = body.get("messages")
+        if msgs is None:
+            raise PromptError("messages is required")
+        if not isinstance(msgs, list) or not msgs:
+            raise PromptError("messages must be a non-empty list of {role, content} objects")
+        contents = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise PromptError(f"messages[{i}] must be an object with a string 'role'")
+            text = message_text(m.get("content"))
+            if text is None:
+                raise PromptError(f"messages[{i}].content must be a string or a list of text parts")
+            contents.append(text)
+        return counter.count_chat(contents)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise PromptError("prompt is required")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, str):
+        return counter.count_text(prompt)
+    if isinstance(prompt, list):
+        if not prompt:
+            raise PromptError("prompt must not be empty")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int):
+                if isinstance(t, (str, list)):
+                    raise PromptError("batched prompts are not supported: send one prompt per request")
+                raise PromptError("prompt must be a string or a list of token ids (integers)")
+            if t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise PromptError(f"Token id {t} is out of vocabulary")
+        return len(prompt)
+    raise PromptError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")

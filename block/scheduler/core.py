@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 from block import prom
-from block.engine.tokens import TokenCounter, message_text
+from block.engine.tokens import PromptError, TokenCounter, count_request_prompt
 from block.http import Origin, Pool, Response, UpstreamError
 from block.service import ServiceError
 from vidur.cluster import RoutingContext, RoutingPolicy
@@ -190,35 +190,10 @@ class PromptCounter:
         self.counter = TokenCounter(tokenizer)
 
     def count(self, body: Mapping[str, Any], chat: bool) -> int:
-        if chat:
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise _bad("messages is required: a non-empty list of {role, content} objects")
-            contents = []
-            for i, m in enumerate(msgs):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise _bad(f"messages[{i}] must be an object with a string 'role'")
-                text = message_text(m.get("content"))
-                if text is None:
-                    raise _bad(f"messages[{i}].content must be a string or a list of text parts")
-                contents.append(text)
-            return self.counter.count_chat(contents)
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise _bad("prompt is required")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return self.counter.count_text(prompt)
-        if isinstance(prompt, list):
-            if not prompt:
-                raise _bad("prompt must not be empty")
-            for t in prompt:
-                if type(t) is not int:  # noqa: E721 - bool is rejected too
-                    raise _bad("prompt must be a string or a list of token ids (integers); "
-                               "batched prompts are not supported")
-            return len(prompt)
-        raise _bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        try:
+            return count_request_prompt(self.counter, body, chat)
+        except PromptError as err:
+            raise _bad(str(err)) from None
 
 
 def parse_body(raw: bytes, headers: Mapping[str, str], chat: bool, counter: PromptCounter) -> tuple[dict, Parsed]:
