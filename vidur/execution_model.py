@@ -728,6 +728,10 @@ class ExecutionModel:
         if tp < 1:
             raise ValueError(f"tp={tp} must be >= 1")
         root = Path(profile_root) if profile_root is not None else None
+        if root is not None:  # a model fitted on a real engine's step times (vidur.profile_fit) takes precedence
+            fitted = root / "fitted" / str(gpu.profile_dir or gpu.name) / model.profile_name / f"tp{tp}.json"
+            if fitted.is_file():
+                return cls.from_json(fitted, cpu_overhead_s)
         files = _relevant_files(root, gpu)
         key = _cache_key(model, gpu, tp, root, files)
         cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -758,6 +762,14 @@ class ExecutionModel:
         em = cls(params, cpu_overhead_s)
         em.cache_path = path
         em.cache_hit = hit
+        return em
+
+    @classmethod
+    def from_json(cls, path: str | Path, cpu_overhead_s: float = 0.0) -> "ExecutionModel":
+        """A model saved as JSON parameters (e.g. by ``python -m vidur.profile_fit`` from measured step times)."""
+        with open(path) as fh:
+            em = cls(json.load(fh), cpu_overhead_s)
+        em.cache_path = Path(path)
         return em
 
     def _build_tokens(self, n_tok: int) -> None:
