@@ -102,7 +102,13 @@ def workload_config(cfg: DictConfig):
 def workload(cfg: DictConfig) -> list[Request]:
     from data import build_workload
 
-    return build_workload(workload_config(cfg))
+    wc = workload_config(cfg)
+    if wc.predicted_length == "estimator":  # tag with a length estimator before the run (block_star reads it)
+        from length_estimation.serve import tag_workload
+
+        wc.predicted_length = "none"
+        return tag_workload(cfg, build_workload(wc))
+    return build_workload(wc)
 
 
 def policy(cfg: DictConfig):

@@ -45,7 +45,7 @@ class DataConfig:
     limit: int | None = None           # read only the first rows of the file (quick runs and tests)
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None) -> "DataConfig":
+    def from_mapping(cls, m: Mapping[str, Any] | None) -> DataConfig:
         m = dict(m or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(m) - known)
@@ -93,9 +93,9 @@ def assign_splits(n: int, seed: int = 42, test_fraction: float = 0.2, val_fracti
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(test_fraction * n))
+    n_test = round(test_fraction * n)
     n_train_all = n - n_test
-    n_val = int(round(val_fraction * n_train_all))
+    n_val = round(val_fraction * n_train_all)
     labels = np.empty(n, dtype=object)
     labels[perm[: n_train_all - n_val]] = "train"
     labels[perm[n_train_all - n_val: n_train_all]] = "val"
@@ -138,5 +138,5 @@ def split_summary(df: pd.DataFrame) -> dict[str, dict]:
     out = {}
     for name, g in df.groupby("split", sort=False):
         o = g["output_tokens"].to_numpy()
-        out[str(name)] = {"rows": int(len(g)), "mean_output": float(o.mean()), "median_output": float(np.median(o))}
+        out[str(name)] = {"rows": len(g), "mean_output": float(o.mean()), "median_output": float(np.median(o))}
     return out

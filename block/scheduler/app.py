@@ -137,10 +137,11 @@ class SchedulerApp:
             sched.finish(row, ST_CLIENT_ERROR, err.status, err.message)
             await _send_error(send, err.status, err.message, err.type, {"x-request-id": rid})
             return
+        estimated = await sched.estimate_length(body, p, row)  # None unless an estimator gave the length
         index = row["index"] = sched.n  # the RoutingContext's request_index: routed requests only
         sched.n += 1
-        req = sched.make_request(index, time.monotonic() - sched.t0, p)
-        row.update(prompt_tokens=p.prompt_tokens, hint=p.hint, stream=p.stream)
+        req = sched.make_request(index, time.monotonic() - sched.t0, p, estimated)
+        row.update(prompt_tokens=p.prompt_tokens, hint=p.hint if p.hint is not None else estimated, stream=p.stream)
         tried: list[int] = []
         retries = 0
         d: Optional[Decision] = None
@@ -177,6 +178,9 @@ class SchedulerApp:
                 continue
             hdrs = sched.block_headers(d, retries)
             hdrs["x-request-id"] = rid
+            if estimated is not None:
+                hdrs["x-block-estimated-output-tokens"] = str(estimated)
+                hdrs["x-block-estimator-ms"] = f"{row['estimator_ms']:.3f}"
             if fallback_any:
                 hdrs["x-block-fallback"] = "1"
             if finished or it is None:

@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--default-output-tokens", type=int, default=None,
                     help="expected output length of a request that carries no hint (header x-expected-output-tokens "
                          "or body expected_output_tokens); default: its max_tokens")
+    ap.add_argument("--length-estimator", default="none", metavar="none|cpu|auto|FILE.npz|CHECKPOINT_DIR",
+                    help="estimate the output length of requests that carry no hint from their prompt text: none "
+                         "(default), cpu (the shipped numpy estimator), auto (a transformer checkpoint from "
+                         "$BLOCK_LENGTH_CHECKPOINT when a GPU is present, else cpu), an .npz CPU model or a "
+                         "transformer checkpoint directory. Token-id prompts and failures use the default length")
+    ap.add_argument("--estimator-max-batch", type=int, default=32,
+                    help="prompts per length-estimator call (default 32)")
+    ap.add_argument("--estimator-wait-ms", type=float, default=2.0,
+                    help="batching window of the length estimator: prompts arriving within it of the first one "
+                         "share one call (default 2 ms; 0 = only those already queued)")
     ap.add_argument("--max-retries", type=int, default=2,
                     help="re-dispatches of a request whose instance fails before the first token (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the scheduler's random draws (sampling, ties)")
@@ -144,6 +154,8 @@ def make_scheduler(args: argparse.Namespace):
         log_file=args.log_file, upstream_token=args.upstream_token or None, tokenizer=args.tokenizer,
         connect_timeout_s=args.connect_timeout_s, upstream_timeout_s=args.upstream_timeout_s,
         down_cooldown_s=args.down_cooldown_s, max_connections=args.max_connections, policy_config=pcfg,
+        length_estimator=args.length_estimator, estimator_max_batch=args.estimator_max_batch,
+        estimator_wait_ms=args.estimator_wait_ms,
     )
     return Scheduler(cfg)
 

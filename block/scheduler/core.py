@@ -8,8 +8,11 @@ short-lived "down" mark per instance (a connection refused puts an instance out 
 Request path (``handle``):
 
 1. parse the body (prompt tokens: a list of ids -> its length, text/chat -> ``block.engine.tokens.TokenCounter``),
-   the length hint (header ``x-expected-output-tokens`` or body ``expected_output_tokens``, else
-   ``default_output_tokens``, else ``max_tokens``); bad input -> 400 JSON;
+   the length hint (header ``x-expected-output-tokens`` or body ``expected_output_tokens``, else -- with a length
+   estimator configured (``length_estimator``) -- the estimator's prediction from the prompt text, capped at
+   ``max_tokens``, else ``default_output_tokens``, else ``max_tokens``); bad input -> 400 JSON. The estimator runs
+   batched in a worker thread (``length_estimation.serve.BatchingEstimator``); the latency it adds is in
+   ``/metrics`` (``block_scheduler_length_estimator_seconds``) and in the request's log row (``estimator_ms``);
 2. ``route``: sample k of the eligible instances with the process's rng (as ``vidur.cluster`` does), probe them
    concurrently according to the policy's signal (prediction: ``POST /predict`` with the length the policy tells
    that instance; stats: ``GET /stats``; none: no probe) within ``probe_timeout_s``; probes that fail or time out are
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 from block import prom
-from block.engine.tokens import PromptError, TokenCounter, count_request_prompt
+from block.engine.tokens import PromptError, TokenCounter, count_request_prompt, message_text
 from block.http import Origin, Pool, Response, UpstreamError
 from block.service import ServiceError
 from vidur.cluster import RoutingContext, RoutingPolicy
@@ -75,6 +78,8 @@ ST_STREAM_ERROR = "stream_error"  # the upstream failed after the first token (S
 ST_DISCONNECTED = "client_disconnected"  # the client went away first
 ST_INTERNAL = "internal_error"  # a bug in the scheduler (500)
 STATUSES = (ST_OK, ST_CLIENT_ERROR, ST_UPSTREAM_ERROR, ST_STREAM_ERROR, ST_DISCONNECTED, ST_INTERNAL)
+# where a request's expected output length came from (the log's ``hint_source``)
+HINT_SOURCES = ("client", "estimator", "default")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -94,6 +99,11 @@ class SchedulerConfig:
     down_cooldown_s: float = 2.0
     max_connections: int = 4096
     policy_config: dict[str, Any] = field(default_factory=dict)  # what built the policy (for /health and logs)
+    # length estimator for requests without a hint: none | cpu | auto | <file.npz> | <checkpoint dir>
+    length_estimator: Optional[str] = None
+    estimator_max_batch: int = 32
+    estimator_wait_ms: float = 2.0  # batching window: prompts arriving within it share one predict call
+    estimator_timeout_s: float = 5.0  # an estimate slower than this falls back to the default length
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -111,6 +121,10 @@ class SchedulerConfig:
             raise ValueError(f"default_output_tokens={self.default_output_tokens} must be >= 1")
         if self.down_cooldown_s < 0:
             raise ValueError(f"down_cooldown_s={self.down_cooldown_s} must be >= 0")
+        if self.estimator_max_batch < 1:
+            raise ValueError(f"estimator_max_batch={self.estimator_max_batch} must be >= 1")
+        if not (math.isfinite(self.estimator_wait_ms) and self.estimator_wait_ms >= 0):
+            raise ValueError(f"estimator_wait_ms={self.estimator_wait_ms} must be >= 0")
 
 
 def normalize_url(u: str) -> str:
@@ -220,6 +234,24 @@ def parse_body(raw: bytes, headers: Mapping[str, str], chat: bool, counter: Prom
     return body, Parsed(chat, stream, prompt, max_tokens, hint, in_body)
 
 
+def prompt_text(body: Mapping[str, Any], chat: bool) -> Optional[str]:
+    """The text the length estimator reads: a completions prompt string, or the last user message of a chat (the
+    estimator is trained on first user turns). None for token-id prompts (nothing to read)."""
+    if chat:
+        msgs = body.get("messages") or ()
+        for m in reversed(msgs):
+            if isinstance(m, dict) and m.get("role") == "user":
+                return message_text(m.get("content"))
+        for m in reversed(msgs):
+            if isinstance(m, dict):
+                return message_text(m.get("content"))
+        return None
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else None
+
+
 # ------------------------------------------------------------------------------------------------ state
 @dataclass
 class Instance:
@@ -285,6 +317,22 @@ class Metrics:
         self.decision.touch()
         self.probe.touch()
         self.n_inflight = 0
+        self.hints = r.counter("block_scheduler_length_hints",
+                               "Where each routed request's expected output length came from.", ("source",))
+        for src in HINT_SOURCES:
+            self.hints.touch(source=src)
+        self.estimator_latency = r.histogram(
+            "block_scheduler_length_estimator_seconds",
+            "Latency the length estimator added per estimated request (queueing + batching window + prediction).",
+            buckets)
+        self.estimator_batch = r.histogram("block_scheduler_length_estimator_batch_size",
+                                           "Prompts per length-estimator call, per estimated request.",
+                                           (1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.estimator_failures = r.counter("block_scheduler_length_estimator_failures",
+                                            "Estimates that failed or timed out (default length used instead).")
+        self.estimator_latency.touch()
+        self.estimator_batch.touch()
+        self.estimator_failures.touch()
 
 
 def _finite(x: Any) -> float:
@@ -313,6 +361,15 @@ class Scheduler:
         self._json_headers = {"content-type": "application/json", **self._auth}
         self._log = open(cfg.log_file, "a", buffering=1) if cfg.log_file else None
         self._pid = os.getpid()
+        self.estimator = None  # length_estimation.serve.BatchingEstimator for requests without a hint
+        if cfg.length_estimator and cfg.length_estimator.strip().lower() not in ("none", "off", ""):
+            from length_estimation.serve import BatchingEstimator, load_estimator
+
+            est = load_estimator(cfg.length_estimator)
+            if est is not None:
+                self.estimator = BatchingEstimator(est, cfg.estimator_max_batch, cfg.estimator_wait_ms,
+                                                   cfg.estimator_timeout_s)
+                self.estimator.warmup()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -322,6 +379,8 @@ class Scheduler:
             self.pool = Pool(connect_timeout_s=self.cfg.connect_timeout_s, max_idle=self.cfg.max_connections)
 
     async def close(self) -> None:
+        if self.estimator is not None:
+            await self.estimator.close()
         if self.pool is not None:
             await self.pool.aclose()
             self.pool = None
@@ -348,7 +407,8 @@ class Scheduler:
         up = sum(1 for x in self.instances if x.down_until <= now)
         return {"role": "scheduler", "policy": self.policy.name, "k": self.policy.k, "signal": self.policy.signal,
                 "instances": len(self.instances), "healthy_instances": up, "requests": self.n,
-                "in_flight": self.metrics.n_inflight}
+                "in_flight": self.metrics.n_inflight,
+                "length_estimator": None if self.estimator is None else self.estimator.name}
 
     def render_metrics(self) -> str:
         now = time.monotonic()
@@ -458,10 +518,42 @@ class Scheduler:
         return Decision(choice, told, pred, probe_ms, ms, fallback, list(probe_ids), answered)
 
     # ------------------------------------------------------------------ request handling
-    def make_request(self, index: int, arrival_s: float, p: Parsed) -> Request:
+    def make_request(self, index: int, arrival_s: float, p: Parsed, estimated: Optional[int] = None) -> Request:
         out = p.max_tokens or self.cfg.default_output_tokens or FALLBACK_OUTPUT_TOKENS
-        predicted = p.hint if p.hint is not None else self.cfg.default_output_tokens
+        predicted = p.hint if p.hint is not None else estimated if estimated is not None \
+            else self.cfg.default_output_tokens
         return Request(index, arrival_s, p.prompt_tokens, out, predicted)
+
+    async def estimate_length(self, body: Mapping[str, Any], p: Parsed, row: dict[str, Any]) -> Optional[int]:
+        """The estimator's length for a request without a hint (capped at its max_tokens), or None (no estimator,
+        no prompt text, or a failure: the default length applies). Fills the row's ``hint_source``,
+        ``estimated_tokens``, ``estimator_ms`` and ``estimator_batch``; counts the source in /metrics."""
+        m = self.metrics
+        if p.hint is not None:
+            m.hints.inc(source="client")
+            row["hint_source"] = "client"
+            return None
+        text = prompt_text(body, p.chat) if self.estimator is not None else None
+        est = None
+        if text is not None:
+            assert self.estimator is not None
+            t0 = time.perf_counter()
+            try:
+                e = await self.estimator.estimate(text)
+            except (asyncio.TimeoutError, RuntimeError) as err:
+                m.estimator_failures.inc()
+                row["estimator_error"] = repr(err)
+                row["estimator_ms"] = (time.perf_counter() - t0) * 1e3
+                log.warning("length estimate failed, using the default: %r", err)
+            else:
+                est = e.tokens if p.max_tokens is None else min(e.tokens, p.max_tokens)
+                row.update(estimated_tokens=e.tokens, estimator_ms=e.latency_ms, estimator_batch=e.batch_size)
+                m.estimator_latency.observe(e.latency_ms / 1e3)
+                m.estimator_batch.observe(e.batch_size)
+        src = "estimator" if est is not None else "default"
+        m.hints.inc(source=src)
+        row["hint_source"] = src
+        return est
 
     def _write_log(self, row: dict[str, Any]) -> None:
         if self._log is not None:
