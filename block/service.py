@@ -187,3 +187,16 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> Non
     else:
         print(f"listening on http://{host}:{port}", flush=True)
         server.run()
+
+
+def run_cli(ap: argparse.ArgumentParser, make_service: Callable[[argparse.Namespace], Any],
+            build_app: Callable[..., FastAPI], argv: Optional[list[str]] = None) -> None:
+    """The ``main`` of a service: parse, configure logging, build (a ValueError is a usage error), serve."""
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    try:
+        service = make_service(args)
+    except ValueError as err:
+        ap.error(str(err))
+    app = build_app(service, token=args.token, max_body_bytes=args.max_body_bytes)
+    serve(app, args.host, args.port, args.log_level)

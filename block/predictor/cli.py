@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import logging
 from typing import Optional, Sequence
 
 from block.service import add_common_args
@@ -113,18 +112,10 @@ def make_service(args: argparse.Namespace):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
-    try:
-        service = make_service(args)
-    except ValueError as err:
-        ap.error(str(err))
     from block.predictor.app import build_app
-    from block.service import serve
+    from block.service import run_cli
 
-    app = build_app(service, token=args.token, max_body_bytes=args.max_body_bytes)
-    serve(app, args.host, args.port, args.log_level)
+    run_cli(build_parser(), make_service, build_app, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":
