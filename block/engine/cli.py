@@ -52,17 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 def make_service(args: argparse.Namespace):
     """The EngineService for parsed arguments (raises ValueError on a bad configuration)."""
     from block.engine.app import EngineService
-    from block.engine.config import build_setup
+    from block.engine.config import setup_from_args
 
     if not args.time_scale > 0:
         raise ValueError(f"--time-scale={args.time_scale} must be > 0")
-    setup = build_setup(
-        args.model_config or args.model or "llama2_7b", args.gpu, args.engine,
-        max_num_seqs=args.max_num_seqs, chunk_size=args.chunk_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=args.num_blocks,
-        chunked_prefill=args.chunked_prefill, max_model_len=args.max_model_len,
-        tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
-    )
+    setup = setup_from_args(args)
     em = setup.execution_model(args.cache_dir)
     tok = setup.model.tokenizer if args.tokenizer == "auto" else args.tokenizer
     return EngineService(setup.engine, em, served_model_name=args.served_model_name or setup.model.name,

@@ -108,3 +108,14 @@ def build_setup(model: str = "llama2_7b", gpu: str = "a30", engine: str = "vllm_
     return EngineSetup(model=ms, gpu=gs, engine=ec, tensor_parallel=tp,
                        cpu_overhead_s=float(ed.get("cpu_overhead_s", 0.0) or 0.0),
                        engine_name=str(ed.get("name", engine)), raw={"model": md, "gpu": gd, "engine": ed})
+
+
+def setup_from_args(args) -> EngineSetup:
+    """``build_setup`` from the model/GPU/engine options that the engine and predictor command lines share."""
+    return build_setup(
+        args.model_config or args.model or "llama2_7b", args.gpu, args.engine,
+        max_num_seqs=args.max_num_seqs, chunk_size=args.chunk_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=args.num_blocks,
+        chunked_prefill=args.chunked_prefill, max_model_len=args.max_model_len,
+        tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
+    )

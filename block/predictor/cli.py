@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_service(args: argparse.Namespace):
     """The PredictorService for parsed arguments (raises ValueError on a bad configuration)."""
-    from block.engine.config import build_setup
+    from block.engine.config import setup_from_args
     from block.predictor.app import PredictorService
 
     for name in ("metrics_interval_s", "state_interval_s", "engine_down_after_s"):
@@ -91,13 +91,7 @@ def make_service(args: argparse.Namespace):
         raise ValueError("--overrun-tokens must be >= 0")
     if not args.engine_url.startswith(("http://", "https://")):
         raise ValueError(f"--engine-url {args.engine_url!r} must start with http:// or https://")
-    setup = build_setup(
-        args.model_config or args.model or "llama2_7b", args.gpu, args.engine,
-        max_num_seqs=args.max_num_seqs, chunk_size=args.chunk_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=args.num_blocks,
-        chunked_prefill=args.chunked_prefill, max_model_len=args.max_model_len,
-        tensor_parallel=args.tensor_parallel, gpu_memory_utilization=args.gpu_memory_utilization,
-    )
+    setup = setup_from_args(args)
     em = setup.execution_model(args.cache_dir)
     tok = setup.model.tokenizer if args.tokenizer == "auto" else args.tokenizer
     return PredictorService(
