@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, to
 
 def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ecfg = wiring.validate(cfg)
+    wiring.validate(cfg)
     requests = wiring.workload(cfg)
     wiring.policy(cfg)  # a bad policy config fails here, before any process starts
     n = int(cfg.cluster.num_instances)
@@ -141,25 +142,59 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                   scheduler_args(cfg, [p.url for p in predictors], conf_dir / f"scheduler{j}.jsonl"))
                       for j in range(m)]
         stack.wait_healthy()
-        with _Sampler([e.url for e in engines], float(cfg.mode.sample_interval_s), scale, token) as sampler:
-            results = asyncio.run(_replay(cfg, [s.url for s in schedulers], requests, token))
+        records = drive(cfg, requests, [s.url for s in schedulers], [e.url for e in engines], token)
         stack.check_alive()
+    return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0)
+
+
+@dataclass
+class DriveResult:
+    """What one replay against live schedulers measured: per-request rows, ITLs and the instance samples."""
+
+    requests: pd.DataFrame
+    itls_s: np.ndarray
+    instances: pd.DataFrame
+
+
+def drive(cfg: DictConfig, requests: list, scheduler_urls: list[str], state_urls: list[str],
+          token: str | None) -> DriveResult:
+    """Replay ``requests`` against running schedulers while sampling every instance's ``/state``.
+
+    Shared by ``mode=emulate`` (local services) and ``mode=deploy`` (run on the scheduler host by
+    ``python -m experiments.drive``); ``state_urls`` are engines (emulate) or predictors (deploy: they also serve
+    ``/state``, for stock vLLM too).
+    """
+    scale = float(cfg.mode.time_scale)
+    with _Sampler(state_urls, float(cfg.mode.sample_interval_s), scale, token) as sampler:
+        results = asyncio.run(_replay(cfg, scheduler_urls, requests, token))
     req_df = pd.concat([r.requests for r in results], ignore_index=True).sort_values("id").reset_index(drop=True)
-    summary = summarize(
-        req_df, mode="emulate", policy=str(cfg.policy.name), k=cfg.policy.get("k"), qps=cfg.workload.qps,
-        num_instances=n, num_schedulers=m, num_requests=len(requests), num_blocks=ecfg.num_blocks,
-        seed=int(cfg.seed), model=str(cfg.model.name), gpu=str(cfg.gpu.name), dataset=str(cfg.dataset.name),
-        time_scale=scale, wall_s=time.perf_counter() - t0,
-    )
     itls = np.concatenate([r.itls_s for r in results]) if results else np.array([])
-    if itls.size:
-        v = itls * 1e3
+    return DriveResult(req_df, itls, instances_frame(sampler.rows))
+
+
+def record_summary(cfg: DictConfig, requests: list, res: DriveResult, mode: str, **extra: Any) -> dict[str, Any]:
+    """The run summary (vllm-bench keys) of a live replay, with ITL percentiles and the engines' preemptions."""
+    ecfg = wiring.engine_config(cfg)
+    summary = summarize(
+        res.requests, mode=mode, policy=str(cfg.policy.name), k=cfg.policy.get("k"), qps=cfg.workload.qps,
+        num_instances=int(cfg.cluster.num_instances), num_schedulers=int(cfg.mode.num_schedulers),
+        num_requests=len(requests), num_blocks=ecfg.num_blocks, seed=int(cfg.seed), model=str(cfg.model.name),
+        gpu=str(cfg.gpu.name), dataset=str(cfg.dataset.name), time_scale=float(cfg.mode.time_scale), **extra,
+    )
+    if res.itls_s.size:
+        v = res.itls_s * 1e3
         summary.update(mean_itl_ms=float(v.mean()), median_itl_ms=float(np.median(v)),
                        p90_itl_ms=float(np.percentile(v, 90)), p99_itl_ms=float(np.percentile(v, 99)))
-    inst = instances_frame(sampler.rows)
+    inst = res.instances
     if len(inst):  # per-request preemptions are unknown live; the engines' counters give the total
         summary["num_preemptions"] = int(inst.groupby("instance")["num_preemptions"].max().sum())
-    write_run(run_dir, redacted_yaml(cfg), req_df, inst, summary)
+    return summary
+
+
+def write_records(cfg: DictConfig, run_dir: Path, requests: list, res: DriveResult, mode: str,
+                  **extra: Any) -> dict[str, Any]:
+    summary = record_summary(cfg, requests, res, mode, **extra)
+    write_run(run_dir, redacted_yaml(cfg), res.requests, res.instances, summary)
     return summary
 
 

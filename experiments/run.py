@@ -50,7 +50,11 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
         from experiments.emulate import run_emulate
 
         return run_emulate(cfg, run_dir)
-    raise ConfigError(f"mode={mode} is not available yet (supported: sim, emulate)")
+    if mode == "deploy":
+        from experiments.deploy import run_deploy
+
+        return run_deploy(cfg, run_dir)
+    raise ConfigError(f"mode={mode} is unknown (supported: sim, emulate, deploy)")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

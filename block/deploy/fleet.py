@@ -1,0 +1,201 @@
+"""SSH connections to every host of a cluster config, and work run on all of them in parallel.
+
+Why a thin layer over Fabric: every deploy step is "do this on each host, at the same time, and tell me which hosts
+failed and why". Commands that are the same everywhere go through a Fabric ``ThreadingGroup``; steps whose commands
+differ per host (each host has its own work directory and its own services) run the same way, one thread per host,
+and both end in :class:`HostOutcome` per host. A failure on some hosts never hides what the others did: a
+:class:`FleetError` lists every failing host with its ssh target and the error, and keeps the successful results.
+
+Secrets: the ssh key comes from ``key_filename`` / ``$BLOCK_SSH_KEY`` or from ssh-agent and ``~/.ssh`` (paramiko's
+defaults); passwords are never used. Nothing here logs a command's stdin, which is how secrets reach the hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from block.deploy.inventory import Host
+
+SSH_KEY_ENV = "BLOCK_SSH_KEY"
+
+
+def _require_fabric():
+    try:
+        import fabric  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise RuntimeError("Fabric is not installed: pip install -e '.[deploy]'") from err
+    return fabric
+
+
+@dataclass
+class HostOutcome:
+    """What one step did on one host: its value, or the error that stopped it."""
+
+    host: str
+    target: str
+    ok: bool
+    value: Any = None
+    error: Optional[str] = None
+
+
+class FleetError(RuntimeError):
+    """A step failed on some hosts; ``outcomes`` holds every host's outcome, the failing ones first in the text."""
+
+    def __init__(self, action: str, outcomes: dict[str, HostOutcome]) -> None:
+        self.action = action
+        self.outcomes = outcomes
+        bad = [o for o in outcomes.values() if not o.ok]
+        good = [o.host for o in outcomes.values() if o.ok]
+        lines = [f"{action} failed on {len(bad)} of {len(outcomes)} host(s):"]
+        lines += [f"  {o.host} ({o.target}): {o.error}" for o in bad]
+        if good:
+            lines.append(f"  succeeded on: {', '.join(good)}")
+        super().__init__("\n".join(lines))
+
+
+def describe_error(err: BaseException) -> str:
+    """One readable line for an ssh/command error (Fabric's messages are long and multi-line)."""
+    from invoke.exceptions import UnexpectedExit
+
+    if isinstance(err, UnexpectedExit):
+        r = err.result
+        tail = "\n".join((r.stderr or r.stdout or "").strip().splitlines()[-15:])
+        return f"command exited {r.exited}: {tail}" if tail else f"command exited {r.exited}"
+    msg = str(err).strip() or type(err).__name__
+    return f"{type(err).__name__}: {msg}"
+
+
+def shell_path(path: str) -> str:
+    """Quote a remote path for the shell, keeping a leading ``~`` expandable (``~/x`` -> ``"$HOME"/x``)."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        rest = path[2:]
+        return '"$HOME"/' + shlex.quote(rest) if rest else '"$HOME"'
+    return shlex.quote(path)
+
+
+class Fleet:
+    """One Fabric connection per host (opened lazily, reused), and parallel work over them."""
+
+    def __init__(self, hosts: Sequence[Host], key_filename: Optional[str] = None, connect_timeout_s: float = 15.0,
+                 forward_agent: bool = False) -> None:
+        _require_fabric()
+        if not hosts:
+            raise ValueError("a fleet needs at least one host")
+        self.hosts = list(hosts)
+        self.by_name = {h.name: h for h in self.hosts}
+        key = key_filename or os.environ.get(SSH_KEY_ENV)
+        if key and not os.path.exists(os.path.expanduser(key)):
+            raise ValueError(f"ssh key {key!r} (from {'key_filename' if key_filename else '$' + SSH_KEY_ENV}) "
+                             "does not exist")
+        self.connect_kwargs: dict[str, Any] = {"look_for_keys": True, "allow_agent": True}
+        if key:
+            self.connect_kwargs["key_filename"] = [os.path.expanduser(key)]
+        self.connect_timeout_s = connect_timeout_s
+        self.forward_agent = forward_agent
+        self._conns: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.workdirs: dict[str, str] = {}  # host name -> absolute work directory (resolved on first use)
+
+    # ------------------------------------------------------------------ connections
+    def conn(self, host: Host | str):
+        from fabric import Config, Connection
+
+        h = self.by_name[host] if isinstance(host, str) else host
+        with self._lock:
+            c = self._conns.get(h.name)
+            if c is None:
+                cfg = Config(overrides={"run": {"hide": True, "echo": False},
+                                        "connect_kwargs": dict(self.connect_kwargs),
+                                        "timeouts": {"connect": self.connect_timeout_s},
+                                        "forward_agent": self.forward_agent})
+                c = Connection(h.address, user=h.user, port=h.port, config=cfg,
+                               connect_timeout=self.connect_timeout_s, connect_kwargs=dict(self.connect_kwargs))
+                self._conns[h.name] = c
+            return c
+
+    def group(self, hosts: Optional[Iterable[Host]] = None):
+        """A Fabric ThreadingGroup over ``hosts`` (default all): the same command on every host at once."""
+        from fabric import ThreadingGroup
+
+        return ThreadingGroup.from_connections([self.conn(h) for h in (hosts or self.hosts)])
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._conns.values():
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
+                    pass
+            self._conns.clear()
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ parallel work
+    def run_all(self, action: str, command: str, hosts: Optional[Sequence[Host]] = None,
+                raise_on_error: bool = True) -> dict[str, HostOutcome]:
+        """Run one shell command on every host through a ThreadingGroup; outcome value = stripped stdout."""
+        from fabric.exceptions import GroupException
+
+        hs = list(hosts or self.hosts)
+        group = self.group(hs)
+        by_conn = {id(self.conn(h)): h for h in hs}
+        try:
+            results = dict(group.run(command, hide=True, warn=False, in_stream=False))
+        except GroupException as err:
+            results = dict(err.result)
+        outcomes: dict[str, HostOutcome] = {}
+        for conn, res in results.items():
+            h = by_conn[id(conn)]
+            if isinstance(res, BaseException):
+                outcomes[h.name] = HostOutcome(h.name, h.ssh_target, False, error=describe_error(res))
+            else:
+                outcomes[h.name] = HostOutcome(h.name, h.ssh_target, True, value=res.stdout.strip())
+        outcomes = {h.name: outcomes[h.name] for h in hs}
+        if raise_on_error and not all(o.ok for o in outcomes.values()):
+            raise FleetError(action, outcomes)
+        return outcomes
+
+    def each(self, action: str, fn: Callable[[Host, Any], Any], hosts: Optional[Sequence[Host]] = None,
+             raise_on_error: bool = True) -> dict[str, HostOutcome]:
+        """Call ``fn(host, connection)`` for every host in its own thread; collect outcomes in host order."""
+        hs = list(hosts or self.hosts)
+
+        def one(h: Host) -> HostOutcome:
+            try:
+                return HostOutcome(h.name, h.ssh_target, True, value=fn(h, self.conn(h)))
+            except Exception as err:  # noqa: BLE001 - every failure is reported per host
+                return HostOutcome(h.name, h.ssh_target, False, error=describe_error(err))
+
+        if len(hs) == 1:
+            outs = [one(hs[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(32, len(hs))) as pool:
+                outs = list(pool.map(one, hs))
+        outcomes = {o.host: o for o in outs}
+        if raise_on_error and not all(o.ok for o in outs):
+            raise FleetError(action, outcomes)
+        return outcomes
+
+    # ------------------------------------------------------------------ per-host paths
+    def workdir(self, host: Host) -> str:
+        """The host's work directory as an absolute path (created on first use)."""
+        w = self.workdirs.get(host.name)
+        if w is None:
+            res = self.conn(host).run(f"mkdir -p {shell_path(host.workdir)} && cd {shell_path(host.workdir)} && pwd",
+                                      hide=True, in_stream=False)
+            w = res.stdout.strip().splitlines()[-1]
+            if w in ("/", "") or w.rstrip("/") == os.path.dirname(w.rstrip("/")):
+                raise RuntimeError(f"refusing work directory {w!r} on {host.name}")
+            self.workdirs[host.name] = w
+        return w

@@ -1,0 +1,325 @@
+"""mode=deploy and the fab tasks against real OpenSSH servers (loopback, and hosts in network namespaces).
+
+The tests deploy the emulated stack through Fabric exactly as onto CloudLab hosts: setup (venv + this project from
+an archive), start (engines, predictors, schedulers, each stage awaited healthy), the benchmark on the scheduler
+host, collect, stop, teardown. Each "host" has its own work directory. They skip, saying why, where the machine
+cannot run sshd (or network namespaces).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from block.deploy import sshlab as sshd_hosts
+from block.deploy.inventory import Host, cluster_config, write_cluster_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "tok-7f3a91-never-logged"
+HF_TOKEN = "hf_testsecret0c1d2e3f"
+pytestmark = pytest.mark.timeout(600)
+
+
+def _cluster(tmp: Path, name: str, hosts: list[Host]) -> Path:
+    path = tmp / "conf" / "cluster" / f"{name}.yaml"
+    write_cluster_config(cluster_config(hosts, name, source="test"), path)
+    return path
+
+
+def _overrides(tmp: Path, name: str, key: Path, **extra) -> list[str]:
+    ov = {
+        "mode": "deploy", "cluster": name, "hydra.searchpath": f"[file://{tmp / 'conf'}]",
+        "mode.install.python": sys.executable, "mode.install.system_site_packages": "true",
+        "mode.install.pip_args": "[--no-deps,--no-build-isolation]", "mode.ssh.key_filename": str(key),
+        "mode.time_scale": "10", "mode.startup_timeout_s": "90", "mode.engine": "emulated",
+        "workload.num_requests": "40", "workload.qps": "4", "output_root": str(tmp / "outputs"),
+        "experiment_name": "deploy", "progress": "false", "policy": "block", "policy.k": "null",
+    }
+    ov.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def _run(args: list[str], env_extra: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BLOCK_API_TOKEN": TOKEN, "HF_TOKEN": HF_TOKEN, **(env_extra or {})}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _fab(*args: str, key: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``fab`` at the repository root; the ssh key comes from $BLOCK_SSH_KEY, as a user would give it."""
+    return _run([sys.executable, "-m", "fabric", *args], {"BLOCK_SSH_KEY": str(key)} if key else None,
+                timeout=timeout)
+
+
+def _no_token_in(root: Path) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            try:
+                data = p.read_bytes()
+                if TOKEN.encode() in data or HF_TOKEN.encode() in data:
+                    hits.append(str(p))
+            except OSError:
+                pass
+    return hits
+
+
+def _run_dirs(tmp: Path) -> list[Path]:
+    return sorted(p.parent for p in (tmp / "outputs" / "deploy").rglob("summary.json"))
+
+
+def _run_dir(tmp: Path) -> Path:
+    found = _run_dirs(tmp)
+    assert len(found) == 1, found
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------------------ no ssh needed
+def test_plan_places_services_by_host_and_keeps_secrets_out(tmp_path):
+    from experiments.deploy import build_plan, compose
+
+    hosts = [Host("node0", "h0.example", user="alice", internal_ip="10.10.1.1", instances=2,
+                  roles=["engine", "scheduler"], gpu="no"),
+             Host("node1", "h1.example", user="alice", internal_ip="10.10.1.2", instances=1, gpu="yes")]
+    path = _cluster(tmp_path, "two", hosts)
+    cfg = compose(str(path), ["policy=block", "mode.num_schedulers=2", "mode.token=" + TOKEN])
+    plan = build_plan(cfg, hosts, {"node0": "emulated", "node1": "vllm"}, "rid",
+                      {"node0": "/w0/runs/rid", "node1": "/w1/runs/rid"}, tmp_path / "staging")
+    by = {h: {s["name"]: s for s in p["services"]} for h, p in plan.plans.items()}
+    assert sorted(by["node0"]) == ["engine0", "engine1", "predictor0", "predictor1", "scheduler0", "scheduler1"]
+    assert sorted(by["node1"]) == ["engine2", "predictor2"]
+    # engines on loopback (their predictor is the way in), predictors and schedulers on the LAN address
+    assert by["node0"]["engine1"]["url"] == "http://127.0.0.1:8001"
+    assert by["node0"]["predictor1"]["url"] == "http://10.10.1.1:8101"
+    assert plan.predictor_urls == ["http://10.10.1.1:8100", "http://10.10.1.1:8101", "http://10.10.1.2:8100"]
+    assert plan.scheduler_urls == ["http://10.10.1.1:8200", "http://10.10.1.1:8201"]
+    assert by["node1"]["engine2"]["argv"][:3] == ["python", "-m", "block.engine.vllm"]
+    assert by["node0"]["engine0"]["argv"][:3] == ["python", "-m", "block.engine"]
+    assert "proxy" in by["node1"]["predictor2"]["argv"] and "engine" in by["node0"]["predictor0"]["argv"]
+    sargv = by["node0"]["scheduler0"]["argv"]
+    assert sargv[sargv.index("--instances") + 1] == ",".join(plan.predictor_urls)
+    # config files are referenced relative to the run folder on the host, and shipped with the plan
+    assert "services/model.yaml" in by["node0"]["engine0"]["argv"]
+    assert {"services/model.yaml", "services/engine.yaml", "services/policy.yaml", "plan.json"} <= set(
+        plan.files["node0"])
+    for files in plan.files.values():
+        for rel, data in files.items():
+            assert TOKEN.encode() not in data, rel
+    assert json.loads(plan.files["node1"]["plan.json"])["cwd"] == "/w1/runs/rid"
+
+
+def test_deploy_config_errors_name_the_keys(tmp_path):
+    from experiments.deploy import check, compose
+    from experiments.wiring import ConfigError
+
+    hosts = [Host("node0", "h0", instances=1, roles=["engine", "scheduler"])]
+    path = _cluster(tmp_path, "one", hosts)
+    with pytest.raises(ConfigError, match="vLLM runs in real time"):
+        check(compose(str(path), ["mode.engine=vllm", "mode.time_scale=10"]))
+    with pytest.raises(ConfigError, match="engine slots"):
+        check(compose(str(path), ["cluster.num_instances=3"]))
+    with pytest.raises(ConfigError, match="has no hosts"):
+        check(compose("local4"))
+    r = _run([sys.executable, "-m", "experiments.run", "mode=deploy", "cluster=local4",
+              f"output_root={tmp_path / 'o'}"], timeout=120)
+    assert r.returncode == 2 and "has no hosts" in r.stderr
+
+
+def test_fab_lists_every_task():
+    r = _fab("--list", timeout=60)
+    assert r.returncode == 0, r.stderr
+    for name in ("setup", "start", "stop", "status", "run", "collect", "teardown", "inventory"):
+        assert f"  {name}" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ loopback sshd
+@pytest.fixture
+def loopback(tmp_path):
+    reason = sshd_hosts.why_not()
+    if reason:
+        pytest.skip(reason)
+    hosts = sshd_hosts.loopback_hosts(tmp_path / "ssh", 1)
+    yield hosts
+    hosts.close()
+
+
+def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
+    srv = loopback.servers[0]
+    work = tmp_path / "hostwork"
+    host = Host("solo", srv.address, user=loopback.user, port=srv.port, instances=2,
+                roles=["engine", "scheduler"], gpu="auto", workdir=str(work))
+    path = _cluster(tmp_path, "solo", [host])
+    base = _free_block(6)  # engines at base, base+1; predictors at base+2, base+3; the scheduler at base+4
+    ports = {"mode.ports.engine": base, "mode.ports.predictor": base + 2, "mode.ports.scheduler": base + 4}
+
+    # setup twice: the second is a no-op
+    key = str(loopback.client_key)
+    r = _fab("setup", "--cluster", str(path), "--overrides", f"mode.ssh.key_filename={key} "
+             f"mode.install.python={sys.executable} mode.install.system_site_packages=true "
+             "mode.install.pip_args=[--no-deps,--no-build-isolation] mode.engine=emulated")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "solo: installed" in r.stdout and "engine=emulated" in r.stdout
+    t0 = time.monotonic()
+    r = _fab("setup", "--cluster", str(path), "--overrides", f"mode.ssh.key_filename={key} "
+             f"mode.install.python={sys.executable} mode.install.system_site_packages=true "
+             "mode.install.pip_args=[--no-deps,--no-build-isolation] mode.engine=emulated")
+    assert r.returncode == 0 and "solo: up to date" in r.stdout, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 60
+    # the host runs its own copy of the project, not this checkout
+    origin = subprocess.run([str(work / "venv" / "bin" / "python"), "-c", "import block; print(block.__file__)"],
+                            capture_output=True, text=True, cwd=work)
+    assert origin.stdout.strip().startswith(str(work / "src")), origin
+
+    # a sweep of two policies on the host (sequential points), then the paper's figure from the deployed runs
+    ov = _overrides(tmp_path, "solo", loopback.client_key, **ports, policy="block,round_robin")
+    r = _run([sys.executable, "-m", "experiments.run", "-m", *ov])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    runs = _run_dirs(tmp_path)
+    assert len(runs) == 2
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["mode"] == "deploy" and summary["completed"] == 40 and summary["failed"] == 0
+        assert summary["num_hosts"] == 1 and summary["engines"] == ["emulated"]
+        assert summary["deploy_start_s"] > 0 and summary["deploy_benchmark_s"] > 0
+        req = pd.read_parquet(run_dir / "requests.parquet")
+        assert len(req) == 40 and set(req["instance"]) == {0, 1}
+        inst = pd.read_parquet(run_dir / "instances.parquet")
+        assert set(inst["instance"]) == {0, 1}
+        logs = run_dir / "hosts" / "solo" / "logs"
+        assert {"engine0.log", "engine1.log", "predictor0.log", "predictor1.log", "scheduler0.log"} <= {
+            p.name for p in logs.iterdir()}
+        assert "policy:" in (run_dir / "config.yaml").read_text()
+    # the token reached the services (the runs authenticated) but no file here or on the host, nor any output
+    assert not _no_token_in(tmp_path / "outputs") and not _no_token_in(work)
+    assert TOKEN not in r.stdout + r.stderr and HF_TOKEN not in r.stdout + r.stderr
+
+    # after the runs nothing is left running; the same sweep again is skipped (resume)
+    r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)
+    assert r.returncode == 0 and "cluster state: stopped" in r.stdout, r.stdout + r.stderr
+    r = _run([sys.executable, "-m", "experiments.run", "-m", *ov])
+    assert r.returncode == 0 and (r.stdout + r.stderr).lower().count("skip") >= 2
+    r = _run([sys.executable, "-m", "analysis.fig6", str(tmp_path / "outputs" / "deploy")], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "outputs" / "deploy" / "figures" / "fig6_qps.png").stat().st_size > 10_000
+
+    r = _fab("teardown", "--cluster", str(path), timeout=120, key=loopback.client_key)
+    assert r.returncode == 2 and "--yes" in r.stderr
+    r = _fab("teardown", "--cluster", str(path), "--yes", timeout=120, key=loopback.client_key)
+    assert r.returncode == 0 and f"removed {work}" in r.stdout, r.stdout + r.stderr
+    assert not work.exists()
+
+
+def _free_block(n: int) -> int:
+    """A port p with p .. p+n-1 all free on loopback."""
+    for _ in range(200):
+        p = sshd_hosts.free_port()
+        if p + n < 65535 and all(_free(p + i) for i in range(n)):
+            return p
+    raise RuntimeError("no block of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_unreachable_host_is_named(tmp_path, loopback):
+    srv = loopback.servers[0]
+    good = Host("good", srv.address, user=loopback.user, port=srv.port, roles=["engine", "scheduler"], gpu="no",
+                workdir=str(tmp_path / "w-good"))
+    bad = Host("bad", "127.0.0.1", user=loopback.user, port=sshd_hosts.free_port(), gpu="no",
+               workdir=str(tmp_path / "w-bad"))
+    path = _cluster(tmp_path, "mixed", [good, bad])
+    r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)
+    assert r.returncode == 1
+    assert "bad: UNREACHABLE" in r.stdout and "good: nothing running" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ netns hosts
+@pytest.fixture
+def lan(tmp_path):
+    reason = sshd_hosts.why_not(netns=True)
+    if reason:
+        pytest.skip(reason)
+    hosts = sshd_hosts.netns_hosts(tmp_path / "ssh", 3)
+    yield hosts
+    hosts.close()
+
+
+def test_deploy_on_three_namespaced_hosts(tmp_path, lan):
+    hosts = [Host(s.name, s.address, user=lan.user, port=s.port, internal_ip=s.address, instances=1,
+                  roles=["engine", "scheduler"] if i == 0 else ["engine"], gpu="auto",
+                  workdir=str(tmp_path / f"w-{s.name}"))
+             for i, s in enumerate(lan.servers)]
+    path = _cluster(tmp_path, "lan3", hosts)
+    ov = _overrides(tmp_path, "lan3", lan.client_key)
+    r = _run([sys.executable, "-m", "experiments.run", *ov])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_dir = _run_dir(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] == 40 and summary["failed"] == 0 and summary["num_hosts"] == 3
+    req = pd.read_parquet(run_dir / "requests.parquet")
+    assert set(req["instance"]) == {0, 1, 2}  # block with k=all spreads 40 requests over every host
+    for i, s in enumerate(lan.servers):
+        logs = run_dir / "hosts" / s.name / "logs"
+        assert (logs / f"engine{i}.log").exists() and (logs / f"predictor{i}.log").exists()
+        plan = json.loads((run_dir / "hosts" / s.name / "services" / "plan.json").read_text()) \
+            if (run_dir / "hosts" / s.name / "services" / "plan.json").exists() else None
+        assert plan is None or all(TOKEN not in json.dumps(x) for x in plan["services"])
+    assert not _no_token_in(run_dir) and not any(_no_token_in(tmp_path / f"w-{s.name}") for s in lan.servers)
+
+    # a half-started cluster: node2's engine port is taken, so its engine cannot start
+    blocker = subprocess.Popen(["ip", "netns", "exec", lan.servers[2].netns, sys.executable, "-c",
+                                "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+                                "socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 8000)); s.listen(); time.sleep(600)"])
+    try:
+        time.sleep(0.5)
+        over = " ".join(o for o in ov if o.split("=")[0].startswith(("mode.", "policy")) and "searchpath" not in o)
+        r = _fab("start", "--cluster", str(path), "--overrides", over, "--run-dir", str(tmp_path / "manual"),
+                 key=lan.client_key)
+        assert r.returncode == 1, r.stdout + r.stderr
+        err = r.stderr
+        print(err)
+        assert "half-started" in err and "node2" in err and "engine2" in err, err
+        assert "node0: engine0" in err and "node1: engine1" in err, err
+        r = _fab("status", "--cluster", str(path), key=lan.client_key)
+        assert r.returncode == 1 and "cluster state: partial" in r.stdout, r.stdout + r.stderr
+        r = _fab("stop", "--cluster", str(path), key=lan.client_key)
+        assert r.returncode == 0 and "node0: stopped engine0" in r.stdout, r.stdout + r.stderr
+        r = _fab("status", "--cluster", str(path), key=lan.client_key)
+        assert r.returncode == 0 and "cluster state: stopped" in r.stdout
+    finally:
+        blocker.kill()
+
+
+def test_cloudlab_manifest_to_a_deploy_plan(tmp_path):
+    """The example manifest -> cluster config -> the services a run would start on those hosts."""
+    from block.deploy.inventory import main as inventory_main
+    from experiments.deploy import build_plan, check, compose, engine_kinds
+
+    out = tmp_path / "conf" / "cluster" / "cl3.yaml"
+    assert inventory_main(["--manifest", str(REPO / "tests" / "data" / "cloudlab_manifest.xml"), "--name", "cl3",
+                           "--user", "alice", "--out", str(out)]) == 0
+    cfg = compose(str(out), ["policy=block"])
+    hosts = check(cfg)
+    kinds = engine_kinds(cfg, hosts, {h.name: 1 for h in hosts})  # what nvidia-smi finds on a d7525
+    assert set(kinds.values()) == {"vllm"}
+    plan = build_plan(cfg, hosts, kinds, "r", {h.name: f"/home/alice/block-deploy/runs/r" for h in hosts},
+                      tmp_path / "st")
+    assert plan.predictor_urls == [f"http://10.10.1.{i}:8100" for i in (1, 2, 3)]
+    assert plan.scheduler_urls == ["http://10.10.1.1:8200"] and plan.bench_host == "node0"
+    assert all(s["argv"][2] == "block.engine.vllm" for p in plan.plans.values() for s in p["services"]
+               if s["role"] == "engine")
+    with pytest.raises(Exception, match="time_scale"):
+        engine_kinds(compose(str(out), ["mode.time_scale=10"]), hosts, {h.name: 1 for h in hosts})
