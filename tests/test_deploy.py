@@ -135,7 +135,7 @@ def test_deploy_config_errors_name_the_keys(tmp_path):
 def test_fab_lists_every_task():
     r = _fab("--list", timeout=60)
     assert r.returncode == 0, r.stderr
-    for name in ("setup", "start", "stop", "status", "run", "collect", "teardown", "inventory"):
+    for name in ("setup", "start", "stop", "status", "logs", "run", "collect", "teardown", "inventory"):
         assert f"  {name}" in r.stdout
 
 
@@ -295,6 +295,9 @@ def test_deploy_on_three_namespaced_hosts(tmp_path, lan):
         assert "node0: engine0" in err and "node1: engine1" in err, err
         r = _fab("status", "--cluster", str(path), key=lan.client_key)
         assert r.returncode == 1 and "cluster state: partial" in r.stdout, r.stdout + r.stderr
+        r = _fab("logs", "--cluster", str(path), "--lines", "5", key=lan.client_key)
+        assert r.returncode == 0 and "== node0: engine0" in r.stdout and "listening on" in r.stdout, r.stdout
+        assert "address already in use" in r.stdout  # node2's dead engine keeps its log until stop
         r = _fab("stop", "--cluster", str(path), key=lan.client_key)
         assert r.returncode == 0 and "node0: stopped engine0" in r.stdout, r.stdout + r.stderr
         r = _fab("status", "--cluster", str(path), key=lan.client_key)

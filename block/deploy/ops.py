@@ -334,6 +334,18 @@ def stop(fleet: Fleet, roles: Optional[Sequence[str]] = None, grace_s: float = 1
     return fleet.each("stop", one, raise_on_error=False)
 
 
+def logs(fleet: Fleet, lines: int = 30) -> dict[str, HostOutcome]:
+    """The last ``lines`` of every running service's log, per host (hostctl ``logs``)."""
+
+    def one(h: Host, c) -> dict[str, Any]:
+        try:
+            return hostctl(fleet, h, ["logs", "--state-dir", _state_dir(fleet, h), "--lines", str(lines)])
+        except NotSetUp:
+            return {"host": h.name, "ok": True, "services": [], "message": "not set up"}
+
+    return fleet.each("logs", one, raise_on_error=False)
+
+
 # ---------------------------------------------------------------------------------------------- run / collect
 def run_on(fleet: Fleet, h: Host, run_id: str, argv: Sequence[str], secrets: Optional[Mapping[str, str]] = None,
            stream: bool = True, timeout_s: Optional[float] = None) -> str:

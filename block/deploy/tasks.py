@@ -9,6 +9,7 @@ Every task takes ``--cluster``: a cluster config name under ``conf/cluster`` (ma
     fab setup --cluster cl12                                          # venv + project on every host (idempotent)
     fab start --cluster cl12 --overrides "policy=block"               # engines, predictors, schedulers; wait healthy
     fab status --cluster cl12                                         # what runs where (exit 1 if half-started)
+    fab logs --cluster cl12 --lines 20                                # the end of every running service's log
     fab run --cluster cl12 --overrides "policy=block workload.qps=20" # one experiment, records in outputs/
     fab collect --cluster cl12 --run-id <id>                          # bring a run's records and logs back
     fab stop --cluster cl12 ; fab teardown --cluster cl12 --yes
@@ -151,6 +152,27 @@ def status(c, cluster, overrides=""):
     print(st.describe())
     if st.state == "partial":
         raise Exit(code=1)
+
+
+@task(help={"cluster": CLUSTER_HELP, "overrides": OVERRIDES_HELP, "lines": "lines per service (default 30)",
+            "service": "only this service (e.g. engine0)"})
+def logs(c, cluster, lines=30, service="", overrides=""):
+    """Show the end of every running service's log on every host (after a run: `fab collect`)."""
+    from block.deploy import ops
+
+    cfg = _cfg(cluster, overrides)
+    _, fleet = _fleet(cfg)
+    with fleet:
+        outs = ops.logs(fleet, int(lines))
+    for name, o in outs.items():
+        if not o.ok:
+            print(f"== {name}: UNREACHABLE ({o.error})")
+            continue
+        for s in o.value.get("services", []):
+            if service and s.get("name") != service:
+                continue
+            print(f"== {name}: {s.get('name')} ({s.get('log')})")
+            print("\n".join(s.get("log_tail") or []))
 
 
 @task(help={"cluster": CLUSTER_HELP, "overrides": OVERRIDES_HELP, "multirun": "pass -m to Hydra (sweeps)"})
