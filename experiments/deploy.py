@@ -13,7 +13,7 @@ One run, as Block's authors ran theirs with parallel-ssh scripts, but driven by 
    records there; 6. collect records and every host's logs into the local run directory (``hosts/<host>/``) and
    publish the records with ``summary.json`` last; 7. stop the services (unless ``mode.keep_running``).
 
-Secrets: the bearer token (``mode.token`` or ``$BLOCK_API_TOKEN``) and ``$HF_TOKEN`` travel to the hosts on
+Secrets: the bearer token (``$BLOCK_API_TOKEN``) and ``$HF_TOKEN`` travel to the hosts on
 stdin, never on a command line, in a file of the repo, in ``config.yaml`` or in a log.
 """
 
@@ -66,6 +66,9 @@ def check(cfg: DictConfig):
         problems.append(f"mode.engine={m.engine} must be one of {', '.join(ENGINE_KINDS)}")
     if str(m.engine) == "vllm" and float(m.time_scale) != 1.0:
         problems.append(f"mode.time_scale={m.time_scale} needs emulated engines: vLLM runs in real time")
+    if m.get("token"):
+        problems.append("mode.token: give the bearer token in $BLOCK_API_TOKEN, not in the config or on the command "
+                        "line (where the shell history, `ps` and Hydra's .hydra/ folder would keep it)")
     if int(m.num_schedulers) < 1:
         problems.append(f"mode.num_schedulers={m.num_schedulers} must be >= 1")
     if not scheduler_hosts(hosts):
@@ -118,7 +121,7 @@ def run_id_of(run_dir: Path) -> str:
 
 def secrets_of(cfg: DictConfig) -> dict[str, str]:
     """The secrets every service gets in its environment (only the ones that are set)."""
-    token = cfg.mode.get("token") or os.environ.get("BLOCK_API_TOKEN")
+    token = os.environ.get("BLOCK_API_TOKEN")
     out: dict[str, str] = {}
     if token:
         for var in ("BLOCK_API_TOKEN", "BLOCK_UPSTREAM_TOKEN", "BLOCK_ENGINE_TOKEN"):

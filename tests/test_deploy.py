@@ -82,14 +82,17 @@ def _run_dir(tmp: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ no ssh needed
-def test_plan_places_services_by_host_and_keeps_secrets_out(tmp_path):
-    from experiments.deploy import build_plan, compose
+def test_plan_places_services_by_host_and_keeps_secrets_out(tmp_path, monkeypatch):
+    from experiments.deploy import build_plan, compose, secrets_of
+
+    monkeypatch.setenv("BLOCK_API_TOKEN", TOKEN)
 
     hosts = [Host("node0", "h0.example", user="alice", internal_ip="10.10.1.1", instances=2,
                   roles=["engine", "scheduler"], gpu="no"),
              Host("node1", "h1.example", user="alice", internal_ip="10.10.1.2", instances=1, gpu="yes")]
     path = _cluster(tmp_path, "two", hosts)
-    cfg = compose(str(path), ["policy=block", "mode.num_schedulers=2", "mode.token=" + TOKEN])
+    cfg = compose(str(path), ["policy=block", "mode.num_schedulers=2"])
+    assert secrets_of(cfg)["BLOCK_API_TOKEN"] == TOKEN
     plan = build_plan(cfg, hosts, {"node0": "emulated", "node1": "vllm"}, "rid",
                       {"node0": "/w0/runs/rid", "node1": "/w1/runs/rid"}, tmp_path / "staging")
     by = {h: {s["name"]: s for s in p["services"]} for h, p in plan.plans.items()}
@@ -127,6 +130,8 @@ def test_deploy_config_errors_name_the_keys(tmp_path):
         check(compose(str(path), ["cluster.num_instances=3"]))
     with pytest.raises(ConfigError, match="has no hosts"):
         check(compose("local4"))
+    with pytest.raises(ConfigError, match=r"\$BLOCK_API_TOKEN, not in the config"):
+        check(compose(str(path), ["+mode.token=abc"]))
     r = _run([sys.executable, "-m", "experiments.run", "mode=deploy", "cluster=local4",
               f"output_root={tmp_path / 'o'}"], timeout=120)
     assert r.returncode == 2 and "has no hosts" in r.stderr
