@@ -31,9 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import random
-import select
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,13 +42,15 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from block.service import free_port  # noqa: E402
+from experiments.local_stack import LocalStack, Service  # noqa: E402
+
 CLUSTER_QPS, INSTANCES, PROBES = 40.0, 12, 2
 
 
 # ------------------------------------------------------------------------------------------------ processes
 
 
-ALL: list["Proc"] = []
 PRIORITY = 0  # --priority: raise the predictors and the /predict client this much above other processes
 
 
@@ -62,69 +62,32 @@ def _raise_priority() -> None:
             pass
 
 
-class Proc:
-    def __init__(self, module: str, *args: str, port: int = 0) -> None:
-        ALL.append(self)
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("BLOCK_API_TOKEN", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                     preexec_fn=_raise_priority if module == "block.predictor" else None)
-        self.module = module
-        self.url = ""
-
-    def ready(self) -> "Proc":
-        deadline = time.monotonic() + 120
-        line = ""
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r:
-                line = self.proc.stdout.readline()
-                if "listening on" in line or not line:
-                    break
-        if "listening on" not in line:
-            raise RuntimeError(f"{self.module} did not start")
-        self.url = line.split("listening on", 1)[1].strip()
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def status(self, key: str) -> Optional[float]:
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
-
-    def cpu_s(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def start(stack: LocalStack, module: str, *args: str, port: int = 0) -> Service:
+    """``python -m module`` in ``stack``, not waited for (``.wait_healthy()``); predictors at ``--priority``."""
+    return stack.start(module.rsplit(".", 1)[-1], module, args, port=port, wait=False,
+                       preexec_fn=_raise_priority if module == "block.predictor" else None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def port_of(svc: Service) -> int:
+    return int(svc.url.rsplit(":", 1)[1])
+
+
+def proc_status(svc: Service, key: str) -> Optional[float]:
+    """``key`` (VmRSS, VmHWM ...) of /proc/<pid>/status, in MiB."""
+    try:
+        with open(f"/proc/{svc.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_s(svc: Service) -> float:
+    with open(f"/proc/{svc.proc.pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------------ lean client
@@ -343,18 +306,18 @@ def proxy_overhead(engine_url: str, pred_url: str, n: int = 20) -> None:
           f"(forced upstream stream + reassembly)")
 
 
-def phase_injected(args) -> Proc:
+def phase_injected(stack: LocalStack, args) -> Service:
     port = free_port()
-    eng = Proc("block.engine", "--tokenizer", "none", port=port)
-    pred = Proc("block.predictor", "--engine-url", f"http://127.0.0.1:{port}", "--debug-allow-state-injection",
-                "--tokenizer", "none")
-    eng.ready(), pred.ready()
+    eng = start(stack, "block.engine", "--tokenizer", "none", port=port)
+    pred = start(stack, "block.predictor", "--engine-url", f"http://127.0.0.1:{port}", "--debug-allow-state-injection",
+                 "--tokenizer", "none")
+    eng.wait_healthy(), pred.wait_healthy()
     proxy_overhead(eng.url, pred.url)
     cfg = httpx.get(pred.url + "/state").json()["config"]
     st = make_state(cfg)
     r = httpx.post(pred.url + "/debug/state", json=st)
     r.raise_for_status()
-    res = collect(run_predictions(pred.port, n=args.samples))
+    res = collect(run_predictions(port_of(pred), n=args.samples))
     print(line("injected 48+16, idle engine", res))
     with httpx.Client(base_url=pred.url) as c:  # the same through httpx, for reference
         body = {"prompt_tokens": 400, "expected_output_tokens": 200}
@@ -370,14 +333,14 @@ def phase_injected(args) -> Proc:
     return pred
 
 
-def phase_populated(args) -> list[Proc]:
+def phase_populated(stack: LocalStack, args) -> list[Service]:
     port = free_port()
     eurl = f"http://127.0.0.1:{port}"
-    eng = Proc("block.engine", "--tokenizer", "none", "--time-scale", "0.25", port=port)
-    pred = Proc("block.predictor", "--engine-url", eurl, "--tokenizer", "none")
-    pe = Proc("block.predictor", "--engine-url", eurl, "--tokenizer", "none", "--state-source", "engine")
+    eng = start(stack, "block.engine", "--tokenizer", "none", "--time-scale", "0.25", port=port)
+    pred = start(stack, "block.predictor", "--engine-url", eurl, "--tokenizer", "none")
+    pe = start(stack, "block.predictor", "--engine-url", eurl, "--tokenizer", "none", "--state-source", "engine")
     for p in (eng, pred, pe):
-        p.ready()
+        p.wait_healthy()
     stats = _new_stats()
     stop = None
 
@@ -397,9 +360,9 @@ def phase_populated(args) -> list[Proc]:
             b0 = stats["bytes"]
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
-            res = await loop.run_in_executor(None, lambda: collect(run_predictions(pred.port, n=args.samples)))
+            res = await loop.run_in_executor(None, lambda: collect(run_predictions(port_of(pred), n=args.samples)))
             s1 = (await c.get("/state")).json()
-            res_e = await loop.run_in_executor(None, lambda: collect(run_predictions(pe.port, n=args.samples)))
+            res_e = await loop.run_in_executor(None, lambda: collect(run_predictions(port_of(pe), n=args.samples)))
             s2 = (await c.get("/state")).json()
             se = (await c.get(pe.url + "/state")).json()
             rate_kb = (stats["bytes"] - b0) / (time.perf_counter() - t0) / 1024
@@ -418,22 +381,22 @@ def phase_populated(args) -> list[Proc]:
     return [pred, pe]
 
 
-def phase_sustained(args) -> Proc:
+def phase_sustained(stack: LocalStack, args) -> Service:
     port = free_port()
     eurl = f"http://127.0.0.1:{port}"
-    eng = Proc("block.engine", "--tokenizer", "none", port=port)
-    pred = Proc("block.predictor", "--engine-url", eurl, "--tokenizer", "none")
-    eng.ready(), pred.ready()
+    eng = start(stack, "block.engine", "--tokenizer", "none", port=port)
+    pred = start(stack, "block.predictor", "--engine-url", eurl, "--tokenizer", "none")
+    eng.wait_healthy(), pred.wait_healthy()
     share_pred = CLUSTER_QPS * PROBES / INSTANCES
     share_stream = CLUSTER_QPS / INSTANCES
     rp, rs = share_pred * args.load_factor, share_stream * args.load_factor
     stats = _new_stats()
-    cpu0, t0 = pred.cpu_s(), time.perf_counter()
-    pq = run_predictions(pred.port, rate=rp, duration=args.duration, seed=1)
+    cpu0, t0 = cpu_s(pred), time.perf_counter()
+    pq = run_predictions(port_of(pred), rate=rp, duration=args.duration, seed=1)
     asyncio.run(_poisson_streams(pred.url, rs, args.duration, 2, stats))
     res = collect(pq)
     wall = time.perf_counter() - t0
-    cpu = pred.cpu_s() - cpu0
+    cpu = cpu_s(pred) - cpu0
     print(f"share of {CLUSTER_QPS:.0f} req/s over {INSTANCES} instances, Po{PROBES}: {share_pred:.2f} predictions/s + "
           f"{share_stream:.2f} streams/s per predictor; offered x{args.load_factor:g} = {rp:.2f} + {rs:.2f}/s for "
           f"{args.duration:g} s")
@@ -452,7 +415,7 @@ def phase_sustained(args) -> Proc:
         loop = asyncio.get_running_loop()
         streams = asyncio.create_task(_poisson_streams(pred.url, rs, 6.0, 3, stats2))
         await asyncio.sleep(1.0)
-        r = await loop.run_in_executor(None, lambda: collect(run_predictions(pred.port, rate=float("inf"),
+        r = await loop.run_in_executor(None, lambda: collect(run_predictions(port_of(pred), rate=float("inf"),
                                                                              duration=4.0, seed=4)))
         await streams
         return r
@@ -479,20 +442,17 @@ def main(argv=None) -> None:
     PRIORITY = max(0, args.priority)
     print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
           f"Python {sys.version.split()[0]}; predictors at nice {-PRIORITY}")
-    preds: list[tuple[str, Proc]] = []
-    try:
-        preds.append(("injected", phase_injected(args)))
+    preds: list[tuple[str, Service]] = []
+    with LocalStack(env={"BLOCK_API_TOKEN": None}, startup_timeout_s=120) as stack:
+        preds.append(("injected", phase_injected(stack, args)))
         if not args.skip_populated:
-            a, b = phase_populated(args)
+            a, b = phase_populated(stack, args)
             preds += [("populated/proxy", a), ("populated/engine", b)]
         if not args.skip_sustained:
-            preds.append(("sustained", phase_sustained(args)))
+            preds.append(("sustained", phase_sustained(stack, args)))
         print("memory of the predictor processes (VmRSS now / VmHWM peak):")
         for name, p in preds:
-            print(f"  {name:<20} {p.status('VmRSS'):6.1f} / {p.status('VmHWM'):6.1f} MiB")
-    finally:
-        for p in ALL:
-            p.stop()
+            print(f"  {name:<20} {proc_status(p, 'VmRSS'):6.1f} / {proc_status(p, 'VmHWM'):6.1f} MiB")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

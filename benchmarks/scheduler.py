@@ -30,10 +30,7 @@ import json
 import math
 import os
 import random
-import select
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -281,46 +278,18 @@ async def closed_loop(url: str, concurrency: int, seconds: float, stream: bool) 
 # ---------------------------------------------------------------------------------------------- orchestration
 
 
-class Proc:
-    def __init__(self, args: list[str], cpus: Optional[set[int]] = None, count: int = 1) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.err,
-                                     env=env)
-        if cpus:
-            try:
-                os.sched_setaffinity(self.proc.pid, cpus)
-            except (AttributeError, OSError):
-                pass
-        self.urls = []
-        deadline = time.monotonic() + 60
-        fd = self.proc.stdout.fileno()
-        pending = b""
-        while len(self.urls) < count and time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], 0.5)
-            if r:
-                data = os.read(fd, 65536)
-                if not data:
-                    break
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if b"listening on" in line:
-                        self.urls.append(line.decode().split("listening on", 1)[1].strip())
-            if self.proc.poll() is not None:
-                break
-        if len(self.urls) < count:
-            self.stop()
-            self.err.seek(0)
-            raise RuntimeError(f"{args} did not start:\n{self.err.read().decode()[-2000:]}")
+def _pinned(cpus: Optional[set[int]]):
+    """A ``preexec_fn`` that pins the child to ``cpus`` (None: no pinning)."""
+    if not cpus:
+        return None
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    def pin() -> None:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except (AttributeError, OSError):
+            pass
+
+    return pin
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -331,19 +300,6 @@ def _pct(xs: list[float], p: float) -> float:
     lo = int(math.floor(k))
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def _wait_ready(url: str) -> None:
-    import urllib.request
-
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} never became healthy")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -390,17 +346,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {ncpu} CPUs (load average {load:.2f} before the run); scheduler pinned to {sched_cpus or 'any'}, "
           f"upstreams + client on {other_cpus or 'any'}; nice {args.nice}; python {sys.version.split()[0]}")
-    stubs = Proc([str(Path(__file__).resolve()), "stub", "--ports", ",".join("0" * (args.instances + 1))],
-                 cpus=other_cpus, count=args.instances + 1)  # the last one is the direct arm's
-    procs = [stubs]
-    try:
+    sys.path.insert(0, str(ROOT))
+    from experiments.local_stack import LocalStack
+
+    with LocalStack() as stack:
+        stubs = stack.start("stubs", "benchmarks.scheduler", ["stub", "--ports", ",".join("0" * (args.instances + 1))],
+                            port=None, listens=args.instances + 1,
+                            preexec_fn=_pinned(other_cpus))  # the last one is the direct arm's
         urls = stubs.urls
-        sched = Proc(["-m", "block.scheduler", "--port", "0", "--instances", ",".join(urls[:-1]), "--policy",
-                      args.policy, "--k", str(args.k), "--seed", str(args.seed), "--tokenizer", "none"],
-                     cpus=sched_cpus)
-        procs.append(sched)
-        surl = sched.urls[0]
-        _wait_ready(surl)
+        sched = stack.start("scheduler", "block.scheduler", ["--instances", ",".join(urls[:-1]), "--policy",
+                                                             args.policy, "--k", str(args.k), "--seed", str(args.seed),
+                                                             "--tokenizer", "none"],
+                            preexec_fn=_pinned(sched_cpus)).wait_healthy()
+        surl = sched.url
         print(f"# policy {args.policy}, k={args.k}, {args.instances} instant upstreams")
         if not args.skip_latency:
             n = int(args.rate * args.seconds)
@@ -451,9 +409,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"decisions/s ({kind}, k={args.k} probes each): "
                       + ", ".join(f"C={c}: {r:.0f}/s" + (f" ({e} errors)" if e else "") for c, r, e in results))
                 print(f"DECISIONS_PER_S_{'STREAM' if stream else 'NONSTREAM'} {best:.0f} (goal >= 400)")
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
 if __name__ == "__main__":

@@ -171,11 +171,14 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return s.getsockname()[1]
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
-    """Run ``app`` with uvicorn until interrupted; print the bound address on stdout (orchestrators read it)."""
+def serve(app: FastAPI, host: str, port: int, log_level: str = "warning", **uvicorn_options: Any) -> None:
+    """Run ``app`` with uvicorn until interrupted; print the bound address on stdout (orchestrators read it).
+
+    ``uvicorn_options`` go to ``uvicorn.Config`` (the scheduler passes its corked HTTP protocol)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                            **uvicorn_options)
     server = uvicorn.Server(config)
     if port == 0:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then disables Nagle

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments import wiring
 from experiments.wiring import ConfigError

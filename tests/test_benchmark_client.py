@@ -7,11 +7,8 @@ import asyncio
 import json
 import math
 import os
-import select
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +25,7 @@ from block.benchmark.client import (
     request_body,
     run_benchmark,
 )
+from experiments.local_stack import TOKEN_VARS, LocalStack
 from vidur.types import REQUEST_RECORD_COLUMNS, Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,48 +36,11 @@ VLLM_KEYS = ["completed", "failed", "duration", "total_input_tokens", "total_out
                                            for s in ("mean", "median", "std", "p90", "p99")]
 
 
-class Engine:
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("BLOCK_API_TOKEN", None)
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "block.engine", "--port", "0", *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=self.err, env=env)
-        fd = self.proc.stdout.fileno()
-        buf = b""
-        self.url = None
-        deadline = time.monotonic() + 90
-        while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
-            if select.select([fd], [], [], 0.2)[0]:
-                buf += os.read(fd, 4096)
-                for line in buf.decode(errors="replace").splitlines():
-                    if "listening on" in line:
-                        self.url = line.split("listening on", 1)[1].strip()
-        if self.url is None:
-            self.stop()
-            self.err.seek(0)
-            raise RuntimeError("engine did not start: " + self.err.read().decode()[-3000:])
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture(scope="module")
-def engine():
-    e = Engine("--time-scale", str(SCALE), "--tokenizer", "none", "--num-blocks", "200", "--max-model-len", "3200")
-    yield e
-    e.stop()
+def engine(tmp_path_factory):
+    with LocalStack(tmp_path_factory.mktemp("engine"), env=dict.fromkeys(TOKEN_VARS), startup_timeout_s=90) as stack:
+        yield stack.start("engine", "block.engine", ["--time-scale", str(SCALE), "--tokenizer", "none",
+                                                     "--num-blocks", "200", "--max-model-len", "3200"]).wait_healthy()
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_interpolated_capacity_of_a_real_sweep(grid_sweep):
 
 def test_bisection_on_real_runs_reuses_and_resumes(grid_sweep):
     root = grid_sweep / "default"
-    sweep_dir = root / f"cluster=local4,policy=round_robin,workload.num_requests=300,workload.qps=2"
+    sweep_dir = root / "cluster=local4,policy=round_robin,workload.num_requests=300,workload.qps=2"
     mtime = (sweep_dir / "summary.json").stat().st_mtime_ns
     args = ["experiments.capacity", f"output_root={grid_sweep}", *RUN, f"capacity.slo_ttft_s={SLO}",
             "capacity.lo=2", "capacity.hi=14", "capacity.tol=0.5"]

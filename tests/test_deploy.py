@@ -323,7 +323,7 @@ def test_cloudlab_manifest_to_a_deploy_plan(tmp_path):
     hosts = check(cfg)
     kinds = engine_kinds(cfg, hosts, {h.name: 1 for h in hosts})  # what nvidia-smi finds on a d7525
     assert set(kinds.values()) == {"vllm"}
-    plan = build_plan(cfg, hosts, kinds, "r", {h.name: f"/home/alice/block-deploy/runs/r" for h in hosts},
+    plan = build_plan(cfg, hosts, kinds, "r", {h.name: "/home/alice/block-deploy/runs/r" for h in hosts},
                       tmp_path / "st")
     assert plan.predictor_urls == [f"http://10.10.1.{i}:8100" for i in (1, 2, 3)]
     assert plan.scheduler_urls == ["http://10.10.1.1:8200"] and plan.bench_host == "node0"

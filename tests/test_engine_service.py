@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import select
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,67 +22,39 @@ from block.prom import (
     get_value,
     parse_prometheus,
 )
+from experiments.local_stack import TOKEN_VARS, LocalStack, Service
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Llama-2-7b-hf"
 SCALE = 10.0
 
 
-class Server:
-    """``python -m block.engine`` as a subprocess; ``port=0`` lets it pick one (read from its "listening on" line).
+def start_engine(stack: LocalStack, *args: str, port: int = 0) -> Service:
+    """``python -m block.engine`` in ``stack``, healthy; ``port=0`` lets it pick one (read from its "listening on"
+    line).
 
     The timing tests pass an explicit free port: with ``--port 0`` ``block.service.serve`` binds the socket itself,
     with proto 0, so asyncio does not set TCP_NODELAY on accepted connections and Nagle + delayed ACKs hold a
     stream's first chunk on a kept-alive connection for up to 40 ms.
     """
-
-    def __init__(self, *args: str, port: int = 0) -> None:
-        self.err = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("BLOCK_API_TOKEN", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "block.engine", "--port", str(port), *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r:
-                line = self.proc.stdout.readline()
-                if "listening on" in line or not line:
-                    break
-            if self.proc.poll() is not None:
-                break
-        if "listening on" not in line:
-            self.stop()
-            self.err.seek(0)
-            raise RuntimeError(f"engine did not start: {line!r}\n{self.err.read().decode()[-3000:]}")
-        self.url = line.split("listening on", 1)[1].strip()
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-        for _ in range(100):  # the socket is bound before the line is printed; wait until it answers
-            try:
-                if self.client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    return stack.start("engine", "block.engine", args, port=port).wait_healthy()
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     from block.service import free_port
 
-    s = Server("--time-scale", str(SCALE), "--max-num-seqs", "2", "--tokenizer", "none", "--seed", "3",
-               port=free_port())
-    yield s
-    s.stop()
+    with LocalStack(tmp_path_factory.mktemp("engine"), env=dict.fromkeys(TOKEN_VARS)) as stack:
+        s = start_engine(stack, "--time-scale", str(SCALE), "--max-num-seqs", "2", "--tokenizer", "none", "--seed",
+                         "3", port=free_port())
+        yield s
     assert s.proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
 
 
 def sse_events(lines) -> list:
@@ -124,9 +93,9 @@ def wait_idle(client: httpx.Client, timeout: float = 10.0) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ formats
-def test_completions_stream_format(server):
+def test_completions_stream_format(client):
     n = 7
-    ev = stream(server.client, "/v1/completions", {"model": MODEL, "prompt": list(range(1, 41)), "max_tokens": n,
+    ev = stream(client, "/v1/completions", {"model": MODEL, "prompt": list(range(1, 41)), "max_tokens": n,
                                                     "stream": True, "ignore_eos": True,
                                                     "stream_options": {"include_usage": True}})
     assert ev[-1] == "[DONE]"
@@ -147,9 +116,9 @@ def test_completions_stream_format(server):
         assert ch["text"].startswith(" ") and " " not in ch["text"][1:]  # one word per token
 
 
-def test_chat_stream_format(server):
+def test_chat_stream_format(client):
     n = 5
-    ev = stream(server.client, "/v1/chat/completions", {
+    ev = stream(client, "/v1/chat/completions", {
         "model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": n, "stream": True,
         "stream_options": {"include_usage": True}})
     assert ev[-1] == "[DONE]"
@@ -164,13 +133,13 @@ def test_chat_stream_format(server):
     # chat prompt count: contents (fallback: ceil(bytes / 4)) + 4 per message + 3
     assert usage["usage"]["prompt_tokens"] == 3 + 4 + 3
     # without include_usage: no usage chunk, still [DONE]
-    ev = stream(server.client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+    ev = stream(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                          "max_tokens": 2, "stream": True})
     assert ev[-1] == "[DONE]" and all(e["choices"] for e in ev[:-1]) and len(ev) == 4
 
 
-def test_non_streaming_shapes(server):
-    c = server.client
+def test_non_streaming_shapes(client):
+    c = client
     r = c.post("/v1/completions", json={"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 6})
     assert r.status_code == 200
     d = r.json()
@@ -198,8 +167,8 @@ def test_non_streaming_shapes(server):
     assert m["data"][0]["object"] == "model" and m["data"][0]["owned_by"] == "vllm"
 
 
-def test_metrics_names_and_prom_roundtrip(server):
-    p = metrics(server.client)
+def test_metrics_names_and_prom_roundtrip(client):
+    p = metrics(client)
     lab = {"model_name": MODEL}
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
@@ -215,9 +184,9 @@ def test_metrics_names_and_prom_roundtrip(server):
     e2e = get_histogram(p, "vllm:e2e_request_latency_seconds", lab)
     assert [e for e, _ in e2e.buckets][:3] == [0.3, 0.5, 0.8] and e2e.buckets[-1][1] == e2e.count
     info = p["vllm:cache_config_info"][0][0]
-    total = server.client.get("/state").json()["total_blocks"]
+    total = client.get("/state").json()["total_blocks"]
     assert info["block_size"] == "16" and int(info["num_gpu_blocks"]) == total
-    load = VllmLoad.from_metrics(server.client.get("/metrics").text, MODEL)
+    load = VllmLoad.from_metrics(client.get("/metrics").text, MODEL)
     assert load.num_gpu_blocks == total and load.block_size == 16 and load.kv_cache_usage is not None
     # our renderer and parser agree, including escapes, +Inf and the older vLLM gauge name
     reg = Registry()
@@ -238,8 +207,8 @@ def test_metrics_names_and_prom_roundtrip(server):
         parse_prometheus('x{a="1} 2')
 
 
-def test_state_consistent_with_metrics_and_concurrency(server):
-    c = server.client
+def test_state_consistent_with_metrics_and_concurrency(server, client):
+    c = client
     before = metrics(c)
     gen0 = get_value(before, "vllm:generation_tokens_total")
     ok0 = get_value(before, "vllm:request_success_total", {"finished_reason": "length"})
@@ -285,12 +254,12 @@ def test_state_consistent_with_metrics_and_concurrency(server):
     assert get_value(after, "vllm:request_success_total", {"finished_reason": "length"}) - ok0 == 3
 
 
-def test_timing_follows_execution_model(server):
+def test_timing_follows_execution_model(client):
     from block.engine.config import build_setup
     from vidur.types import EngineConfig, InstanceState, Request
     from vidur.whatif import predict
 
-    c = server.client
+    c = client
     cfg = EngineConfig.from_dict(wait_idle(c)["config"])
     em = build_setup().execution_model()
     prompt, out = 2500, 100
@@ -324,8 +293,8 @@ def test_timing_follows_execution_model(server):
 
 
 # ------------------------------------------------------------------------------------------------ robustness
-def test_hostile_input_gives_4xx_json(server):
-    c = server.client
+def test_hostile_input_gives_4xx_json(client):
+    c = client
     cases = [
         ("/v1/completions", b"{not json", 400),
         ("/v1/completions", b"[1, 2]", 400),
@@ -373,8 +342,8 @@ def test_hostile_input_gives_4xx_json(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_expected_hint_exported_and_disconnect_aborts(server):
-    c = server.client
+def test_expected_hint_exported_and_disconnect_aborts(server, client):
+    c = client
     wait_idle(c)
     m0 = metrics(c)
     ab0 = get_value(m0, "vllm:request_success_total", {"finished_reason": "abort"})
@@ -395,14 +364,15 @@ def test_expected_hint_exported_and_disconnect_aborts(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-def test_bearer_token_and_default_bind():
+def test_bearer_token_and_default_bind(tmp_path):
     from block.engine.cli import build_parser
 
     assert build_parser().parse_args([]).host == "127.0.0.1"
-    s = Server("--token", "s3cret", "--time-scale", "20", "--tokenizer", "none", "--served-model-name", "emu")
-    try:
+    with LocalStack(tmp_path, env=dict.fromkeys(TOKEN_VARS)) as stack:
+        s = start_engine(stack, "--token", "s3cret", "--time-scale", "20", "--tokenizer", "none",
+                         "--served-model-name", "emu")
         assert s.url.startswith("http://127.0.0.1:")
-        c = s.client
+        c = s.client()
         assert c.get("/health").status_code == 200
         for path in ("/v1/models", "/metrics", "/state"):
             r = c.get(path)
@@ -414,8 +384,6 @@ def test_bearer_token_and_default_bind():
         assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         r = c.post("/v1/completions", json={"model": "emu", "prompt": "a", "max_tokens": 2}, headers=auth)
         assert r.status_code == 200 and r.json()["model"] == "emu"
-    finally:
-        s.stop()
 
 
 def test_cli_help():

@@ -6,12 +6,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import select
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -174,74 +170,22 @@ def test_batching_estimator_propagates_failures():
 
 
 # ------------------------------------------------------------------------------------------------ live scheduler
-class Service:
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        for k in ("BLOCK_API_TOKEN", "BLOCK_UPSTREAM_TOKEN"):
-            env.pop(k, None)
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=self.err, env=env)
-        self.args = args
-        self.url = None
-
-    def wait(self, timeout: float = 60.0) -> "Service":
-        fd, buf = self.proc.stdout.fileno(), b""
-        deadline = time.monotonic() + timeout
-        while self.url is None and time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], 0.2)
-            if r:
-                data = os.read(fd, 4096)
-                if not data:
-                    break
-                buf += data
-                for line in buf.decode(errors="replace").splitlines():
-                    if "listening on" in line:
-                        self.url = line.split("listening on", 1)[1].strip()
-            elif self.proc.poll() is not None:
-                break
-        if self.url is None:
-            self.stop()
-            self.err.seek(0)
-            raise RuntimeError(f"{self.args[0]} did not start:\n{self.err.read().decode()[-3000:]}")
-        import httpx
-
-        for _ in range(400):  # "listening on" is printed just before the socket accepts
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def test_scheduler_estimates_lengths_of_requests_without_a_hint(tmp_path):
     """Real services on loopback: emulated engine -> predictor -> scheduler with --length-estimator cpu."""
     import httpx
 
     from block.prom import parse_prometheus, samples
+    from experiments.local_stack import TOKEN_VARS, LocalStack
 
     log = tmp_path / "sched.jsonl"
-    started = []
-    try:
-        eng = Service("block.engine", "--port", "0", "--time-scale", "20", "--tokenizer", "none")
-        started.append(eng.wait())
-        pred = Service("block.predictor", "--port", "0", "--engine-url", eng.url, "--state-source", "engine",
-                       "--tokenizer", "none")
-        started.append(pred.wait())
-        sch = Service("block.scheduler", "--port", "0", "--instances", pred.url, "--policy", "block",
-                      "--length-estimator", "cpu", "--estimator-wait-ms", "5", "--tokenizer", "none",
-                      "--log-file", str(log))
-        started.append(sch.wait())
+    with LocalStack(tmp_path / "logs", env=dict.fromkeys(TOKEN_VARS)) as stack:
+        eng = stack.start("engine", "block.engine", ["--time-scale", "20", "--tokenizer", "none"]).wait_healthy()
+        pred = stack.start("predictor", "block.predictor", ["--engine-url", eng.url, "--state-source", "engine",
+                                                            "--tokenizer", "none"]).wait_healthy()
+        sch = stack.start("scheduler", "block.scheduler", ["--instances", pred.url, "--policy", "block",
+                                                           "--length-estimator", "cpu", "--estimator-wait-ms", "5",
+                                                           "--tokenizer", "none", "--log-file", str(log)])
+        sch.wait_healthy()
         prompts = ["Write a 1000 word essay about the history of the Roman empire.", "hi",
                    "List 10 ideas for a birthday party.", "What is 2+2?"]
         expected = load_default().predict(prompts).tolist()
@@ -284,9 +228,6 @@ def test_scheduler_estimates_lengths_of_requests_without_a_hint(tmp_path):
         assert samples(m, "block_scheduler_length_estimator_seconds_sum")[0][1] > 0
         assert c.get("/health").json()["length_estimator"] == "cpu-hash"
         c.close()
-    finally:
-        for s in reversed(started):
-            s.stop()
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
     est_rows = [r for r in rows if r["hint_source"] == "estimator"]

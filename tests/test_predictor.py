@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +20,7 @@ from block.predictor.app import parse_predict
 from block.predictor.tracker import Reassembler, SSEScanner, Tracker, chunk_progress, parse_payload
 from block.prom import VllmLoad, get_histogram, get_value, parse_prometheus
 from block.service import ServiceError
+from experiments.local_stack import TOKEN_VARS, LocalStack
 from vidur.engine import Engine
 from vidur.types import EngineConfig, InstanceState, Prediction, Request, SeqState
 from vidur.whatif import predict
@@ -143,85 +141,36 @@ def test_parse_predict_accepts_block_names():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Proc:
-    """``python -m <module> --port 0 ...`` as a subprocess; the URL comes from its "listening on" line."""
-
-    def __init__(self, module: str, *args: str, port: int = 0) -> None:
-        self.err = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("BLOCK_API_TOKEN", None)
-        self.module = module
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
-        self.url = ""
-
-    def wait_ready(self, timeout: float = 60.0) -> "Proc":
-        deadline = time.monotonic() + timeout
-        line = ""
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r:
-                line = self.proc.stdout.readline()
-                if "listening on" in line or not line:
-                    break
-            if self.proc.poll() is not None:
-                break
-        if "listening on" not in line:
-            self.stop()
-            self.err.seek(0)
-            raise RuntimeError(f"{self.module} did not start: {line!r}\n{self.err.read().decode()[-3000:]}")
-        self.url = line.split("listening on", 1)[1].strip()
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        return self
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
-
-
 ENGINE_ARGS = ("--time-scale", SCALE, "--max-num-seqs", SEQS, "--tokenizer", "none", "--seed", "3")
 PRED_ARGS = ("--max-num-seqs", SEQS, "--tokenizer", "none")
 
 
 @pytest.fixture(scope="session")
-def servers():
+def servers(tmp_path_factory):
     """Engines and predictors, started together: e1 (+ p1 proxy mode, pe engine mode), e2/p2 with bearer tokens
     and state injection, e3/p3 for the failure tests."""
     from block.service import free_port
 
     ports = [free_port() for _ in range(3)]  # engines on known ports: everything starts at once
     url = [f"http://127.0.0.1:{p}" for p in ports]
-    procs = []
-    try:
-        procs.append(e1 := Proc("block.engine", *ENGINE_ARGS, port=ports[0]))
-        procs.append(e2 := Proc("block.engine", *ENGINE_ARGS, "--token", "engsecret", port=ports[1]))
-        procs.append(e3 := Proc("block.engine", *ENGINE_ARGS, port=ports[2]))
-        procs.append(p1 := Proc("block.predictor", "--engine-url", url[0], "--metrics-interval-s", "0.1", *PRED_ARGS))
-        procs.append(pe := Proc("block.predictor", "--engine-url", url[0], "--state-source", "engine",
-                                "--state-interval-s", "0.3", *PRED_ARGS))
-        procs.append(p2 := Proc("block.predictor", "--engine-url", url[1], "--token", "predsecret", "--engine-token",
-                                "engsecret", "--debug-allow-state-injection", *PRED_ARGS))
-        procs.append(p3 := Proc("block.predictor", "--engine-url", url[2], "--metrics-interval-s", "0.1",
-                                "--read-timeout-s", "5", *PRED_ARGS))
-        for p in procs:
-            p.wait_ready()
-        yield {"e1": e1, "e2": e2, "e3": e3, "p1": p1, "pe": pe, "p2": p2, "p3": p3}
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    spec = {
+        "e1": ("block.engine", ENGINE_ARGS, ports[0]),
+        "e2": ("block.engine", (*ENGINE_ARGS, "--token", "engsecret"), ports[1]),
+        "e3": ("block.engine", ENGINE_ARGS, ports[2]),
+        "p1": ("block.predictor", ("--engine-url", url[0], "--metrics-interval-s", "0.1", *PRED_ARGS), 0),
+        "pe": ("block.predictor", ("--engine-url", url[0], "--state-source", "engine", "--state-interval-s", "0.3",
+                                   *PRED_ARGS), 0),
+        "p2": ("block.predictor", ("--engine-url", url[1], "--token", "predsecret", "--engine-token", "engsecret",
+                                   "--debug-allow-state-injection", *PRED_ARGS), 0),
+        "p3": ("block.predictor", ("--engine-url", url[2], "--metrics-interval-s", "0.1", "--read-timeout-s", "5",
+                                   *PRED_ARGS), 0),
+    }
+    with LocalStack(tmp_path_factory.mktemp("servers"), env=dict.fromkeys(TOKEN_VARS)) as stack:
+        procs = {name: stack.start(name, module, args, port=port, wait=False)
+                 for name, (module, args, port) in spec.items()}
+        for p in procs.values():
+            p.wait_healthy()
+        yield procs
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +33,7 @@ from block.scheduler.core import (
 )
 from block.http import Origin, Pool, UpstreamError
 from block.service import ServiceError
+from experiments.local_stack import TOKEN_VARS, LocalStack, Service
 from vidur.cluster import RoutingContext
 from vidur.types import Candidate, InstanceStats, Prediction, Request
 
@@ -274,96 +272,39 @@ def test_upstream_pool_deframes_chunks_and_survives_stale_connections():
 
 
 # ================================================================================================ live services
-class Service:
-    """A service subprocess; its URL comes from the "listening on" line it prints."""
-
-    def __init__(self, *args: str, wait: bool = True) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("BLOCK_API_TOKEN", None)
-        env.pop("BLOCK_UPSTREAM_TOKEN", None)
-        self.args = args
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=self.err, env=env)
-        self.url = None
-        self.line = ""
-        if wait:
-            self.wait()
-
-    def wait(self, timeout: float = 90.0) -> "Service":
-        fd = self.proc.stdout.fileno()
-        buf = b""
-        deadline = time.monotonic() + timeout
-        while self.url is None and time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], 0.2)
-            if r:
-                data = os.read(fd, 4096)
-                if not data:
-                    break
-                buf += data
-                for line in buf.decode(errors="replace").splitlines():
-                    if "listening on" in line:
-                        self.line = line
-                        self.url = line.split("listening on", 1)[1].strip()
-            elif self.proc.poll() is not None:
-                break
-        if self.url is None:
-            self.stop()
-            self.err.seek(0)
-            raise RuntimeError(f"{self.args[0]} did not start:\n{self.err.read().decode()[-3000:]}")
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def engine(local: LocalStack, *extra: str) -> Service:
+    return local.start("engine", "block.engine", ["--time-scale", str(SCALE), "--tokenizer", "none",
+                                                  "--num-blocks", "1000", *extra], wait=False)
 
 
-def engine(*extra: str) -> Service:
-    return Service("block.engine", "--port", "0", "--time-scale", str(SCALE), "--tokenizer", "none",
-                   "--num-blocks", "1000", *extra, wait=False)
+def predictor(local: LocalStack, engine_url: str) -> Service:
+    return local.start("predictor", "block.predictor", ["--engine-url", engine_url, "--state-source", "engine",
+                                                        "--state-interval-s", "0", "--tokenizer", "none",
+                                                        "--token", PTOKEN], wait=False)
 
 
-def predictor(engine_url: str) -> Service:
-    return Service("block.predictor", "--port", "0", "--engine-url", engine_url, "--state-source", "engine",
-                   "--state-interval-s", "0", "--tokenizer", "none", "--token", PTOKEN, wait=False)
-
-
-def scheduler(instances, *extra: str, log_file=None) -> Service:
-    args = ["block.scheduler", "--port", "0", "--instances", ",".join(instances), "--upstream-token", PTOKEN,
+def scheduler(stack: dict, instances, *extra: str, log_file=None, token: bool = True, wait: bool = True) -> Service:
+    """A scheduler in the ``stack`` fixture's LocalStack (with the predictors' token unless ``token=False``)."""
+    args = ["--instances", ",".join(instances), *(["--upstream-token", PTOKEN] if token else []),
             "--tokenizer", "none", *extra]
     if log_file:
         args += ["--log-file", str(log_file)]
-    return Service(*args)
+    s = stack["local"].start("scheduler", "block.scheduler", args, wait=False)
+    return s.wait_healthy() if wait else s
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(tmp_path_factory):
     """Three instances: engine i (instance 1 holds 2 running requests at most) behind predictor i."""
-    engines = [engine(), engine("--max-num-seqs", "2"), engine()]
-    started = []
-    try:
+    with LocalStack(tmp_path_factory.mktemp("services"), env=dict.fromkeys(TOKEN_VARS),
+                    startup_timeout_s=90) as local:
+        engines = [engine(local), engine(local, "--max-num-seqs", "2"), engine(local)]
         for e in engines:
-            started.append(e.wait())
-        preds = [predictor(e.url) for e in engines]
+            e.wait_healthy()
+        preds = [predictor(local, e.url) for e in engines]
         for p in preds:
-            started.append(p.wait())
-        yield {"engines": engines, "predictors": preds, "urls": [p.url for p in preds]}
-    finally:
-        for s in reversed(started):
-            s.stop()
-        for s in engines:
-            s.stop()
+            p.wait_healthy()
+        yield {"local": local, "engines": engines, "predictors": preds, "urls": [p.url for p in preds]}
 
 
 def body(n_prompt=20, out=8, stream=False, **kw):
@@ -404,9 +345,9 @@ def wait_idle(engine_url: str, timeout: float = 20.0) -> None:
 
 def test_streaming_and_non_streaming_through_the_scheduler(stack, tmp_path):
     log = tmp_path / "sched.jsonl"
-    s = scheduler(stack["urls"], "--policy", "block", "--k", "2", log_file=log)
+    s = scheduler(stack, stack["urls"], "--policy", "block", "--k", "2", log_file=log)
     try:
-        assert s.line.strip().startswith("listening on http://127.0.0.1:")  # loopback unless --host says otherwise
+        assert "\nlistening on http://127.0.0.1:" in "\n" + s.log_path.read_text()  # loopback unless --host says so
         c = httpx.Client(base_url=s.url, timeout=30)
         r = c.post("/v1/completions", json=body(out=5), headers={"x-expected-output-tokens": "5"})
         assert r.status_code == 200, r.text
@@ -477,14 +418,12 @@ def _hold(url: str, prompt: int, out: int, started: threading.Event, done: list,
 
 def test_the_policy_decides_block_avoids_the_loaded_instance_and_round_robin_alternates(stack):
     urls = stack["urls"]
-    base = ["block.scheduler", "--port", "0", "--instances", ",".join(urls), "--upstream-token", PTOKEN,
-            "--tokenizer", "none", "--policy"]
-    scheds = [Service(*base, "block", "--k", "all", wait=False), Service(*base, "least_requests", wait=False),
-              Service(*base, "round_robin", wait=False)]
+    scheds = [scheduler(stack, urls, "--policy", *policy, wait=False)
+              for policy in (("block", "--k", "all"), ("least_requests",), ("round_robin",))]
     stop = threading.Event()
     threads: list = []
     try:
-        s, lr, rr = (x.wait() for x in scheds)
+        s, lr, rr = (x.wait_healthy() for x in scheds)
         started, done = threading.Event(), []
         threads = [threading.Thread(target=_hold, args=(urls[1], 500, 3000, started, done, stop), daemon=True)
                    for _ in range(3)]  # two run, one waits on instance 1 (max-num-seqs 2)
@@ -520,7 +459,7 @@ def test_the_policy_decides_block_avoids_the_loaded_instance_and_round_robin_alt
 
 
 def test_hostile_input_gets_4xx_json_and_the_service_stays_up(stack):
-    s = scheduler(stack["urls"][:1], "--policy", "round_robin")
+    s = scheduler(stack, stack["urls"][:1], "--policy", "round_robin")
     try:
         c = httpx.Client(base_url=s.url, timeout=30)
         cases = [
@@ -550,7 +489,7 @@ def test_hostile_input_gets_4xx_json_and_the_service_stays_up(stack):
 
 
 def test_bearer_token_is_enforced(stack):
-    s = scheduler(stack["urls"][:1], "--policy", "random", "--token", "s3cret")
+    s = scheduler(stack, stack["urls"][:1], "--policy", "random", "--token", "s3cret")
     try:
         assert httpx.get(s.url + "/health").status_code == 200
         for hdr in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
@@ -562,7 +501,7 @@ def test_bearer_token_is_enforced(stack):
     finally:
         s.stop()
     # a scheduler without the predictors' token: probes are refused (fallback), the forward's 401 is relayed
-    s = Service("block.scheduler", "--port", "0", "--instances", stack["urls"][0], "--tokenizer", "none")
+    s = scheduler(stack, stack["urls"][:1], token=False)
     try:
         r = httpx.post(s.url + "/v1/completions", json=body())
         assert r.status_code == 401 and r.headers["x-block-fallback"] == "1"
@@ -574,7 +513,7 @@ def test_a_killed_or_stuck_predictor_is_left_out_and_the_fallback_counted(stack,
     urls = stack["urls"]
     log = tmp_path / "log.jsonl"
     victim = stack["predictors"][2]
-    s = scheduler([urls[0], urls[2]], "--policy", "block", "--k", "1", "--probe-timeout-ms", "300",
+    s = scheduler(stack, [urls[0], urls[2]], "--policy", "block", "--k", "1", "--probe-timeout-ms", "300",
                   "--down-cooldown-s", "0", log_file=log)
     try:
         c = httpx.Client(base_url=s.url, timeout=30)
@@ -602,7 +541,7 @@ def test_a_killed_engine_requests_without_a_token_are_retried_and_none_is_lost(s
     """Instance 1 (two running at most) gets half of 8 long streams; its engine dies while two of them wait."""
     urls = stack["urls"]
     log = tmp_path / "log.jsonl"
-    s = scheduler(urls[:2], "--policy", "round_robin", "--max-retries", "2", log_file=log)
+    s = scheduler(stack, urls[:2], "--policy", "round_robin", "--max-retries", "2", log_file=log)
     results: list = [None] * 8
 
     def client(k: int) -> None:

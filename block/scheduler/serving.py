@@ -13,7 +13,6 @@ loop polls for I/O again.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 from fastapi import FastAPI
@@ -79,19 +78,7 @@ def corked_protocol_class() -> type:
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
-    """Run ``app`` until interrupted; print the bound address on stdout (orchestrators read it)."""
-    import uvicorn
+    """Run ``app`` (block.service.serve) with the corked protocol and no ``server`` header."""
+    from block.service import serve as serve_app
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                            http=corked_protocol_class(), server_header=False)
-    server = uvicorn.Server(config)
-    if port == 0:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio then sets TCP_NODELAY
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]
-        print(f"listening on http://{host}:{port}", flush=True)
-        server.run(sockets=[sock])
-    else:
-        print(f"listening on http://{host}:{port}", flush=True)
-        server.run()
+    serve_app(app, host, port, log_level, http=corked_protocol_class(), server_header=False)
