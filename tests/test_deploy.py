@@ -205,11 +205,12 @@ def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
     assert not _no_token_in(tmp_path / "outputs") and not _no_token_in(work)
     assert TOKEN not in r.stdout + r.stderr and HF_TOKEN not in r.stdout + r.stderr
 
-    # after the runs nothing is left running; the same sweep again is skipped (resume)
+    # after the runs nothing is left running; the same sweep again (through `fab run`) is skipped (resume)
     r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)
     assert r.returncode == 0 and "cluster state: stopped" in r.stdout, r.stdout + r.stderr
-    r = _run([sys.executable, "-m", "experiments.run", "-m", *ov])
-    assert r.returncode == 0 and (r.stdout + r.stderr).lower().count("skip") >= 2
+    rest = " ".join(o for o in ov if o.split("=")[0] not in ("mode", "cluster", "hydra.searchpath"))
+    r = _fab("run", "--cluster", str(path), "--multirun", "--overrides", rest, key=loopback.client_key)
+    assert r.returncode == 0 and (r.stdout + r.stderr).lower().count("skip") >= 2, r.stdout + r.stderr
     r = _run([sys.executable, "-m", "analysis.fig6", str(tmp_path / "outputs" / "deploy")], timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "outputs" / "deploy" / "figures" / "fig6_qps.png").stat().st_size > 10_000
