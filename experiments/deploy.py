@@ -19,12 +19,15 @@ stdin, never on a command line, in a file of the repo, in ``config.yaml`` or in 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +282,7 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def timed(name: str, t: float) -> None:
         phases[f"deploy_{name}_s"] = round(time.perf_counter() - t, 3)
 
-    with open_fleet(cfg, hosts) as fleet:
+    with open_fleet(cfg, hosts) as fleet, sigterm_as_interrupt():
         t = time.perf_counter()
         kinds = prepare(cfg, fleet, hosts)
         timed("setup", t)
@@ -313,6 +316,23 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return publish_records(run_dir, run_dir / "hosts" / plan.bench_host / "records",
                            {"num_hosts": len(plan.plans), "engines": sorted(set(kinds.values())),
                             "deploy_wall_s": round(time.perf_counter() - t0, 3), **phases})
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a batch system's cancel) unwinds like Ctrl-C, so the services on the hosts are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def publish_records(run_dir: Path, src: Path, extra: Mapping[str, Any]) -> dict[str, Any]:

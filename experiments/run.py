@@ -69,6 +69,11 @@ def main(cfg: DictConfig) -> Optional[float]:
         log.error("configuration error: %s", err)
         print(f"configuration error: {err}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # the modes stop what they started on the way out (LocalStack, deploy's finally)
+        log.error("interrupted: %s has no summary.json; its services were stopped", run_dir)
+        print(f"interrupted: {run_dir} has no summary.json (it reruns next time); every service was stopped",
+              file=sys.stderr)
+        raise SystemExit(130)
     run_logger.log_run(cfg, run_dir, summary)
     if summary:
         keys = ("completed", "failed", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_e2el_ms",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -238,6 +239,43 @@ def _free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def test_ctrl_c_stops_the_run_on_the_host(tmp_path, loopback):
+    """Fabric would wait for the remote benchmark after a Ctrl-C; the run must stop it and every service instead."""
+    srv = loopback.servers[0]
+    work = tmp_path / "hostwork"
+    _cluster(tmp_path, "solo", [Host("solo", srv.address, user=loopback.user, port=srv.port, instances=1,
+                                     roles=["engine", "scheduler"], gpu="no", workdir=str(work))])
+    base = _free_block(3)
+    ov = _overrides(tmp_path, "solo", loopback.client_key, **{
+        "mode.ports.engine": base, "mode.ports.predictor": base + 1, "mode.ports.scheduler": base + 2,
+        "workload.num_requests": 2000, "mode.time_scale": 1, "progress": "true"})
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *ov], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        seen = ""
+        while time.monotonic() < deadline and "requests:" not in seen:  # the benchmark runs on the host
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert "requests:" in seen, seen[-3000:]
+        assert _pgrep("experiments.drive")
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=90)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "every service was stopped" in out, out[-3000:]
+    assert not _pgrep(str(work))  # nothing of the run is left on the host
+    assert not list((work / "state").glob("*.json"))
+    assert not _run_dirs(tmp_path)
+
+
+def _pgrep(pattern: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
 
 
 def test_unreachable_host_is_named(tmp_path, loopback):

@@ -12,9 +12,12 @@ defaults); passwords are never used. Nothing here logs a command's stdin, which 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import threading
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -102,6 +105,7 @@ class Fleet:
         self._conns: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.workdirs: dict[str, str] = {}  # host name -> absolute work directory (resolved on first use)
+        self._inflight: dict[str, str] = {}  # remote pid file -> host name, for every command being awaited
 
     # ------------------------------------------------------------------ connections
     def conn(self, host: Host | str):
@@ -181,11 +185,62 @@ class Fleet:
             outs = [one(hs[0])]
         else:
             with ThreadPoolExecutor(max_workers=min(32, len(hs))) as pool:
-                outs = list(pool.map(one, hs))
+                futures = [pool.submit(one, h) for h in hs]
+                try:
+                    outs = [f.result() for f in futures]
+                except KeyboardInterrupt:  # Ctrl-C: stop the remote commands, so the threads end now
+                    self.interrupt()
+                    raise
         outcomes = {o.host: o for o in outs}
         if raise_on_error and not all(o.ok for o in outs):
             raise FleetError(action, outcomes)
         return outcomes
+
+    # ------------------------------------------------------------------ commands Ctrl-C can stop
+    def run(self, host: Host, command: str, cwd: Optional[str] = None, **kwargs: Any):
+        """``connection.run(command)`` that Ctrl-C stops on the host too.
+
+        Without a pty, Fabric forwards no interrupt and waits for the remote command to end by itself, so a long
+        remote command (the benchmark, a start awaiting health) would outlive a Ctrl-C. Here the command records
+        its pid on the host first (``exec`` keeps the pid), and :meth:`interrupt` signals every command in flight.
+        ``command`` must be a simple command (it is ``exec``-ed).
+        """
+        c = self.conn(host)
+        w = self.workdir(host)
+        pid_file = f"{w}/.inflight/{uuid.uuid4().hex}.pid"
+        full = (f"mkdir -p {shlex.quote(w)}/.inflight && " + (f"cd {shlex.quote(cwd)} && " if cwd else "")
+                + f"echo $$ > {shlex.quote(pid_file)} && exec {command}")
+        with self._lock:
+            self._inflight[pid_file] = host.name
+        try:
+            if threading.current_thread() is not threading.main_thread():
+                return c.run(full, **kwargs)
+            promise = c.run(full, asynchronous=True, **kwargs)
+            try:
+                while not promise.runner.process_is_finished:
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                self.interrupt()
+                with contextlib.suppress(Exception):
+                    promise.join()
+                raise
+            return promise.join()
+        finally:
+            with self._lock:
+                self._inflight.pop(pid_file, None)
+
+    def interrupt(self, grace_s: float = 5.0) -> None:
+        """SIGINT every remote command being awaited, SIGKILL what is left after ``grace_s``."""
+        with self._lock:
+            items = list(self._inflight.items())
+        steps = max(1, int(grace_s / 0.1))
+        for pid_file, name in items:
+            q = shlex.quote(pid_file)
+            script = (f'p=$(cat {q} 2>/dev/null) || exit 0; rm -f {q}; kill -INT "$p" 2>/dev/null || exit 0; '
+                      f'for i in $(seq {steps}); do kill -0 "$p" 2>/dev/null || exit 0; sleep 0.1; done; '
+                      'kill -KILL "$p" 2>/dev/null; true')
+            with contextlib.suppress(Exception):
+                self.conn(name).run(script, hide=True, warn=True, in_stream=False, timeout=grace_s + 10)
 
     # ------------------------------------------------------------------ per-host paths
     def workdir(self, host: Host) -> str:

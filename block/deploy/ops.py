@@ -170,12 +170,11 @@ def hostctl(fleet: Fleet, h: Host, args: Sequence[str], secrets: Optional[Mappin
 
     Secrets go to hostctl's stdin as JSON, never onto a command line (which ``ps`` and logs would show).
     """
-    c = fleet.conn(h)
     w = fleet.workdir(h)
     argv = [*args, "--secrets-stdin"] if secrets else list(args)
-    cmd = f"cd {shlex.quote(w)} && {_venv_python(w)} -m block.deploy.hostctl " + " ".join(shlex.quote(a) for a in argv)
+    cmd = f"{_venv_python(w)} -m block.deploy.hostctl " + " ".join(shlex.quote(a) for a in argv)
     stdin = io.StringIO(json.dumps(dict(secrets))) if secrets else False
-    res = c.run(cmd, hide=True, warn=True, in_stream=stdin, timeout=timeout_s)
+    res = fleet.run(h, cmd, cwd=w, hide=True, warn=True, in_stream=stdin, timeout=timeout_s)
     if res.exited == 127 and "venv/bin/python" in (res.stderr or ""):
         raise NotSetUp(f"{h.name} is not set up (no {w}/venv): run setup first")
     try:
@@ -353,14 +352,13 @@ def run_on(fleet: Fleet, h: Host, run_id: str, argv: Sequence[str], secrets: Opt
 
     Secrets arrive as JSON on stdin (the program must read them, e.g. ``--secrets-stdin``).
     """
-    c = fleet.conn(h)
     w = fleet.workdir(h)
-    cmd = (f"cd {shlex.quote(run_dir_of(fleet, h, run_id))} && {_venv_python(w)} "
-           + " ".join(shlex.quote(a) for a in argv))
+    cmd = f"{_venv_python(w)} " + " ".join(shlex.quote(a) for a in argv)
     stdin = io.StringIO(json.dumps(dict(secrets or {})))
     try:
-        res = c.run(cmd, hide=not stream, warn=False, in_stream=stdin, timeout=timeout_s,
-                    out_stream=sys.stderr if stream else None, err_stream=sys.stderr if stream else None)
+        res = fleet.run(h, cmd, cwd=run_dir_of(fleet, h, run_id), hide=not stream, warn=False, in_stream=stdin,
+                        timeout=timeout_s, out_stream=sys.stderr if stream else None,
+                        err_stream=sys.stderr if stream else None)
     except Exception as err:  # noqa: BLE001
         raise DeployError(f"{argv[:3]} on {h.name} ({h.ssh_target}) failed: {describe_error(err)}") from None
     return res.stdout
