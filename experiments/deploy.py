@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig
@@ -43,6 +43,12 @@ log = logging.getLogger("experiments.deploy")
 
 ENGINE_KINDS = ("auto", "emulated", "vllm")
 RECORD_FILES = ("config.yaml", "requests.parquet", "instances.parquet")
+ENGINE_FILES = ("model.yaml", "gpu.yaml", "engine.yaml")  # what engine_args writes: an engine's whole config
+
+
+def workdir_of(run_dir: str) -> str:
+    """The host's work directory of a remote run directory (``<workdir>/runs/<run id>``)."""
+    return str(PurePosixPath(run_dir).parent.parent)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -169,6 +175,9 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
     ports = cfg.mode.ports
     ec = wiring.engine_config(cfg)
     shared = _rel(engine_args(cfg, staging), staging)
+    engine_files = {f"services/{n}": (staging / n).read_bytes() for n in ENGINE_FILES}
+    keep = bool(cfg.mode.get("keep_engines", False))
+    engine_dir = "engines/" + hashlib.sha256(b"".join(engine_files.values())).hexdigest()[:16]
     scale = float(cfg.mode.time_scale)
     services: dict[str, list[dict[str, Any]]] = {h.name: [] for h in hosts}
     predictor_urls: list[str] = []
@@ -194,7 +203,8 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
         pargv = ["python", "-m", "block.predictor", "--host", h.ip, "--port", str(pport), *shared,
                  "--engine-url", engine_url, "--instance-id", str(i), "--state-source", source]
         services[h.name] += [
-            {"name": f"engine{i}", "role": "engine", "argv": eargv, "url": engine_url, "health": "/health", "env": {}},
+            {"name": f"engine{i}", "role": "engine", "argv": eargv, "url": engine_url, "health": "/health", "env": {},
+             **({"cwd": f"{workdir_of(remote_dirs[h.name])}/{engine_dir}"} if keep else {})},
             {"name": f"predictor{i}", "role": "predictor", "argv": pargv, "url": purl, "health": "/health",
              "env": {}},
         ]
@@ -217,6 +227,9 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
             continue
         plans[h.name] = {"host": h.name, "run_id": run_id, "cwd": remote_dirs[h.name], "services": services[h.name]}
         files[h.name] = {**conf_files, "plan.json": json.dumps(plans[h.name], indent=1).encode()}
+        if keep:  # engines outlive the run: their configs live beside them, named by content
+            files[h.name].update({f"{workdir_of(remote_dirs[h.name])}/{engine_dir}/{rel}": data
+                                  for rel, data in engine_files.items()})
     return Plan(run_id, plans, files, predictor_urls, scheduler_urls, sched_hosts[0].name, dict(kinds))
 
 
@@ -260,9 +273,22 @@ def start_cluster(cfg: DictConfig, fleet, hosts, kinds: Mapping[str, str], run_d
     remote = {h.name: ops.run_dir_of(fleet, h, run_id) for h in hosts}
     plan = build_plan(cfg, hosts, kinds, run_id, remote, Path(run_dir) / "services")
     ops.push_run(fleet, run_id, plan.files)
-    ops.stop(fleet)
+    if cfg.mode.get("keep_engines", False):  # leftovers: all but the engines this plan keeps or restarts
+        ops.stop(fleet, roles=["scheduler", "predictor"])
+        ops.stop_unplanned(fleet, plan.expected)
+    else:
+        ops.stop(fleet)
     ops.start(fleet, run_id, plan.plans, secrets_of(cfg), float(cfg.mode.startup_timeout_s), log=say)
     return plan
+
+
+def stop_after_run(cfg: DictConfig, fleet) -> None:
+    """The end of a run: everything stops, or with ``mode.keep_engines`` all but the engines."""
+    from block.deploy import ops
+
+    if cfg.mode.keep_running:
+        return
+    ops.stop(fleet, roles=["scheduler", "predictor"] if cfg.mode.get("keep_engines", False) else None)
 
 
 def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -311,8 +337,7 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 except Exception as err:  # noqa: BLE001 - a failed collect must not hide the run's own error
                     log.error("collect failed: %s", err)
             timed("collect", t)
-            if not cfg.mode.keep_running:
-                ops.stop(fleet)
+            stop_after_run(cfg, fleet)
     return publish_records(run_dir, run_dir / "hosts" / plan.bench_host / "records",
                            {"num_hosts": len(plan.plans), "engines": sorted(set(kinds.values())),
                             "deploy_wall_s": round(time.perf_counter() - t0, 3), **phases})

@@ -186,8 +186,10 @@ def record_summary(cfg: DictConfig, requests: list, res: DriveResult, mode: str,
         summary.update(mean_itl_ms=float(v.mean()), median_itl_ms=float(np.median(v)),
                        p90_itl_ms=float(np.percentile(v, 90)), p99_itl_ms=float(np.percentile(v, 99)))
     inst = res.instances
-    if len(inst):  # per-request preemptions are unknown live; the engines' counters give the total
-        summary["num_preemptions"] = int(inst.groupby("instance")["num_preemptions"].max().sum())
+    if len(inst):  # per-request preemptions are unknown live; the engines' counters give the total (as a
+        # difference over the run: an engine kept from an earlier run starts with its old count)
+        g = inst.groupby("instance")["num_preemptions"]
+        summary["num_preemptions"] = int((g.max() - g.min()).sum())
     return summary
 
 

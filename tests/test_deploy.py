@@ -183,8 +183,10 @@ def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
                             capture_output=True, text=True, cwd=work)
     assert origin.stdout.strip().startswith(str(work / "src")), origin
 
-    # a sweep of two policies on the host (sequential points), then the paper's figure from the deployed runs
-    ov = _overrides(tmp_path, "solo", loopback.client_key, **ports, policy="block,round_robin")
+    # a sweep of two policies on the host (sequential points, the engines kept between them), then the paper's
+    # figure from the deployed runs
+    ov = _overrides(tmp_path, "solo", loopback.client_key, **ports, policy="block,round_robin",
+                    **{"mode.keep_engines": "true"})
     r = _run([sys.executable, "-m", "experiments.run", "-m", *ov])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     runs = _run_dirs(tmp_path)
@@ -206,7 +208,19 @@ def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
     assert not _no_token_in(tmp_path / "outputs") and not _no_token_in(work)
     assert TOKEN not in r.stdout + r.stderr and HF_TOKEN not in r.stdout + r.stderr
 
-    # after the runs nothing is left running; the same sweep again (through `fab run`) is skipped (resume)
+    # the engines were started once and served both points; each run's collected logs include their log
+    engine_logs = list(work.glob("engines/*/logs/engine0.log"))
+    assert len(engine_logs) == 1 and engine_logs[0].read_text().count("start engine0") == 1
+    for run_dir in runs:
+        assert "start engine0" in (run_dir / "hosts" / "solo" / "logs" / "engine0.log").read_text()
+    # after the runs only the kept engines run; fab stop stops them
+    r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)
+    assert r.returncode == 0 and "cluster state: running" in r.stdout, r.stdout + r.stderr
+    assert "engine1" in r.stdout and "predictor" not in r.stdout and "scheduler" not in r.stdout, r.stdout
+    r = _fab("stop", "--cluster", str(path), timeout=120, key=loopback.client_key)
+    assert r.returncode == 0 and ("stopped engine1, engine0" in r.stdout or "stopped engine0, engine1" in r.stdout), \
+        r.stdout
+    # nothing is left running; the same sweep again (through `fab run`) is skipped (resume)
     r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)
     assert r.returncode == 0 and "cluster state: stopped" in r.stdout, r.stdout + r.stderr
     rest = " ".join(o for o in ov if o.split("=")[0] not in ("mode", "cluster", "hydra.searchpath"))
@@ -370,3 +384,24 @@ def test_cloudlab_manifest_to_a_deploy_plan(tmp_path):
                if s["role"] == "engine")
     with pytest.raises(Exception, match="time_scale"):
         engine_kinds(compose(str(out), ["mode.time_scale=10"]), hosts, {h.name: 1 for h in hosts})
+
+
+def test_kept_engines_live_beside_their_config(tmp_path):
+    """mode.keep_engines: engines get a working folder named by their config's content, shared by runs."""
+    from experiments.deploy import build_plan, compose
+
+    hosts = [Host("node0", "h0", internal_ip="10.0.0.1", instances=1, roles=["engine", "scheduler"], gpu="no")]
+    path = _cluster(tmp_path, "one", hosts)
+
+    def engine_cwd(run_id: str, *ov: str) -> tuple[str, dict]:
+        cfg = compose(str(path), ["mode.keep_engines=true", *ov])
+        plan = build_plan(cfg, hosts, {"node0": "emulated"}, run_id, {"node0": f"/w/runs/{run_id}"},
+                          tmp_path / run_id)
+        eng = next(s for s in plan.plans["node0"]["services"] if s["role"] == "engine")
+        return eng["cwd"], plan.files["node0"]
+
+    a, files = engine_cwd("r1", "policy=block")
+    b, _ = engine_cwd("r2", "policy=round_robin")
+    c, _ = engine_cwd("r3", "engine.max_num_seqs=24")
+    assert a == b and a.startswith("/w/engines/") and c != a  # another policy keeps them, another engine does not
+    assert f"{a}/services/engine.yaml" in files and "services/policy.yaml" in files

@@ -79,6 +79,10 @@ class ServiceSpec:
     url: str
     health: str = DEFAULT_HEALTH
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # this service's own working directory (default: the plan's), e.g. shared by runs
+
+    def workdir(self, plan: "Plan") -> Path:
+        return self.cwd or plan.cwd
 
     @property
     def health_url(self) -> str:
@@ -131,9 +135,12 @@ def parse_service(data: Any, index: int) -> ServiceSpec:
     health = data.get("health", DEFAULT_HEALTH)
     if not isinstance(health, str):
         raise PlanError(f"{where}: 'health' must be str")
+    cwd = data.get("cwd")
+    if cwd is not None and not (isinstance(cwd, str) and os.path.isabs(cwd)):
+        raise PlanError(f"{where}: 'cwd' must be an absolute path, got {cwd!r}")
     return ServiceSpec(name=name, role=_require(data, "role", str, where), argv=list(argv),
                        url=_require(data, "url", str, where), health=health,
-                       env=_str_map(data.get("env", {}), f"{where} 'env'"))
+                       env=_str_map(data.get("env", {}), f"{where} 'env'"), cwd=Path(cwd) if cwd else None)
 
 
 def parse_plan(data: Any) -> Plan:
@@ -438,8 +445,8 @@ def tail_lines(path: str | os.PathLike, n: int, max_bytes: int = 1 << 20) -> lis
     return data.decode("utf-8", "replace").splitlines()[-n:]
 
 
-def log_path(plan: Plan, name: str) -> Path:
-    return plan.cwd / "logs" / f"{name}.log"
+def log_path(plan: Plan, spec: ServiceSpec) -> Path:
+    return spec.workdir(plan) / "logs" / f"{spec.name}.log"
 
 
 def launch(spec: ServiceSpec, plan: Plan, secrets: Mapping[str, str]) -> tuple[ServiceState, subprocess.Popen]:
@@ -449,21 +456,22 @@ def launch(spec: ServiceSpec, plan: Plan, secrets: Mapping[str, str]) -> tuple[S
     in particular not the ssh channel behind our stdout, so the ssh command returns when hostctl exits.
     """
     argv = resolve_argv(spec.argv)
-    log = log_path(plan, spec.name)
+    log = log_path(plan, spec)
+    cwd = spec.workdir(plan)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **spec.env, **secrets, "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         out.write(f"\n===== hostctl {stamp}: start {spec.name} (run {plan.run_id}): {shlex.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(argv, cwd=plan.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     _CHILDREN[proc.pid] = proc
     st = proc_stat(proc.pid)
     state = ServiceState(name=spec.name, role=spec.role, pid=proc.pid, pgid=proc.pid, argv=argv,
-                         argv_hash=launch_hash(argv, plan.cwd, spec.env), url=spec.url, health=spec.health,
+                         argv_hash=launch_hash(argv, cwd, spec.env), url=spec.url, health=spec.health,
                          log=str(log), run_id=plan.run_id, started_at=time.time(),
-                         proc_start=st.start_time if st else None, cwd=str(plan.cwd))
+                         proc_start=st.start_time if st else None, cwd=str(cwd))
     return state, proc
 
 
@@ -578,7 +586,7 @@ class _Launch:
 def ensure_running(spec: ServiceSpec, plan: Plan, state_dir: Path, secrets: Mapping[str, str],
                    grace: float) -> _Launch:
     """Keep a matching live process, replace a stale one, or start afresh."""
-    wanted = launch_hash(resolve_argv(spec.argv), plan.cwd, spec.env)
+    wanted = launch_hash(resolve_argv(spec.argv), spec.workdir(plan), spec.env)
     old = _read_one(state_dir, spec.name)
     action = "started"
     if old is not None:
@@ -660,7 +668,8 @@ def start_services(plan: Plan | Mapping[str, Any], state_dir: str | os.PathLike,
     for spec in specs:
         check_no_secret_in_spec(spec, secrets)
     state_dir = Path(state_dir)
-    plan.cwd.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        spec.workdir(plan).mkdir(parents=True, exist_ok=True)
     with locked(state_dir):
         launches = [ensure_running(s, plan, state_dir, secrets, grace) for s in specs]
     wait_healthy(launches, timeout)

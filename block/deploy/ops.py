@@ -200,15 +200,17 @@ def run_dir_of(fleet: Fleet, h: Host, run_id: str) -> str:
 
 
 def push_run(fleet: Fleet, run_id: str, files: Mapping[str, Mapping[str, bytes]]) -> dict[str, str]:
-    """Upload each host's run files (relative path -> bytes) into ``runs/<run_id>/``; returns host -> remote dir."""
+    """Upload each host's run files (path -> bytes) into ``runs/<run_id>/`` (absolute paths: there); returns host ->
+    remote run dir."""
     hosts = [fleet.by_name[n] for n in files]
 
     def one(h: Host, c) -> str:
         d = run_dir_of(fleet, h, run_id)
-        dirs = sorted({os.path.dirname(f"{d}/{rel}") for rel in files[h.name]})
+        where = {rel: rel if rel.startswith("/") else f"{d}/{rel}" for rel in files[h.name]}  # absolute: as is
+        dirs = sorted({os.path.dirname(x) for x in where.values()})
         c.run("mkdir -p " + " ".join(shlex.quote(x) for x in dirs), hide=True, in_stream=False)
         for rel, data in files[h.name].items():
-            c.put(io.BytesIO(data), f"{d}/{rel}")
+            c.put(io.BytesIO(data), where[rel])
         return d
 
     return {k: o.value for k, o in fleet.each("upload", one, hosts).items()}
@@ -345,6 +347,16 @@ def logs(fleet: Fleet, lines: int = 30) -> dict[str, HostOutcome]:
     return fleet.each("logs", one, raise_on_error=False)
 
 
+def stop_unplanned(fleet: Fleet, expected: Mapping[str, Sequence[str]]) -> None:
+    """Stop every running service that ``expected`` (host -> service names) does not list."""
+    st = status(fleet)
+    for name, doc in st.hosts.items():
+        extra = [s["name"] for s in doc.get("services", []) if s["name"] not in expected.get(name, [])]
+        if extra:
+            h = fleet.by_name[name]
+            hostctl(fleet, h, ["stop", "--state-dir", _state_dir(fleet, h), "--names", ",".join(extra)])
+
+
 # ---------------------------------------------------------------------------------------------- run / collect
 def run_on(fleet: Fleet, h: Host, run_id: str, argv: Sequence[str], secrets: Optional[Mapping[str, str]] = None,
            stream: bool = True, timeout_s: Optional[float] = None) -> str:
@@ -364,6 +376,15 @@ def run_on(fleet: Fleet, h: Host, run_id: str, argv: Sequence[str], secrets: Opt
     return res.stdout
 
 
+_COPY_OUTSIDE_LOGS = (
+    "import json, os, shutil\n"
+    "for s in json.load(open('plan.json'))['services']:\n"
+    "    src = os.path.join(s['cwd'], 'logs', s['name'] + '.log') if s.get('cwd') else None\n"
+    "    if src and os.path.isfile(src):\n"
+    "        shutil.copyfile(src, os.path.join('logs', s['name'] + '.log'))\n"
+)
+
+
 def collect(fleet: Fleet, run_id: str, dest: Path, hosts: Optional[Sequence[Host]] = None,
             parts: Sequence[str] = ("logs", "services", "records")) -> dict[str, Path]:
     """Bring ``runs/<run_id>/{logs,services,records}`` of every host into ``dest/hosts/<host>/``."""
@@ -372,6 +393,9 @@ def collect(fleet: Fleet, run_id: str, dest: Path, hosts: Optional[Sequence[Host
     def one(h: Host, c) -> Path:
         d = run_dir_of(fleet, h, run_id)
         q = shlex.quote
+        # services that live outside the run folder (kept engines) log beside themselves: bring a copy in
+        c.run(f"cd {q(d)} 2>/dev/null && test -f plan.json && mkdir -p logs && "
+              f"{_venv_python(fleet.workdir(h))} -c {q(_COPY_OUTSIDE_LOGS)}", hide=True, warn=True, in_stream=False)
         present = c.run(f"cd {q(d)} && ls -d {' '.join(q(p) for p in parts)} 2>/dev/null || true", hide=True,
                         in_stream=False).stdout.split()
         out = dest / "hosts" / h.name
