@@ -181,9 +181,12 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
     scale = float(cfg.mode.time_scale)
     services: dict[str, list[dict[str, Any]]] = {h.name: [] for h in hosts}
     predictor_urls: list[str] = []
+    def base(h, kind: str) -> int:  # the host's own ports (cluster config) win over mode.ports
+        return int((h.service_ports or {}).get(kind, ports[kind]))
+
     for i, (h, j) in enumerate(engine_slots(hosts, int(cfg.cluster.num_instances))):
         kind = kinds[h.name]
-        eport, pport = int(ports.engine) + j, int(ports.predictor) + j
+        eport, pport = base(h, "engine") + j, base(h, "predictor") + j
         engine_url = f"http://127.0.0.1:{eport}"
         if kind == "vllm":
             eargv = ["python", "-m", "block.engine.vllm", "--host", "127.0.0.1", "--port", str(eport),
@@ -213,7 +216,7 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
     scheduler_urls: list[str] = []
     for k in range(int(cfg.mode.num_schedulers)):
         h = sched_hosts[k % len(sched_hosts)]
-        port = int(ports.scheduler) + k // len(sched_hosts)
+        port = base(h, "scheduler") + k // len(sched_hosts)
         url = f"http://{h.ip}:{port}"
         sargv = _rel(scheduler_args(cfg, predictor_urls, staging / f"scheduler{k}.jsonl"), staging)
         services[h.name].append({"name": f"scheduler{k}", "role": "scheduler",

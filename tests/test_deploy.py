@@ -90,19 +90,25 @@ def test_plan_places_services_by_host_and_keeps_secrets_out(tmp_path, monkeypatc
 
     hosts = [Host("node0", "h0.example", user="alice", internal_ip="10.10.1.1", instances=2,
                   roles=["engine", "scheduler"], gpu="no"),
-             Host("node1", "h1.example", user="alice", internal_ip="10.10.1.2", instances=1, gpu="yes")]
+             Host("node1", "h1.example", user="alice", internal_ip="10.10.1.2", instances=1, gpu="yes"),
+             Host("node2", "h2.example", user="alice", internal_ip="10.10.1.3", instances=1, gpu="yes",
+                  service_ports={"engine": 9000, "predictor": 9100})]
     path = _cluster(tmp_path, "two", hosts)
     cfg = compose(str(path), ["policy=block", "mode.num_schedulers=2"])
     assert secrets_of(cfg)["BLOCK_API_TOKEN"] == TOKEN
-    plan = build_plan(cfg, hosts, {"node0": "emulated", "node1": "vllm"}, "rid",
-                      {"node0": "/w0/runs/rid", "node1": "/w1/runs/rid"}, tmp_path / "staging")
+    plan = build_plan(cfg, hosts, {"node0": "emulated", "node1": "vllm", "node2": "vllm"}, "rid",
+                      {"node0": "/w0/runs/rid", "node1": "/w1/runs/rid", "node2": "/w2/runs/rid"},
+                      tmp_path / "staging")
     by = {h: {s["name"]: s for s in p["services"]} for h, p in plan.plans.items()}
     assert sorted(by["node0"]) == ["engine0", "engine1", "predictor0", "predictor1", "scheduler0", "scheduler1"]
     assert sorted(by["node1"]) == ["engine2", "predictor2"]
     # engines on loopback (their predictor is the way in), predictors and schedulers on the LAN address
     assert by["node0"]["engine1"]["url"] == "http://127.0.0.1:8001"
     assert by["node0"]["predictor1"]["url"] == "http://10.10.1.1:8101"
-    assert plan.predictor_urls == ["http://10.10.1.1:8100", "http://10.10.1.1:8101", "http://10.10.1.2:8100"]
+    # node2's own ports (cluster config) win over mode.ports
+    assert plan.predictor_urls == ["http://10.10.1.1:8100", "http://10.10.1.1:8101", "http://10.10.1.2:8100",
+                                   "http://10.10.1.3:9100"]
+    assert by["node2"]["engine3"]["url"] == "http://127.0.0.1:9000"
     assert plan.scheduler_urls == ["http://10.10.1.1:8200", "http://10.10.1.1:8201"]
     assert by["node1"]["engine2"]["argv"][:3] == ["python", "-m", "block.engine.vllm"]
     assert by["node0"]["engine0"]["argv"][:3] == ["python", "-m", "block.engine"]

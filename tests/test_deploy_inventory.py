@@ -124,6 +124,8 @@ def test_hosts_file_parsing():
     assert hosts[2].workdir == "/scratch/block" and hosts[0].workdir == "~/block-deploy"
     assert [h.roles for h in hosts] == [["engine", "scheduler"], ["engine"], ["engine"]]
     assert parse_hosts_file("bob@h1\nh2", user="dave")[1].user == "dave"  # --user fills lines without user@
+    h = parse_hosts_file("h0 service_ports=engine:9000,scheduler:9200")[0]
+    assert h.service_ports == {"engine": 9000, "scheduler": 9200} and hosts[0].service_ports is None
 
 
 def test_hosts_file_explicit_scheduler_rule():
@@ -149,6 +151,8 @@ def test_hosts_file_explicit_scheduler_rule():
     ("ip=1.2.3.4", r"line 1: expected \[user@\]address\[:port\] first"),
     ("@h0", r"line 1: '@h0' has an empty user"),
     ("# only comments\n\n", r"^hosts\.txt: no hosts"),
+    ("h0 service_ports=gpu:1", r"line 1: service_ports: unknown service 'gpu'"),
+    ("h0 service_ports=engine:70000", r"line 1: service_ports\.engine=70000 is not a TCP port"),
 ])
 def test_hosts_file_errors(text, pattern):
     with pytest.raises(InventoryError, match=pattern):

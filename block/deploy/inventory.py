@@ -84,6 +84,8 @@ class Host:
     gpu: str = "auto"              # "auto" (detect with nvidia-smi at setup) | "yes" | "no"
     workdir: str = DEFAULT_WORKDIR  # where the venv, the project and the runs live on that host
     hardware: Optional[str] = None  # e.g. d7525 (from the manifest)
+    service_ports: Optional[dict[str, int]] = None  # base ports on this host ({engine, predictor, scheduler});
+    #                                                 unset ones come from mode.ports (8000, 8100, 8200)
 
     @property
     def ip(self) -> str:
@@ -126,7 +128,31 @@ class Host:
             gpu=_gpu(d.get("gpu", "auto"), f"{where}.gpu"),
             workdir=_req_str(d.get("workdir", DEFAULT_WORKDIR), f"{where}.workdir"),
             hardware=_opt_str(d.get("hardware"), f"{where}.hardware"),
+            service_ports=_service_ports(d.get("service_ports"), f"{where}.service_ports"),
         )
+
+
+SERVICE_KINDS = ("engine", "predictor", "scheduler")
+
+
+def _service_ports(value: Any, where: str) -> Optional[dict[str, int]]:
+    """``{engine: 9000, ...}`` (a mapping, or ``engine:9000,predictor:9100`` text); ports in 1..65535."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        pairs = [x.split(":", 1) if ":" in x else [x, ""] for x in value.split(",") if x.strip()]
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, Mapping):
+        raise InventoryError(f"{where}={value!r} must map {', '.join(SERVICE_KINDS)} to ports")
+    out = {}
+    for k, v in value.items():
+        if k not in SERVICE_KINDS:
+            raise InventoryError(f"{where}: unknown service {k!r} (known: {', '.join(SERVICE_KINDS)})")
+        port = _int(v, f"{where}.{k}", minimum=1)
+        if port > 65535:
+            raise InventoryError(f"{where}.{k}={port} is not a TCP port")
+        out[k] = port
+    return out or None
 
 
 def _req_str(value: Any, where: str) -> str:
@@ -311,7 +337,7 @@ def parse_manifest(xml_text: str, user: Optional[str] = None, lan: Optional[str]
 
 # --------------------------------------------------------------------------------------------------------- hosts file
 
-HOSTS_FILE_KEYS = ("name", "ip", "instances", "roles", "gpu", "workdir", "port", "hardware")
+HOSTS_FILE_KEYS = ("name", "ip", "instances", "roles", "gpu", "workdir", "port", "hardware", "service_ports")
 
 
 def _split_target(target: str, where: str) -> tuple[Optional[str], str, Optional[int]]:
@@ -385,6 +411,7 @@ def _parse_host_line(line: str, index: int, where: str, default_user: Optional[s
         gpu=_gpu(opts.get("gpu", info.gpu), f"{where}: gpu"),
         workdir=opts.get("workdir") or DEFAULT_WORKDIR,
         hardware=hardware,
+        service_ports=_service_ports(opts.get("service_ports"), f"{where}: service_ports"),
     )
     return _HostLine(host, roles)
 
@@ -565,6 +592,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", metavar="HOSTNAME", help="host name (e.g. node3) that runs the scheduler")
     parser.add_argument("--gpu", choices=GPU_MODES, help="override GPU use on every host")
     parser.add_argument("--workdir", metavar="DIR", help=f"override the remote work dir (default {DEFAULT_WORKDIR})")
+    parser.add_argument("--service-ports", metavar="engine:P,predictor:P,scheduler:P",
+                        help="base ports of the services on every host (default: mode.ports, 8000/8100/8200)")
     parser.add_argument("--print", dest="print_only", action="store_true", help="write the YAML to stdout instead")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     return parser
@@ -601,9 +630,12 @@ def _apply_overrides(hosts: list[Host], args: argparse.Namespace) -> None:
             raise InventoryError(f"--scheduler {args.scheduler!r} is not a host (hosts: {', '.join(names)})")
         for h in hosts:
             h.roles = [r for r in h.roles if r != "scheduler"] + (["scheduler"] if h.name == args.scheduler else [])
+    ports = _service_ports(args.service_ports, "--service-ports") if args.service_ports else None
     for h in hosts:
         h.gpu = args.gpu or h.gpu
         h.workdir = args.workdir or h.workdir
+        if ports:
+            h.service_ports = {**(h.service_ports or {}), **ports}
 
 
 def _run(args: argparse.Namespace) -> None:
