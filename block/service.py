@@ -39,6 +39,34 @@ class ServiceError(Exception):
         self.code = code if code is not None else status
 
 
+def bad_request(message: str) -> ServiceError:
+    """A 400 with OpenAI's ``BadRequestError`` type (what vLLM answers for a bad completion request)."""
+    return ServiceError(400, message, "BadRequestError")
+
+
+def int_field(name: str, v: Any, lo: Optional[int] = None) -> Optional[int]:
+    """An integer request field (None stays None); integral floats and digit strings are accepted, as pydantic
+    does; anything else, or a value under ``lo``, is a 400 that names the field."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise bad_request(f"{name} must be an integer, got {v!r}")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise bad_request(f"{name} must be an integer, got {v!r}")
+        v = int(v)
+    if isinstance(v, str):
+        try:
+            v = int(v.strip())
+        except ValueError:
+            raise bad_request(f"{name} must be an integer, got {v!r}") from None
+    if not isinstance(v, int):
+        raise bad_request(f"{name} must be an integer, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise bad_request(f"{name} must be at least {lo}, got {v}")
+    return v
+
+
 def error_body(message: str, type_: str = "invalid_request_error", code: Any = 400) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "code": code}}
 

@@ -272,14 +272,20 @@ class ClusterStatus:
         return "\n".join(lines)
 
 
-def status(fleet: Fleet, expected: Optional[Mapping[str, list[str]]] = None) -> ClusterStatus:
+def _on_state(fleet: Fleet, command: str, *args: str) -> dict[str, HostOutcome]:
+    """``hostctl <command>`` on every host's state folder; a host not set up yet simply runs nothing."""
+
     def one(h: Host, c) -> dict[str, Any]:
         try:
-            return hostctl(fleet, h, ["status", "--state-dir", _state_dir(fleet, h)])
+            return hostctl(fleet, h, [command, "--state-dir", _state_dir(fleet, h), *args])
         except NotSetUp:
             return {"host": h.name, "ok": True, "services": [], "message": "not set up"}
 
-    outs = fleet.each("status", one, raise_on_error=False)
+    return fleet.each(command, one, raise_on_error=False)
+
+
+def status(fleet: Fleet, expected: Optional[Mapping[str, list[str]]] = None) -> ClusterStatus:
+    outs = _on_state(fleet, "status")
     return ClusterStatus({k: o.value for k, o in outs.items() if o.ok},
                          {k: o.error or "" for k, o in outs.items() if not o.ok}, dict(expected or {}))
 
@@ -326,25 +332,13 @@ def stop(fleet: Fleet, roles: Optional[Sequence[str]] = None, grace_s: float = 1
     """Stop the services (all, or those of ``roles``) on every reachable host; unreachable hosts are reported."""
     args = ["--grace", str(grace_s)] + (["--roles", ",".join(roles)] if roles else [])
 
-    def one(h: Host, c) -> dict[str, Any]:
-        try:
-            return hostctl(fleet, h, ["stop", "--state-dir", _state_dir(fleet, h), *args])
-        except NotSetUp:
-            return {"host": h.name, "ok": True, "services": [], "message": "not set up"}
-
-    return fleet.each("stop", one, raise_on_error=False)
+    return _on_state(fleet, "stop", *args)
 
 
 def logs(fleet: Fleet, lines: int = 30) -> dict[str, HostOutcome]:
     """The last ``lines`` of every running service's log, per host (hostctl ``logs``)."""
 
-    def one(h: Host, c) -> dict[str, Any]:
-        try:
-            return hostctl(fleet, h, ["logs", "--state-dir", _state_dir(fleet, h), "--lines", str(lines)])
-        except NotSetUp:
-            return {"host": h.name, "ok": True, "services": [], "message": "not set up"}
-
-    return fleet.each("logs", one, raise_on_error=False)
+    return _on_state(fleet, "logs", "--lines", str(lines))
 
 
 def stop_unplanned(fleet: Fleet, expected: Mapping[str, Sequence[str]]) -> None:
@@ -393,18 +387,20 @@ def collect(fleet: Fleet, run_id: str, dest: Path, hosts: Optional[Sequence[Host
     def one(h: Host, c) -> Path:
         d = run_dir_of(fleet, h, run_id)
         q = shlex.quote
-        # services that live outside the run folder (kept engines) log beside themselves: bring a copy in
-        c.run(f"cd {q(d)} 2>/dev/null && test -f plan.json && mkdir -p logs && "
-              f"{_venv_python(fleet.workdir(h))} -c {q(_COPY_OUTSIDE_LOGS)}", hide=True, warn=True, in_stream=False)
-        present = c.run(f"cd {q(d)} && ls -d {' '.join(q(p) for p in parts)} 2>/dev/null || true", hide=True,
-                        in_stream=False).stdout.split()
+        remote_tar = f"{d}.collect.tgz"
+        # one round trip: services that live outside the run folder (kept engines) log beside themselves, so a
+        # copy comes in first; then whatever of ``parts`` exists is packed (its names are printed)
+        present = c.run(
+            f"cd {q(d)} 2>/dev/null || exit 0; "
+            f"if test -f plan.json; then mkdir -p logs && {_venv_python(fleet.workdir(h))} -c "
+            f"{q(_COPY_OUTSIDE_LOGS)}; fi; "
+            f"present=$(ls -d {' '.join(q(p) for p in parts)} 2>/dev/null); "
+            f'if [ -n "$present" ]; then tar -czf {q(remote_tar)} $present && echo $present; fi',
+            hide=True, in_stream=False).stdout.split()
         out = dest / "hosts" / h.name
         out.mkdir(parents=True, exist_ok=True)
         if not present:
             return out
-        remote_tar = f"{d}.collect.tgz"
-        c.run(f"cd {q(d)} && tar -czf {q(remote_tar)} {' '.join(q(p) for p in present)}", hide=True,
-              in_stream=False)
         with tempfile.NamedTemporaryFile(suffix=".tgz", dir=dest, delete=False) as tmp:
             local_tar = tmp.name
         try:

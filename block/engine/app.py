@@ -34,7 +34,7 @@ from block.engine.tokens import (
     filler_text,
     token_text,
 )
-from block.service import DEFAULT_MAX_BODY, ServiceError, create_app, read_json
+from block.service import DEFAULT_MAX_BODY, ServiceError, bad_request, create_app, int_field, read_json
 from vidur.engine import StepTimeModel
 from vidur.types import EngineConfig
 
@@ -54,37 +54,11 @@ def _sse(obj: Any) -> str:
     return "data: " + _dumps(obj) + "\n\n"
 
 
-def _bad(msg: str) -> ServiceError:
-    return ServiceError(400, msg, "BadRequestError")
-
-
-def _int_field(name: str, v: Any, lo: Optional[int] = None) -> Optional[int]:
-    """An integer request field (None stays None); integral floats are accepted as pydantic does."""
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        raise _bad(f"{name} must be an integer, got {v!r}")
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise _bad(f"{name} must be an integer, got {v!r}")
-        v = int(v)
-    if isinstance(v, str):
-        try:
-            v = int(v.strip())
-        except ValueError:
-            raise _bad(f"{name} must be an integer, got {v!r}") from None
-    if not isinstance(v, int):
-        raise _bad(f"{name} must be an integer, got {type(v).__name__}")
-    if lo is not None and v < lo:
-        raise _bad(f"{name} must be at least {lo}, got {v}")
-    return v
-
-
 def _bool_field(name: str, v: Any, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise _bad(f"{name} must be a boolean, got {v!r}")
+        raise bad_request(f"{name} must be a boolean, got {v!r}")
     return v
 
 
@@ -192,7 +166,7 @@ class EngineService:
         try:
             return count_request_prompt(self.counter, body, chat, self.vocab_size)
         except PromptError as err:
-            raise _bad(str(err)) from None
+            raise bad_request(str(err)) from None
 
     def parse(self, body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) -> Params:
         model = body.get("model")
@@ -202,45 +176,45 @@ class EngineService:
         so = body.get("stream_options")
         if so is not None:
             if not isinstance(so, dict):
-                raise _bad("stream_options must be an object")
+                raise bad_request("stream_options must be an object")
             if not stream:
-                raise _bad("Stream options can only be defined when `stream=True`.")
+                raise bad_request("Stream options can only be defined when `stream=True`.")
         so = so or {}
         include_usage = _bool_field("stream_options.include_usage", so.get("include_usage"))
         continuous = _bool_field("stream_options.continuous_usage_stats", so.get("continuous_usage_stats"))
-        n = _int_field("n", body.get("n"), lo=1)
+        n = int_field("n", body.get("n"), lo=1)
         if n not in (None, 1):
-            raise _bad(f"n={n} is not supported: the emulated engine generates one choice (n=1)")
+            raise bad_request(f"n={n} is not supported: the emulated engine generates one choice (n=1)")
         mt_name = "max_tokens"
         mt = body.get("max_tokens")
         if chat and body.get("max_completion_tokens") is not None:
             mt_name, mt = "max_completion_tokens", body.get("max_completion_tokens")
-        max_tokens = _int_field(mt_name, mt, lo=1)
-        min_tokens = _int_field("min_tokens", body.get("min_tokens"), lo=0) or 0
+        max_tokens = int_field(mt_name, mt, lo=1)
+        min_tokens = int_field("min_tokens", body.get("min_tokens"), lo=0) or 0
         _bool_field("ignore_eos", body.get("ignore_eos"))
         exp = body.get("expected_output_tokens")
         if exp is None and headers.get(EXPECTED_HEADER) is not None:
             exp = headers.get(EXPECTED_HEADER)
-        expected = _int_field("expected_output_tokens", exp, lo=1)
-        seed = _int_field("seed", body.get("seed"))
+        expected = int_field("expected_output_tokens", exp, lo=1)
+        seed = int_field("seed", body.get("seed"))
         prompt = self._count_prompt(body, chat)
         L = self.max_len
         if prompt >= L:
-            raise _bad(f"This model's maximum context length is {L} tokens. However, your request has {prompt} input "
-                       f"tokens. Please reduce the length of the input messages.")
+            raise bad_request(f"This model's maximum context length is {L} tokens. However, your request has "
+                              f"{prompt} input tokens. Please reduce the length of the input messages.")
         if max_tokens is None:
             max_tokens = L - prompt
         elif prompt + max_tokens > L:
-            raise _bad(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
-                       f"context length is {L} tokens and your request has {prompt} input tokens "
-                       f"({max_tokens} > {L} - {prompt}).")
+            raise bad_request(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                              f"maximum context length is {L} tokens and your request has {prompt} input tokens "
+                              f"({max_tokens} > {L} - {prompt}).")
         if min_tokens > max_tokens:
-            raise _bad(f"min_tokens ({min_tokens}) must be less than or equal to max_tokens ({max_tokens})")
+            raise bad_request(f"min_tokens ({min_tokens}) must be less than or equal to max_tokens ({max_tokens})")
         bs = self.config.block_size
         need = math.ceil((prompt + max_tokens) / bs)
         if need > self.max_blocks:
-            raise _bad(f"request needs {need} KV blocks ({prompt} prompt + {max_tokens} output tokens, block_size "
-                       f"{bs}) but this engine can hold at most {self.max_blocks}")
+            raise bad_request(f"request needs {need} KV blocks ({prompt} prompt + {max_tokens} output tokens, "
+                              f"block_size {bs}) but this engine can hold at most {self.max_blocks}")
         base = headers.get("x-request-id") or uuid.uuid4().hex
         ext = ("chatcmpl-" if chat else "cmpl-") + base
         return Params(chat=chat, stream=stream, include_usage=include_usage, continuous_usage=continuous,

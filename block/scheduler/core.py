@@ -43,7 +43,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 from block import prom
 from block.engine.tokens import PromptError, TokenCounter, count_request_prompt, message_text
 from block.http import Origin, Pool, Response, UpstreamError
-from block.service import ServiceError
+from block.service import bad_request, int_field
 from vidur.cluster import RoutingContext, RoutingPolicy
 from vidur.types import Candidate, InstanceStats, Prediction, Request
 
@@ -174,29 +174,6 @@ class Parsed:
     hint_in_body: bool
 
 
-def _bad(msg: str) -> ServiceError:
-    return ServiceError(400, msg, "BadRequestError")
-
-
-def _int(name: str, v: Any, lo: int) -> Optional[int]:
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        raise _bad(f"{name} must be an integer, got {v!r}")
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    elif isinstance(v, str):
-        try:
-            v = int(v.strip())
-        except ValueError:
-            raise _bad(f"{name} must be an integer, got {v!r}") from None
-    if not isinstance(v, int):
-        raise _bad(f"{name} must be an integer, got {type(v).__name__}")
-    if v < lo:
-        raise _bad(f"{name} must be at least {lo}, got {v}")
-    return v
-
-
 class PromptCounter:
     """Prompt tokens of a completions/chat body, as the emulated engine counts them (block/engine/tokens.py)."""
 
@@ -207,29 +184,29 @@ class PromptCounter:
         try:
             return count_request_prompt(self.counter, body, chat)
         except PromptError as err:
-            raise _bad(str(err)) from None
+            raise bad_request(str(err)) from None
 
 
 def parse_body(raw: bytes, headers: Mapping[str, str], chat: bool, counter: PromptCounter) -> tuple[dict, Parsed]:
     if not raw:
-        raise _bad("request body is empty; expected a JSON object")
+        raise bad_request("request body is empty; expected a JSON object")
     try:
         body = _loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
-        raise _bad(f"body is not valid JSON: {err}") from None
+        raise bad_request(f"body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
-        raise _bad(f"body must be a JSON object, got {type(body).__name__}")
+        raise bad_request(f"body must be a JSON object, got {type(body).__name__}")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise _bad(f"stream must be a boolean, got {stream!r}")
+        raise bad_request(f"stream must be a boolean, got {stream!r}")
     mt_name, mt = "max_tokens", body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         mt_name, mt = "max_completion_tokens", body.get("max_completion_tokens")
-    max_tokens = _int(mt_name, mt, 1)
+    max_tokens = int_field(mt_name, mt, 1)
     in_body = body.get(HINT_FIELD) is not None
-    hint = _int(HINT_FIELD, body.get(HINT_FIELD) if in_body else headers.get(HINT_HEADER), 1)
+    hint = int_field(HINT_FIELD, body.get(HINT_FIELD) if in_body else headers.get(HINT_HEADER), 1)
     prompt = counter.count(body, chat)
     return body, Parsed(chat, stream, prompt, max_tokens, hint, in_body)
 
