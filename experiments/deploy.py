@@ -152,7 +152,6 @@ class Plan:
     predictor_urls: list[str]
     scheduler_urls: list[str]
     bench_host: str
-    kinds: dict[str, str]
 
     @property
     def expected(self) -> dict[str, list[str]]:
@@ -173,7 +172,6 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     ports = cfg.mode.ports
-    ec = wiring.engine_config(cfg)
     shared = _rel(engine_args(cfg, staging), staging)
     engine_files = {f"services/{n}": (staging / n).read_bytes() for n in ENGINE_FILES}
     keep = bool(cfg.mode.get("keep_engines", False))
@@ -181,6 +179,7 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
     scale = float(cfg.mode.time_scale)
     services: dict[str, list[dict[str, Any]]] = {h.name: [] for h in hosts}
     predictor_urls: list[str] = []
+
     def base(h, kind: str) -> int:  # the host's own ports (cluster config) win over mode.ports
         return int((h.service_ports or {}).get(kind, ports[kind]))
 
@@ -188,17 +187,13 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
         kind = kinds[h.name]
         eport, pport = base(h, "engine") + j, base(h, "predictor") + j
         engine_url = f"http://127.0.0.1:{eport}"
+        # the same engine flags for both engines (block.engine.vllm takes the emulated engine's command line)
+        eargv = ["python", "-m", "block.engine.vllm" if kind == "vllm" else "block.engine", "--host", "127.0.0.1",
+                 "--port", str(eport), *shared]
         if kind == "vllm":
-            eargv = ["python", "-m", "block.engine.vllm", "--host", "127.0.0.1", "--port", str(eport),
-                     "--model", "services/model.yaml", "--engine", "services/engine.yaml",
-                     "--num-blocks", str(ec.num_blocks), "--max-num-seqs", str(ec.max_num_seqs),
-                     "--chunk-size", str(ec.chunk_size), "--max-num-batched-tokens", str(ec.max_num_batched_tokens),
-                     "--max-model-len", str(ec.max_model_len),
-                     "--chunked-prefill" if ec.chunked_prefill else "--no-chunked-prefill",
-                     "--load-format", str(cfg.mode.vllm_load_format)]
+            eargv += ["--load-format", str(cfg.mode.vllm_load_format)]
         else:
-            eargv = ["python", "-m", "block.engine", "--host", "127.0.0.1", "--port", str(eport), *shared,
-                     "--time-scale", str(scale), "--seed", str(int(cfg.seed) + i)]
+            eargv += ["--time-scale", str(scale), "--seed", str(int(cfg.seed) + i)]
         source = str(cfg.mode.state_source)
         if source == "auto":
             source = "proxy" if kind == "vllm" else "engine"
@@ -233,7 +228,7 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
         if keep:  # engines outlive the run: their configs live beside them, named by content
             files[h.name].update({f"{workdir_of(remote_dirs[h.name])}/{engine_dir}/{rel}": data
                                   for rel, data in engine_files.items()})
-    return Plan(run_id, plans, files, predictor_urls, scheduler_urls, sched_hosts[0].name, dict(kinds))
+    return Plan(run_id, plans, files, predictor_urls, scheduler_urls, sched_hosts[0].name)
 
 
 # ---------------------------------------------------------------------------------------------- fleet

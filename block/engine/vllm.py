@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "in the environment.")
     ap.add_argument("--port", type=int, default=8000, help="0: pick a free port")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--model", default="llama2_7b", help="conf/model name or YAML path")
+    ap.add_argument("--model", "--model-config", dest="model", default="llama2_7b",
+                    help="conf/model name or YAML path (--model-config: as python -m block.engine says it)")
+    ap.add_argument("--gpu", default=None, help="ignored: vLLM serves on the GPU it finds (accepted so that the "
+                                                 "emulated engine's command line works here unchanged)")
     ap.add_argument("--engine", default="vllm_chunked", help="conf/engine name or YAML path")
     ap.add_argument("--model-dir", default=None, help="where to write config.json + tokenizer (default: a cache dir)")
     ap.add_argument("--served-model-name", default=None)
