@@ -420,11 +420,35 @@ def _run_async(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
+class SteppedClock:
+    """A monotonic clock held still while the test places arrivals at exact times, then running in real time.
+
+    Why: arrivals placed with ``asyncio.sleep`` land wherever the (loaded) machine wakes the test up, so whether the
+    small KV cache forces a preemption was a race. Held still, the arrivals are exact model times; the stepping
+    loop afterwards runs against real time (late or not, which is what the replay must survive)."""
+
+    def __init__(self) -> None:
+        self.held: float | None = 0.0
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self.held if self.held is not None else time.monotonic() - self.offset
+
+    def advance(self, dt: float) -> None:
+        assert self.held is not None
+        self.held += dt
+
+    def release(self) -> None:
+        assert self.held is not None
+        self.offset, self.held = time.monotonic() - self.held, None
+
+
 @pytest.mark.parametrize("chunked", [True, False])
 def test_realtime_runner_replays_like_the_offline_engine(toy_model, chunked):
     """Stepping in real time (here 200x, often behind: the catch-up path) commits exactly the engine's steps:
     an offline engine fed the same arrivals finishes every request at the same model time; tokens are exact even
-    across preemptions (a small KV cache forces them)."""
+    across preemptions (a small KV cache forces them). The arrivals are placed on a held clock (no sleeps between
+    submits: the loop has not run yet), so the preemptions do not depend on the machine's speed."""
     from block.engine.runner import RealTimeEngine
     from vidur.engine import Engine, Seq
     from vidur.types import EngineConfig
@@ -434,11 +458,13 @@ def test_realtime_runner_replays_like_the_offline_engine(toy_model, chunked):
     spec = [(200, 150, 0.0), (120, 200, 0.001), (300, 90, 0.0), (60, 250, 0.004), (250, 40, 0.002), (30, 5, 0.0)]
 
     async def main():
-        rt = RealTimeEngine(cfg, toy_model, time_scale=200.0)
+        clock = SteppedClock()
+        rt = RealTimeEngine(cfg, toy_model, time_scale=200.0, clock=clock)
         hs = []
-        for p, o, gap in spec:
+        for p, o, gap in spec:  # no await in between: the stepping loop starts after the last arrival
             hs.append(rt.submit(p, o))
-            await asyncio.sleep(gap)
+            clock.advance(gap)
+        clock.release()
         counts = []
         for h in hs:
             n = 0
