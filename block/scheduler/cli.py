@@ -164,7 +164,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    from block.service import limits_from_args
+
     try:
+        limits = limits_from_args(args)
         sched = make_scheduler(args)
     except (ValueError, OSError) as err:
         ap.error(str(err))
@@ -172,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from block.scheduler.serving import serve
 
     app = build_app(sched, token=args.token, max_body_bytes=args.max_body_bytes)
-    serve(app, args.host, args.port, args.log_level)
+    serve(app, args.host, args.port, args.log_level, limits=limits)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,9 @@ def corked_protocol_class() -> type:
     return CorkedProtocol
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
-    """Run ``app`` (block.service.serve) with the corked protocol and no ``server`` header."""
+def serve(app: FastAPI, host: str, port: int, log_level: str = "warning", **options: Any) -> None:
+    """Run ``app`` (block.service.serve) with the corked protocol and no ``server`` header; ``options`` (e.g.
+    ``limits``) go to block.service.serve."""
     from block.service import serve as serve_app
 
-    serve_app(app, host, port, log_level, http=corked_protocol_class(), server_header=False)
+    serve_app(app, host, port, log_level, http=corked_protocol_class(), server_header=False, **options)
