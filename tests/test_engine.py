@@ -74,7 +74,7 @@ def test_invariants(cfg, toy_model):
     seen = {"min_free": cfg.num_blocks}
 
     def check(e):
-        held = sum(e._blocks_held(s) for s in e.running.values())
+        held = sum(e.blocks_held(s) for s in e.running.values())
         assert e.free >= 0
         assert held + e.free == e.total_blocks
         assert len(e.running) <= cfg.max_num_seqs

@@ -9,19 +9,14 @@ step at which the KV cache runs out follows from a histogram of the sequences' p
 Decode sequences are therefore kept *lazily*: a sequence that joined the decode group at decode-clock ``d0`` with
 ``c0`` computed tokens has ``c0 + (dclock - d0)`` computed tokens now; nothing is touched per step.
 
-Scheduling semantics (vLLM V0, which Block ran):
+Scheduling rules plug in (``vidur.sched``, chosen by ``EngineConfig.scheduler``): ``v0`` is vLLM V0 as Block ran
+it (``vidur/sched/v0.py``), ``v1`` is current vLLM's V1 scheduler (``vidur/sched/v1.py``). A rule forms the next step
+from the engine's queues with the primitives below -- ``preempt_last``, ``ensure_decode_blocks``, ``mixed_step``,
+``decode_run`` -- so the lazy decode group and its closed-form runs are shared by every rule. Common to all rules:
 
-* chunked prefill (Sarathi / vLLM ``--enable-chunked-prefill``): per step a token budget ``chunk_size``; every
-  decode sequence first (one token each), then the chunks of prefills already running, in running order, then new
-  prompts admitted from the waiting queue (FCFS, head-of-line blocking) while the budget, ``max_num_seqs`` and the
-  KV blocks allow;
-* without chunked prefill (vLLM default, prefill first): if any waiting prompt can be admitted the step is
-  prefill-only (whole prompts, token sum <= ``max_num_batched_tokens``), else a decode-only step;
-* KV: paged blocks of ``block_size`` tokens. An admitted prompt gets blocks for all its known tokens at once, but only
-  while ``watermark`` of all blocks stays free; a decode sequence takes one more block when its length crosses a
-  block boundary. When a decode step cannot get the blocks it needs, the most recently admitted running request is
-  preempted (repeatedly) by recompute: its blocks are freed and it goes back to the *front* of the waiting queue;
-  on re-admission it prefills its prompt plus the tokens it had generated.
+* KV: paged blocks of ``block_size`` tokens; a decode sequence takes one more block when its length crosses a block
+  boundary; preemption is by recompute: the victim's blocks are freed and it goes back to the *front* of the waiting
+  queue; on re-admission it prefills its prompt plus the tokens it had generated;
 * a request generates exactly its output length (ignore_eos); the step that finishes a prompt's prefill emits the
   first output token.
 
@@ -38,6 +33,7 @@ import math
 from collections import deque
 from typing import Iterable, Optional, Protocol
 
+from vidur.sched import make_rule
 from vidur.types import EngineConfig, InstanceState, InstanceStats, SeqState
 
 INF = float("inf")
@@ -97,11 +93,10 @@ class Engine:
         self.total_blocks = config.num_blocks
         self.free = config.num_blocks
         self.watermark_blocks = config.watermark_blocks
-        self.chunked = config.chunked_prefill
         self.budget = config.token_budget
         self.max_seqs = config.max_num_seqs
         self.time = 0.0
-        self.running: dict[int, Seq] = {}  # admission order (decides preemption victims)
+        self.running: dict[int, Seq] = {}  # running order = admission order (decides preemption victims)
         self.prefilling: list[Seq] = []  # running requests still in prefill, in running order
         self.waiting: deque[Seq] = deque()
         self.num_preemptions = 0
@@ -110,6 +105,7 @@ class Engine:
         self.keep_finished = keep_finished
         self.finished: list[Seq] = []
         self.rejected: list[Seq] = []
+        self.aborted = 0
         # lazy decode group
         self.dclock = 0
         self.dg_count = 0
@@ -117,6 +113,10 @@ class Engine:
         self.dg_hist = [0] * self.bs  # count of members by (c0 - d0) mod block_size
         self.dg_heap: list[tuple[int, int, int, Seq]] = []  # (finish clock, id, version, seq)
         self.on_finish = None  # optional callback(seq)
+        self.rule = make_rule(self)
+        # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
+        self.prefill_holds_known = self.rule.prefill_holds_known
+        self._advance = self.rule.advance
 
     # ------------------------------------------------------------------ public API
     @property
@@ -137,6 +137,27 @@ class Engine:
         seq.status = "waiting"
         self.waiting.append(seq)
         return seq
+
+    def abort(self, request_id: int) -> Optional[Seq]:
+        """Take request ``request_id`` out of the engine (client gone); return it, or None if it is not here.
+
+        A running request leaves the way a preempted one does (its KV blocks are freed, it leaves the decode group or
+        the prefill list) but is not re-queued; a waiting one leaves the queue. Its status becomes ``"aborted"``.
+        The step in flight is already committed (see ``sync``), so the request is simply absent from the next one.
+        """
+        s = self.running.get(request_id)
+        if s is not None:
+            self._remove_running(s)
+        else:
+            for s in self.waiting:
+                if s.id == request_id:
+                    self.waiting.remove(s)
+                    break
+            else:
+                return None
+        s.status = "aborted"
+        self.aborted += 1
+        return s
 
     def sync(self, t: float) -> None:
         """Commit every step that starts before ``t`` (the step in flight at ``t`` included)."""
@@ -159,6 +180,12 @@ class Engine:
 
     def generated_of(self, s: Seq) -> int:
         return s.g0 + self.dclock - s.d0 if s.in_decode else s.generated
+
+    def blocks_held(self, s: Seq) -> int:
+        """KV blocks a running request holds between steps."""
+        if s.in_decode:
+            return -(-(s.c0 + self.dclock - s.d0) // self.bs)
+        return -(-(s.known if self.prefill_holds_known else s.computed) // self.bs)
 
     def stats(self) -> InstanceStats:
         """Cheap load figures (what vLLM's /metrics or Block's simple trace report)."""
@@ -197,6 +224,7 @@ class Engine:
 
         In-flight requests run to their expected length; one that has already decoded that many tokens (the
         estimate was too short) is assumed to end ``overrun_tokens`` later -- Block's rule, with 10 tokens.
+        The scheduling rule is the state's (``state.config.scheduler``).
         """
         eng = cls(state.config, model, keep_finished=False)
         eng.total_blocks = state.total_blocks
@@ -214,7 +242,7 @@ class Engine:
             eng.running[s.id] = s
             if st.decoded_tokens > 0 and st.computed_tokens >= st.prompt_tokens + st.decoded_tokens - 1:
                 s.computed = st.prompt_tokens + st.decoded_tokens - 1
-                eng._join_decode(s)
+                eng.join_decode(s)
             else:
                 eng.prefilling.append(s)
         for st in state.waiting:
@@ -226,7 +254,8 @@ class Engine:
         return eng
 
     # ------------------------------------------------------------------ decode group bookkeeping
-    def _join_decode(self, s: Seq) -> None:
+    def join_decode(self, s: Seq) -> None:
+        """Put a running request whose prefill is complete into the lazy decode group."""
         s.in_decode = True
         s.c0 = s.computed
         s.d0 = self.dclock
@@ -238,7 +267,7 @@ class Engine:
         self.dg_hist[off % self.bs] += 1
         heapq.heappush(self.dg_heap, (s.d0 + s.out - s.g0, s.id, s.ver, s))
 
-    def _leave_decode(self, s: Seq) -> None:
+    def leave_decode(self, s: Seq) -> None:
         """Materialise a decode member's lazy fields and take it out of the group."""
         s.computed = s.c0 + self.dclock - s.d0
         s.generated = s.g0 + self.dclock - s.d0
@@ -249,27 +278,32 @@ class Engine:
         s.in_decode = False
         s.ver += 1  # lazily deletes its heap entry
 
-    def _blocks_held(self, s: Seq) -> int:
+    def _remove_running(self, s: Seq) -> None:
+        """Take a running request out of the running set and give back its blocks (preemption, abort)."""
+        freed = self.blocks_held(s)
+        del self.running[s.id]
         if s.in_decode:
-            return -(-(s.c0 + self.dclock - s.d0) // self.bs)
-        return -(-s.known // self.bs)  # a running prefill holds blocks for all its known tokens
-
-    def _preempt_last(self) -> Seq:
-        """Preempt the most recently admitted running request by recompute (vLLM V0)."""
-        sid = next(reversed(self.running))
-        s = self.running.pop(sid)
-        freed = self._blocks_held(s)
-        if s.in_decode:
-            self._leave_decode(s)
+            self.leave_decode(s)
         else:
             self.prefilling.remove(s)
         self.free += freed
+
+    def preempt_last(self) -> Seq:
+        """Preempt the last request in running order by recompute (vLLM V0 and V1 alike); return it."""
+        s = self.running[next(reversed(self.running))]
+        self._remove_running(s)
         s.computed = 0
         s.preemptions += 1
         s.status = "waiting"
         self.num_preemptions += 1
         self.waiting.appendleft(s)
         return s
+
+    def reject(self, s: Seq) -> None:
+        """Drop the head of the waiting queue, which can never fit (vLLM refuses such a prompt with an error)."""
+        self.waiting.popleft()
+        s.status = "rejected"
+        self.rejected.append(s)
 
     def _finish(self, s: Seq, t: float) -> None:
         s.finish = t
@@ -288,7 +322,7 @@ class Engine:
             _, _, ver, s = heapq.heappop(heap)
             if ver != s.ver or not s.in_decode:
                 continue
-            self._leave_decode(s)
+            self.leave_decode(s)
             self._finish(s, t)
 
     def _heap_top_clock(self) -> int:
@@ -300,99 +334,26 @@ class Engine:
             heapq.heappop(heap)
         return 1 << 62
 
-    def _decode_need(self, k: int = 0) -> int:
+    def decode_need(self, k: int = 0) -> int:
         """New blocks the decode group needs in the step at decode clock ``dclock + k``."""
         return self.dg_hist[(-(self.dclock + k)) % self.bs]
 
-    def _ensure_decode_blocks(self) -> int:
-        """Preempt until the next decode step's new blocks fit; return how many it needs."""
-        need = self._decode_need()
+    def ensure_decode_blocks(self) -> int:
+        """Preempt the last running request until the next decode step's new blocks fit; return how many it needs.
+
+        Preempting from the tail until the whole group fits is what both V0 (all at once) and V1 (one request at a
+        time, in running order, preempting the tail when one does not fit) arrive at: the fewest victims from the
+        tail such that the survivors' new blocks fit.
+        """
+        need = self.decode_need()
         while need > self.free:
-            self._preempt_last()
-            need = self._decode_need()
+            self.preempt_last()
+            need = self.decode_need()
         return need
 
-    # ------------------------------------------------------------------ admission
-    def _admit(self, budget: int, seqs_room: int, whole: bool) -> list[tuple[Seq, int]]:
-        """Admit waiting prompts FCFS (head-of-line blocking). Returns (seq, tokens this step)."""
-        out: list[tuple[Seq, int]] = []
-        waiting = self.waiting
-        bs = self.bs
-        while waiting and budget > 0 and seqs_room > 0:
-            s = waiting[0]
-            known = s.prompt + s.generated
-            need = -(-known // bs)
-            if need > self.total_blocks - self.watermark_blocks or s.prompt > self.cfg.max_model_len:
-                waiting.popleft()  # can never fit: vLLM ignores such a prompt with an error
-                s.status = "rejected"
-                self.rejected.append(s)
-                continue
-            if self.free - need < self.watermark_blocks:
-                break
-            n = known if whole else min(known, budget)
-            if whole and n > budget:
-                break
-            waiting.popleft()
-            self.free -= need
-            s.status = "running"
-            s.computed = 0
-            self.running[s.id] = s
-            if s.first_sched is None:
-                s.first_sched = self.time
-            out.append((s, n))
-            budget -= n
-            seqs_room -= 1
-        return out
-
-    # ------------------------------------------------------------------ stepping
-    def _advance(self, until: float) -> None:
-        """Form the next step at ``self.time`` and commit it (or the part of a decode run that starts < until)."""
-        if self.chunked:
-            self._advance_chunked(until)
-        else:
-            self._advance_prefill_first(until)
-
-    def _advance_chunked(self, until: float) -> None:
-        need = self._ensure_decode_blocks() if self.dg_count else 0
-        self.free -= need  # reserve the decode sequences' new blocks before admitting prompts
-        budget = self.budget - self.dg_count
-        chunks: list[tuple[Seq, int]] = []
-        for s in self.prefilling:
-            if budget <= 0:
-                break
-            n = min(s.known - s.computed, budget)
-            chunks.append((s, n))
-            budget -= n
-        if budget > 0 and self.waiting and len(self.running) < self.max_seqs:
-            new = self._admit(budget, self.max_seqs - len(self.running), whole=False)
-            if new:
-                self.prefilling.extend(s for s, _ in new)
-                chunks.extend(new)
-        if chunks:
-            self._mixed_step(chunks, with_decodes=True)
-            return
-        self.free += need
-        if self.dg_count:
-            self._decode_run(until)
-        elif self.waiting and not self.running:
-            raise RuntimeError("engine stalled: waiting requests cannot be admitted into an empty engine")
-
-    def _advance_prefill_first(self, until: float) -> None:
-        if self.waiting and len(self.running) < self.max_seqs:
-            new = self._admit(self.budget, self.max_seqs - len(self.running), whole=True)
-            if new:
-                self.prefilling.extend(s for s, _ in new)
-                self._mixed_step(new, with_decodes=False)
-                return
-        if self.dg_count:
-            self._ensure_decode_blocks()  # may preempt everyone: then the next call re-admits
-            if self.dg_count:
-                self._decode_run(until)
-        elif self.waiting and not self.running:
-            raise RuntimeError("engine stalled: waiting requests cannot be admitted into an empty engine")
-
-    def _mixed_step(self, chunks: list[tuple[Seq, int]], with_decodes: bool) -> None:
-        """One step with prefill chunks (and, if chunked, every decode sequence, whose blocks are reserved)."""
+    # ------------------------------------------------------------------ stepping (composed by the rules)
+    def mixed_step(self, chunks: list[tuple[Seq, int]], with_decodes: bool) -> None:
+        """Commit one step with prefill chunks (and, if ``with_decodes``, every decode member, blocks reserved)."""
         B = self.dg_count if with_decodes else 0
         pre = [(n, s.computed) for s, n in chunks]
         kv = self.dg_sum + B * self.dclock + B if B else 0
@@ -417,13 +378,15 @@ class Engine:
                 if s.generated >= s.out:
                     self._finish(s, t_end)
                 else:
-                    self._join_decode(s)
+                    self.join_decode(s)
         self.time = t_end
 
-    def _decode_run(self, until: float) -> None:
+    def decode_run(self, until: float) -> None:
         """A run of decode-only steps until the next finish or KV exhaustion; commit the steps starting < until.
 
-        The first step's blocks were already secured by ``_ensure_decode_blocks``.
+        The first step's blocks were already secured by ``ensure_decode_blocks``. The caller guarantees that
+        nothing else could join a step of the run (no prefill, no admissible waiting request): admission only gets
+        harder while the run consumes blocks, and the run ends at the next finish.
         """
         B = self.dg_count
         m = self._heap_top_clock() - self.dclock  # steps until the first request finishes
@@ -446,6 +409,11 @@ class Engine:
         self.busy_s += total
         self.time = t0 + total
         self._pop_finished(self.time)
+
+    def stalled(self) -> None:
+        """Raise if waiting requests can never be admitted into an empty engine (a bug or a misconfiguration)."""
+        if self.waiting and not self.running:
+            raise RuntimeError("engine stalled: waiting requests cannot be admitted into an empty engine")
 
     @staticmethod
     def _steps_started_before(a: float, b: float, delta: float) -> int:

@@ -39,6 +39,9 @@ class Request:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+SCHEDULERS = ("v0", "v1")  # EngineConfig.scheduler: vLLM V0 as Block ran it, current vLLM V1 (vidur.sched)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """The knobs of one engine's (replica's) scheduler, as vLLM names them.
@@ -47,6 +50,12 @@ class EngineConfig:
     first, then chunks of prefills). Without it, a step is either a prefill-only batch of whole prompts whose token
     sum is at most ``max_num_batched_tokens`` or a decode-only batch (vLLM V0, prefill first).
     ``watermark`` is the fraction of all blocks that must stay free when a new prompt is admitted.
+
+    ``scheduler`` picks the scheduling rule (``vidur.sched``): ``"v0"`` is vLLM V0 as Block ran it (above);
+    ``"v1"`` is current vLLM's V1 scheduler: one budget of ``max_num_batched_tokens`` per step for the running
+    requests first, in running order, then waiting ones (``chunk_size`` is unused; ``chunked_prefill`` is vLLM's
+    ``--enable-chunked-prefill``, on by default). ``long_prefill_token_threshold`` (V1 only, 0 = off) caps a
+    prefill's tokens per step while more than one request is in the engine, as vLLM's flag of that name does.
     """
 
     max_num_seqs: int = 48
@@ -57,10 +66,15 @@ class EngineConfig:
     num_blocks: int = 1052
     watermark: float = 0.01
     max_model_len: int = 4096
+    scheduler: str = "v0"
+    long_prefill_token_threshold: int = 0
 
     @property
     def token_budget(self) -> int:
-        return self.chunk_size if self.chunked_prefill else self.max_num_batched_tokens
+        """Tokens one step may process (V1: always ``max_num_batched_tokens``)."""
+        if self.scheduler == "v1" or not self.chunked_prefill:
+            return self.max_num_batched_tokens
+        return self.chunk_size
 
     @property
     def watermark_blocks(self) -> int:
@@ -74,7 +88,23 @@ class EngineConfig:
                 problems.append(f"{k}={getattr(self, k)} must be > 0")
         if not 0.0 <= self.watermark < 1.0:
             problems.append(f"watermark={self.watermark} must be in [0, 1)")
-        if self.chunked_prefill:
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"scheduler={self.scheduler!r} must be one of {list(SCHEDULERS)}")
+        if self.long_prefill_token_threshold < 0:
+            problems.append(f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 0")
+        elif self.long_prefill_token_threshold and self.scheduler != "v1":
+            problems.append("long_prefill_token_threshold is a vLLM V1 knob: set scheduler=v1 or leave it 0")
+        elif self.long_prefill_token_threshold > self.max_model_len:
+            problems.append(f"long_prefill_token_threshold={self.long_prefill_token_threshold} > "
+                            f"max_model_len={self.max_model_len}")
+        if self.scheduler == "v1":  # vLLM's SchedulerConfig checks; chunk_size plays no part in V1
+            if self.max_num_batched_tokens < self.max_num_seqs:
+                problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} < max_num_seqs="
+                                f"{self.max_num_seqs}: vLLM V1 needs a token for every running request")
+            if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+                problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} < max_model_len="
+                                f"{self.max_model_len} without chunked prefill: long prompts could never be scheduled")
+        elif self.chunked_prefill:
             if self.chunk_size > self.max_num_batched_tokens:
                 problems.append(
                     f"chunk_size={self.chunk_size} is larger than max_num_batched_tokens={self.max_num_batched_tokens}"

@@ -15,10 +15,8 @@ already committed and nothing happens; if the loop is late it commits the steps 
 those that have already ended), then ``engine.add(seq, now)``: it joins the first step formed after ``now`` (an idle
 engine starts that step at ``now``). Per-step work is O(running requests).
 
-Abort (client gone): a waiting request is taken out of the queue; a running one is removed the way the engine
-preempts one (its KV blocks are freed, it leaves the decode group or the prefill list) but not re-queued. The engine
-has no public abort, so this uses its private bookkeeping helpers; ``Engine.abort(seq)`` is used instead if it
-appears.
+Abort (client gone): ``Engine.abort(request_id)`` takes a waiting request out of the queue, or removes a running one
+the way the engine preempts one (its KV blocks are freed) without re-queueing it.
 """
 
 from __future__ import annotations
@@ -238,30 +236,7 @@ class RealTimeEngine:
         if h.finished:
             return False
         s = h.seq
-        eng = self.engine
-        removed = False
-        if s is not None:
-            custom = getattr(eng, "abort", None)
-            if callable(custom):
-                custom(s)
-                removed = True
-            elif s.status == "waiting":
-                try:
-                    eng.waiting.remove(s)
-                    removed = True
-                except ValueError:
-                    pass
-            elif s.status == "running" and s.id in eng.running:
-                freed = eng._blocks_held(s)
-                if s.in_decode:
-                    eng._leave_decode(s)
-                else:
-                    eng.prefilling.remove(s)
-                del eng.running[s.id]
-                eng.free += freed
-                removed = True
-            if removed:
-                s.status = "aborted"
+        removed = s is not None and self.engine.abort(s.id) is not None
         self.handles.pop(h.rid, None)
         self.num_aborted += 1
         self._close(h, FINISH_ABORT)

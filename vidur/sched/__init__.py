@@ -1,0 +1,46 @@
+"""Scheduling rules of the simulated engine: the seam where a vLLM scheduler version plugs in.
+
+A rule decides what the next step of an engine (``vidur.engine.Engine``) holds -- which running requests get tokens,
+which waiting ones are admitted, who is preempted -- and commits it with the engine's shared primitives
+(``mixed_step`` for a step with prefill tokens, ``decode_run`` for a closed-form run of decode-only steps), so every
+rule keeps the fast lazy decode group. ``EngineConfig.scheduler`` names the rule:
+
+* ``v0``: vLLM V0 as Block ran it (``vidur.sched.v0``);
+* ``v1``: current vLLM's V1 scheduler (``vidur.sched.v1``).
+
+A new rule is a class with the ``SchedulingRule`` shape, registered in ``RULES``, plus its naive step-by-step twin
+in ``tests/reference_engine.py`` that the fast engine is checked against.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from vidur.sched.v0 import V0Rule
+from vidur.sched.v1 import V1Rule
+
+if TYPE_CHECKING:
+    from vidur.engine import Engine
+
+
+class SchedulingRule(Protocol):
+    """What the engine needs from a rule."""
+
+    # whether a running prefill holds blocks for all its known tokens (V0) or only for those computed so far (V1)
+    prefill_holds_known: bool
+
+    def advance(self, until: float) -> None:
+        """Form the next step at ``engine.time`` and commit it (or the part of a decode run starting < ``until``)."""
+        ...
+
+
+RULES: dict[str, type] = {"v0": V0Rule, "v1": V1Rule}
+
+
+def make_rule(engine: "Engine") -> SchedulingRule:
+    """The rule ``engine.cfg.scheduler`` names, bound to ``engine``."""
+    try:
+        cls = RULES[engine.cfg.scheduler]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {engine.cfg.scheduler!r}: use one of {sorted(RULES)}") from None
+    return cls(engine)

@@ -1,0 +1,100 @@
+"""vLLM V0 scheduling, as Block ran it (its vLLM fork).
+
+* chunked prefill (Sarathi / vLLM ``--enable-chunked-prefill``): per step a token budget ``chunk_size``; every
+  decode sequence first (one token each), then the chunks of prefills already running, in running order, then new
+  prompts admitted from the waiting queue (FCFS, head-of-line blocking) while the budget, ``max_num_seqs`` and the
+  KV blocks allow;
+* without chunked prefill (vLLM default, prefill first): if any waiting prompt can be admitted the step is
+  prefill-only (whole prompts, token sum <= ``max_num_batched_tokens``), else a decode-only step;
+* KV: an admitted prompt gets blocks for all its known tokens at once, but only while ``watermark`` of all blocks
+  stays free. When a decode step cannot get the blocks it needs, the most recently admitted running request is
+  preempted (repeatedly) by recompute.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vidur.engine import Engine, Seq
+
+
+class V0Rule:
+    """vLLM V0: decodes first then prefill chunks (chunked), or prefill-first steps (not chunked)."""
+
+    prefill_holds_known = True
+
+    def __init__(self, engine: "Engine") -> None:
+        self.e = engine
+        self.advance = self._advance_chunked if engine.cfg.chunked_prefill else self._advance_prefill_first
+
+    def _admit(self, budget: int, seqs_room: int, whole: bool) -> list[tuple["Seq", int]]:
+        """Admit waiting prompts FCFS (head-of-line blocking). Returns (seq, tokens this step)."""
+        e = self.e
+        out: list[tuple[Seq, int]] = []
+        waiting = e.waiting
+        bs = e.bs
+        while waiting and budget > 0 and seqs_room > 0:
+            s = waiting[0]
+            known = s.prompt + s.generated
+            need = -(-known // bs)
+            if need > e.total_blocks - e.watermark_blocks or s.prompt > e.cfg.max_model_len:
+                e.reject(s)  # can never fit
+                continue
+            if e.free - need < e.watermark_blocks:
+                break
+            n = known if whole else min(known, budget)
+            if whole and n > budget:
+                break
+            waiting.popleft()
+            e.free -= need
+            s.status = "running"
+            s.computed = 0
+            e.running[s.id] = s
+            if s.first_sched is None:
+                s.first_sched = e.time
+            out.append((s, n))
+            budget -= n
+            seqs_room -= 1
+        return out
+
+    def _advance_chunked(self, until: float) -> None:
+        e = self.e
+        need = e.ensure_decode_blocks() if e.dg_count else 0
+        e.free -= need  # reserve the decode sequences' new blocks before admitting prompts
+        budget = e.budget - e.dg_count
+        chunks: list[tuple[Seq, int]] = []
+        for s in e.prefilling:
+            if budget <= 0:
+                break
+            n = min(s.known - s.computed, budget)
+            chunks.append((s, n))
+            budget -= n
+        if budget > 0 and e.waiting and len(e.running) < e.max_seqs:
+            new = self._admit(budget, e.max_seqs - len(e.running), whole=False)
+            if new:
+                e.prefilling.extend(s for s, _ in new)
+                chunks.extend(new)
+        if chunks:
+            e.mixed_step(chunks, with_decodes=True)
+            return
+        e.free += need
+        if e.dg_count:
+            e.decode_run(until)
+        else:
+            e.stalled()
+
+    def _advance_prefill_first(self, until: float) -> None:
+        e = self.e
+        if e.waiting and len(e.running) < e.max_seqs:
+            new = self._admit(e.budget, e.max_seqs - len(e.running), whole=True)
+            if new:
+                e.prefilling.extend(s for s, _ in new)
+                e.mixed_step(new, with_decodes=False)
+                return
+        if e.dg_count:
+            e.ensure_decode_blocks()  # may preempt everyone: then the next call re-admits
+            if e.dg_count:
+                e.decode_run(until)
+        else:
+            e.stalled()
