@@ -7,22 +7,52 @@ Dependencies: the standard library and pandas.
 Preparing a Vidur checkout (once, outside this project)
 ------------------------------------------------------
 The PyPI package ``vidur`` is a later rewrite that downloads its profiles from a model hub at run time and cannot
-run offline, so use the upstream source instead (what ``shared/tools/vidur_peer.sh setup`` does):
+run offline, so use the upstream source instead. Setting it up takes about a minute, in a scratch folder outside
+this project (never copy Vidur's code into this project: run it beside it):
 
-1. Export a clone of github.com/microsoft/vidur (tested at commit 7d47513, 2024-11-19) into a scratch folder:
-   the ``vidur/`` package (a namespace package, no ``__init__.py``), ``data/processed_traces`` (the Azure
-   conversation trace ``splitwise_conv.csv``, 19,366 rows) and ``data/profiling`` and ``requirements.txt``.
-2. Add the A30 / Qwen2-7B profile from the Block authors' fork (github.com/AKafakA/vidur_opt_scheduler):
-   ``data/profiling/compute/a30/Qwen/Qwen-2-7B/{attention,mlp}.csv`` and
-   ``data/profiling/network/a30_single_gpu/{all_reduce,send_recv}.csv``.
-3. Apply a small config patch to the upstream source (shared/tools/vidur_a30_qwen2.patch does it): an A30 device
-   SKU (24 GB) and ``DeviceSKUType.A30``, an ``a30_single_gpu`` node SKU (one device per node) and
-   ``NodeSKUType.A30_SINGLE_GPU``, a ``Qwen/Qwen-2-7B`` model config (28 layers, 28 query heads, 4 KV heads,
-   embedding 3584, MLP 18944, rope theta 1e6, Qwen vocab 151936), and, in the sklearn predictor's training step,
-   linear interpolation of NaN gaps in the A30 profile columns (which otherwise crash the fit).
-4. Create a virtual environment for it and ``pip install -r requirements.txt``. Pass that venv's python as
-   ``python`` below, never this project's interpreter (``vidur`` is a namespace package and this project also has
-   a ``vidur/`` folder; the run uses cwd = the Vidur source and PYTHONPATH = the Vidur source only).
+1. Export the upstream source, github.com/microsoft/vidur (tested at commit 7d47513, 2024-11-19): the ``vidur/``
+   package (a namespace package, no ``__init__.py``), ``data/processed_traces`` (the Azure conversation trace
+   ``splitwise_conv.csv``, 19,366 rows), ``data/profiling`` and ``requirements.txt``::
+
+       git clone https://github.com/microsoft/vidur vidur-git && git -C vidur-git checkout 7d47513
+       mkdir vidur_src && git -C vidur-git archive HEAD vidur docs setup.py requirements.txt \
+           data/processed_traces data/profiling | tar -x -C vidur_src
+
+2. Add the A30 / Qwen2-7B profile from the Block authors' fork, github.com/AKafakA/vidur_opt_scheduler (the same
+   paths in both trees)::
+
+       git clone https://github.com/AKafakA/vidur_opt_scheduler vos-git
+       for f in compute/a30/Qwen/Qwen-2-7B/attention.csv compute/a30/Qwen/Qwen-2-7B/mlp.csv \
+                network/a30_single_gpu/all_reduce.csv network/a30_single_gpu/send_recv.csv; do
+           p=data/profiling/$f; mkdir -p "vidur_src/$(dirname "$p")" && git -C vos-git show "HEAD:$p" > "vidur_src/$p"
+       done
+
+3. Edit the upstream source in ``vidur_src/vidur`` (six small changes; upstream knows no A30 and no Qwen2-7B):
+
+   - ``types/device_sku_type.py``: add ``A30 = 4`` to ``DeviceSKUType``; ``types/node_sku_type.py``: add
+     ``A30_SINGLE_GPU = 6`` to ``NodeSKUType``.
+   - ``config/device_sku_config.py``: a dataclass ``A30DeviceSKUConfig(BaseDeviceSKUConfig)`` with
+     ``fp16_tflops: int = 165``, ``total_memory_gb: int = 24`` and a static ``get_type()`` returning
+     ``DeviceSKUType.A30`` (copy ``A40DeviceSKUConfig`` beside it).
+   - ``config/node_sku_config.py``: a dataclass ``A30SingleGPUConfig(BaseNodeSKUConfig)`` with
+     ``device_sku_type: DeviceSKUType = DeviceSKUType.A30``, ``num_devices_per_node: int = 1`` and a static
+     ``get_type()`` returning ``NodeSKUType.A30_SINGLE_GPU``.
+   - ``config/model_config.py``: in ``QwenModelConfig`` set ``vocab_size: int = 151936`` (was 152064, Qwen-72B's),
+     and add a dataclass ``Qwen2_7BModelConfig(QwenModelConfig)`` with ``num_layers = 28``, ``num_q_heads = 28``,
+     ``num_kv_heads = 4``, ``embedding_dim = 3584``, ``mlp_hidden_dim = 18944``, ``rope_theta = 1000000`` and a
+     static ``get_name()`` returning ``"Qwen/Qwen-2-7B"``.
+   - ``execution_time_predictor/sklearn_execution_time_predictor.py``, in the training step right after the
+     ``Training data for model ... is empty`` check: the A30 profiles have NaN gaps in some op columns, which
+     crash the fit, so fill them as the Block fork does::
+
+         if df[target_col].isnull().any():
+             df = df.copy()
+             df[target_col] = df[target_col].interpolate(method="linear").bfill().ffill()
+
+4. Create a virtual environment for it: ``python3 -m venv vidur_venv && vidur_venv/bin/pip install -r
+   vidur_src/requirements.txt``. Pass that venv's python as ``python`` below, never this project's interpreter
+   (``vidur`` is a namespace package and this project also has a ``vidur/`` folder; the run uses cwd = the Vidur
+   source and PYTHONPATH = the Vidur source only).
 5. The first simulation for a (model, device, TP, predictor config) trains the random-forest execution-time
    predictor: about 14.5 minutes on 2 cores; it is cached under ``<vidur_src>/cache`` (about 190 MB), later runs
    start in about 1.5 s.
@@ -53,8 +83,8 @@ nested poly-configs are prefixed by the snake-cased class name, booleans use ``-
     --no-metrics_config_enable_chrome_trace --no-metrics_config_store_plots
 
 Vidur's default for every seed is 42, so ``seed=42`` (the default here) reproduces a run made with Vidur's
-defaults (e.g. shared/tools/vidur_peer.sh). The trace length generator does not wrap: ``num_requests`` must not
-exceed the trace's rows (19,366 for splitwise_conv.csv); use ``lengths="fixed"`` beyond that.
+defaults (``python -m vidur.main`` without seed flags). The trace length generator does not wrap: ``num_requests``
+must not exceed the trace's rows (19,366 for splitwise_conv.csv); use ``lengths="fixed"`` beyond that.
 
 Example::
 
@@ -216,7 +246,7 @@ def run_vidur(
     timeout_s: Optional[float] = None,
     check_import: bool = True,
 ) -> dict:
-    """Run one Vidur simulation the way shared/tools/vidur_peer.sh does and summarise it.
+    """Run one Vidur simulation (``python -m vidur.main`` with the flags above, in the Vidur source) and summarise it.
 
     Returns a dict: wall_s (whole process, from spawn to exit: import, config, request generation, predictor load,
     event loop, writing outputs), requests_per_wall_s, max_rss_mb (peak RSS of the Vidur process, from os.wait4),

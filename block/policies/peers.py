@@ -1,4 +1,8 @@
-"""Production routers' load rules (see shared/references/peers.md), without prefix caching, on ``InstanceStats``.
+"""Production routers' load rules, without prefix caching, on ``InstanceStats``.
+
+The rules follow the projects' public code and documentation: the llm-d inference scheduler (Gateway API Inference
+Extension EPP scorers), the SGLang model gateway (``least_load``) and the NVIDIA Dynamo KV router. Upstream code
+moves fast: re-check a formula there before citing it as current.
 
 Our engines have no prefix cache, so every prefix/overlap term is zero (llm-d's prefix scorer drops out, Dynamo's
 prefill blocks are the whole prompt). Candidates without stats are skipped; none left -> uniformly random.
