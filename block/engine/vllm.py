@@ -30,8 +30,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizers"
+CHAT_TEMPLATE_DIR = REPO_ROOT / "data" / "chat_templates"  # <tokenizer name>.jinja, for tokenizers without one
 TOKENIZER_DIRS = {"llama2": TOKENIZER_DIR / "llama2", "qwen2": TOKENIZER_DIR / "qwen2_compatible_qwen3"}
-INSTALL_HINT = "vLLM is not installed: run `pip install -e .[vllm]` on a GPU host (CUDA) to serve with a real vLLM"
+INSTALL_HINT = ("vLLM is not installed: run `python -m block.engine.vllm_install` (CPU, its own venv) or "
+                "`pip install -e .[vllm]` on a GPU host (CUDA)")
 API_KEY_ENVS = ("VLLM_API_KEY", "BLOCK_API_TOKEN", "BLOCK_ENGINE_TOKEN")
 
 
@@ -52,14 +54,25 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
 
 
 def vllm_executable() -> list[str]:
-    """The command that runs ``vllm`` (``vllm`` on PATH, else ``python -m vllm.entrypoints.cli.main``); raises
-    :class:`VllmNotInstalled` with the install hint when vLLM is absent."""
+    """The command that runs ``vllm``, first found of: the venv of ``python -m block.engine.vllm_install``
+    (``$BLOCK_VLLM_VENV``, else ``<user cache>/block-repro/vllm-venv``), ``vllm`` on PATH, this Python's
+    ``vllm.entrypoints.cli.main``. Raises :class:`VllmNotInstalled` with the install hint (and the install step's
+    recorded failure, if any) when there is none."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        raise VllmNotInstalled(INSTALL_HINT)
-    exe = shutil.which("vllm")
-    return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    from block.engine.vllm_install import default_venv, failure_reason, venv_bin
+
+    venv = default_venv()
+    exe = venv_bin(venv, "vllm")
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    on_path = shutil.which("vllm")
+    if on_path:
+        return [on_path]
+    if importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    reason = failure_reason(venv)
+    raise VllmNotInstalled(f"{INSTALL_HINT} ({reason})" if reason else f"{INSTALL_HINT} (looked in {venv})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,6 +92,9 @@ def vllm_command(model_cfg: Any, engine_cfg: Any, port: int, model_dir: Optional
     HF id); ``tokenizer_dir`` defaults to ``model_dir``. Under chunked prefill the per-step token budget is the
     engine's ``chunk_size`` (vLLM's ``--max-num-batched-tokens``), without it ``max_num_batched_tokens``.
     ``executable`` defaults to ``["vllm"]`` (not resolved here, so the argv can be built without vLLM).
+    Prefix caching follows ``enable_prefix_caching`` and is off when the key is absent (Block's runs had it off;
+    vLLM's own default is on), so the flag is always explicit. ``enforce_eager`` and ``dtype`` (engine keys of the
+    CPU variants) add ``--enforce-eager`` and override the model's dtype. ``extra_args`` go last (they win).
     """
     m, e = _as_dict(model_cfg), _as_dict(engine_cfg)
     chunked = bool(e.get("chunked_prefill", True))
@@ -99,25 +115,39 @@ def vllm_command(model_cfg: Any, engine_cfg: Any, port: int, model_dir: Optional
             "--max-model-len", str(max_len),
             "--tensor-parallel-size", str(int(e.get("tensor_parallel", e.get("tensor_parallel_size", 1)) or 1)),
             "--load-format", load_format,
-            "--dtype", "float16" if int(m.get("dtype_bytes", 2)) == 2 else "auto"]
+            "--dtype", str(e.get("dtype") or ("float16" if int(m.get("dtype_bytes", 2)) == 2 else "auto")),
+            "--enable-prefix-caching" if e.get("enable_prefix_caching") else "--no-enable-prefix-caching"]
     tok = tokenizer_dir if tokenizer_dir is not None else model_dir
     if tok is not None:
         argv += ["--tokenizer", str(tok)]
     if e.get("num_blocks") is not None:
         argv += ["--num-gpu-blocks-override", str(int(e["num_blocks"]))]
+    if e.get("enforce_eager"):
+        argv.append("--enforce-eager")
     if legacy_log_flag:
         argv.append("--disable-log-requests")  # vLLM < 0.11; request logging is off by default since 0.11
     argv += list(extra_args)
     return argv
 
 
-def vllm_env(base: Optional[Mapping[str, str]] = None, api_key: Optional[str] = None) -> dict[str, str]:
+# engine-config keys of the CPU variants that vLLM reads from its environment, not its command line
+CPU_ENV_KEYS = {"cpu_kvcache_gib": "VLLM_CPU_KVCACHE_SPACE", "cpu_threads_bind": "VLLM_CPU_OMP_THREADS_BIND"}
+
+
+def vllm_env(base: Optional[Mapping[str, str]] = None, api_key: Optional[str] = None,
+             engine_cfg: Any = None) -> dict[str, str]:
     """The environment for ``vllm serve``: ``VLLM_API_KEY`` from ``api_key`` or, if unset, from our services'
-    token variables (``BLOCK_API_TOKEN`` / ``BLOCK_ENGINE_TOKEN``) -- the key never goes on the command line."""
+    token variables (``BLOCK_API_TOKEN`` / ``BLOCK_ENGINE_TOKEN``) -- the key never goes on the command line; the
+    CPU settings of ``engine_cfg`` (:data:`CPU_ENV_KEYS`) unless the environment sets them already."""
     env = dict(os.environ if base is None else base)
     key = api_key or next((env[k] for k in API_KEY_ENVS if env.get(k)), None)
     if key:
         env["VLLM_API_KEY"] = key
+    e = _as_dict(engine_cfg)
+    for k, var in CPU_ENV_KEYS.items():
+        if e.get(k) is not None and var not in env:
+            v = e[k]
+            env[var] = str(int(v) if isinstance(v, float) and v.is_integer() else v)
     return env
 
 
@@ -179,14 +209,15 @@ def hf_config(model_cfg: Any) -> dict[str, Any]:
 
 def prepare_model_dir(model_cfg: Any, out_dir: os.PathLike | str) -> Path:
     """Write ``config.json``, ``generation_config.json`` and the bundled tokenizer (``tokenizer.json``,
-    ``tokenizer_config.json``; the gzipped Qwen2 tokenizer decompressed) into ``out_dir``; return it.
+    ``tokenizer_config.json``; the gzipped Qwen2 tokenizer decompressed) into ``out_dir``, with the chat template
+    of ``data/chat_templates/<tokenizer>.jinja`` when the tokenizer has none; return it.
     Weights are not written: serve with ``--load-format dummy``."""
     m = _as_dict(model_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(m)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
+    _write(out / "config.json", json.dumps(cfg, indent=2) + "\n")
+    _write(out / "generation_config.json", json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}, indent=2)
         + "\n")
     tname = str(m.get("tokenizer", "llama2"))
@@ -195,13 +226,30 @@ def prepare_model_dir(model_cfg: Any, out_dir: os.PathLike | str) -> Path:
         raise FileNotFoundError(f"tokenizer {tname!r}: no directory {src}")
     for f in sorted(src.iterdir()):
         if f.name.endswith(".gz"):
-            with gzip.open(f, "rb") as fi, open(out / f.name[:-3], "wb") as fo:
-                shutil.copyfileobj(fi, fo)
+            with gzip.open(f, "rb") as fi:
+                _write(out / f.name[:-3], fi.read())
+        elif f.name == "tokenizer_config.json":
+            tc = json.loads(f.read_text())
+            # tokenizer.json as it is: transformers 5's LlamaTokenizer rebuilds the normalizer and counts " Hi" one
+            # token shorter than the bundled file, which our counter (data.tokenizer) and the length traces use
+            tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+            template = CHAT_TEMPLATE_DIR / f"{tname}.jinja"
+            if not tc.get("chat_template") and template.is_file():
+                tc["chat_template"] = template.read_text()  # none bundled: vLLM would answer chat with a 400
+            _write(out / f.name, json.dumps(tc, indent=2) + "\n")
         elif f.is_file():
-            shutil.copyfile(f, out / f.name)
+            _write(out / f.name, f.read_bytes())
     if not (out / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer {tname!r}: no tokenizer.json in {src}")
     return out
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    """Write through a temporary file and a rename: servers started together share one model directory, and
+    vLLM must never read a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,55 +275,92 @@ def start_vllm(stack: Any, name: str, args: Sequence[str] = ()) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m block.engine.vllm",
-                                 description="Serve a conf/model + conf/engine pair with stock vLLM (random "
-                                             "weights, bundled tokenizer). API key: VLLM_API_KEY or BLOCK_API_TOKEN "
-                                             "in the environment.")
+    ap = argparse.ArgumentParser(
+        prog="python -m block.engine.vllm",
+        usage="%(prog)s [options] [-- VLLM_SERVE_ARGS...]",
+        description="Serve a conf/model + conf/engine pair with stock vLLM (random weights, bundled tokenizer). "
+                    "vLLM is the one of `python -m block.engine.vllm_install` ($BLOCK_VLLM_VENV or the user cache "
+                    "dir), else `vllm` on PATH. API key: VLLM_API_KEY or BLOCK_API_TOKEN in the environment. "
+                    "CPU: --model llama_tiny --engine vllm_cpu (docs/vllm.md).",
+        epilog="Everything after `--` is passed to `vllm serve` unchanged (after our flags, so it wins), as is each "
+               "--vllm-arg. Example: python -m block.engine.vllm --port 0 --model llama_tiny --engine vllm_cpu "
+               "-- --max-num-seqs 8")
     ap.add_argument("--port", type=int, default=8000, help="0: pick a free port")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--model", "--model-config", dest="model", default="llama2_7b",
                     help="conf/model name or YAML path (--model-config: as python -m block.engine says it)")
     ap.add_argument("--gpu", default=None, help="ignored: vLLM serves on the GPU it finds (accepted so that the "
                                                  "emulated engine's command line works here unchanged)")
-    ap.add_argument("--engine", default="vllm_chunked", help="conf/engine name or YAML path")
+    ap.add_argument("--engine", default="vllm_chunked",
+                    help="conf/engine name or YAML path (vllm_cpu: the CPU build, block size 32, eager)")
     ap.add_argument("--model-dir", default=None, help="where to write config.json + tokenizer (default: a cache dir)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size in tokens (the CPU attention backend needs a multiple of 32)")
     ap.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction,
+                    default=None, help="vLLM's automatic prefix caching (default: the engine config's "
+                                       "enable_prefix_caching, off when absent, as in Block's runs)")
+    ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                    help="no torch.compile / CUDA graphs (faster start-up; default: the engine config)")
+    ap.add_argument("--dtype", default=None, help="vLLM's --dtype (default: the engine config, else the model's)")
+    ap.add_argument("--kv-cache-gib", dest="cpu_kvcache_gib", type=float, default=None,
+                    help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE; default: the engine config's cpu_kvcache_gib)")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--tensor-parallel", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                    help="one more `vllm serve` argument (repeatable; --vllm-arg=--seed=1), same as after `--`")
     ap.add_argument("--legacy-log-flag", action="store_true", help="add --disable-log-requests (vLLM < 0.11)")
     ap.add_argument("--print-command", action="store_true", help="print the vllm argv and exit")
     return ap
 
 
+# command-line options that override a key of the engine config
+ENGINE_OVERRIDES = ("max_num_seqs", "chunk_size", "max_num_batched_tokens", "num_blocks", "block_size",
+                    "chunked_prefill", "enable_prefix_caching", "enforce_eager", "dtype", "cpu_kvcache_gib",
+                    "max_model_len", "tensor_parallel", "gpu_memory_utilization")
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our arguments and the ``vllm serve`` ones after the first ``--``."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from block.engine.config import load_conf
+    from block.engine.vllm_install import user_cache_dir
 
-    a = build_parser().parse_args(argv)
+    ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(ours)
     m, e = load_conf("model", a.model), load_conf("engine", a.engine)
-    for key, val in (("max_num_seqs", a.max_num_seqs), ("chunk_size", a.chunk_size),
-                     ("max_num_batched_tokens", a.max_num_batched_tokens), ("num_blocks", a.num_blocks),
-                     ("chunked_prefill", a.chunked_prefill), ("max_model_len", a.max_model_len),
-                     ("tensor_parallel", a.tensor_parallel), ("gpu_memory_utilization", a.gpu_memory_utilization)):
+    for key in ENGINE_OVERRIDES:
+        val = getattr(a, key)
         if val is not None:
             e[key] = val
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "block-repro" / "vllm-models"
-    mdir = prepare_model_dir(m, a.model_dir or base / str(m["name"]).replace("/", "__"))
+    mdir = prepare_model_dir(m, a.model_dir or user_cache_dir() / "vllm-models" / str(m["name"]).replace("/", "__"))
     port = a.port or free_port(a.host)
     exe = ["vllm"] if a.print_command else vllm_executable()
     cmd = vllm_command(m, e, port, mdir, mdir, host=a.host, served_model_name=a.served_model_name,
-                       load_format=a.load_format, legacy_log_flag=a.legacy_log_flag, executable=exe)
+                       load_format=a.load_format, legacy_log_flag=a.legacy_log_flag,
+                       extra_args=[*a.vllm_arg, *passthrough], executable=exe)
+    env = vllm_env(engine_cfg=e)
     if a.print_command:
         print(" ".join(cmd))
         return
+    shown = {v: env[v] for v in CPU_ENV_KEYS.values() if v in env}
+    print(f"vllm: {' '.join(cmd)}" + (f" (env {shown})" if shown else ""), flush=True)
     print(f"listening on http://{a.host}:{port} (vllm starting; poll /health)", flush=True)
-    os.execvpe(cmd[0], cmd, vllm_env())
+    os.execvpe(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":
