@@ -36,13 +36,13 @@ from block import prom
 from block.engine.tokens import TokenCounter
 from block.predictor.tracker import (
     Reassembler,
-    SSEScanner,
     Tracked,
     Tracker,
     chunk_progress,
     config_with_blocks,
-    parse_payload,
+    shape_usage,
 )
+from block.sse import DONE, SSE_DONE, SSEScanner, client_error_status, error_event, error_message, parse_payload
 from block.service import DEFAULT_MAX_BODY, ServiceError, create_app
 from vidur.engine import Engine, StepTimeModel
 from vidur.types import EngineConfig, InstanceState, InstanceStats, Request as VRequest
@@ -238,6 +238,24 @@ class PredictorService:
             return False
         return self.clock() - self.last_ok <= self.down_after_s
 
+    def engine_down(self) -> bool:
+        """The engine is known to be down: its latest news is a failure, or it has been silent for ``down_after_s``.
+
+        While it is, the instance is unavailable: ``/predict``, ``/stats`` and the proxy answer 503 ``engine_down``
+        at once, so a scheduler leaves it out when probing instead of paying a failed forward per request. The poll
+        loop (every ``liveness_interval_s``) brings it back as soon as the engine answers. Nothing heard yet (just
+        started) is not "down": the first poll or request decides.
+        """
+        if self.last_err is not None and (self.last_ok is None or self.last_err >= self.last_ok):
+            return True
+        return self.last_ok is not None and self.clock() - self.last_ok > self.down_after_s
+
+    def check_available(self) -> None:
+        """Raise the 503 ``engine_down`` error while the engine is down (an injected state answers regardless)."""
+        if self.injected is None and self.engine_down():
+            raise ServiceError(503, f"engine at {self.engine_url} is down ({self.last_err_msg or 'no answer'}); "
+                                    f"this instance is unavailable until it answers again", "engine_down")
+
     # ------------------------------------------------------------------ polling
     async def _poll_loop(self) -> None:
         while True:
@@ -399,7 +417,9 @@ class PredictorService:
             age = now - (self.injected_at or now)
         elif self.state_source == "engine" and self.engine_state_at is not None:
             age = now - self.engine_state_at
+        down = self.engine_down()
         return {"status": "ok" if ok else "degraded", "engine_url": self.engine_url, "engine_ok": ok,
+                "engine_down": down, "available": not down or self.injected is not None,
                 "engine_last_ok_s_ago": None if self.last_ok is None else round(now - self.last_ok, 3),
                 "engine_last_error": self.last_err_msg if not ok else None, "state_source": self.state_source,
                 "state_age_s": age, "tracked_requests": len(self.tracker.entries)}
@@ -408,6 +428,7 @@ class PredictorService:
     async def predict(self, raw: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
         prompt, expected = parse_predict(raw)
+        self.check_available()
         st, _, _ = await self.current_state()
         lim = st.config.max_model_len
         if prompt >= lim:
@@ -460,26 +481,37 @@ class PredictorService:
         self.tracker.remove(t)
         self.c_proxied.inc(outcome=outcome)
 
-    def _scan(self, scanner: SSEScanner, chunk: bytes, t: Tracked, ra: Optional[Reassembler] = None
-              ) -> tuple[bool, Any]:
-        """Feed one upstream chunk: update ``t``'s progress; (saw [DONE], error payload or None)."""
+    def _scan(self, scanner: SSEScanner, chunk: bytes, t: Tracked, ra: Optional[Reassembler] = None,
+              shape: Optional[tuple[bool, bool]] = None) -> tuple[bytes, bool, Any]:
+        """Feed one upstream chunk: update ``t``'s progress; (the bytes to relay, saw [DONE], error or None).
+
+        ``shape`` = (chat, the client asked include_usage): the proxy asked the engine for per-chunk usage that the
+        client did not ask for (:meth:`_usage_request`); it is taken out again (``shape_usage``), so only complete
+        events are relayed (an event's rest follows with a later chunk). Without ``shape`` the chunk is relayed as is.
+        """
         done = False
         err = None
-        for p in scanner.feed(chunk):
-            obj = parse_payload(p)
-            if obj == "[DONE]":
+        items = [(None, p) for p in scanner.feed(chunk)] if shape is None else scanner.events(chunk)
+        parts: list[bytes] = []
+        for raw, p in items:
+            obj = parse_payload(p) if p is not None else None
+            if obj == DONE:
                 done = True
             if ra is not None:
                 ra.add(obj)
-            if obj is None or obj == "[DONE]":
-                continue
-            n, pt, ct, rid, e = chunk_progress(obj)
-            if e is not None:
-                err = e
-                continue
-            if n or pt is not None or ct is not None or rid:
-                self.tracker.progress(t, n, pt, ct, rid)
-        return done, err
+            if obj is not None and obj != DONE:
+                n, pt, ct, rid, e = chunk_progress(obj)
+                if e is not None:
+                    err = err if err is not None else e
+                elif n or pt is not None or ct is not None or rid:
+                    self.tracker.progress(t, n, pt, ct, rid)
+            if raw is not None:
+                kept = shape_usage(obj, *shape) if isinstance(obj, dict) and shape is not None else obj
+                if kept is obj:
+                    parts.append(raw)
+                elif kept is not None:
+                    parts.append(b"data: " + orjson.dumps(kept) + b"\n\n")
+        return (chunk if shape is None else b"".join(parts)), done, err
 
     @staticmethod
     def _resp_headers(resp: httpx.Response) -> dict[str, str]:
@@ -500,6 +532,30 @@ class PredictorService:
         return Response(body, status_code=s, media_type=resp.headers.get("content-type", JSON),
                         headers=self._resp_headers(resp))
 
+    def _broken(self, t: Tracked, status: int, message: str) -> Response:
+        """A non-streaming answer the engine did not finish. Before the first token: ``engine_unavailable``
+        (502/503; nothing happened, the scheduler retries elsewhere). After it: 502 ``engine_failed`` (the engine
+        did part of the work and failed; the client gets the error, not a silent second run)."""
+        if t.decoded == 0:
+            self._finish(t, "unavailable")
+            return _err(status, f"{message} (before the first token)", "engine_unavailable")
+        self._finish(t, "failed_midstream")
+        return _err(502, f"{message} (after {t.decoded} tokens)", "engine_failed")
+
+    def _engine_error(self, t: Tracked, err: Any) -> Response:
+        """An error event in an answer not relayed yet. An error the engine blames on the request (a 4xx ``code``,
+        e.g. vLLM's out-of-vocabulary token id inside an HTTP 200 stream) is answered with that status and the
+        engine's error object: the client's fault, never retried. Any other is the engine's failure (_broken)."""
+        status = client_error_status(err)
+        if status is not None:
+            self._finish(t, "client_error")
+            return _json({"error": err}, status)
+        if t.decoded == 0:
+            self._finish(t, "engine_error")
+            return _err(502, f"engine failed before the first token: {error_message(err)}", "engine_unavailable")
+        self._finish(t, "engine_error")
+        return _err(502, f"engine failed after {t.decoded} tokens: {error_message(err)}", "engine_failed")
+
     async def proxy(self, request: Request, path: str, chat: bool) -> Response:
         raw = await request.body()
         try:
@@ -511,13 +567,19 @@ class PredictorService:
             self.c_proxied.inc(outcome="bad_request")
             return _err(400, "body must be a JSON object" if raw else "request body is empty; expected a JSON object",
                         "BadRequestError", 400)
+        try:
+            self.check_available()
+        except ServiceError as err:
+            self.c_proxied.inc(outcome="unavailable")
+            return _err(err.status, err.message, err.type)
         t = self.tracker.add(body, request.headers, chat, self.counter)
         headers = self._fwd_headers(request)
         stream = body.get("stream")
         handed_off = False
         try:
             if stream is True:
-                resp = await self._stream(path, raw, headers, t)
+                up, shape = self._usage_request(body, raw, chat)
+                resp = await self._stream(path, up, headers, t, shape)
                 handed_off = isinstance(resp, StreamingResponse)
                 return resp
             if stream in (None, False) and self.force_stream and self._forceable(body):
@@ -533,6 +595,28 @@ class PredictorService:
         finally:
             if not handed_off:
                 self.tracker.remove(t)  # no-op when already finished
+
+    def _usage_request(self, body: dict[str, Any], raw: bytes, chat: bool) -> tuple[bytes, Optional[tuple[bool, bool]]]:
+        """The upstream body of a streaming request and the usage shape to restore on the way back.
+
+        vLLM may pack several tokens into one chunk, so counting chunks undercounts decode progress. Asking for
+        ``continuous_usage_stats`` makes every chunk carry ``usage.completion_tokens`` (exact); what the client did
+        not ask for is taken out of the answer again. The body goes as is when the client asked for it itself, when
+        its stream_options are not well-formed (the engine judges them) or with ``continuous_usage`` off.
+        """
+        so = body.get("stream_options")
+        if not self.continuous_usage or not (so is None or isinstance(so, dict)):
+            return raw, None
+        so = so or {}
+        inc, cont = so.get("include_usage"), so.get("continuous_usage_stats")
+        if inc not in (None, True, False) or cont not in (None, False):
+            return raw, None
+        try:
+            up = orjson.dumps({**body, "stream_options": {**so, "include_usage": True,
+                                                         "continuous_usage_stats": True}})
+        except (orjson.JSONEncodeError, TypeError):
+            return raw, None
+        return up, (chat, inc is True)
 
     @staticmethod
     def _forceable(body: dict[str, Any]) -> bool:
@@ -575,6 +659,9 @@ class PredictorService:
         return await self._passthrough(resp, t)
 
     async def _forced(self, path: str, body: dict[str, Any], headers: list, t: Tracked, chat: bool) -> Response:
+        """A non-streaming request sent upstream as a stream and reassembled. Only an answer that ended properly
+        (``[DONE]``, or every choice finished) is a 200: an engine that closes early (e.g. after a role-only
+        chunk) must not become ``200 {"text": "", "finish_reason": null}``, a lost request that looks served."""
         up = dict(body)
         up["stream"] = True
         up["stream_options"] = {"include_usage": True, "continuous_usage_stats": self.continuous_usage}
@@ -586,35 +673,29 @@ class PredictorService:
         err = None
         try:
             async for chunk in resp.aiter_raw():
-                _, e = self._scan(scanner, chunk, t, ra)
-                err = err or e
+                _, _, e = self._scan(scanner, chunk, t, ra)
+                err = err if err is not None else e
         except httpx.TimeoutException as e:
             self.mark_err(f"POST {path}: {type(e).__name__}")
-            self._finish(t, "unavailable")
-            return _err(503, f"engine at {self.engine_url} stopped answering ({type(e).__name__})",
-                        "engine_unavailable")
+            return self._broken(t, 503, f"engine at {self.engine_url} stopped answering ({type(e).__name__})")
         except httpx.HTTPError as e:
             self.mark_err(f"POST {path}: {type(e).__name__}: {e}")
-            self._finish(t, "unavailable")
-            return _err(502, f"engine at {self.engine_url} failed mid-request: {type(e).__name__}: {e}",
-                        "engine_unavailable")
+            return self._broken(t, 502, f"engine at {self.engine_url} failed mid-request: {type(e).__name__}: {e}")
         finally:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
         if err is not None:
-            self._finish(t, "engine_error")
-            msg = err.get("message") if isinstance(err, dict) else str(err)
-            if t.decoded == 0:
-                return _err(502, f"engine failed before the first token: {msg}", "engine_unavailable")
-            return _json({"error": err} if isinstance(err, dict) else {"error": {"message": msg}}, 500)
-        if not ra.done and not ra.choices:
-            self._finish(t, "unavailable")
-            return _err(502, "engine closed the stream without an answer", "engine_unavailable")
+            return self._engine_error(t, err)
+        if not ra.complete:
+            return self._broken(t, 502, f"engine at {self.engine_url} closed the stream without finishing the answer")
         self._finish(t, "ok")
         return Response(orjson.dumps(ra.response()), media_type=JSON, headers=self._resp_headers(resp))
 
-    async def _stream(self, path: str, raw: bytes, headers: list, t: Tracked) -> Response:
-        """Open the upstream stream and hold it until its first token (so a failure before it is retryable)."""
+    async def _stream(self, path: str, raw: bytes, headers: list, t: Tracked,
+                      shape: Optional[tuple[bool, bool]] = None) -> Response:
+        """Open the upstream stream and hold it until its first token (so a failure before it is retryable): a
+        stream that ends before it without ``[DONE]`` -- even after some bytes, e.g. a role-only chunk -- is a 502
+        ``engine_unavailable``; an error event before it is answered as :meth:`_engine_error` says."""
         resp = await self._open(path, raw, headers)
         if resp.status_code != 200:
             return await self._passthrough(resp, t)
@@ -626,18 +707,16 @@ class PredictorService:
             while t.decoded == 0 and not done:
                 try:
                     chunk = await it.__anext__()
-                except StopAsyncIteration:
-                    if not buffered:
-                        raise httpx.RemoteProtocolError("engine closed the stream before the first token") from None
-                    done = True
-                    break
-                buffered.append(chunk)
-                done, err = self._scan(scanner, chunk, t)
-                if err is not None and t.decoded == 0:
-                    msg = err.get("message") if isinstance(err, dict) else str(err)
+                except StopAsyncIteration:  # the engine answered, badly: not a sign that it is down
                     await resp.aclose()
-                    self._finish(t, "engine_error")
-                    return _err(502, f"engine failed before the first token: {msg}", "engine_unavailable")
+                    raise Upstream(502, f"engine at {self.engine_url} ended the stream before the first token"
+                                        + (" without [DONE]" if buffered else "")) from None
+                out, done, err = self._scan(scanner, chunk, t, shape=shape)
+                if out:
+                    buffered.append(out)
+                if err is not None and t.decoded == 0:
+                    await resp.aclose()
+                    return self._engine_error(t, err)
         except httpx.TimeoutException as e:
             await resp.aclose()
             self.mark_err(f"POST {path}: {type(e).__name__}")
@@ -653,31 +732,46 @@ class PredictorService:
                 await resp.aclose()
             raise
         hdrs = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **self._resp_headers(resp)}
-        return StreamingResponse(self._relay(path, resp, it, buffered, scanner, t, done), status_code=200,
+        return StreamingResponse(self._relay(path, resp, it, buffered, scanner, t, done, shape), status_code=200,
                                  media_type=resp.headers.get("content-type", "text/event-stream"), headers=hdrs)
 
     async def _relay(self, path: str, resp: httpx.Response, it, buffered: list[bytes], scanner: SSEScanner,
-                     t: Tracked, done: bool):
+                     t: Tracked, done: bool, shape: Optional[tuple[bool, bool]] = None):
+        """Relay the rest of a stream. It always ends with ``data: [DONE]``: a stream the engine breaks or ends
+        without it gets an error event (unless the engine sent one) and ``[DONE]``, counted ``failed_midstream``."""
         outcome = "client_disconnect"
         try:
             for b in buffered:
                 yield b
             buffered.clear()
-            failed = False
+            failed = client = False  # error events relayed: the engine's fault / the request's (4xx code)
             if not done:
                 try:
                     async for chunk in it:
-                        _, err = self._scan(scanner, chunk, t)
-                        failed = failed or err is not None
-                        yield chunk
+                        out, d, err = self._scan(scanner, chunk, t, shape=shape)
+                        done = done or d
+                        if err is not None:
+                            if client_error_status(err) is not None:
+                                client = True
+                            else:
+                                failed = True
+                        if out:
+                            yield out
                 except httpx.HTTPError as e:
                     self.mark_err(f"POST {path}: {type(e).__name__}: {e}")
                     outcome = "failed_midstream"
-                    yield b"data: " + orjson.dumps({"error": {
-                        "message": f"engine failed mid-stream: {type(e).__name__}: {e}", "type": "engine_unavailable",
-                        "code": 502}}) + b"\n\n"
+                    sep = b"\n\n" if scanner.rest() else b""  # end a half-relayed event first
+                    yield sep + error_event(f"engine failed mid-stream: {type(e).__name__}: {e}",
+                                            "engine_unavailable", 502) + SSE_DONE
                     return
-            outcome = "engine_error" if failed else "ok"
+            if not done:
+                outcome = "failed_midstream"
+                sep = b"\n\n" if scanner.rest() else b""
+                ev = b"" if failed or client else error_event(
+                    f"engine closed the stream without [DONE] after {t.decoded} tokens", "engine_failed", 502)
+                yield sep + ev + SSE_DONE
+                return
+            outcome = "client_error" if client else "engine_error" if failed else "ok"
         finally:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()  # a stream cut short closes the connection: the engine aborts the request
@@ -744,6 +838,7 @@ def build_app(service: PredictorService, token: Optional[str] = None,
 
     @app.get("/stats")
     async def stats() -> Response:
+        service.check_available()
         st, _, _ = await service.current_state()
         return _json(service.stats_of(st).to_dict())
 

@@ -1,9 +1,9 @@
 """What the predictor knows of the requests it proxies, and the ``InstanceState`` it builds from that (proxy mode).
 
 Pure bookkeeping, no I/O: :class:`Tracker` holds one :class:`Tracked` entry per request in flight (in arrival
-order), :class:`SSEScanner` splits a proxied byte stream into SSE ``data:`` payloads, :func:`chunk_progress` reads a
-payload's progress (non-empty text, usage), :class:`Reassembler` turns a stream of chunks back into the
-non-streaming OpenAI response, and :meth:`Tracker.build_state` applies the proxy-mode rules:
+order), :func:`chunk_progress` reads an SSE payload's progress (non-empty output, usage; block/sse.py reads the
+stream itself), :class:`Reassembler` turns a stream of chunks back into the non-streaming OpenAI response, and
+:meth:`Tracker.build_state` applies the proxy-mode rules:
 
 - a request with no output token yet is *waiting* (FCFS by arrival, computed 0) -- unless the engine's /metrics
   (``vllm:num_requests_running``, when fresh) says more requests run than have tokens: then the oldest no-token
@@ -26,6 +26,7 @@ import orjson
 
 from block.engine.tokens import TokenCounter, message_text
 from block.prom import VllmLoad
+from block.sse import DONE, SSEScanner, error_of, has_output, parse_payload  # noqa: F401 - re-exported
 from vidur.types import EngineConfig, InstanceState, SeqState
 
 EXPECTED_HEADER = "x-expected-output-tokens"
@@ -234,62 +235,18 @@ def config_with_blocks(config: EngineConfig, num_blocks: Optional[int], block_si
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SSE
+# SSE chunks (the stream format itself is read by block/sse.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class SSEScanner:
-    """Split a byte stream into SSE ``data:`` payloads (events end with a blank line; CRLF tolerated)."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf = b""
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self.buf + chunk if self.buf else chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        out: list[bytes] = []
-        start = 0
-        while True:
-            i = buf.find(b"\n\n", start)
-            if i < 0:
-                break
-            ev = buf[start:i]
-            start = i + 2
-            for line in ev.split(b"\n"):
-                if line.startswith(b"data:"):
-                    out.append(line[5:].strip())
-        self.buf = buf[start:] if start < len(buf) else b""
-        if len(self.buf) > 1 << 22:  # not SSE: do not grow without bound
-            self.buf = b""
-        return out
-
-
-def _nonempty(c: Mapping[str, Any]) -> bool:
-    if c.get("text"):
-        return True
-    d = c.get("delta")
-    if isinstance(d, dict):
-        return bool(d.get("content") or d.get("reasoning_content") or d.get("reasoning") or d.get("tool_calls"))
-    return False
 
 
 def chunk_progress(obj: Any) -> tuple[int, Optional[int], Optional[int], Optional[str], Optional[Any]]:
     """(1 if the chunk carries non-empty output else 0, usage.prompt_tokens, usage.completion_tokens, id, error)."""
     if not isinstance(obj, dict):
         return 0, None, None, None, None
-    err = obj.get("error")
+    err = error_of(obj)
     if err is not None:
         return 0, None, None, None, err
-    n = 0
-    choices = obj.get("choices")
-    if isinstance(choices, list):
-        for c in choices:
-            if isinstance(c, dict) and _nonempty(c):
-                n = 1
-                break
+    n = 1 if has_output(obj) else 0
     pt = ct = None
     u = obj.get("usage")
     if isinstance(u, dict):
@@ -299,14 +256,21 @@ def chunk_progress(obj: Any) -> tuple[int, Optional[int], Optional[int], Optiona
     return n, pt, ct, rid if isinstance(rid, str) else None, None
 
 
-def parse_payload(p: bytes) -> Any:
-    """A data payload as JSON (``"[DONE]"`` for the terminator, None if unparsable)."""
-    if p == b"[DONE]":
-        return "[DONE]"
-    try:
-        return orjson.loads(p)
-    except orjson.JSONDecodeError:
-        return None
+def shape_usage(obj: dict[str, Any], chat: bool, include_usage: bool) -> Optional[dict[str, Any]]:
+    """A chunk as the engine sends it without ``continuous_usage_stats`` (which the proxy asked for to count tokens
+    exactly, and the client did not): ``obj`` itself when nothing changes, a copy without the per-chunk usage
+    (``"usage": null`` where the engine writes it -- completions, or chat with ``include_usage`` -- else no key), or
+    None for the final usage-only chunk when the client did not ask for ``include_usage``."""
+    if not isinstance(obj.get("usage"), dict):
+        return obj
+    if not obj.get("choices"):
+        return obj if include_usage else None
+    out = dict(obj)
+    if chat and not include_usage:
+        del out["usage"]
+    else:
+        out["usage"] = None
+    return out
 
 
 class Reassembler:
@@ -324,7 +288,7 @@ class Reassembler:
         self.extra: dict[str, Any] = {}
 
     def add(self, obj: Any) -> None:
-        if obj == "[DONE]":
+        if obj == DONE:
             self.done = True
             return
         if not isinstance(obj, dict):
@@ -361,6 +325,12 @@ class Reassembler:
                 ch["finish_reason"] = c["finish_reason"]
             if c.get("stop_reason") is not None:
                 ch["stop_reason"] = c["stop_reason"]
+
+    @property
+    def complete(self) -> bool:
+        """The answer ended properly: ``[DONE]``, or every choice has its ``finish_reason``."""
+        return self.done or (bool(self.choices) and all(ch["finish_reason"] is not None
+                                                        for ch in self.choices.values()))
 
     def response(self) -> dict[str, Any]:
         choices = []
