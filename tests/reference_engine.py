@@ -1,8 +1,9 @@
 """A deliberately naive engine: one step at a time, every request touched every step, no closed forms.
 
-It implements the same vLLM V0 semantics as ``vidur.engine.Engine`` (see that module's docstring) in the most
-direct way, so tests can check that the fast engine's lazy decode group, closed-form runs and block histogram give
-exactly the same schedule.
+It implements the same scheduling rules as ``vidur.engine.Engine`` -- vLLM V0 as Block ran it (``vidur/sched/v0.py``)
+and vLLM V1 (``vidur/sched/v1.py``, ``step_v1`` below is a line-by-line transcription of the running and waiting
+loops of vLLM's ``Scheduler.schedule``) -- in the most direct way, so tests can check that the fast engine's lazy
+decode group, closed-form runs, block histogram and fast paths give exactly the same schedule.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class RefEngine:
 
     def step(self):
         cfg = self.cfg
+        if cfg.scheduler == "v1":
+            return self.step_v1()
         if cfg.chunked_prefill:
             decodes = self._decodes_with_blocks() if any(s.prefill_done for s in self.running) else []
             for s in decodes:  # reserve
@@ -118,6 +121,64 @@ class RefEngine:
                     if self._ceil(s.computed + 1) > s.blocks:
                         s.blocks += 1
                         self.free -= 1
+        self._run_step(chunks, decodes)
+
+    def step_v1(self):
+        """vLLM V1: running requests in order with one budget, preempting the tail; then waiting ones, FCFS."""
+        cfg = self.cfg
+        thr = cfg.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
+        budget = cfg.max_num_batched_tokens
+        scheduled = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            s = self.running[i]
+            n = s.known - s.computed  # 1 for a decode
+            if 0 < thr < n:
+                n = thr
+            n = min(n, budget)
+            need = self._ceil(s.computed + n) - s.blocks
+            fits = True
+            while need > self.free:
+                v = self.running[-1]
+                self._preempt_last()
+                preempted = True
+                if v is s:
+                    fits = False
+                    break
+            if not fits:
+                break
+            s.blocks += need
+            self.free -= need
+            scheduled.append((s, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                s = self.waiting[0]
+                full = self._ceil(s.known)
+                wm = self.wm if self.running else 0
+                if full + wm > self.free:
+                    break
+                n = s.known
+                if 0 < thr < n:
+                    n = thr
+                if n > budget:
+                    if not cfg.chunked_prefill:
+                        break
+                    n = budget
+                self.waiting.popleft()
+                s.blocks = self._ceil(n)
+                self.free -= s.blocks
+                s.computed = 0
+                self.running.append(s)
+                scheduled.append((s, n))
+                budget -= n
+        decodes = [s for s, _ in scheduled if s.prefill_done]
+        chunks = [(s, n) for s, n in scheduled if not s.prefill_done]
+        self._run_step(chunks, decodes)
+
+    def _run_step(self, chunks, decodes):
         if not chunks and not decodes:
             return
         kv = sum(s.computed + 1 for s in decodes)

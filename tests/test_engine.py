@@ -9,7 +9,7 @@ import pytest
 
 from reference_engine import RefEngine, RSeq
 from vidur.engine import Engine, Seq
-from vidur.types import EngineConfig
+from vidur.types import EngineConfig, InstanceState, SeqState
 
 
 def _workload(n, rate, seed, max_prompt=900, max_out=400):
@@ -51,8 +51,27 @@ CONFIGS = [
     EngineConfig(num_blocks=400, chunked_prefill=False, max_num_seqs=16, block_size=32, watermark=0.05),
 ]
 
+# vLLM V1 (vidur/sched/v1.py): one budget of max_num_batched_tokens, per-chunk KV, tail preemption
+V1_CONFIGS = [
+    EngineConfig(scheduler="v1", num_blocks=2000, max_num_batched_tokens=512, watermark=0.0),
+    EngineConfig(scheduler="v1", num_blocks=300, max_num_batched_tokens=512, watermark=0.0),  # heavy preemption
+    EngineConfig(scheduler="v1", num_blocks=260, max_num_seqs=8, max_num_batched_tokens=64, watermark=0.01),
+    # threshold-capped chunks interleave prefills with decodes: the general (in running order) path
+    EngineConfig(scheduler="v1", num_blocks=300, max_num_batched_tokens=256, long_prefill_token_threshold=100,
+                 watermark=0.0),
+    EngineConfig(scheduler="v1", num_blocks=2000, max_num_seqs=16, max_num_batched_tokens=128,
+                 long_prefill_token_threshold=48, watermark=0.0),
+    EngineConfig(scheduler="v1", num_blocks=400, chunked_prefill=False, max_num_seqs=16, block_size=32,
+                 watermark=0.05),
+]
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"chunked{c.chunked_prefill}-blocks{c.num_blocks}-seqs{c.max_num_seqs}")
+
+def _cfg_id(c):
+    return (f"{c.scheduler}-chunked{c.chunked_prefill}-blocks{c.num_blocks}-seqs{c.max_num_seqs}"
+            f"-tokens{c.token_budget}-thr{c.long_prefill_token_threshold}")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + V1_CONFIGS, ids=_cfg_id)
 @pytest.mark.parametrize("rate", [2.0, 8.0])
 def test_fast_engine_matches_naive_engine(cfg, rate, toy_model):
     wl = _workload(250, rate, seed=int(rate * 10) + cfg.num_blocks)
@@ -68,7 +87,7 @@ def test_fast_engine_matches_naive_engine(cfg, rate, toy_model):
     assert fast.num_preemptions == ref.num_preemptions
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"chunked{c.chunked_prefill}-blocks{c.num_blocks}")
+@pytest.mark.parametrize("cfg", CONFIGS + V1_CONFIGS, ids=_cfg_id)
 def test_invariants(cfg, toy_model):
     """Blocks never over-committed, exact output lengths, preempted requests recompute."""
     seen = {"min_free": cfg.num_blocks}
@@ -127,3 +146,132 @@ def test_sync_commits_only_steps_started_before_t(toy_model):
     # the last committed step started before t=1.0
     c, k = toy_model.decode_coeffs(1)
     assert e.time - (c + k * (e.computed_of(e.running[0]))) < 1.0
+
+
+def _mixed_order_state(seed, spare_blocks):
+    """A V1 state whose running order puts long prefills *ahead of* decodes (as a predictor may see it)."""
+    rng = random.Random(seed)
+    bs, n = 16, 22
+    running = []
+    for i in range(n):
+        p = rng.randint(20, 900)
+        if i % 3 == 0:  # a prefill part-way through its prompt
+            running.append(SeqState(i, p, rng.randint(1, 300), computed_tokens=rng.randint(1, p - 1)))
+        else:
+            d = rng.randint(1, 200)
+            running.append(SeqState(i, p, d + rng.randint(1, 200), computed_tokens=p + d - 1, decoded_tokens=d))
+    used = sum(-(-s.computed_tokens // bs) for s in running)
+    cfg = EngineConfig(scheduler="v1", num_blocks=used + spare_blocks, max_num_seqs=n + 2,
+                       max_num_batched_tokens=256, block_size=bs, watermark=0.0)
+    return InstanceState(running=running, waiting=[], free_blocks=spare_blocks, total_blocks=cfg.num_blocks,
+                         config=cfg)
+
+
+def _ref_from_state(state, model):
+    """The naive engine in the same state (V1 block accounting: a prefill holds blocks for its computed tokens)."""
+    e = RefEngine(state.config, model)
+    e.free = state.free_blocks
+    for st in state.running:
+        s = RSeq(st.id, st.prompt_tokens, st.expected_output_tokens, 0.0)
+        s.computed, s.generated = st.computed_tokens, st.decoded_tokens
+        s.blocks = -(-s.computed // e.bs)
+        s.prefill_done = st.decoded_tokens > 0
+        e.running.append(s)
+    return e
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("spare_blocks", [2000, 12])
+def test_v1_running_order_with_prefills_ahead_of_decodes(seed, spare_blocks, toy_model):
+    """Prefill chunks ahead of decodes in running order spend the budget first: the decodes behind them sit the step
+    out (the general path), and the tail is preempted when a chunk's blocks do not fit -- exactly as the naive V1."""
+    state = _mixed_order_state(seed, spare_blocks)
+    fast = Engine.from_state(state, toy_model)
+    fast.keep_finished = True
+    ref = _ref_from_state(state, toy_model)
+    steps = []
+    orig = toy_model.step_time
+    toy_model.step_time = lambda chunks, nd, kv: steps.append(nd) or orig(chunks, nd, kv)
+    ref.step()
+    toy_model.step_time = orig
+    n_decodes = sum(1 for s in state.running if s.decoded_tokens > 0)
+    assert steps[0] < n_decodes  # the first step left decodes out: the budget ran out in running order
+    ref.run_until_idle()
+    fast.run_until_idle()
+    assert fast.num_preemptions == ref.num_preemptions
+    if spare_blocks < 100:
+        assert ref.num_preemptions > 0
+    f = {s.id: s for s in fast.finished}
+    assert len(f) == len(ref.finished) == len(state.running)
+    for r in ref.finished:
+        assert f[r.id].preemptions == r.preemptions, r.id
+        assert math.isclose(f[r.id].finish, r.finish, rel_tol=1e-9, abs_tol=1e-9), r.id
+        if r.first_token is not None and f[r.id].first_token is not None:
+            assert math.isclose(f[r.id].first_token, r.first_token, rel_tol=1e-9, abs_tol=1e-9), r.id
+
+
+@pytest.mark.parametrize("scheduler", ["v0", "v1"])
+def test_abort_frees_blocks_and_leaves_the_rest_running(scheduler, toy_model):
+    """Engine.abort(request_id): a decoding, a prefilling and a waiting request leave; blocks add up; others finish."""
+    cfg = EngineConfig(scheduler=scheduler, num_blocks=400, max_num_seqs=8, chunk_size=256, max_num_batched_tokens=256,
+                       watermark=0.0)
+    e = Engine(cfg, toy_model)
+    for i in range(12):
+        e.add(Seq(i, 1000 if i % 2 else 100, 200, 0.0), 0.0)
+    while not (e.dg_count and e.prefilling and e.waiting):  # step by step into a state with all three kinds
+        e.sync(e.time + 1e-9)
+    dec = next(s for s in e.running.values() if s.in_decode)
+    pre = e.prefilling[0]
+    wait = e.waiting[-1]
+    assert e.abort(dec.id) is dec and e.abort(pre.id) is pre and e.abort(wait.id) is wait
+    assert (dec.status, pre.status, wait.status) == ("aborted", "aborted", "aborted")
+    assert e.abort(dec.id) is None and e.abort(12345) is None  # twice, or unknown: nothing happens
+    assert dec.id not in e.running and pre not in e.prefilling and wait not in e.waiting
+    assert e.free + sum(e.blocks_held(s) for s in e.running.values()) == e.total_blocks
+    assert e.dg_count == sum(1 for s in e.running.values() if s.in_decode)
+    e.run_until_idle()
+    assert e.free == e.total_blocks and e.aborted == 3
+    assert sorted(s.id for s in e.finished) == sorted(set(range(12)) - {dec.id, pre.id, wait.id})
+
+
+def test_scheduler_flag_selects_the_rule(toy_model):
+    """The engine config names the rule; a state carries it into a what-if engine; unknown names are refused."""
+    from vidur.sched.v0 import V0Rule
+    from vidur.sched.v1 import V1Rule
+
+    assert isinstance(Engine(EngineConfig(), toy_model).rule, V0Rule)
+    e = Engine(EngineConfig(scheduler="v1", max_num_batched_tokens=2048, max_num_seqs=256), toy_model)
+    assert isinstance(e.rule, V1Rule) and e.budget == 2048
+    again = InstanceState.from_dict(e.snapshot(0.0).to_dict())
+    assert isinstance(Engine.from_state(again, toy_model).rule, V1Rule)
+    with pytest.raises(ValueError, match="scheduler"):
+        EngineConfig(scheduler="v2").validate()
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(scheduler="v1", max_num_batched_tokens=64, max_num_seqs=128).validate()
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineConfig(long_prefill_token_threshold=64).validate()  # a V1 knob on V0
+
+
+def test_v1_admits_nothing_in_a_step_that_preempted(toy_model):
+    """vLLM V1 skips the waiting queue in a step whose running loop preempted (and a head must fit whole, so the
+    victim cannot come straight back); V0's KV rule differs too: the same workload schedules differently."""
+    wl = _workload(200, 8.0, seed=3)
+    kw = dict(num_blocks=300, max_num_batched_tokens=512, chunk_size=512, watermark=0.0)
+    v0 = _run_fast(EngineConfig(**kw), toy_model, wl)
+    v1 = _run_fast(EngineConfig(scheduler="v1", **kw), toy_model, wl)
+    assert [s.finish for s in v0.finished] != [s.finish for s in v1.finished]
+    e = Engine(EngineConfig(scheduler="v1", num_blocks=270, max_num_seqs=3, max_num_batched_tokens=256,
+                            watermark=0.0), toy_model)
+    seqs = [Seq(i, 1300, 1500, 0.0) for i in range(3)] + [Seq(3, 10, 5, 0.0)]  # 3 fits easily, but waits
+    for s in seqs:
+        e.add(s, 0.0)
+    preempting_steps = 0
+    while e.has_work():
+        running_before, preempted_before = set(e.running), {s.id: s.preemptions for s in seqs}
+        e.sync(e.time + 1e-9)
+        victims = [s for s in seqs if s.preemptions > preempted_before[s.id]]
+        if victims:
+            preempting_steps += 1
+            assert set(e.running) <= running_before  # nobody joined
+            assert all(v.status == "waiting" and v.computed == 0 for v in victims)
+    assert preempting_steps > 0 and all(s.generated == s.out for s in seqs)
