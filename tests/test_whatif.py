@@ -23,11 +23,22 @@ def _loaded_engine(cfg, model, n, rate, seed):
     return e, t, rng
 
 
+SCHEDULERS = {
+    "v0": {},
+    "v1": dict(scheduler="v1", max_num_batched_tokens=512, watermark=0.0),
+    "v1-threshold": dict(scheduler="v1", max_num_batched_tokens=256, long_prefill_token_threshold=96),
+}
+
+
 @pytest.mark.parametrize("chunked", [True, False])
 @pytest.mark.parametrize("blocks", [2000, 350])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_whatif_matches_full_simulation(chunked, blocks, seed, toy_model):
-    cfg = EngineConfig(num_blocks=blocks, chunked_prefill=chunked)
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_whatif_matches_full_simulation(scheduler, chunked, blocks, seed, toy_model):
+    kw = dict(SCHEDULERS[scheduler])
+    if not chunked and kw:
+        kw["max_num_batched_tokens"] = 4096  # vLLM without chunked prefill: the budget must hold a whole prompt
+    cfg = EngineConfig(num_blocks=blocks, chunked_prefill=chunked, **kw)
     e, t, rng = _loaded_engine(cfg, toy_model, 120, 6.0, seed)
     t += 0.0123
     e.sync(t)

@@ -1,7 +1,8 @@
 """What-if: "how long would one more request take on this instance?"
 
 ``predict`` rebuilds the engine from an ``InstanceState`` (what a predictor knows), adds the candidate request at the
-back of the waiting queue and simulates the engine forward -- with the same ``Engine`` the cluster experiments use --
+back of the waiting queue and simulates the engine forward -- with the same ``Engine`` the cluster experiments use,
+under the scheduling rule the state's engine config names (``scheduler``: vLLM V0 or V1, ``vidur.sched``) --
 until that request finishes. Nothing else arrives in the meantime: the answer is the latency the request would see if
 it were dispatched now and the instance received nothing more (Block's ``min_new_request_latency``).
 
