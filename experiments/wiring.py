@@ -68,6 +68,8 @@ def engine_config(cfg: DictConfig) -> EngineConfig:
         max_num_seqs=int(e.max_num_seqs), max_num_batched_tokens=int(e.max_num_batched_tokens),
         chunked_prefill=bool(e.chunked_prefill), chunk_size=int(e.chunk_size), block_size=int(e.block_size),
         num_blocks=int(num_blocks), watermark=float(e.watermark), max_model_len=max_len,
+        scheduler=str(e.get("scheduler", "v0")),
+        long_prefill_token_threshold=int(e.get("long_prefill_token_threshold", 0) or 0),
     )
     try:
         ec.validate()

@@ -102,7 +102,8 @@ def build_setup(model: str = "llama2_7b", gpu: str = "a30", engine: str = "vllm_
         max_num_seqs=int(ed["max_num_seqs"]), max_num_batched_tokens=int(ed["max_num_batched_tokens"]),
         chunked_prefill=bool(ed["chunked_prefill"]), chunk_size=int(ed["chunk_size"]),
         block_size=int(ed["block_size"]), num_blocks=int(nb), watermark=float(ed.get("watermark", 0.01)),
-        max_model_len=max_len,
+        max_model_len=max_len, scheduler=str(ed.get("scheduler", "v0")),
+        long_prefill_token_threshold=int(ed.get("long_prefill_token_threshold", 0) or 0),
     )
     ec.validate()
     return EngineSetup(model=ms, gpu=gs, engine=ec, tensor_parallel=tp,

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import random
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
@@ -43,7 +44,8 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 from block import prom
 from block.engine.tokens import PromptError, TokenCounter, count_request_prompt, message_text
 from block.http import Origin, Pool, Response, UpstreamError
-from block.service import bad_request, int_field
+from block.openai_params import validate_request
+from block.service import bad_request, int_field, json_object
 from vidur.cluster import RoutingContext, RoutingPolicy
 from vidur.types import Candidate, InstanceStats, Prediction, Request
 
@@ -172,6 +174,7 @@ class Parsed:
     max_tokens: Optional[int]
     hint: Optional[int]
     hint_in_body: bool
+    coerced: bool = False  # the body was rewritten with vLLM's parsed values ("5" -> 5): forward it, not raw
 
 
 class PromptCounter:
@@ -188,27 +191,49 @@ class PromptCounter:
 
 
 def parse_body(raw: bytes, headers: Mapping[str, str], chat: bool, counter: PromptCounter) -> tuple[dict, Parsed]:
-    if not raw:
-        raise bad_request("request body is empty; expected a JSON object")
-    try:
-        body = _loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise bad_request(f"body is not valid JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise bad_request(f"body must be a JSON object, got {type(body).__name__}")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad_request(f"stream must be a boolean, got {stream!r}")
-    mt_name, mt = "max_tokens", body.get("max_tokens")
-    if chat and body.get("max_completion_tokens") is not None:
-        mt_name, mt = "max_completion_tokens", body.get("max_completion_tokens")
-    max_tokens = int_field(mt_name, mt, 1)
+    """The body (bounded JSON, vLLM's validation: ``block.openai_params``) and what routing needs of it; a 400
+    worded as vLLM's for what vLLM refuses, so nothing it would refuse is routed. Values vLLM parses leniently
+    ("5", "true") are forwarded parsed, so the predictor and the engine read the request as we did."""
+    body = json_object(raw)
+    r = validate_request(body, chat)
+    if r.coerced:
+        body = {**body, **r.coerced}
     in_body = body.get(HINT_FIELD) is not None
     hint = int_field(HINT_FIELD, body.get(HINT_FIELD) if in_body else headers.get(HINT_HEADER), 1)
     prompt = counter.count(body, chat)
-    return body, Parsed(chat, stream, prompt, max_tokens, hint, in_body)
+    return body, Parsed(chat, r.stream, prompt, r.max_tokens, hint, in_body, bool(r.coerced))
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 500
+
+
+def loggable_row(row: Mapping[Any, Any], limit: int = 500) -> dict[str, Any]:
+    """``row`` with every value JSON cannot carry (a huge integer, a lone surrogate, an object) replaced by its
+    repr (ASCII-safe, truncated to ``limit``), and marked: ``status`` internal_error (the original kept as
+    ``logged_status``), ``log_error`` naming the fields."""
+    out: dict[str, Any] = {}
+    bad = []
+    for k, v in row.items():
+        key = k if isinstance(k, str) else repr(k)
+        try:
+            _dumps(v)
+            out[key] = v
+        except (TypeError, ValueError):
+            try:
+                r = _REPR.repr(v)  # bounded; repr escapes lone surrogates (they are not printable)
+            except ValueError:  # e.g. an int past sys.get_int_max_str_digits()
+                r = f"<{type(v).__name__}>"
+            out[key] = r if len(r) <= limit else r[:limit] + "...[truncated]"
+            bad.append(key)
+    try:
+        _dumps(out.get("status"))
+        out["logged_status"] = out.get("status")
+    except (TypeError, ValueError):
+        pass
+    out["status"] = ST_INTERNAL
+    out["log_error"] = "not JSON-serialisable, written as repr: " + ", ".join(map(ascii, bad))
+    return out
 
 
 def prompt_text(body: Mapping[str, Any], chat: bool) -> Optional[str]:
@@ -533,9 +558,15 @@ class Scheduler:
         return est
 
     def _write_log(self, row: dict[str, Any]) -> None:
+        """One JSON line per request, always: a row with a value JSON cannot carry is written with that value as
+        its (truncated) repr, status ``internal_error`` and ``log_error`` naming the fields."""
         if self._log is not None:
             try:
-                self._log.write(_dumps(row).decode() + "\n")
+                line = _dumps(row)
+            except (TypeError, ValueError):  # orjson's JSONEncodeError is a TypeError
+                line = _dumps(loggable_row(row))
+            try:
+                self._log.write(line.decode() + "\n")
             except (OSError, ValueError) as err:  # a full disk must not fail requests
                 log.warning("cannot write the request log: %s", err)
 
@@ -571,9 +602,10 @@ class Scheduler:
         """
         pool = self.pool
         assert pool is not None
-        if p.hint_in_body and body.get(HINT_FIELD) != d.told_tokens:
+        if p.coerced or p.hint_in_body and body.get(HINT_FIELD) != d.told_tokens:
             body = dict(body)
-            body[HINT_FIELD] = d.told_tokens
+            if p.hint_in_body:
+                body[HINT_FIELD] = d.told_tokens
             raw = _dumps(body)
         headers = {"content-type": "application/json", HINT_HEADER: str(d.told_tokens), "x-request-id": request_id,
                    **self._auth}
