@@ -314,7 +314,7 @@ def test_hostile_input_gives_4xx_json(client):
         ("/v1/completions", {"prompt": {"x": 1}, "max_tokens": 1}, 400),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "n": 2}, 400),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 9}, 400),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": "yes"}, 400),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": "often"}, 400),  # "yes" is True to vLLM
         ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream_options": {"include_usage": True}}, 400),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "expected_output_tokens": 0}, 400),
         ("/v1/completions", {"model": "gpt-4", "prompt": "hi", "max_tokens": 4}, 404),

@@ -27,7 +27,6 @@ from block.scheduler.core import (
     PromptCounter,
     Scheduler,
     SchedulerConfig,
-    _first_token_state,
     parse_body,
     read_instances_file,
 )
@@ -55,7 +54,7 @@ def test_parse_body_counts_prompts_and_reads_the_hint():
     for raw, chat in [(b"", False), (b"{bad", False), (b"[1]", False), (b'{"max_tokens": 3}', False),
                       (b'{"prompt": 5}', False), (b'{"prompt": [1, "a"]}', False), (b'{"prompt": []}', False),
                       (b'{"prompt": [1], "max_tokens": 0}', False), (b'{"prompt": [1], "max_tokens": "x"}', False),
-                      (b'{"prompt": [1], "stream": "yes"}', False), (b'{"prompt": [1], "max_tokens": true}', False),
+                      (b'{"prompt": [1], "stream": "often"}', False), (b'{"prompt": [1], "max_tokens": 1.5}', False),
                       (b'{"messages": "hi"}', True), (b'{"messages": [{"content": "x"}]}', True),
                       (b'{"prompt": [1], "expected_output_tokens": -2}', False)]:
         with pytest.raises(ServiceError) as e:
@@ -107,13 +106,26 @@ def test_cli_builds_the_policy_with_its_defaults(tmp_path):
 
 
 def test_first_token_detection():
+    """block/sse.py's StreamView, as the scheduler, the predictor and the benchmark client read a stream."""
+    from block.sse import StreamView, client_error_status
+
+    def view(*chunks: bytes) -> StreamView:
+        v = StreamView()
+        for c in chunks:
+            v.feed(c)
+        return v
+
     tok = b'data: {"choices":[{"index":0,"text":" the","finish_reason":null}]}\n\n'
-    assert _first_token_state(tok) == "token"
+    assert view(tok).outputs == 1
     role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
-    assert _first_token_state(role) == ""
-    assert _first_token_state(role + b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n') == "token"
-    assert _first_token_state(b'data: {"error": {"message": "boom"}}\n\n') == "error"
-    assert _first_token_state(b'data: {"choices":[{"index":0,"te') == ""  # an event cut in two: wait
+    assert view(role).outputs == 0 and not view(role).complete
+    assert view(role, b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n').outputs == 1
+    v = view(b'data: {"error": {"message": "boom"}}\n\n', b"data: [DONE]\n\n")
+    assert v.error == {"message": "boom"} and v.done and not v.complete and client_error_status(v.error) is None
+    assert client_error_status(view(b'data: {"error": {"message": "oov", "code": 400}}\r\n\r\n').error) == 400
+    v = view(b'data: {"choices":[{"index":0,"te', b'xt":" a"}]}\n', b"\n")  # an event cut in three: wait for it
+    assert v.outputs == 1
+    assert view(b'data: {"choices":[{"index":0,"text":"","finish_reason":"stop"}]}\n\ndata: [DONE]\n\n').complete
 
 
 def _sched(policy, n=4, seed=7, **kw) -> Scheduler:

@@ -34,7 +34,8 @@ from block.engine.tokens import (
     filler_text,
     token_text,
 )
-from block.service import DEFAULT_MAX_BODY, ServiceError, bad_request, create_app, int_field, read_json
+from block.openai_params import check_context, validate_request
+from block.service import DEFAULT_MAX_BODY, ServiceError, bad_request, create_app, int_field, read_json, show
 from vidur.engine import StepTimeModel
 from vidur.types import EngineConfig
 
@@ -52,14 +53,6 @@ NWORDS = len(WORDS)
 
 def _sse(obj: Any) -> str:
     return "data: " + _dumps(obj) + "\n\n"
-
-
-def _bool_field(name: str, v: Any, default: bool = False) -> bool:
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad_request(f"{name} must be a boolean, got {v!r}")
-    return v
 
 
 @dataclass
@@ -169,47 +162,21 @@ class EngineService:
             raise bad_request(str(err)) from None
 
     def parse(self, body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) -> Params:
+        """vLLM's validation (``block.openai_params``: the scheduler in front applies the same), then what only
+        this engine knows: its model name, its context length, its KV cache."""
+        r = validate_request(body, chat)
         model = body.get("model")
         if model is not None and model != self.served:
-            raise ServiceError(404, f"The model `{model}` does not exist.", "NotFoundError")
-        stream = _bool_field("stream", body.get("stream"))
-        so = body.get("stream_options")
-        if so is not None:
-            if not isinstance(so, dict):
-                raise bad_request("stream_options must be an object")
-            if not stream:
-                raise bad_request("Stream options can only be defined when `stream=True`.")
-        so = so or {}
-        include_usage = _bool_field("stream_options.include_usage", so.get("include_usage"))
-        continuous = _bool_field("stream_options.continuous_usage_stats", so.get("continuous_usage_stats"))
-        n = int_field("n", body.get("n"), lo=1)
-        if n not in (None, 1):
-            raise bad_request(f"n={n} is not supported: the emulated engine generates one choice (n=1)")
-        mt_name = "max_tokens"
-        mt = body.get("max_tokens")
-        if chat and body.get("max_completion_tokens") is not None:
-            mt_name, mt = "max_completion_tokens", body.get("max_completion_tokens")
-        max_tokens = int_field(mt_name, mt, lo=1)
-        min_tokens = int_field("min_tokens", body.get("min_tokens"), lo=0) or 0
-        _bool_field("ignore_eos", body.get("ignore_eos"))
+            raise ServiceError(404, f"The model `{show(model)}` does not exist.", "NotFoundError")
+        if r.n != 1:
+            raise bad_request(f"n={r.n} is not supported: the emulated engine generates one choice (n=1)")
         exp = body.get("expected_output_tokens")
         if exp is None and headers.get(EXPECTED_HEADER) is not None:
             exp = headers.get(EXPECTED_HEADER)
         expected = int_field("expected_output_tokens", exp, lo=1)
-        seed = int_field("seed", body.get("seed"))
         prompt = self._count_prompt(body, chat)
-        L = self.max_len
-        if prompt >= L:
-            raise bad_request(f"This model's maximum context length is {L} tokens. However, your request has "
-                              f"{prompt} input tokens. Please reduce the length of the input messages.")
-        if max_tokens is None:
-            max_tokens = L - prompt
-        elif prompt + max_tokens > L:
-            raise bad_request(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-                              f"maximum context length is {L} tokens and your request has {prompt} input tokens "
-                              f"({max_tokens} > {L} - {prompt}).")
-        if min_tokens > max_tokens:
-            raise bad_request(f"min_tokens ({min_tokens}) must be less than or equal to max_tokens ({max_tokens})")
+        max_tokens = check_context(r, prompt, self.max_len)
+        min_tokens = r.min_tokens
         bs = self.config.block_size
         need = math.ceil((prompt + max_tokens) / bs)
         if need > self.max_blocks:
@@ -217,9 +184,9 @@ class EngineService:
                               f"block_size {bs}) but this engine can hold at most {self.max_blocks}")
         base = headers.get("x-request-id") or uuid.uuid4().hex
         ext = ("chatcmpl-" if chat else "cmpl-") + base
-        return Params(chat=chat, stream=stream, include_usage=include_usage, continuous_usage=continuous,
+        return Params(chat=chat, stream=r.stream, include_usage=r.include_usage, continuous_usage=r.continuous_usage,
                       prompt_tokens=prompt, max_tokens=max_tokens, min_tokens=min_tokens, expected=expected,
-                      seed=seed, external_id=ext)
+                      seed=r.seed, external_id=ext)
 
     # ------------------------------------------------------------------ responses
     def submit(self, p: Params) -> Handle:

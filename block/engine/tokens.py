@@ -129,12 +129,14 @@ def count_request_prompt(counter: "TokenCounter", body: Any, chat: bool, vocab_s
     if isinstance(prompt, list):
         if not prompt:
             raise PromptError("prompt must not be empty")
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int):
-                if isinstance(t, (str, list)):
-                    raise PromptError("batched prompts are not supported: send one prompt per request")
-                raise PromptError("prompt must be a string or a list of token ids (integers)")
-            if t < 0 or (vocab_size is not None and t >= vocab_size):
-                raise PromptError(f"Token id {t} is out of vocabulary")
+        if set(map(type, prompt)) != {int}:  # one C-speed pass; bool is its own type here
+            if any(isinstance(t, (str, list)) for t in prompt):
+                raise PromptError("batched prompts are not supported: send one prompt per request")
+            raise PromptError("prompt must be a string or a list of token ids (integers)")
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0:
+            raise PromptError(f"Token id {lo} is out of vocabulary")
+        if vocab_size is not None and hi >= vocab_size:
+            raise PromptError(f"Token id {hi} is out of vocabulary")
         return len(prompt)
     raise PromptError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")

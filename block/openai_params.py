@@ -1,0 +1,284 @@
+"""vLLM's validation of an OpenAI ``/v1/completions`` or ``/v1/chat/completions`` body, for the engine and the scheduler.
+
+Why one module: a client must get the same 400 from our stack (the scheduler in front, the emulated engine behind)
+as from a real vLLM server, and the scheduler must not route -- or log as a success -- a request vLLM refuses.
+The rules are vLLM's (v0.32: ``entrypoints/openai/{completion,chat_completion}/protocol.py`` and
+``SamplingParams._verify_args``), in the order vLLM applies them:
+
+1. its "before" model validators on the raw body (logprobs, stream_options, an empty prompt);
+2. the field types, parsed as pydantic's lax mode does (``"5"`` and ``5.0`` are the integer 5, ``"true"`` is
+   True); a type error reads like vLLM's ``RequestValidationError`` answer;
+3. the ranges of ``SamplingParams`` (temperature in [0, 2], top_p in (0, 1], ...), with vLLM's messages;
+4. lengths against ``max_model_len`` where it is known (``check_context``).
+
+Integers must fit in 64 bits (vLLM's bound for ``seed``; its engine transport carries no wider ones). Only the
+fields present are checked, and a value of the exact type skips pydantic: a few microseconds per request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Mapping, Optional, Union
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from block.service import INT64_MAX, INT64_MIN, ServiceError, bad_request, show
+
+MAX_N = 16384  # VLLM_MAX_N_SEQUENCES
+MAX_STOP_STRINGS = 4  # VLLM_MAX_STOP_STRINGS
+MAX_LOGPROBS = 20  # ModelConfig.max_logprobs (vllm serve --max-logprobs)
+MAX_COMPLETION_PROMPTS = 1024  # VLLM_MAX_COMPLETION_PROMPTS
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # CompletionRequest.max_tokens (chat: none, i.e. up to max_model_len)
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: Optional[bool] = False
+    continuous_usage_stats: Optional[bool] = False
+
+
+_COMMON: dict[str, Any] = {
+    "model": Optional[str], "user": Optional[str],
+    "frequency_penalty": Optional[float], "presence_penalty": Optional[float], "repetition_penalty": Optional[float],
+    "temperature": Optional[float], "top_p": Optional[float], "top_k": Optional[Int64], "min_p": Optional[float],
+    "max_tokens": Optional[Int64], "min_tokens": Int64, "seed": Optional[Int64],
+    "stop": Union[str, Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)], None],
+    "stop_token_ids": Optional[list[Int64]], "ignore_eos": bool, "include_stop_str_in_output": bool,
+    "skip_special_tokens": bool, "spaces_between_special_tokens": bool, "logit_bias": Optional[dict[str, float]],
+    "stream": Optional[bool], "stream_options": Optional[StreamOptions], "prompt_logprobs": Optional[Int64],
+    "priority": Int64, "use_beam_search": bool,
+}
+_FIELDS = {
+    False: {**_COMMON, "n": Int64, "logprobs": Optional[Int64], "echo": Optional[bool], "suffix": Optional[str],
+            "prompt": Union[list[TokenId], list[list[TokenId]], str, list[str], None]},
+    True: {**_COMMON, "n": Optional[Int64], "logprobs": Optional[bool], "top_logprobs": Optional[Int64],
+           "max_completion_tokens": Optional[Int64], "echo": bool},
+}
+_ADAPTERS = {chat: {k: TypeAdapter(t) for k, t in spec.items()} for chat, spec in _FIELDS.items()}
+
+
+def _plain_types(t: Any) -> Union[str, tuple[type, ...]]:
+    """The exact Python types of a field's value that need no parsing ("int64": an int in 64 bits; bool is not
+    one of them -- pydantic turns True into 1)."""
+    if t in (Int64, Optional[Int64]):
+        return "int64"
+    if t in (float, Optional[float]):
+        return (float, int)
+    for plain in (str, bool):
+        if t in (plain, Optional[plain]):
+            return (plain,)
+    return ()
+
+
+_FAST = {chat: {k: _plain_types(t) for k, t in spec.items()} for chat, spec in _FIELDS.items()}
+
+
+def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
+    """A 400 worded as vLLM's ``RequestValidationError`` handler words it (bounded like it: 10 errors, inputs
+    summarised)."""
+    n = len(errors)
+    label = "error" if n == 1 else "errors"
+    lines = []
+    for e in errors[:10]:
+        d = {"type": e.get("type"), "loc": ".".join(str(x) for x in e.get("loc", ())),
+             "msg": e.get("msg"), "input": _summary(e.get("input"))}
+        if e.get("ctx"):
+            d["ctx"] = {k: str(v) for k, v in e["ctx"].items()}
+        text = str(d)
+        lines.append("  " + (text if len(text) <= 1000 else text[:1000] + "...[truncated]"))
+    more = f"\n  ...and {n - 10} more {label}" if n > 10 else ""
+    return ServiceError(400, f"{n} validation {label}:\n" + "\n".join(lines) + more, "Bad Request")
+
+
+def _summary(v: Any) -> Any:
+    if isinstance(v, (list, tuple, dict)):
+        return f"<{type(v).__name__} of {len(v)} items>"
+    if isinstance(v, str):
+        return v if len(v) <= 200 else v[:200] + "...[truncated]"
+    return v if v is None or isinstance(v, (int, float, bool)) and len(show(v)) <= 200 else show(v)
+
+
+@dataclass
+class OpenAIRequest:
+    """What the services use of a validated body (the rest is the engine's business)."""
+
+    chat: bool
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    n: int = 1
+    max_tokens: Optional[int] = None  # max_completion_tokens for chat when given; None: up to the context
+    max_tokens_name: str = "max_tokens"
+    min_tokens: int = 0
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    # fields whose parsed value differs from what was sent ("5" -> 5): the scheduler forwards the parsed values,
+    # so the engine and the predictor behind it read the same request
+    coerced: dict[str, Any] = field(default_factory=dict)
+
+
+def _before_validators(body: Mapping[str, Any], chat: bool) -> None:
+    """vLLM's ``mode="before"`` model validators: on the raw body, before the field types."""
+    for name in ("prompt_logprobs", "top_logprobs" if chat else "logprobs"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, (int, float)):
+            raise bad_request(f"`{name}` must be an integer.")
+    pl = body.get("prompt_logprobs")
+    if pl is not None:
+        if body.get("stream") and (pl > 0 or pl == -1):
+            raise bad_request("`prompt_logprobs` are not available when `stream=True`.")
+        if pl < 0 and pl != -1:
+            raise bad_request("`prompt_logprobs` must be a positive value or -1.")
+    if chat:
+        tl = body.get("top_logprobs")
+        if tl is not None:
+            if tl < 0 and tl != -1:
+                raise bad_request("`top_logprobs` must be a positive value or -1.")
+            if (tl == -1 or tl > 0) and not body.get("logprobs"):
+                raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.")
+    else:
+        lp = body.get("logprobs")
+        if lp is not None and lp < 0 and lp != -1:
+            raise bad_request("`logprobs` must be a positive value or -1.")
+    if body.get("stream_options") and not body.get("stream"):
+        raise bad_request("Stream options can only be defined when `stream=True`.")
+    if not chat:
+        prompt = body.get("prompt")
+        if prompt is None or prompt == "":
+            raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.")
+        if isinstance(prompt, list) and len(prompt) > MAX_COMPLETION_PROMPTS and type(prompt[0]) is not int \
+                and set(map(type, prompt)) != {int}:
+            raise bad_request(f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
+                              f"{MAX_COMPLETION_PROMPTS}. To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS "
+                              "environment variable.")
+    elif "messages" not in body:
+        raise validation_error([{"type": "missing", "loc": ("body", "messages"), "msg": "Field required",
+                                 "input": body}])
+
+
+def _parse_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    """The present fields of vLLM's request model, parsed as pydantic's lax mode does; type errors -> 400."""
+    adapters, fast = _ADAPTERS[chat], _FAST[chat]
+    out: dict[str, Any] = {}
+    errors: list[dict[str, Any]] = []
+    for name, v in body.items():
+        a = adapters.get(name)
+        if a is None:
+            continue
+        if name == "prompt" and (type(v) is str or type(v) is list and v and type(v[0]) is int):
+            out[name] = v  # text, or token ids: count_request_prompt checks each id (one pass, not pydantic's)
+            continue
+        plain = fast[name]
+        if plain == "int64" and type(v) is int and INT64_MIN <= v <= INT64_MAX \
+                or plain and plain != "int64" and type(v) in plain:
+            out[name] = v
+            continue
+        try:
+            out[name] = a.validate_python(v)
+        except ValidationError as err:
+            for e in err.errors(include_url=False):
+                errors.append({**e, "loc": ("body", name, *e.get("loc", ()))})
+    if errors:
+        raise validation_error(errors)
+    return out
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise bad_request(message)
+
+
+def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[int]) -> None:
+    """``SamplingParams._verify_args`` (and ``_validate_logprobs`` with vLLM's default ``max_logprobs``)."""
+    _check(r.n >= 1, f"n must be at least 1, got {r.n}.")
+    _check(r.n <= MAX_N, f"n must be at most {MAX_N}, got {r.n}. To increase this limit, set the "
+                         "VLLM_MAX_N_SEQUENCES environment variable.")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = f.get(name)
+        _check(v is None or -2.0 <= v <= 2.0, f"{name} must be in [-2, 2], got {v}.")
+    v = f.get("repetition_penalty")
+    if v is not None:
+        _check(math.isfinite(v), f"repetition_penalty must be a finite number, got {v}.")
+        _check(v > 0.0, f"repetition_penalty must be greater than zero, got {v}.")
+    v = f.get("temperature")
+    if v is not None:
+        _check(math.isfinite(v), f"temperature must be a finite number, got {v}.")
+        _check(v >= 0.0, f"temperature must be non-negative, got {v}.")
+        _check(v <= 2.0, f"temperature must be in [0, 2], got {v}.")
+    v = f.get("top_p")
+    _check(v is None or 0.0 < v <= 1.0, f"top_p must be in (0, 1], got {v}.")
+    v = f.get("top_k")
+    _check(v is None or v >= -1, f"top_k must be 0 (disable), or at least 1, got {v}.")
+    v = f.get("min_p")
+    _check(v is None or 0.0 <= v <= 1.0, f"min_p must be in [0, 1], got {v}.")
+    if r.max_tokens is not None:
+        _check(r.max_tokens >= 1, f"max_tokens must be at least 1, got {r.max_tokens}.")
+    _check(r.min_tokens >= 0, f"min_tokens must be greater than or equal to 0, got {r.min_tokens}.")
+    if r.max_tokens is not None:
+        _check(r.min_tokens <= r.max_tokens,
+               f"min_tokens must be less than or equal to max_tokens={r.max_tokens}, got {r.min_tokens}.")
+    stop = f.get("stop")
+    if isinstance(stop, list):
+        _check(all(stop), "stop cannot contain an empty string.")
+    for name, n in (("sample", logprobs), ("prompt", f.get("prompt_logprobs"))):
+        if n:
+            _check(n != -1 and n <= MAX_LOGPROBS, f"Requested {name} logprobs of "
+                   f"{'the whole vocabulary (-1)' if n == -1 else n}, which is greater than max allowed: "
+                   f"{MAX_LOGPROBS}")
+
+
+def validate_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
+    """Check a completions (``chat=False``) or chat body as vLLM does; a 400 worded like vLLM's otherwise.
+
+    Prompt/messages shapes are counted (and refused) by ``block.engine.tokens.count_request_prompt``; lengths
+    against the context by :func:`check_context` once the prompt is counted."""
+    _before_validators(body, chat)
+    f = _parse_fields(body, chat)
+    r = OpenAIRequest(chat=chat)
+    r.coerced = {k: v for k, v in f.items() if type(v) is not type(body[k]) and not isinstance(v, BaseModel)}
+    r.stream = bool(f.get("stream"))
+    so = f.get("stream_options")
+    if so is not None:
+        r.include_usage = bool(so.include_usage)
+        r.continuous_usage = bool(so.continuous_usage_stats)
+        raw = body["stream_options"]
+        if any(raw.get(k) is not None and type(raw.get(k)) is not bool for k in ("include_usage",
+                                                                               "continuous_usage_stats")):
+            r.coerced["stream_options"] = {**raw, "include_usage": so.include_usage,
+                                           "continuous_usage_stats": so.continuous_usage_stats}
+    r.n = 1 if f.get("n") is None else f["n"]
+    if chat and f.get("max_completion_tokens") is not None:
+        r.max_tokens, r.max_tokens_name = f["max_completion_tokens"], "max_completion_tokens"
+    else:
+        r.max_tokens = f.get("max_tokens")
+    r.min_tokens = f.get("min_tokens", 0)
+    r.seed = f.get("seed")
+    r.ignore_eos = f.get("ignore_eos", False)
+    if chat:
+        logprobs = f.get("top_logprobs") if f.get("logprobs") else None
+    else:
+        logprobs = f.get("logprobs")
+    _verify_sampling(f, r, logprobs)
+    return r
+
+
+def check_context(r: OpenAIRequest, prompt_tokens: int, max_model_len: int) -> int:
+    """The output budget of a request whose prompt has ``prompt_tokens`` tokens on a model with ``max_model_len``
+    (``max_tokens``, or the rest of the context when unset); a 400 worded as vLLM's when it does not fit."""
+    L = max_model_len
+    if prompt_tokens >= L:
+        raise bad_request(f"This model's maximum context length is {L} tokens. However, your request has "
+                          f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+    if r.max_tokens is None:
+        return L - prompt_tokens
+    if prompt_tokens + r.max_tokens > L:
+        raise bad_request(f"'max_tokens' or 'max_completion_tokens' is too large: {r.max_tokens}. This model's "
+                          f"maximum context length is {L} tokens and your request has {prompt_tokens} input tokens "
+                          f"({r.max_tokens} > {L} - {prompt_tokens}).")
+    if r.min_tokens > r.max_tokens:
+        raise bad_request(f"min_tokens must be less than or equal to max_tokens={r.max_tokens}, got "
+                          f"{r.min_tokens}.")
+    return r.max_tokens
