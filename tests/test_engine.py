@@ -275,3 +275,15 @@ def test_v1_admits_nothing_in_a_step_that_preempted(toy_model):
             assert set(e.running) <= running_before  # nobody joined
             assert all(v.status == "waiting" and v.computed == 0 for v in victims)
     assert preempting_steps > 0 and all(s.generated == s.out for s in seqs)
+
+
+def test_engine_configs_name_their_rule():
+    """engine=vllm_v1 gives the V1 rule with vLLM's serve defaults; Block's configs keep V0 (the predictor and the
+    emulated engine build their EngineConfig from these files)."""
+    from block.engine.config import build_setup
+
+    v1 = build_setup("llama2_7b", "a30", "vllm_v1").engine
+    assert (v1.scheduler, v1.max_num_seqs, v1.token_budget, v1.watermark_blocks) == ("v1", 256, 2048, 0)
+    assert build_setup("llama2_7b", "a30", "vllm_chunked").engine.scheduler == "v0"
+    bigger = build_setup("llama2_7b", "a30", "vllm_v1", max_num_batched_tokens=8192, max_num_seqs=1024).engine
+    assert bigger.token_budget == 8192
