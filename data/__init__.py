@@ -19,10 +19,10 @@ from .datasets import (
     list_datasets,
     load_dataset,
 )
-from .workload import WorkloadConfig, build_workload, build_workload_frame, workload_to_frame
+from .workload import WorkloadConfig, WorkloadError, build_workload, build_workload_frame, workload_to_frame
 
 __all__ = [
-    "ARRIVALS", "DATASETS", "DATA_DIR", "WorkloadConfig", "arrival_times", "build_workload", "build_workload_frame",
-    "cache_dir", "dataset_files", "detect_format", "filter_requests", "interarrival_gaps", "list_datasets",
-    "load_dataset", "tile_timestamps", "trace_arrivals", "workload_to_frame",
+    "ARRIVALS", "DATASETS", "DATA_DIR", "WorkloadConfig", "WorkloadError", "arrival_times", "build_workload",
+    "build_workload_frame", "cache_dir", "dataset_files", "detect_format", "filter_requests", "interarrival_gaps",
+    "list_datasets", "load_dataset", "tile_timestamps", "trace_arrivals", "workload_to_frame",
 ]

@@ -24,6 +24,15 @@ from .datasets import filter_requests, load_dataset
 PREDICTED_LENGTH_MODES = ("none", "column", "oracle")
 
 
+class WorkloadError(ValueError):
+    """A workload the data cannot give; ``field`` names the ``WorkloadConfig`` field to change (``path`` for the
+    file itself), so a caller can point the user at the right config key."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class WorkloadConfig:
     """What to replay. ``path`` (a user's file) takes precedence over ``dataset`` (a bundled name).
@@ -57,8 +66,9 @@ def _select_rows(cfg: WorkloadConfig, df: pd.DataFrame, rng: np.random.Generator
     order = rng.permutation(m) if cfg.shuffle and cfg.arrival != "trace" else np.arange(m)
     if n > m:
         if not cfg.wrap:
-            raise ValueError(f"{source}: only {m} requests left after start_index={cfg.start_index} and filtering, "
-                             f"{n} requested; set wrap=True to repeat them cyclically or lower num_requests")
+            raise WorkloadError(f"{source}: only {m} requests left after start_index={cfg.start_index} and filtering, "
+                                f"{n} requested; set wrap=True to repeat them cyclically or lower num_requests",
+                                "num_requests")
         return order[np.arange(n) % m]
     return order[:n]
 
@@ -66,25 +76,36 @@ def _select_rows(cfg: WorkloadConfig, df: pd.DataFrame, rng: np.random.Generator
 def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
     """The workload as a DataFrame (columns of ``workload_to_frame``); ``build_workload`` wraps it into Requests."""
     if cfg.num_requests <= 0:
-        raise ValueError(f"num_requests={cfg.num_requests} must be > 0")
+        raise WorkloadError(f"num_requests={cfg.num_requests} must be > 0", "num_requests")
     if cfg.arrival not in ARRIVALS:
-        raise ValueError(f"unknown arrival {cfg.arrival!r}: use one of {ARRIVALS}")
+        raise WorkloadError(f"unknown arrival {cfg.arrival!r}: use one of {ARRIVALS}", "arrival")
     if cfg.predicted_length not in PREDICTED_LENGTH_MODES:
-        raise ValueError(f"unknown predicted_length {cfg.predicted_length!r}: use one of {PREDICTED_LENGTH_MODES}")
+        raise WorkloadError(f"unknown predicted_length {cfg.predicted_length!r}: use one of {PREDICTED_LENGTH_MODES}",
+                            "predicted_length")
     if cfg.start_index < 0:
-        raise ValueError(f"start_index={cfg.start_index} must be >= 0")
+        raise WorkloadError(f"start_index={cfg.start_index} must be >= 0", "start_index")
 
-    df = load_dataset(cfg.path or cfg.dataset, tokenizer=cfg.tokenizer)
+    file_field = "path" if cfg.path else "dataset"
+    try:
+        df = load_dataset(cfg.path or cfg.dataset, tokenizer=cfg.tokenizer)
+    except ValueError as err:  # unreadable file, unknown columns, non-numeric lengths (a missing one stays
+        # FileNotFoundError: the caller checks the path first)
+        raise WorkloadError(str(err), file_field) from err
     source = df.attrs.get("source", str(cfg.path or cfg.dataset))
     if cfg.start_index >= len(df):
-        raise ValueError(f"{source}: start_index={cfg.start_index} is past the end ({len(df)} rows)")
-    df = filter_requests(df.iloc[cfg.start_index:], cfg.min_prompt_tokens, cfg.max_model_len, source)
+        raise WorkloadError(f"{source}: start_index={cfg.start_index} is past the end ({len(df)} rows)", "start_index")
+    try:
+        df = filter_requests(df.iloc[cfg.start_index:], cfg.min_prompt_tokens, cfg.max_model_len, source)
+    except ValueError as err:
+        raise WorkloadError(str(err), file_field) from err
     if cfg.predicted_length == "column" and "predicted_output_tokens" not in df.columns:
-        raise ValueError(f"{source}: predicted_length='column' but the file has no prediction column "
-                         "(num_predicted_decode_tokens, predicted_output_tokens or predicted_length)")
+        raise WorkloadError(f"{source}: predicted_length='column' but the file has no prediction column "
+                            "(num_predicted_decode_tokens, predicted_output_tokens or predicted_length)",
+                            "predicted_length")
     if cfg.arrival == "trace":
         if "arrival_s" not in df.columns:
-            raise ValueError(f"{source}: arrival='trace' needs timestamps (arrived_at or arrival_s); use poisson/gamma")
+            raise WorkloadError(f"{source}: arrival='trace' needs timestamps (arrived_at or arrival_s); "
+                                "use poisson/gamma", "arrival")
         df = df.sort_values("arrival_s", kind="stable").reset_index(drop=True)
 
     shuffle_ss, arrival_ss = np.random.SeedSequence(cfg.seed).spawn(2)
@@ -95,8 +116,11 @@ def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
         arrival = trace_arrivals(tile_timestamps(df["arrival_s"].to_numpy(), n), cfg.qps)
     else:
         if cfg.qps is None:
-            raise ValueError(f"qps must be set for arrival={cfg.arrival!r}")
-        arrival = arrival_times(n, cfg.qps, cfg.arrival, cfg.burstiness, np.random.default_rng(arrival_ss))
+            raise WorkloadError(f"qps must be set for arrival={cfg.arrival!r}", "qps")
+        try:
+            arrival = arrival_times(n, cfg.qps, cfg.arrival, cfg.burstiness, np.random.default_rng(arrival_ss))
+        except ValueError as err:  # rate or burstiness out of range for the process
+            raise WorkloadError(str(err), "burstiness" if "burstiness" in str(err) else "qps") from err
 
     out = pd.DataFrame({
         "id": np.arange(n, dtype=np.int64),

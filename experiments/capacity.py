@@ -32,6 +32,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from experiments import schema
+from experiments.rundir import run_dirname
 from experiments.wiring import ConfigError
 
 log = logging.getLogger("experiments.capacity")
@@ -64,7 +66,7 @@ ConfigStore.instance().store(name="capacity_search", node={
     "defaults": ["config", "_self_"],
     "capacity": {"slo_ttft_s": "${slo.ttft_s}", "lo": 10.0, "hi": 60.0, "tol": 0.25, "grid": None, "max_probes": 30},
     "hydra": {
-        "run": {"dir": "${output_root}/${experiment_name}/capacity/${hydra:job.override_dirname}"},
+        "run": {"dir": "${output_root}/${experiment_name}/capacity/${run_dirname:}"},
         "help": {"app_name": "experiments.capacity", "template": HELP},
     },
 })
@@ -77,17 +79,15 @@ def fmt_qps(q: float) -> str:
 
 def probe_dir(cfg: DictConfig, qps: float) -> Path:
     """The run directory ``python -m experiments.run <this job's overrides> workload.qps=<qps>`` would use."""
-    from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     hc = HydraConfig.get()
-    parser = OverridesParser.create()
-    keep = [o.input_line for o in parser.parse_overrides(list(hc.overrides.task))
+    keep = [o.input_line for o in OverridesParser.create().parse_overrides(list(hc.overrides.task))
             if not o.key_or_group.startswith("capacity.") and o.key_or_group != "workload.qps"]
     od = hc.job.config.override_dirname
-    name = get_overrides_dirname(parser.parse_overrides(keep + [f"workload.qps={fmt_qps(qps)}"]),
-                                 exclude_keys=list(od.exclude_keys), item_sep=od.item_sep, kv_sep=od.kv_sep)
+    name = run_dirname(keep + [f"workload.qps={fmt_qps(qps)}"], exclude_keys=list(od.exclude_keys),
+                       item_sep=str(od.item_sep), kv_sep=str(od.kv_sep))
     return Path(str(cfg.output_root)) / str(cfg.experiment_name) / name
 
 
@@ -201,4 +201,5 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
     main()

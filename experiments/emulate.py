@@ -26,8 +26,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from block.service import TOKEN_ENV
 from experiments import wiring
 from experiments.local_stack import LocalStack
+from experiments.logger import interactive
 from vidur.records import instances_frame, summarize, write_run
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /state sample otherwise
@@ -111,21 +113,21 @@ async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, to
             continue
         bc = BenchmarkConfig(base_url=url, num_requests=len(part), request_rate=float(cfg.workload.qps or 1.0),
                              seed=int(cfg.seed), hint=hint, time_scale=scale, token=token,
-                             disable_tqdm=not cfg.get("progress", True) or len(scheduler_urls) > 1,
+                             disable_tqdm=not cfg.get("progress", True) or len(scheduler_urls) > 1 or not interactive(),
                              max_model_len=int(cfg.engine.max_model_len), timeout_s=float(cfg.mode.timeout_s))
         jobs.append(benchmark(bc, part))
     return await asyncio.gather(*jobs)
 
 
 def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run a validated ``cfg`` (``experiments.run.run_one``) on a local stack into ``run_dir``."""
     t0 = time.perf_counter()
-    wiring.validate(cfg)
     requests = wiring.workload(cfg)
     wiring.policy(cfg)  # a bad policy config fails here, before any process starts
     n = int(cfg.cluster.num_instances)
     m = int(cfg.mode.num_schedulers)
     scale = float(cfg.mode.time_scale)
-    token = cfg.mode.get("token") or os.environ.get("BLOCK_API_TOKEN")
+    token = os.environ.get(TOKEN_ENV)  # never from the config: experiments.schema refuses mode.token
     run_dir = Path(run_dir)
     conf_dir = run_dir / "services"
     conf_dir.mkdir(parents=True, exist_ok=True)

@@ -4,16 +4,20 @@
   run_dir, summary)`` after it: with ``logger=wandb`` it logs the resolved config and the summary to one W&B run,
   offline unless ``logger.mode`` (default ``${oc.env:WANDB_MODE,offline}``) says otherwise; ``wandb sync
   <run_dir>/wandb/offline-run-*`` uploads it later.
-* ``SweepProgress`` is a Hydra callback (presets register it under ``hydra.callbacks``): on ``-m`` it works out the
-  sweep's run directories from the sweeper's parameters and the command line, and a background thread counts those
-  that hold a ``summary.json``. Counting files rather than job-end events makes it work with every launcher that
+* ``SweepProgress`` is a Hydra callback (conf/config.yaml registers it under ``hydra.callbacks``): on ``-m`` it works
+  out the sweep's run directories from the sweeper's parameters and the command line, and a background thread counts
+  those that hold a ``summary.json``. Counting files rather than job-end events makes it work with every launcher that
   shares the file system (basic, joblib, submitit); runs already complete (resumed sweeps) count from the start.
+* Progress bars only where they can redraw: on a terminal, a tqdm bar (``interactive()``); when stderr is a file or a
+  pipe (a log, a batch job), every redraw would be a line of escape codes, so the sweep prints one plain line per
+  finished run instead and the per-run bars (simulated requests, benchmark client) stay off.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -24,6 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("experiments.logger")
 
 LOGGERS = ("none", "wandb")
+
+
+def interactive(stream: Any = None) -> bool:
+    """Whether a progress bar may redraw on ``stream`` (default stderr): only a terminal can."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class LoggerError(RuntimeError):
@@ -89,12 +102,13 @@ def log_run(cfg: DictConfig, run_dir: Path | str, summary: Optional[Mapping[str,
 def sweep_run_dirs(config: DictConfig) -> list[Path]:
     """The run directories a basic-sweeper multirun of ``config`` will use, in launch order.
 
-    Mirrors ``BasicSweeper`` (``hydra.sweeper.params`` then the command line, later keys win) and Hydra's
-    ``override_dirname`` (sorted ``key=value`` items without ``exclude_keys``).
+    Mirrors ``BasicSweeper`` (``hydra.sweeper.params`` then the command line, later keys win) and the run
+    directory names of conf/config.yaml (``experiments.rundir.run_dirname``).
     """
-    from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from experiments.rundir import run_dirname
 
     hc = config.hydra
     node = hc.sweeper.get("params")
@@ -109,16 +123,16 @@ def sweep_run_dirs(config: DictConfig) -> list[Path]:
     dirs = []
     for batch in batches:
         for job in batch:
-            name = get_overrides_dirname(parser.parse_overrides(job), exclude_keys=exclude,
-                                         item_sep=str(od.item_sep), kv_sep=str(od.kv_sep))
+            name = run_dirname(job, exclude_keys=exclude, item_sep=str(od.item_sep), kv_sep=str(od.kv_sep))
             dirs.append(sweep_dir / name)
     return dirs
 
 
 class SweepProgress(Callback):
-    """Hydra callback: one tqdm bar over the runs of a ``-m`` sweep, counting run directories with a summary.json.
+    """Hydra callback: progress over the runs of a ``-m`` sweep, counting run directories with a summary.json.
 
-    Register it in a preset (all presets do)::
+    On a terminal, one tqdm bar; otherwise one plain line per finished run (``sweep <name>: 3/8 runs complete
+    (<run dir name>)``), so a log holds a readable record instead of escape codes. conf/config.yaml registers it::
 
         hydra:
           callbacks:
@@ -131,7 +145,11 @@ class SweepProgress(Callback):
         self.interval_s = float(interval_s)
         self.enabled = bool(enabled)
         self._dirs: list[Path] = []
+        self._done: set[Path] = set()
+        self._name = ""
         self._bar = None
+        self._plain = False
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -143,6 +161,10 @@ class SweepProgress(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
+    @property
+    def active(self) -> bool:
+        return self._bar is not None or self._plain
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
@@ -151,39 +173,59 @@ class SweepProgress(Callback):
         except Exception as err:  # a sweep must never fail because of its progress bar
             log.warning("sweep progress bar disabled: %s", err)
             return
-        from tqdm import tqdm
+        self._name = str(config.get("experiment_name", ""))
+        self._done = self._finished()
+        if interactive():
+            from tqdm import tqdm
 
-        self._bar = tqdm(total=len(self._dirs), desc=f"sweep {config.get('experiment_name', '')}", unit="run",
-                         position=0, dynamic_ncols=True, leave=True)
-        self._refresh()
+            self._bar = tqdm(total=len(self._dirs), desc=f"sweep {self._name}", unit="run", position=0,
+                             dynamic_ncols=True, leave=True, initial=len(self._done))
+        else:
+            self._plain = True
+            if self._done:
+                self._print(f"{len(self._done)}/{len(self._dirs)} runs already complete (resumed)")
         self._thread = threading.Thread(target=self._poll, name="sweep-progress", daemon=True)
         self._thread.start()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if self._bar is not None:
+        if self.active:
             self._refresh()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self._bar is None:
+        if not self.active:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._bar.n = self.completed()
-        self._bar.close()
-        self._bar = None
+        self._refresh()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif len(self._done) < len(self._dirs):
+            self._print(f"{len(self._done)}/{len(self._dirs)} runs complete; the others have no summary.json "
+                        "(failed or interrupted: the same command reruns them)")
+        self._plain = False
 
     def completed(self) -> int:
-        return sum((d / "summary.json").is_file() for d in self._dirs)
+        return len(self._finished())
+
+    def _finished(self) -> set[Path]:
+        return {d for d in self._dirs if (d / "summary.json").is_file()}
+
+    def _print(self, text: str) -> None:
+        print(f"sweep {self._name}: {text}", file=sys.stderr, flush=True)
 
     def _refresh(self) -> None:
-        bar = self._bar
-        if bar is None:
-            return
-        done = self.completed()
-        if done != bar.n:
-            bar.n = done
-            bar.refresh()
+        with self._lock:  # the poll thread and Hydra's job-end callback
+            done = self._finished()
+            new = sorted(done - self._done, key=self._dirs.index)
+            self._done = done
+            if self._bar is not None and new:
+                self._bar.n = len(done)
+                self._bar.refresh()
+            elif self._plain:
+                for i, d in enumerate(new, len(done) - len(new) + 1):
+                    self._print(f"{i}/{len(self._dirs)} runs complete ({d.name})")
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):

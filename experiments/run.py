@@ -20,7 +20,8 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from experiments import wiring
+from experiments import rundir  # noqa: F401  (registers ${run_dirname:} for conf/config.yaml)
+from experiments import schema, wiring
 from experiments.wiring import ConfigError
 
 log = logging.getLogger("experiments.run")
@@ -34,18 +35,25 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
-    """Run ``cfg`` into ``run_dir`` unless it already has a summary (resume); return the summary."""
-    from vidur.records import is_complete
+    """Run ``cfg`` into ``run_dir`` unless it already has a summary (resume); return the summary.
+
+    The one place a run's config is validated (``wiring.validate``: schema, engine, provisioning); the modes get the
+    resolved engine config and do not check again. A run start owns its directory, so it first removes the temp
+    files a killed writer left there.
+    """
+    from vidur.records import is_complete, remove_stale_tmp
 
     if is_complete(run_dir) and not cfg.get("force", False):
         log.info("skip %s: summary.json exists (force=true reruns)", run_dir)
         return None
-    wiring.validate(cfg)
+    ecfg = wiring.validate(cfg)
+    for p in remove_stale_tmp(run_dir):
+        log.info("removed %s: left by a killed run", p)
     mode = str(cfg.mode.name)
     if mode == "sim":
         from experiments.sim import run_sim
 
-        return run_sim(cfg, run_dir)
+        return run_sim(cfg, run_dir, ecfg)
     if mode == "emulate":
         from experiments.emulate import run_emulate
 
@@ -85,4 +93,5 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
     main()

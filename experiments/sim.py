@@ -12,14 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments import wiring
+from experiments.logger import interactive
 from vidur.cluster import Cluster
 from vidur.engine import Engine
 from vidur.records import instances_frame, requests_frame, summarize, write_run
+from vidur.types import EngineConfig
 
 
-def run_sim(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any]:
+    """Simulate the run of a validated ``cfg`` (``experiments.run.run_one``) into ``run_dir``."""
     t0 = time.perf_counter()
-    ecfg = wiring.validate(cfg)
     model = wiring.execution_model(cfg)
     policy = wiring.policy(cfg)
     requests = wiring.workload(cfg)
@@ -30,7 +32,7 @@ def run_sim(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                       accuracy_sampling_rate=float(OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0)),
                       controller=controller)
     bar = tqdm(total=len(requests), desc=f"sim {policy.name} qps={cfg.workload.qps}", unit="req",
-               disable=not cfg.get("progress", True), leave=False)
+               disable=not cfg.get("progress", True) or not interactive(), leave=False)
     result = cluster.run(requests, progress=bar.update)
     bar.close()
     req_df = requests_frame(result.requests)

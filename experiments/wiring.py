@@ -101,16 +101,31 @@ def workload_config(cfg: DictConfig):
     )
 
 
+# WorkloadConfig field -> the config key a user sets (the others are workload.<field>)
+WORKLOAD_KEYS = {"path": "dataset.path", "dataset": "dataset.name", "tokenizer": "dataset.tokenizer",
+                 "predicted_length": "dataset.predicted_length", "max_model_len": "engine.max_model_len",
+                 "seed": "seed"}
+
+
 def workload(cfg: DictConfig) -> list[Request]:
-    from data import build_workload
+    """The run's requests; what the data cannot give (unknown columns, no timestamps for arrival=trace, too few
+    rows) is a ConfigError naming the config key to change."""
+    from data import WorkloadError, build_workload
 
     wc = workload_config(cfg)
-    if wc.predicted_length == "estimator":  # tag with a length estimator before the run (block_star reads it)
+    estimator = wc.predicted_length == "estimator"
+    if estimator:  # tag with a length estimator before the run (block_star reads it)
+        wc.predicted_length = "none"
+    try:
+        requests = build_workload(wc)
+    except WorkloadError as err:
+        key = WORKLOAD_KEYS.get(err.field, f"workload.{err.field}")
+        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: {err}") from None
+    if estimator:
         from length_estimation.serve import tag_workload
 
-        wc.predicted_length = "none"
-        return tag_workload(cfg, build_workload(wc))
-    return build_workload(wc)
+        return tag_workload(cfg, requests)
+    return requests
 
 
 def policy(cfg: DictConfig):
@@ -123,28 +138,13 @@ def policy(cfg: DictConfig):
 
 
 def validate(cfg: DictConfig) -> EngineConfig:
-    """All the checks that need no data: returns the resolved engine config."""
-    w = cfg.workload
-    problems = []
-    if w.qps is not None and float(w.qps) <= 0 and str(w.arrival) != "trace":
-        problems.append(f"workload.qps={w.qps} must be > 0 (arrival={w.arrival})")
-    if int(w.num_requests) <= 0:
-        problems.append(f"workload.num_requests={w.num_requests} must be > 0")
-    if str(w.arrival) == "gamma" and float(w.burstiness) <= 0:
-        problems.append(f"workload.burstiness={w.burstiness} must be > 0 for arrival=gamma")
-    n = int(cfg.cluster.num_instances)
-    if n < 1:
-        problems.append(f"cluster.num_instances={n} must be >= 1")
-    k = cfg.policy.get("k")
-    if k is not None and int(k) < 1:
-        problems.append(f"policy.k={k} must be >= 1 or null (all instances)")
-    rate = OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0) or 0.0
-    if not 0.0 <= float(rate) <= 1.0:
-        problems.append(f"accuracy.sampling_rate={rate} must be in [0, 1]")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    """All the checks that need no data, run once per run (``experiments.run.run_one``): the schema's types, choices
+    and ranges (``experiments.schema``), then the engine and provisioning combinations. Returns the engine config."""
+    from experiments import schema
+
+    schema.check(cfg)
     ec = engine_config(cfg)
-    provisioning(cfg, n)
+    provisioning(cfg, int(cfg.cluster.num_instances))
     return ec
 
 

@@ -197,7 +197,7 @@ def _summaries(root: Path) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    p = _run("experiments.run", "-m", "experiment=smoke", f"output_root={out}", "progress=false")
+    p = _run("experiments.run", "-m", "experiment=smoke", f"output_root={out}")  # progress on, stderr a pipe
     return out, p
 
 
@@ -218,6 +218,16 @@ def test_smoke_preset_runs_end_to_end(smoke_sweep):
         cfg = OmegaConf.load(d / "config.yaml")
         assert cfg.experiment_name == "smoke" and cfg.workload.num_requests == 200
     assert "sweep smoke" in proc.stderr and "4/4" in proc.stderr  # the sweep's progress bar
+
+
+def test_progress_in_a_log_is_one_plain_line_per_finished_run(smoke_sweep):
+    _, proc = smoke_sweep  # stderr is a pipe, as in a log file or a batch job: no bars, no escape codes
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr[:500]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sweep smoke: ")]
+    assert len(lines) == 4, proc.stderr
+    assert [ln.split(" runs complete")[0] for ln in lines] == [f"sweep smoke: {i}/4" for i in range(1, 5)]
+    named = {ln.split("(")[-1].rstrip(")") for ln in lines}
+    assert named == {d.name for d in (smoke_sweep[0] / "smoke").iterdir() if d.is_dir()}
 
 
 def test_resume_redoes_only_missing_runs(smoke_sweep, tmp_path):
@@ -263,6 +273,40 @@ def test_a_crashed_run_leaves_no_summary_and_is_redone(tmp_path):
     after = _summaries(root)
     assert len(after) == 4
     assert all(after[k] == before[k] for k in before)  # finished runs untouched
+
+
+def test_a_rerun_removes_what_a_killed_writer_left(tmp_path):
+    run_dir = tmp_path / "default" / "run"
+    args = ("experiments.run", f"output_root={tmp_path}", "workload.num_requests=20", "progress=false",
+            f"hydra.run.dir={run_dir}")
+    run_dir.mkdir(parents=True)
+    # a writer killed mid-write leaves write_atomic's hidden temp files (and no summary.json)
+    stale = [run_dir / ".requests.parquet.k1ll3d.tmp", run_dir / ".config.yaml.x7y8z9.tmp"]
+    for f in stale:
+        f.write_bytes(b"half a file")
+    (run_dir / "requests.parquet").write_bytes(b"half a file")
+    _run(*args)
+    assert not [f for f in stale if f.exists()]
+    assert not list(run_dir.glob(".*.tmp"))
+    assert len(pd.read_parquet(run_dir / "requests.parquet")) == 20
+    assert json.loads((run_dir / "summary.json").read_text())["completed"] == 20
+
+
+def test_write_atomic_never_leaves_a_partial_file(tmp_path):
+    from vidur.records import write_atomic
+
+    target = tmp_path / "t.parquet"
+    write_atomic(target, b"old")
+
+    def crash(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, crash)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+    write_atomic(target, lambda tmp: pd.DataFrame({"a": [1, 2]}).to_parquet(tmp))
+    assert pd.read_parquet(target)["a"].tolist() == [1, 2]
 
 
 def test_a_killed_run_leaves_no_summary(tmp_path):

@@ -7,12 +7,13 @@ sweep can take its presence as "this run is complete".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -95,37 +96,58 @@ def summarize(requests: pd.DataFrame, duration_s: Optional[float] = None, **extr
 
 
 # ---------------------------------------------------------------------- atomic writing
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+TMP_SUFFIX = ".tmp"
+
+
+def write_atomic(path: Path | str, data: "bytes | Callable[[Path], None]") -> Path:
+    """Write ``path`` so that a reader (or a rerun after a kill) sees the old file or the whole new one, never half.
+
+    ``data`` is the content, or a function that writes a given path (``df.to_parquet``, ``fig.savefig``). The bytes
+    go to a hidden temp file ``.<name>.<random>.tmp`` beside ``path`` (same file system), are fsynced, then renamed
+    over it. A failure removes the temp file; a kill leaves it, and ``remove_stale_tmp`` clears it on the next run.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if callable(data):
+            os.close(fd)
+            data(Path(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return path
+
+
+def remove_stale_tmp(directory: Path | str) -> list[Path]:
+    """Remove the temp files a killed ``write_atomic`` left in ``directory`` (not below); returns them.
+
+    Only call it where no other process is writing: a run start owns its run directory.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    stale = [p for p in d.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: Path | str, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode())
+    write_atomic(path, text.encode())
 
 
 def write_parquet(path: Path | str, df: pd.DataFrame) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def write_run(run_dir: Path | str, config_yaml: str, requests: pd.DataFrame, instances: pd.DataFrame,
