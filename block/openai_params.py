@@ -159,6 +159,13 @@ def _before_validators(body: Mapping[str, Any], chat: bool) -> None:
                                  "input": body}])
 
 
+def _nonneg(ids: list) -> bool:
+    try:
+        return min(ids) >= 0
+    except TypeError:  # mixed types: pydantic's pass words the error
+        return False
+
+
 def _parse_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
     """The present fields of vLLM's request model, parsed as pydantic's lax mode does; type errors -> 400."""
     adapters, fast = _ADAPTERS[chat], _FAST[chat]
@@ -168,8 +175,8 @@ def _parse_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
         a = adapters.get(name)
         if a is None:
             continue
-        if name == "prompt" and (type(v) is str or type(v) is list and v and type(v[0]) is int):
-            out[name] = v  # text, or token ids: count_request_prompt checks each id (one pass, not pydantic's)
+        if name == "prompt" and (type(v) is str or type(v) is list and v and type(v[0]) is int and _nonneg(v)):
+            out[name] = v  # text, or token ids (count_request_prompt checks their types): no pydantic pass
             continue
         plain = fast[name]
         if plain == "int64" and type(v) is int and INT64_MIN <= v <= INT64_MAX \

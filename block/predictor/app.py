@@ -43,7 +43,7 @@ from block.predictor.tracker import (
     shape_usage,
 )
 from block.sse import DONE, SSE_DONE, SSEScanner, client_error_status, error_event, error_message, parse_payload
-from block.service import DEFAULT_MAX_BODY, ServiceError, create_app
+from block.service import DEFAULT_MAX_BODY, ServiceError, create_app, int_field, json_object, loads_json, show
 from vidur.engine import Engine, StepTimeModel
 from vidur.types import EngineConfig, InstanceState, InstanceStats, Request as VRequest
 from vidur.whatif import predict
@@ -73,31 +73,17 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 
 def _pos_int(name: str, v: Any) -> int:
+    """A required integer >= 1 (block.service.int_field: integral floats too, 64-bit bound); no digit strings."""
     if v is None:
         raise ServiceError(400, f"{name} is required")
-    if isinstance(v, bool):
-        raise ServiceError(400, f"{name} must be an integer, got {v!r}")
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise ServiceError(400, f"{name} must be an integer, got {v!r}")
-        v = int(v)
-    if not isinstance(v, int):
-        raise ServiceError(400, f"{name} must be an integer, got {type(v).__name__}")
-    if v < 1:
-        raise ServiceError(400, f"{name} must be at least 1, got {v}")
-    return v
+    if isinstance(v, str):
+        raise ServiceError(400, f"{name} must be an integer, got {show(v)}")
+    return int_field(name, v, lo=1)  # type: ignore[return-value]
 
 
 def parse_predict(raw: bytes) -> tuple[int, int]:
     """(prompt tokens, expected output tokens) of a /predict body; ours or Block's field names. 400 on bad input."""
-    if not raw:
-        raise ServiceError(400, "request body is empty; expected a JSON object")
-    try:
-        d = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise ServiceError(400, f"body is not valid JSON: {err}") from None
-    if not isinstance(d, dict):
-        raise ServiceError(400, f"body must be a JSON object, got {type(d).__name__}")
+    d = json_object(raw)  # bounded: block.service.loads_json
     p = d.get("prompt_tokens")
     name_p = "prompt_tokens"
     if p is None and "num_context_tokens" in d:
@@ -559,14 +545,10 @@ class PredictorService:
     async def proxy(self, request: Request, path: str, chat: bool) -> Response:
         raw = await request.body()
         try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError as err:
+            body = json_object(raw)  # bounded: what we read we can write back (the forced-stream rewrite)
+        except ServiceError as err:
             self.c_proxied.inc(outcome="bad_request")
-            return _err(400, f"body is not valid JSON: {err}", "BadRequestError", 400)
-        if not isinstance(body, dict):
-            self.c_proxied.inc(outcome="bad_request")
-            return _err(400, "body must be a JSON object" if raw else "request body is empty; expected a JSON object",
-                        "BadRequestError", 400)
+            return _err(400, err.message, "BadRequestError", 400)
         try:
             self.check_available()
         except ServiceError as err:
@@ -814,7 +796,7 @@ class PredictorService:
 
     def inject(self, raw: bytes) -> dict[str, Any]:
         try:
-            d = orjson.loads(raw)
+            d = loads_json(raw)  # a BadJSON is a ValueError: a 400 below
             if not isinstance(d, dict):
                 raise TypeError("state must be a JSON object")
             st = InstanceState.from_dict(d)
