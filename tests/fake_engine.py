@@ -12,7 +12,8 @@ behaviour is the server's ``mode``, or the request's when its prompt (or last me
   request asked ``continuous_usage_stats``, never for ``multi_nousage``); after three chunks it holds the stream
   until :meth:`FakeEngine.release` (``held`` is set meanwhile), then a last chunk of three, usage, ``[DONE]``.
 
-``GET /health`` is 200 and ``GET /metrics`` 404 (the predictor then pings ``/health``). Every request body is kept
+``GET /health`` is 200, any other GET (``/metrics``, ``/state``) 404: a predictor in front of it runs in proxy mode
+and pings ``/health``. Every request body is kept
 in ``bodies``.
 """
 
@@ -83,7 +84,8 @@ class FakeEngine:
                 hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 raw = await reader.readexactly(int(hdrs.get("content-length", "0")))
                 if method == "GET":
-                    status, body = (404, b'{"detail":"Not Found"}') if path == "/metrics" else (200, b"{}")
+                    status, body = (200, b"{}") if path in ("/health", "/v1/models") else \
+                        (404, b'{"detail":"Not Found"}')
                     writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: "
                                  f"{len(body)}\r\n\r\n".encode() + body)
                     await writer.drain()

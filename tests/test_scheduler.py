@@ -549,61 +549,245 @@ def test_a_killed_or_stuck_predictor_is_left_out_and_the_fallback_counted(stack,
         s.stop()
 
 
+def _metric(url: str, name: str, **labels) -> float:
+    return get_value(parse_prometheus(httpx.get(url + "/metrics", timeout=5).text), name, labels or None) or 0.0
+
+
+def _wait_for(fn, timeout: float = 120.0, what: str = "condition"):
+    """Poll ``fn`` until it returns something truthy (a generous deadline: a busy machine is slow, never wrong)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_non_streaming_client_that_disconnects_aborts_its_request(stack, tmp_path):
+    """A non-streaming client leaves while its request runs: the scheduler closes the upstream request, the
+    predictor and the engine abort it (the engine counts an abort, it goes idle long before 3000 tokens), and the
+    log row says the client went away."""
+    import socket
+
+    log = tmp_path / "log.jsonl"
+    eng = stack["engines"][0]
+    s = scheduler(stack, stack["urls"][:1], "--policy", "round_robin", log_file=log)
+    try:
+        wait_idle(eng.url)
+        aborts = _metric(eng.url, "vllm:request_success_total", finished_reason="abort")
+        raw = json.dumps(body(20, 3000)).encode()
+        port = int(s.url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+        _wait_for(lambda: httpx.get(eng.url + "/state", timeout=5).json()["running"], what="the request to run")
+        sock.close()
+        _wait_for(lambda: _metric(eng.url, "vllm:request_success_total", finished_reason="abort") == aborts + 1,
+                  what="the engine to abort the request")
+        wait_idle(eng.url)
+        rows = _wait_for(lambda: log_rows(log), what="the log row")
+        assert len(rows) == 1 and rows[0]["status"] == "client_disconnected" and rows[0]["http_status"] == 499
+        assert _metric(s.url, "block_scheduler_requests_in_flight") == 0
+    finally:
+        s.stop()
+
+
+def test_misbehaving_engines_no_silent_loss_and_client_errors_once(stack, tmp_path):
+    """Instances in front of tests/fake_engine.py. An engine that ends its answer without finish_reason/[DONE]
+    before the first token: retried elsewhere (never a 200 with an empty text). After the first token: the client
+    gets the error (non-streamed: 502 engine_failed; streamed: error event, then [DONE]) and the row says
+    stream_error. vLLM's in-stream 400: answered as that 400 once, without retries (row client_error)."""
+    from fake_engine import CLIENT_ERROR, FakeEngine
+
+    log = tmp_path / "log.jsonl"
+    local = stack["local"]
+    with FakeEngine("role_close") as bad, FakeEngine("good") as good:
+        preds = [local.start("predictor", "block.predictor", ["--engine-url", e.url, "--tokenizer", "none",
+                                                              "--metrics-interval-s", "0.1", "--token", PTOKEN],
+                             wait=False) for e in (bad, good)]
+        try:
+            for p in preds:
+                p.wait_healthy()
+            s = scheduler(stack, [p.url for p in preds], "--policy", "round_robin", log_file=log)
+            c = httpx.Client(base_url=s.url, timeout=30)
+            for stream in (False, True):  # one lands on the bad instance and is retried on the good one
+                rs = [c.post("/v1/completions", json=body(4, 3, stream=stream)) for _ in range(2)]
+                for r in rs:
+                    assert r.status_code == 200, r.text
+                    text = r.json()["choices"][0]["text"] if not stream else \
+                        "".join(e["choices"][0]["text"] for e in sse(r) if isinstance(e, dict) and e["choices"])
+                    assert text == " t1 t2 t3" and r.headers["x-block-instance"] == "1"
+                assert sorted(int(r.headers["x-block-retries"]) for r in rs) == [0, 1]
+            n_bad, n_good = len(bad.bodies), len(good.bodies)
+            for stream in (False, True):
+                r = c.post("/v1/completions", json={"prompt": "mode:client_error", "max_tokens": 3, "stream": stream})
+                assert r.status_code == 400 and r.json() == {"error": CLIENT_ERROR}, r.text
+                assert r.headers["x-block-retries"] == "0"
+            assert len(bad.bodies) + len(good.bodies) == n_bad + n_good + 2  # each sent once
+            with c.stream("POST", "/v1/completions", json={"prompt": "mode:token_then_client_error", "max_tokens": 3,
+                                                           "stream": True}) as r:
+                ev = sse(r)
+            assert ev[1] == {"error": CLIENT_ERROR} and ev[-1] == "[DONE]"
+            r = c.post("/v1/completions", json={"prompt": "mode:tokens_close", "max_tokens": 3})
+            assert r.status_code == 502 and r.json()["error"]["type"] == "engine_failed", r.text
+            assert r.headers["x-block-retries"] == "0"
+            with c.stream("POST", "/v1/completions", json={"prompt": "mode:tokens_close", "max_tokens": 3,
+                                                           "stream": True}) as r:
+                ev = sse(r)
+            assert [e["choices"][0]["text"] for e in ev[:2]] == [" t1", " t2"]
+            assert "error" in ev[-2] and ev[-1] == "[DONE]"
+            rows = log_rows(log)
+            assert [x["status"] for x in rows] == ["ok"] * 4 + ["client_error"] * 3 + ["stream_error"] * 2
+            assert [x["http_status"] for x in rows[4:7]] == [400, 400, 200] and rows[7]["http_status"] == 502
+            assert sum(x["retries"] for x in rows) == 2
+            m = metrics(s.url)
+            assert get_value(m, "block_scheduler_stream_errors_total") == 2
+            assert get_value(m, "block_scheduler_requests_total", {"status": "ok"}) == 4
+            s.stop()
+        finally:
+            for p in preds:
+                p.stop()
+
+
+def _instance(stack: dict, *engine_args: str, port: int = 0) -> tuple[Service, Service]:
+    """An engine (on ``port``; 0 = any) and a predictor in front of it, owned by one test."""
+    local = stack["local"]
+    e = local.start("engine", "block.engine", ["--tokenizer", "none", "--num-blocks", "1000", *engine_args],
+                    port=port, wait=False)
+    e.wait_healthy()
+    p = predictor(local, e.url)
+    return e, p.wait_healthy()
+
+
+def test_an_instance_whose_engine_is_down_is_left_out_until_it_is_back(stack, tmp_path):
+    """Its engine killed, a predictor says so (/health: engine_down; /predict: 503 engine_down) and the scheduler
+    leaves the instance out when probing: no request is forwarded to it (zero first-attempt failures), even though
+    the other instance is loaded. Restarted on the same port, it is probed and chosen again."""
+    from block.service import free_port
+
+    log = tmp_path / "log.jsonl"
+    port = free_port()
+    args = ("--time-scale", str(SCALE))
+    eng, pred = _instance(stack, *args, port=port)
+    s = scheduler(stack, [stack["urls"][0], pred.url], "--policy", "block", "--k", "all", log_file=log)
+    stop = threading.Event()
+    holds: list = []
+
+    def load_instance_0() -> None:
+        """A long stream on instance 0: the what-if prefers instance 1 whenever it is a candidate."""
+        started = threading.Event()
+        th = threading.Thread(target=_hold, args=(stack["urls"][0], 500, 3000, started, [], stop), daemon=True)
+        th.start()
+        holds.append(th)
+        assert started.wait(60)
+
+    try:
+        c = httpx.Client(base_url=s.url, timeout=30)
+        eng.stop(signal.SIGKILL)
+        health = lambda: httpx.get(pred.url + "/health", timeout=5).json()  # noqa: E731
+        _wait_for(lambda: health()["engine_down"], what="the predictor to report its engine down")
+        assert health()["available"] is False
+        r = httpx.post(pred.url + "/predict", json={"prompt_tokens": 20, "expected_output_tokens": 8},
+                       headers={"authorization": f"Bearer {PTOKEN}"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "engine_down"
+        load_instance_0()
+        rs = [c.post("/v1/completions", json=body()) for _ in range(10)]
+        assert all(r.status_code == 200 and r.headers["x-block-instance"] == "0" for r in rs), [r.text for r in rs]
+        m = metrics(s.url)
+        assert get_value(m, "block_scheduler_upstream_failures_total", {"instance": "1"}) == 0
+        assert get_value(m, "block_scheduler_retries_total") == 0
+        assert all(x["retries"] == 0 and 1 not in x["answered"] for x in log_rows(log))
+        stop.set()
+        for th in holds:
+            th.join(60)
+        stop.clear()
+        # back: the same engine on the same port
+        eng2 = stack["local"].start("engine", "block.engine", ["--tokenizer", "none", "--num-blocks", "1000", *args],
+                                    port=port, wait=False)
+        eng2.wait_healthy()
+        _wait_for(lambda: health()["available"], what="the predictor to see its engine again")
+        _wait_for(lambda: httpx.get(s.url + "/instances", timeout=5).json()["instances"][1]["down_for_s"] == 0,
+                  what="the scheduler's down mark to expire")
+        load_instance_0()
+        r = c.post("/v1/completions", json=body())
+        assert r.status_code == 200 and r.headers["x-block-instance"] == "1" and r.headers["x-block-retries"] == "0"
+        assert 1 in log_rows(log)[-1]["answered"]
+    finally:
+        stop.set()
+        s.stop()
+        for th in holds:
+            th.join(60)
+
+
 def test_a_killed_engine_requests_without_a_token_are_retried_and_none_is_lost(stack, tmp_path):
-    """Instance 1 (two running at most) gets half of 8 long streams; its engine dies while two of them wait."""
+    """Instance 1 (a slow engine: two running at most, 1000 tokens take minutes) gets half of 8 long streams; its
+    engine dies once two of them stream (their clients have a token) and two wait. The waiting two are retried on
+    instance 0 and complete; the two that streamed end with an error event and [DONE]; every request has its row.
+    Driven by observed state only (no race with the machine's speed)."""
     urls = stack["urls"]
     log = tmp_path / "log.jsonl"
-    s = scheduler(stack, urls[:2], "--policy", "round_robin", "--max-retries", "2", log_file=log)
+    slow, slow_pred = _instance(stack, "--time-scale", "0.2", "--max-num-seqs", "2")
+    s = scheduler(stack, [urls[0], slow_pred.url], "--policy", "round_robin", "--max-retries", "2", log_file=log)
+    out = 1000
     results: list = [None] * 8
+    instance_of: list = [None] * 8
+    streaming = [threading.Event() for _ in range(8)]
 
     def client(k: int) -> None:
         try:
-            with httpx.Client(timeout=60) as c:
-                with c.stream("POST", s.url + "/v1/completions", json=body(100, 400, stream=True)) as r:
+            with httpx.Client(timeout=300) as c:
+                with c.stream("POST", s.url + "/v1/completions", json=body(100, out, stream=True)) as r:
                     if r.status_code != 200:
                         results[k] = ("http", r.status_code, r.read())
                         return
-                    ev = sse(r)
+                    instance_of[k] = r.headers["x-block-instance"]
+                    ev = []
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            p = line[6:]
+                            ev.append(p if p == "[DONE]" else json.loads(p))
+                            streaming[k].set()
                     results[k] = ("stream", r.headers["x-block-instance"], int(r.headers["x-block-retries"]), ev)
         except Exception as err:  # noqa: BLE001
             results[k] = ("exception", repr(err))
+        finally:
+            streaming[k].set()
 
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(8)]
     try:
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
         for t in threads:
             t.start()
-            time.sleep(0.01)  # keep the round-robin order: even -> instance 0, odd -> instance 1
-        deadline = time.monotonic() + 30
-        waiting = 0
-        while time.monotonic() < deadline:  # wait until instance 1 has its 2 running and (ideally 2) waiting
-            st = httpx.get(stack["engines"][1].url + "/state", timeout=5).json()
-            waiting = len(st["waiting"])
-            if len(st["running"]) == 2 and waiting == 2:
-                break
-            if len(st["running"]) == 2 and waiting >= 1 and time.monotonic() > deadline - 25:
-                break  # a busy machine may have let one through already: one waiting request is enough
-            time.sleep(0.01)
-        assert waiting >= 1, "instance 1 never had a request waiting: cannot test the retry"
-        stack["engines"][1].stop(signal.SIGKILL)
+
+        def ready() -> bool:
+            st = httpx.get(slow.url + "/state", timeout=5).json()
+            on_slow = [k for k in range(8) if instance_of[k] == "1" and streaming[k].is_set()]
+            return len(st["running"]) == 2 and len(st["waiting"]) == 2 and len(on_slow) == 2
+
+        _wait_for(ready, what="two streams running and two requests waiting on instance 1")
+        slow.stop(signal.SIGKILL)
         for t in threads:
-            t.join(60)
+            t.join(300)
+        assert all(r is not None and r[0] == "stream" for r in results), [r and r[:3] for r in results]
         after = [httpx.post(s.url + "/v1/completions", json=body(), timeout=30) for _ in range(4)]
         assert all(r.status_code == 200 and r.headers["x-block-instance"] == "0" for r in after)
+        ok = [r for r in results if r[3][-1] == "[DONE]" and r[3][-2].get("usage")
+              and r[3][-2]["usage"]["completion_tokens"] == out]
+        failed = [r for r in results if r not in ok]
+        assert len(ok) == 6 and len(failed) == 2
+        for r in failed:  # a clear error (an SSE error event, then [DONE]), never a silently cut stream
+            assert r[1] == "1" and "error" in r[3][-2] and r[3][-1] == "[DONE]", r[3][-3:]
+        retried = [r for r in ok if r[2] > 0]
+        assert len(retried) == 2 and all(r[1] == "0" and r[2] == 1 for r in retried)  # the waiting ones
         rows = log_rows(log)
         assert len(rows) == 12  # every request has its row
-        ok = [r for r in results if r[0] == "stream" and r[3][-1] == "[DONE]"
-              and r[3][-2].get("usage", {}) and r[3][-2]["usage"]["completion_tokens"] == 400]
-        failed = [r for r in results if r not in ok]
-        for r in failed:  # a clear error: an SSE error event, never a silently cut stream
-            assert r[0] == "stream" and any(isinstance(e, dict) and "error" in e for e in r[3]), r[:3]
-        retried = [r for r in ok if r[2] > 0]
-        assert len(retried) >= 1 and all(r[1] == "0" for r in retried)  # the waiting ones, now on instance 0
-        assert len(ok) + len(failed) == 8 and len(failed) <= 2  # at most the two that had their first token
         statuses = [x["status"] for x in rows]
-        assert set(statuses) <= {"ok", "stream_error"} and statuses.count("stream_error") == len(failed)
+        assert statuses.count("ok") == 10 and statuses.count("stream_error") == 2
         m = metrics(s.url)
-        assert get_value(m, "block_scheduler_retries_total") == sum(x["retries"] for x in rows) >= 1
-        assert get_value(m, "block_scheduler_stream_errors_total") == len(failed)
+        assert get_value(m, "block_scheduler_retries_total") == sum(x["retries"] for x in rows) >= 2
+        assert get_value(m, "block_scheduler_stream_errors_total") == 2
         assert get_value(m, "block_scheduler_requests_in_flight") == 0
     finally:
         s.stop()
+        slow_pred.stop()

@@ -29,11 +29,13 @@ from block.scheduler.core import (
     ST_DISCONNECTED,
     ST_INTERNAL,
     ST_OK,
+    ST_STREAM_ERROR,
     ST_UPSTREAM_ERROR,
     HINT_HEADER,
     Decision,
     Scheduler,
     UpstreamFailure,
+    UpstreamRefused,
     _dumps,
     parse_body,
 )
@@ -142,6 +144,18 @@ class SchedulerApp:
         sched.n += 1
         req = sched.make_request(index, time.monotonic() - sched.t0, p, estimated)
         row.update(prompt_tokens=p.prompt_tokens, hint=p.hint if p.hint is not None else estimated, stream=p.stream)
+        gone = asyncio.ensure_future(_disconnected(receive))  # the client leaving before its answer is complete
+        try:
+            await self._dispatch(req, index, body, p, path, raw, rid, row, estimated, gone, receive, send)
+        finally:
+            gone.cancel()
+
+    async def _dispatch(self, req: Any, index: int, body: dict, p: Any, path: str, raw: bytes, rid: str,
+                        row: dict[str, Any], estimated: Optional[int], gone: asyncio.Future, receive: Receive,
+                        send: Send) -> None:
+        """Route, forward, retry and answer. Routing and forwarding are abandoned as soon as the client leaves
+        (``gone``): closing the upstream request makes the predictor and the engine abort it (ClientGone)."""
+        sched = self.sched
         tried: list[int] = []
         retries = 0
         d: Optional[Decision] = None
@@ -151,7 +165,7 @@ class SchedulerApp:
         decision_ms = probe_ms = 0.0
         while True:
             try:
-                d = await sched.route(req, index, tried)
+                d = await _unless_gone(sched.route(req, index, tried), gone)
             except UpstreamFailure as err:
                 last_error, last_status = (f"{last_error}; {err}", 502) if tried else (str(err), 503)
                 break
@@ -163,7 +177,13 @@ class SchedulerApp:
                        probe_ms=probe_ms, decision_ms=decision_ms, fallback=fallback_any, probed=d.probed,
                        answered=d.answered, dispatch_s=time.time())
             try:
-                resp, chunks, finished, it = await sched.open_upstream(d, path, raw, body, p, rid)
+                resp, chunks, finished, it = await _unless_gone(sched.open_upstream(d, path, raw, body, p, rid), gone)
+            except UpstreamRefused as err:  # the engine blamed the request inside its stream: that 4xx, once
+                hdrs = sched.block_headers(d, retries)
+                hdrs["x-request-id"] = rid
+                sched.finish(row, ST_CLIENT_ERROR, err.status, str(err))
+                await _send_json(send, err.status, _dumps({"error": err.error}), _hdrs(hdrs))
+                return
             except UpstreamFailure as err:
                 sched.metrics.upstream_failures.inc(instance=str(d.instance))
                 if err.mark_down:
@@ -183,11 +203,14 @@ class SchedulerApp:
                 hdrs["x-block-estimator-ms"] = f"{row['estimator_ms']:.3f}"
             if fallback_any:
                 hdrs["x-block-fallback"] = "1"
+            gone.cancel()  # from here on the answer's own path notices a disconnect
             if finished or it is None:
                 data = b"".join(chunks)
-                ok = resp.status_code < 400
-                sched.finish(row, ST_OK if ok else ST_CLIENT_ERROR, resp.status_code,
-                             None if ok else data[:500].decode("utf-8", "replace"))
+                code = resp.status_code
+                status = ST_OK if code < 400 else ST_CLIENT_ERROR if code < 500 else ST_STREAM_ERROR
+                if status == ST_STREAM_ERROR:  # the predictor's engine_failed: the engine broke after a token
+                    sched.metrics.stream_errors.inc()
+                sched.finish(row, status, code, None if status == ST_OK else data[:500].decode("utf-8", "replace"))
                 ctype = resp.headers.get("content-type", "application/json").encode("latin-1")
                 await send({"type": "http.response.start", "status": resp.status_code,
                             "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode())]
@@ -240,6 +263,34 @@ class SchedulerApp:
 
 class ClientGone(Exception):
     """The client disconnected before its request was complete."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client disconnects (the request body has been read: nothing else can arrive)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _unless_gone(aw: Any, gone: asyncio.Future) -> Any:
+    """``await aw`` unless the client disconnects first (``gone`` completes): then cancel it -- its cleanup closes
+    the upstream request, so the predictor and the engine abort the request -- and raise :class:`ClientGone`."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait((task,))
+    if not task.cancelled() and task.exception() is None:  # it finished anyway: drop its answer
+        r = task.result()
+        if isinstance(r, tuple) and r and hasattr(r[0], "aclose"):
+            await r[0].aclose()
+    raise ClientGone()
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

@@ -21,7 +21,11 @@ Request path (``handle``):
 3. forward the body to the chosen instance's predictor with the hint header set to the length told to that instance;
    a streaming answer is relayed chunk by chunk once the first token has arrived. A failure before the first token
    (connect error, 5xx, a stream that ends or errors without a token) re-routes the request on the instances not yet
-   tried, up to ``max_retries`` times; a failure after it ends the stream with an SSE error event.
+   tried, up to ``max_retries`` times; a failure after it ends the stream with an SSE error event and ``[DONE]``
+   (a non-streamed answer: the predictor's 502 ``engine_failed``, relayed). An error the engine blames on the request
+   (a 4xx, also inside a stream) reaches the client as that 4xx, once. An instance whose probe or forward says its
+   engine is down (503 ``engine_down``) or refuses the connection is out of the sampling for ``down_cooldown_s``;
+4. a client that disconnects before its answer is complete has its upstream request closed (the engine aborts it).
 
 Every request ends as a success or a clear error (HTTP status + JSON body, or an SSE error event), is counted in
 ``/metrics`` and written as one JSON line to the log file.
@@ -44,6 +48,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 from block import prom
 from block.engine.tokens import PromptError, TokenCounter, count_request_prompt, message_text
 from block.http import Origin, Pool, Response, UpstreamError
+from block.sse import SSE_DONE, StreamView, client_error_status, error_event, error_message
 from block.openai_params import validate_request
 from block.service import bad_request, int_field, json_object
 from vidur.cluster import RoutingContext, RoutingPolicy
@@ -69,14 +74,15 @@ log = logging.getLogger("block.scheduler")
 HINT_HEADER = "x-expected-output-tokens"
 HINT_FIELD = "expected_output_tokens"
 FALLBACK_OUTPUT_TOKENS = 256  # length assumed when a request has neither a hint nor max_tokens (and no default set)
-SSE_DONE = b"data: [DONE]\n\n"
-ERROR_EVENT_PREFIX = b'data: {"error"'
+# error types of a predictor's answer (block/predictor/app.py) that decide what the scheduler does
+ERR_ENGINE_DOWN = "engine_down"  # 503: its engine is known to be down -> retried elsewhere, instance marked down
+ERR_ENGINE_FAILED = "engine_failed"  # 502: its engine failed after the first token -> relayed, not retried
 
 # statuses of a finished request (the log's ``status`` and the label of block_scheduler_requests_total)
 ST_OK = "ok"  # answered in full
 ST_CLIENT_ERROR = "client_error"  # 4xx: the request was bad (ours or the engine's verdict)
 ST_UPSTREAM_ERROR = "upstream_error"  # no instance could serve it before the first token (5xx to the client)
-ST_STREAM_ERROR = "stream_error"  # the upstream failed after the first token (SSE error event)
+ST_STREAM_ERROR = "stream_error"  # the upstream failed after the first token (SSE error event; non-streamed: 502)
 ST_DISCONNECTED = "client_disconnected"  # the client went away first
 ST_INTERNAL = "internal_error"  # a bug in the scheduler (500)
 STATUSES = (ST_OK, ST_CLIENT_ERROR, ST_UPSTREAM_ERROR, ST_STREAM_ERROR, ST_DISCONNECTED, ST_INTERNAL)
@@ -441,8 +447,9 @@ class Scheduler:
             r = await pool.request("GET", inst.origin, "/stats", b"", self._auth, None)
         body = await r.read()
         if r.status_code != 200:
-            raise UpstreamError("status", f"{'/predict' if kind == 'prediction' else '/stats'} answered "
-                                          f"{r.status_code}")
+            down = r.status_code == 503 and _error_type(body) == ERR_ENGINE_DOWN  # its engine is down
+            raise UpstreamError("down" if down else "status", f"{'/predict' if kind == 'prediction' else '/stats'}"
+                                                              f" answered {r.status_code}")
         d = _loads(body)
         d["instance_id"] = i
         if kind == "prediction":
@@ -455,7 +462,12 @@ class Scheduler:
         """Probe ``ids`` concurrently; return the candidates that answered in time (failures are left out)."""
         tasks = [asyncio.ensure_future(self._probe_one(kind, i, req, self._told(req, i, ctx, sent), rid))
                  for i in ids]
-        done, pending = await asyncio.wait(tasks, timeout=self.cfg.probe_timeout_s)
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=self.cfg.probe_timeout_s)
+        except BaseException:  # cancelled (the client left): no probe outlives the request
+            for t in tasks:
+                t.cancel()
+            raise
         for t in pending:
             t.cancel()
         out = []
@@ -468,7 +480,7 @@ class Scheduler:
 
     def _probe_failed(self, i: int, err: Optional[BaseException]) -> None:
         self.metrics.probe_failures.inc(instance=str(i))
-        if isinstance(err, UpstreamError) and err.kind == "connect":
+        if isinstance(err, UpstreamError) and err.kind in ("connect", "down"):
             self.mark_down(i)
         log.debug("probe of instance %d failed: %r", i, err)
 
@@ -597,15 +609,18 @@ class Scheduler:
         """Send the request to the chosen instance and read until its first token (streaming) or to the end.
 
         Returns (response, buffered chunks, finished, the body iterator to continue with). Raises
-        :class:`UpstreamFailure` for a failure before the first token; a 4xx answer is returned as is (the
-        client's fault: not retried).
+        :class:`UpstreamFailure` for a failure before the first token (``mark_down`` when the connection was
+        refused or the predictor says its engine is down) and :class:`UpstreamRefused` for an error event the
+        engine blames on the request (a 4xx ``code``). A 4xx answer is returned as is (the client's fault: not
+        retried), and so is a 502 ``engine_failed`` (the engine failed after its first token: not retried either).
         """
         pool = self.pool
         assert pool is not None
-        if p.coerced or p.hint_in_body and body.get(HINT_FIELD) != d.told_tokens:
+        if p.hint_in_body and body.get(HINT_FIELD) != d.told_tokens:
             body = dict(body)
-            if p.hint_in_body:
-                body[HINT_FIELD] = d.told_tokens
+            body[HINT_FIELD] = d.told_tokens
+            raw = _dumps(body)
+        elif getattr(p, "coerced", False):  # parse_body rewrote fields with the values vLLM parses them to
             raw = _dumps(body)
         headers = {"content-type": "application/json", HINT_HEADER: str(d.told_tokens), "x-request-id": request_id,
                    **self._auth}
@@ -618,32 +633,37 @@ class Scheduler:
         try:
             if resp.status_code >= 500:
                 data = await resp.read()
+                kind = _error_type(data)
+                if kind == ERR_ENGINE_FAILED:
+                    return resp, [data], True, None
                 raise UpstreamFailure(f"instance {d.instance} answered {resp.status_code}: "
-                                      f"{data[:300].decode('utf-8', 'replace')}", 502)
+                                      f"{data[:300].decode('utf-8', 'replace')}", 502,
+                                      mark_down=kind == ERR_ENGINE_DOWN)
             if resp.status_code != 200 or not p.stream:
                 return resp, [await resp.read()], True, None
+            view = StreamView()
             it = resp.aiter_raw()
             while True:
                 try:
                     chunk = await it.__anext__()
                 except StopAsyncIteration:
-                    buf = b"".join(chunks)
-                    if not buf:
+                    if not chunks:
                         raise UpstreamFailure(f"instance {d.instance} ended the stream without any data", 502)
-                    if ERROR_EVENT_PREFIX in buf or SSE_DONE not in buf:
-                        raise UpstreamFailure(f"instance {d.instance} ended the stream before the first token: "
-                                              f"{buf[-300:].decode('utf-8', 'replace')}", 502)
-                    return resp, chunks, True, None  # a complete answer without text (e.g. an immediate stop)
+                    raise UpstreamFailure(f"instance {d.instance} ended the stream before the first token: "
+                                          f"{b''.join(chunks)[-300:].decode('utf-8', 'replace')}", 502)
                 if not chunk:
                     continue
                 chunks.append(chunk)
-                state = _first_token_state(b"".join(chunks) if len(chunks) > 1 else chunk)
-                if state == "token":
-                    return resp, chunks, False, it
-                if state == "error":
+                view.feed(chunk)
+                if view.error is not None and not view.outputs:
+                    status = client_error_status(view.error)
+                    if status is not None:
+                        raise UpstreamRefused(status, view.error)
                     raise UpstreamFailure(f"instance {d.instance} sent an error before the first token: "
-                                          f"{b''.join(chunks)[-300:].decode('utf-8', 'replace')}", 502)
-        except UpstreamFailure:
+                                          f"{error_message(view.error)[:300]}", 502)
+                if view.outputs or view.finished or view.done:  # a token, or an answer complete without one
+                    return resp, chunks, False, it
+        except (UpstreamFailure, UpstreamRefused):
             await resp.aclose()
             raise
         except UpstreamError as err:
@@ -655,34 +675,43 @@ class Scheduler:
 
     async def relay(self, resp: Response, it: AsyncIterator[bytes], chunks: list[bytes],
                     row: dict[str, Any]) -> AsyncIterator[bytes]:
-        """Yield the buffered chunks, then the rest of the upstream stream; end the request's bookkeeping."""
+        """Yield the buffered chunks, then the rest of the upstream stream; end the request's bookkeeping.
+
+        The stream always ends with ``data: [DONE]``: an upstream that breaks or ends without it gets an error event
+        (unless it sent one) and ``[DONE]``. An error event makes the row ``stream_error`` (``client_error`` when the
+        engine blames the request: a 4xx ``code``)."""
         status, error = ST_OK, None
-        tail = b""
+        view = StreamView()
         try:
             first = b"".join(chunks)
-            tail = first[-32:]
+            view.feed(first)
             yield first
             try:
                 async for chunk in it:
                     if not chunk:
                         continue
-                    if ERROR_EVENT_PREFIX in chunk:
-                        status, error = ST_STREAM_ERROR, "the engine reported an error during the stream"
-                    tail = chunk[-32:]
+                    view.feed(chunk)
                     yield chunk
             except UpstreamError as err:
                 if row.get("_client_gone"):  # we cut the upstream because the client left
                     status, error = ST_DISCONNECTED, "client disconnected"
                     return
                 status, error = ST_STREAM_ERROR, f"upstream failed after the first token: {err}"
-                yield _error_event(f"upstream instance {row.get('instance')} failed after the first token: "
-                                   f"{err}", 502)
-                yield SSE_DONE
-            else:
-                if status == ST_OK and not tail.endswith(SSE_DONE):
+                yield _event_break(view) + _error_event(f"upstream instance {row.get('instance')} failed after the "
+                                                        f"first token: {err}", 502) + SSE_DONE
+                return
+            if view.error is not None:
+                if client_error_status(view.error) is not None:
+                    status = ST_CLIENT_ERROR
+                    error = f"the engine refused the request during the stream: {error_message(view.error)}"
+                else:
+                    status = ST_STREAM_ERROR
+                    error = f"the engine reported an error during the stream: {error_message(view.error)}"
+            if not view.done:
+                if view.error is None:
                     status, error = ST_STREAM_ERROR, "upstream stream ended without [DONE]"
-                    yield _error_event(f"upstream instance {row.get('instance')} ended the stream early", 502)
-                    yield SSE_DONE
+                yield _event_break(view) + (b"" if view.error is not None else _error_event(
+                    f"upstream instance {row.get('instance')} ended the stream early", 502)) + SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             status, error = ST_DISCONNECTED, "client disconnected"
             raise
@@ -697,30 +726,29 @@ class Scheduler:
             self.finish(row, status, 200, error)
 
 
+class UpstreamRefused(Exception):
+    """The engine refused the request inside its stream, before the first token (an error event with a 4xx code,
+    e.g. vLLM's out-of-vocabulary token id): the client's fault, answered with that status, never retried."""
+
+    def __init__(self, status: int, error: Any) -> None:
+        super().__init__(error_message(error))
+        self.status = status
+        self.error = error
+
+
+def _error_type(data: bytes) -> Optional[str]:
+    """``error.type`` of a JSON error body (None if it is not one)."""
+    try:
+        e = _loads(data).get("error")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return e.get("type") if isinstance(e, dict) else None
+
+
+def _event_break(view: StreamView) -> bytes:
+    """A blank line if the upstream stopped in the middle of an event (so what we append is an event of its own)."""
+    return b"\n\n" if view.scanner.buf else b""
+
+
 def _error_event(message: str, code: int) -> bytes:
-    return b"data: " + _dumps({"error": {"message": message, "type": "upstream_error", "code": code}}) + b"\n\n"
-
-
-def _first_token_state(buf: bytes) -> str:
-    """'token' once an SSE event with non-empty text/content is in ``buf``, 'error' for an error event, else ''."""
-    if ERROR_EVENT_PREFIX in buf:
-        return "error"
-    for line in buf.split(b"\n"):
-        if not line.startswith(b"data: {"):
-            continue
-        try:
-            ev = _loads(line[6:])
-        except ValueError:
-            continue  # an event split across chunks: wait for the rest
-        for ch in ev.get("choices") or ():
-            if not isinstance(ch, dict):
-                continue
-            if ch.get("text"):
-                return "token"
-            delta = ch.get("delta")
-            if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")
-                                            or delta.get("tool_calls")):
-                return "token"
-            if ch.get("finish_reason"):
-                return "token"  # a finished choice: nothing more to wait for
-    return ""
+    return error_event(message, "upstream_error", code)
