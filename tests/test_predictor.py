@@ -635,3 +635,31 @@ def test_multi_token_chunks_are_counted_exactly(fake, mode, want):
         assert ev[-2]["choices"] == [] and ev[-2]["usage"]["completion_tokens"] == 12
         ev = ev[:-1]
     assert all(e["usage"] is None for e in ev[:-1]) and sum(len(e["choices"][0]["text"].split()) for e in ev[:-1]) == 12
+
+
+def test_the_benchmark_client_reads_streams_as_the_services_do():
+    """block/benchmark/client.py reads answers with block/sse.py: a proper stream is ok (3 token chunks, usage),
+    one without a token or without [DONE] fails as such, an error event is a stream_error."""
+    import asyncio
+
+    from block.benchmark.client import BenchmarkConfig, Outcome, send_one
+    from block.http import Origin, Pool
+    from fake_engine import FakeEngine
+
+    async def run(eng: FakeEngine, mode: str) -> Outcome:
+        pool = Pool()
+        out = Outcome(0)
+        body = json.dumps({"prompt": f"mode:{mode}", "max_tokens": 3, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        try:
+            await send_one(pool, Origin(eng.url), BenchmarkConfig(base_url=eng.url), body,
+                           {"content-type": "application/json"}, out, time.perf_counter())
+        finally:
+            await pool.aclose()
+        return out
+
+    with FakeEngine() as eng:
+        outs = {m: asyncio.run(run(eng, m)) for m in ("good", "role_close", "tokens_close", "client_error")}
+    assert (outs["good"].status, outs["good"].chunks, outs["good"].usage_out) == ("ok", 3, 3)
+    assert outs["role_close"].status == "no_token" and outs["tokens_close"].status == "incomplete"
+    assert outs["client_error"].status == "stream_error" and "out of vocabulary" in outs["client_error"].error

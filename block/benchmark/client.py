@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from block.http import Origin, Pool, UpstreamError
+from block.sse import DONE, SSEScanner, error_message, error_of, has_output, parse_payload
 from vidur.types import Request
 
 log = logging.getLogger("block.benchmark")
@@ -221,18 +222,6 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def _has_text(ev: dict) -> bool:
-    for ch in ev.get("choices") or ():
-        if not isinstance(ch, dict):
-            continue
-        if ch.get("text"):
-            return True
-        d = ch.get("delta")
-        if isinstance(d, dict) and (d.get("content") or d.get("reasoning_content")):
-            return True
-    return False
-
-
 async def send_one(pool: Pool, origin: Origin, cfg: BenchmarkConfig, body: bytes, headers: dict[str, str],
                    out: Outcome, t0: float) -> None:
     """Send one streaming request and fill ``out`` (times relative to ``t0``, real seconds)."""
@@ -250,35 +239,26 @@ async def send_one(pool: Pool, origin: Origin, cfg: BenchmarkConfig, body: bytes
             out.error = _error_message(data) or f"HTTP {resp.status_code}"
             out.end = now() - t0
             return
-        buf = b""
+        scanner = SSEScanner()  # the stream read as the scheduler and the predictor read it (block/sse.py)
         done = False
         async for piece in resp.aiter_raw():
             ts = now()
-            buf += piece
-            if b"\n" not in piece:
-                continue
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
+            for payload in scanner.feed(piece):
+                ev = parse_payload(payload)
+                if ev == DONE:
                     done = True
                     continue
-                try:
-                    ev = _loads(payload)
-                except ValueError:
+                if ev is None:
                     out.status, out.error = "bad_event", f"undecodable event {payload[:100]!r}"
                     continue
                 if not isinstance(ev, dict):
                     continue
-                if "error" in ev and not ev.get("choices"):
-                    err = ev["error"]
+                err = error_of(ev)
+                if err is not None:
                     out.status = "stream_error"
-                    out.error = str(err.get("message") if isinstance(err, dict) else err)
+                    out.error = error_message(err)
                     continue
-                if _has_text(ev):
+                if has_output(ev):
                     if out.chunks == 0:
                         out.first = ts - t0
                     else:
