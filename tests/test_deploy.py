@@ -148,6 +148,23 @@ def test_deploy_config_errors_name_the_keys(tmp_path):
     assert r.returncode == 2 and "has no hosts" in r.stderr
 
 
+def test_cluster_yaml_with_control_characters_stops_before_any_ssh(tmp_path):
+    """A hand-edited cluster config goes through the inventory's checks: a run and `fab teardown` refuse it."""
+    from experiments.deploy import check, compose
+    from experiments.wiring import ConfigError
+
+    host = Host("node0", "h0.invalid", instances=1, roles=["engine", "scheduler"], workdir="~/\nfoo")
+    path = _cluster(tmp_path, "nl", [host])
+    with pytest.raises(ConfigError, match=r"cluster=nl: cluster\.hosts\[0\]\.workdir='~/\\nfoo' contains control"):
+        check(compose(str(path)))
+    r = _fab("teardown", "--cluster", str(path), "--yes", timeout=120)
+    assert r.returncode == 2 and "configuration error" in r.stderr and "workdir" in r.stderr, r.stderr
+    _cluster(tmp_path, "home", [Host("node0", "h0.invalid", instances=1, roles=["engine", "scheduler"],
+                                     workdir="~")])
+    with pytest.raises(ConfigError, match=r"workdir='~' is / or the home directory"):
+        check(compose(str(tmp_path / "conf" / "cluster" / "home.yaml")))
+
+
 def test_fab_lists_every_task():
     r = _fab("--list", timeout=60)
     assert r.returncode == 0, r.stderr
@@ -312,6 +329,47 @@ def test_unreachable_host_is_named(tmp_path, loopback):
     r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)
     assert r.returncode == 1
     assert "bad: UNREACHABLE" in r.stdout and "good: nothing running" in r.stdout, r.stdout
+
+
+def test_teardown_never_removes_root_home_or_a_parent_of_home(tmp_path):
+    """Teardown resolves the work directory on the host and compares it exactly, whatever the config says.
+
+    The ssh sessions get a throwaway $HOME deep under tmp_path, so a parent of it is not / and a failure here would
+    delete only test files. Hosts are made in code, as if a config had bypassed the inventory checks.
+    """
+    from block.deploy import ops
+    from block.deploy.fleet import Fleet
+
+    reason = sshd_hosts.why_not()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path / "a" / "home" / "user"
+    (home / "\nfoo").mkdir(parents=True)  # what the old `pwd` parsing read as "$HOME/", "foo"
+    (home / "keep").write_text("precious")
+    (tmp_path / "link-home").symlink_to(home)
+    (tmp_path / "link-root").symlink_to("/")
+    (tmp_path / "doomed" / "runs").mkdir(parents=True)
+    servers = sshd_hosts.loopback_hosts(tmp_path / "ssh", 1, home=home)
+    srv = servers.servers[0]
+    workdirs = {"newline": "~/\nfoo", "home": str(home), "home-tilde": "~", "parent": str(home.parent),
+                "grandparent": str(home.parent.parent), "symlink": str(tmp_path / "link-home"),
+                "root": "/", "root-symlink": str(tmp_path / "link-root"), "dotdot": "~/x/../..",
+                "ok": str(tmp_path / "doomed"), "absent": str(tmp_path / "never-made")}
+    hosts = [Host(name, srv.address, user=servers.user, port=srv.port, gpu="no", workdir=w)
+             for name, w in workdirs.items()]
+    try:
+        with Fleet(hosts, key_filename=str(servers.client_key)) as fleet:
+            outs = ops.teardown(fleet)
+    finally:
+        servers.close()
+    assert (home / "keep").read_text() == "precious" and (home / "\nfoo").is_dir()
+    assert Path("/").joinpath("usr").is_dir()
+    refused = {n for n, o in outs.items() if not o.ok}
+    assert refused == set(workdirs) - {"ok", "absent"}, {n: o.value for n, o in outs.items()}
+    assert all("refusing work directory" in outs[n].error for n in refused), {n: outs[n].error for n in refused}
+    assert "$HOME" in outs["symlink"].error and "$HOME" in outs["grandparent"].error
+    assert outs["ok"].value == f"removed {tmp_path / 'doomed'}" and not (tmp_path / "doomed").exists()
+    assert outs["absent"].value == "nothing to remove"
 
 
 # ------------------------------------------------------------------------------------------------ netns hosts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,71 @@ def test_hosts_file_explicit_scheduler_rule():
 def test_hosts_file_errors(text, pattern):
     with pytest.raises(InventoryError, match=pattern):
         parse_hosts_file(text, source="hosts.txt")
+
+
+# ------------------------------------------------------------------------------------------- control characters
+# A newline in a work directory once split teardown's `pwd; echo $HOME` answer so that `rm -rf` was aimed at $HOME:
+# every inventory source rejects control characters in every string, naming the line, node or key.
+
+@pytest.mark.parametrize("char", ["\r", "\x00", "\x1b", "\x0b", "\x85", "\u2028", "\u202e"])
+def test_hosts_file_rejects_control_characters_naming_the_line(char):
+    text = f"h0\n# {char} in a comment is fine\nh1 workdir=/scratch/a{char}b ip=10.0.0.2\n"
+    with pytest.raises(InventoryError, match=r"^hosts\.txt line 3: control character\(s\) " + re.escape(repr(char))):
+        parse_hosts_file(text, source="hosts.txt")
+    with pytest.raises(InventoryError, match=r"^hosts\.txt line 1: control character"):
+        parse_hosts_file(f"h0 name=a{char}b", source="hosts.txt")
+
+
+def test_hosts_file_newline_or_tab_in_a_workdir_cannot_make_it_home():
+    # a newline ends the line, so what is left of the work directory is the home directory itself: refused
+    with pytest.raises(InventoryError, match=r"^hosts\.txt line 1: workdir='~/' is / or the home directory"):
+        parse_hosts_file("h0 workdir=~/\nfoo\n", source="hosts.txt")
+    for workdir in ("/", "~", "~/.", ".", "~/x/../..", "//"):
+        with pytest.raises(InventoryError, match=r"line 2: workdir=.* is / or the home directory or above it"):
+            parse_hosts_file(f"h0\nh1 workdir={workdir}", source="hosts.txt")
+    with pytest.raises(InventoryError, match=r"line 1: expected key=value after the host, got 'b'"):
+        parse_hosts_file("h0 workdir=/a\tb", source="hosts.txt")  # tabs separate fields
+    # Windows line ends stay fine
+    assert [h.workdir for h in parse_hosts_file("h0 workdir=/w\r\nh1\r\n")] == ["/w", "~/block-deploy"]
+
+
+@pytest.mark.parametrize("old, new, field, value", [
+    ('username="alice"', 'username="alice&#10;x"', "user", "alice\nx"),
+    ('hostname="amd041.utah.cloudlab.us"', 'hostname="amd041&#13;"', "address", "amd041\r"),
+    ('address="10.10.1.1"', 'address="10.10.1.1&#9;"', "internal_ip", "10.10.1.1\t"),
+    ('name="d7525"', 'name="d7525&#133;"', "hardware", "d7525\x85"),
+])
+def test_manifest_rejects_control_characters_naming_the_node(old, new, field, value):
+    xml = MANIFEST.read_text()
+    assert old in xml
+    with pytest.raises(InventoryError, match=r"^manifest node 'node0': " + re.escape(f"{field}={value!r}")
+                       + " contains control character"):
+        parse_manifest(xml.replace(old, new, 1))
+    # NUL cannot be written in XML at all: the parser names the place
+    with pytest.raises(InventoryError, match=r"not valid XML: .*line \d+"):
+        parse_manifest(xml.replace(old, old[:-1] + '&#0;"', 1))
+
+
+def test_manifest_cli_workdir_with_control_characters(tmp_path, capsys):
+    for workdir, why in (("~/a\nb", r"contains control character\(s\) '\\n'"), ("~/a\x00", "control character"),
+                         ("~", "is / or the home directory")):
+        assert main(["--manifest", str(MANIFEST), "--name", "x", "--workdir", workdir, "--print"]) == 2
+        err = capsys.readouterr().err
+        assert "--workdir=" in err and re.search(why, err), err
+
+
+@pytest.mark.parametrize("key, value", [("workdir", "~/x\ny"), ("workdir", "/w\r"), ("workdir", "/w\x00"),
+                                        ("address", "h\tx"), ("user", "u\n"), ("name", "a\u2029"),
+                                        ("internal_ip", "10.0.0.1\n"), ("hardware", "d\x7f")])
+def test_cluster_config_rejects_control_characters_naming_the_key(key, value):
+    entry = Host("a", "a.example", roles=list(ROLES)).to_dict() | {key: value}
+    with pytest.raises(InventoryError, match=rf"^cluster\.hosts\[0\]\.{key}=.* contains control character"):
+        hosts_from_config({"name": "x", "hosts": [entry]})
+    # hosts made in code go through the same check
+    with pytest.raises(InventoryError, match=rf"host '.*': {key}=.* contains control character"):
+        validate_hosts([Host(**entry)])
+    with pytest.raises(InventoryError, match=r"cluster\.hosts\[0\]: workdir='~/\.\.' is / or the home directory"):
+        hosts_from_config({"name": "x", "hosts": [entry | {key: "ok", "workdir": "~/.."}]})
 
 
 # ---------------------------------------------------------------------------------------- config, round trip, checks

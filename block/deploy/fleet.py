@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import shlex
 import threading
 import time
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from block.deploy.inventory import Host
+from block.deploy.inventory import Host, control_characters, workdir_problem
 
 SSH_KEY_ENV = "BLOCK_SSH_KEY"
 
@@ -81,6 +82,69 @@ def shell_path(path: str) -> str:
         rest = path[2:]
         return '"$HOME"/' + shlex.quote(rest) if rest else '"$HOME"'
     return shlex.quote(path)
+
+
+class UnsafeWorkdir(RuntimeError):
+    """A work directory that must not be used or deleted: ``/``, ``$HOME``, a parent of ``$HOME``, or unreadable."""
+
+
+# Prints the physical directory and home with NUL after each (a path holds any byte but NUL, and `$(pwd)` would
+# strip trailing newlines); the leading NUL keeps anything a login script prints apart from the answer.
+_RESOLVE = "cd -P {p}{missing}; w=$PWD; cd -P \"$HOME\" && printf '\\0%s\\0%s\\0%s\\0' \"$w\" \"$PWD\" \"$HOME\""
+
+
+def _fields(stdout: str, n: int) -> list[str]:
+    """The last ``n`` NUL-terminated fields of a :data:`_RESOLVE` answer (exactly as printed), or ValueError."""
+    parts = stdout.split("\0")
+    if len(parts) < n + 2 or parts[-1] != "":
+        raise ValueError(f"unexpected answer {stdout[-200:]!r}")
+    return parts[-n - 1:-1]
+
+
+def unsafe_dir_reason(path: str, homes: Iterable[str]) -> Optional[str]:
+    """Why ``path`` (absolute, as resolved on the host) must not be a work directory, or None.
+
+    Teardown deletes the work directory, so it must not be ``/``, one of ``homes`` or a parent of one, nor hold
+    characters that would make the path ambiguous in remote output.
+    """
+    bad = control_characters(path) + (["\ufffd"] if "\ufffd" in path else [])  # U+FFFD: not UTF-8 on the host
+    if bad:
+        return f"the path holds {', '.join(map(repr, bad))}"
+    if not path.startswith("/"):
+        return "not an absolute path"
+    norm = posixpath.normpath(path)
+    for home in homes:
+        home = posixpath.normpath(home) if home.startswith("/") else ""
+        if home and (home == norm or home.startswith(norm.rstrip("/") + "/")):
+            return f"it is $HOME ({home}) or a parent of it"
+    if norm.startswith("//") or len(norm.strip("/").split("/")) < 2:
+        return "too close to /"
+    return None
+
+
+def resolve_workdir(conn: Any, host: Host, create: bool) -> Optional[str]:
+    """``host.workdir`` as a physical absolute path on the host, checked; None when absent and not ``create``.
+
+    Raises UnsafeWorkdir when the configured string or the resolved path is unusable (see :func:`unsafe_dir_reason`):
+    the check runs on what the host itself resolves (``~``, symlinks, ``..``), compared exactly, not on lines.
+    """
+    problem = workdir_problem(host.workdir, f"{host.name}: workdir")
+    if problem:
+        raise UnsafeWorkdir(f"refusing work directory: {problem}")
+    p = shell_path(host.workdir)
+    script = (f"mkdir -p {p} && " + _RESOLVE.format(p=p, missing=" || exit 1") if create
+              else _RESOLVE.format(p=p, missing=" 2>/dev/null || exit 0"))
+    out = conn.run(script, hide=True, in_stream=False).stdout
+    if not out:
+        return None
+    try:
+        path, *homes = _fields(out, 3)
+    except ValueError as err:
+        raise UnsafeWorkdir(f"cannot resolve {host.workdir!r} on {host.name}: {err}") from None
+    reason = unsafe_dir_reason(path, homes)
+    if reason:
+        raise UnsafeWorkdir(f"refusing work directory {path!r} on {host.name}: {reason}")
+    return path
 
 
 class Fleet:
@@ -244,13 +308,11 @@ class Fleet:
 
     # ------------------------------------------------------------------ per-host paths
     def workdir(self, host: Host) -> str:
-        """The host's work directory as an absolute path (created on first use)."""
+        """The host's work directory as a physical absolute path (created and checked on first use)."""
         w = self.workdirs.get(host.name)
         if w is None:
-            res = self.conn(host).run(f"mkdir -p {shell_path(host.workdir)} && cd {shell_path(host.workdir)} && pwd",
-                                      hide=True, in_stream=False)
-            w = res.stdout.strip().splitlines()[-1]
-            if w in ("/", "") or w.rstrip("/") == os.path.dirname(w.rstrip("/")):
-                raise RuntimeError(f"refusing work directory {w!r} on {host.name}")
+            w = resolve_workdir(self.conn(host), host, create=True)
+            if w is None:  # cannot happen: the script creates it or fails
+                raise UnsafeWorkdir(f"work directory {host.workdir!r} on {host.name} vanished while being created")
             self.workdirs[host.name] = w
         return w

@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import posixpath
 import re
 import sys
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -65,6 +67,62 @@ UNKNOWN_HARDWARE = HardwareInfo("auto", 1, "unknown: GPU detected with nvidia-sm
 def hardware_info(hardware: Optional[str]) -> HardwareInfo:
     """The table entry for a node type; unknown types get one instance and GPU auto-detection."""
     return HARDWARE.get(hardware or "", UNKNOWN_HARDWARE)
+
+
+# ------------------------------------------------------------------------------------------------------ text checks
+
+# Control and format characters (\n, \r, \t, NUL, ESC, U+0085, U+2028/9, bidi overrides): no host name, user, address
+# or path needs one, and each can split or disguise the remote output that deploy steps parse (a work directory with
+# a newline once made teardown compare the wrong line of `pwd; echo $HOME` and aim `rm -rf` at $HOME).
+CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+TEXT_FIELDS = ("name", "address", "user", "internal_ip", "workdir", "hardware")  # every free-text field of a Host
+
+
+def control_characters(text: str, allowed: str = "") -> list[str]:
+    """The control/format characters of ``text`` (each once, in order), except those in ``allowed``."""
+    found = [c for c in text if c not in allowed and unicodedata.category(c) in CONTROL_CATEGORIES]
+    return list(dict.fromkeys(found))
+
+
+def text_problem(value: str, where: str) -> Optional[str]:
+    """Why ``value`` (an inventory string) is unusable, or None; the one check every inventory source goes through."""
+    bad = control_characters(value)
+    if bad:
+        return f"{where}={value!r} contains control character(s) {', '.join(map(repr, bad))}"
+    return None
+
+
+def workdir_problem(workdir: str, where: str) -> Optional[str]:
+    """Why a work directory would be dangerous to own, or None: teardown deletes it, so never ``/`` or ``$HOME``.
+
+    Only what the string says is checked here; teardown resolves the path on the host and checks again.
+    """
+    problem = text_problem(workdir, where)
+    if problem:
+        return problem
+    norm = posixpath.normpath(workdir)
+    if norm in ("/", "//", "~", ".") or ".." in norm.split("/"):
+        return (f"{where}={workdir!r} is / or the home directory or above it; teardown deletes the work directory, "
+                f"so give it a folder of its own (default {DEFAULT_WORKDIR})")
+    return None
+
+
+def host_text_problems(h: "Host", where: Optional[str] = None) -> list[str]:
+    """Every free-text field of ``h`` that fails :func:`text_problem`, and an unsafe workdir; ``where`` names the
+    host's source (a hosts-file line, a manifest node; default the host)."""
+    where = where or f"host {h.name!r}"
+    check = {"workdir": workdir_problem}
+    problems = [check.get(f, text_problem)(v, f"{where}: {f}") for f in TEXT_FIELDS
+                if isinstance(v := getattr(h, f), str)]
+    return [p for p in problems if p]
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """One InventoryError naming every problem (a no-op when there are none)."""
+    if len(problems) == 1:
+        raise InventoryError(problems[0])
+    if problems:
+        raise InventoryError("\n  - ".join(["invalid host:", *problems]))
 
 
 # --------------------------------------------------------------------------------------------------------------- Host
@@ -117,7 +175,7 @@ class Host:
         for key in ("name", "address"):
             if key not in d:
                 raise InventoryError(f"{where}: missing required key '{key}'")
-        return cls(
+        host = cls(
             name=_req_str(d["name"], f"{where}.name"),
             address=_req_str(d["address"], f"{where}.address"),
             user=_opt_str(d.get("user"), f"{where}.user"),
@@ -130,6 +188,8 @@ class Host:
             hardware=_opt_str(d.get("hardware"), f"{where}.hardware"),
             service_ports=_service_ports(d.get("service_ports"), f"{where}.service_ports"),
         )
+        _raise_problems(host_text_problems(host, where))
+        return host
 
 
 SERVICE_KINDS = ("engine", "predictor", "scheduler")
@@ -156,9 +216,12 @@ def _service_ports(value: Any, where: str) -> Optional[dict[str, int]]:
 
 
 def _req_str(value: Any, where: str) -> str:
-    """A non-empty string (numbers are not silently turned into host names)."""
+    """A non-empty string without control characters (numbers are not silently turned into host names)."""
     if not isinstance(value, str) or not value.strip():
         raise InventoryError(f"{where}={value!r} must be a non-empty string")
+    problem = text_problem(value, where)
+    if problem:
+        raise InventoryError(problem)
     return value
 
 
@@ -306,7 +369,7 @@ def _manifest_host(node: ET.Element, index: int, user: Optional[str], lan: Optio
     hardware = _node_hardware(node)
     info = hardware_info(hardware)
     port = login.get("port", "22") if login is not None else 22
-    return Host(
+    host = Host(
         name=name,
         address=_node_address(node, name, login),
         user=login.get("username") if login is not None and login.get("username") else user,
@@ -317,6 +380,8 @@ def _manifest_host(node: ET.Element, index: int, user: Optional[str], lan: Optio
         gpu=info.gpu,
         hardware=hardware,
     )
+    _raise_problems(host_text_problems(host, f"manifest node {name!r}"))  # XML may carry &#10; and friends
+    return host
 
 
 def parse_manifest(xml_text: str, user: Optional[str] = None, lan: Optional[str] = None) -> list[Host]:
@@ -386,6 +451,9 @@ class _HostLine:
 
 def _parse_host_line(line: str, index: int, where: str, default_user: Optional[str] = None) -> _HostLine:
     """One non-comment line -> host; ``index`` is the host's position (for the default name node<i>)."""
+    bad = control_characters(line, allowed="\t")  # tabs separate fields; anything else would be swallowed by split
+    if bad:
+        raise InventoryError(f"{where}: control character(s) {', '.join(map(repr, bad))} in {line!r}")
     target, *tokens = line.split()
     if "=" in target:
         raise InventoryError(f"{where}: expected [user@]address[:port] first, got {target!r}")
@@ -413,6 +481,7 @@ def _parse_host_line(line: str, index: int, where: str, default_user: Optional[s
         hardware=hardware,
         service_ports=_service_ports(opts.get("service_ports"), f"{where}: service_ports"),
     )
+    _raise_problems(host_text_problems(host, where))
     return _HostLine(host, roles)
 
 
@@ -431,11 +500,13 @@ def _default_roles(lines: list[_HostLine]) -> None:
 def parse_hosts_file(text: str, source: str = "hosts file", user: Optional[str] = None) -> list[Host]:
     """Hosts of a pssh-style file: ``[user@]address[:port] [key=value ...]`` per line, ``#`` comments.
 
-    ``user`` is the ssh user for lines without ``user@`` (the CLI's ``--user``).
+    ``user`` is the ssh user for lines without ``user@`` (the CLI's ``--user``). Lines end at ``\n`` only (a
+    ``\r\n`` ending is fine): ``str.splitlines`` would also break at a stray ``\r``, ``\x0b`` or U+2028 and turn
+    the rest of a line into a host of its own, where this check names the line instead.
     """
     lines: list[_HostLine] = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.removesuffix("\r").split("#", 1)[0].strip(" \t")
         if line:
             lines.append(_parse_host_line(line, len(lines), f"{source} line {lineno}", user))
     if not lines:
@@ -492,7 +563,7 @@ def _host_problems(h: Host) -> list[str]:
         problems.append(f"host {h.name!r} has instances={h.instances} but not the engine role")
     if h.gpu not in GPU_MODES:
         problems.append(f"host {h.name!r}: gpu={h.gpu!r} is not one of {', '.join(GPU_MODES)}")
-    return problems
+    return problems + host_text_problems(h)
 
 
 def validate_hosts(hosts: Sequence[Host]) -> None:
@@ -631,6 +702,8 @@ def _apply_overrides(hosts: list[Host], args: argparse.Namespace) -> None:
         for h in hosts:
             h.roles = [r for r in h.roles if r != "scheduler"] + (["scheduler"] if h.name == args.scheduler else [])
     ports = _service_ports(args.service_ports, "--service-ports") if args.service_ports else None
+    if args.workdir and (problem := workdir_problem(args.workdir, "--workdir")):
+        raise InventoryError(problem)
     for h in hosts:
         h.gpu = args.gpu or h.gpu
         h.workdir = args.workdir or h.workdir

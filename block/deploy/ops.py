@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from block.deploy.fleet import Fleet, FleetError, HostOutcome, describe_error, shell_path
+from block.deploy.fleet import Fleet, FleetError, HostOutcome, describe_error, resolve_workdir
 from block.deploy.inventory import Host
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -272,8 +272,9 @@ class ClusterStatus:
         return "\n".join(lines)
 
 
-def _on_state(fleet: Fleet, command: str, *args: str) -> dict[str, HostOutcome]:
-    """``hostctl <command>`` on every host's state folder; a host not set up yet simply runs nothing."""
+def _on_state(fleet: Fleet, command: str, *args: str,
+              hosts: Optional[Sequence[Host]] = None) -> dict[str, HostOutcome]:
+    """``hostctl <command>`` on every host's (or ``hosts``') state folder; a host not set up yet runs nothing."""
 
     def one(h: Host, c) -> dict[str, Any]:
         try:
@@ -281,7 +282,7 @@ def _on_state(fleet: Fleet, command: str, *args: str) -> dict[str, HostOutcome]:
         except NotSetUp:
             return {"host": h.name, "ok": True, "services": [], "message": "not set up"}
 
-    return fleet.each(command, one, raise_on_error=False)
+    return fleet.each(command, one, hosts, raise_on_error=False)
 
 
 def status(fleet: Fleet, expected: Optional[Mapping[str, list[str]]] = None) -> ClusterStatus:
@@ -328,11 +329,13 @@ def start(fleet: Fleet, run_id: str, plans: Mapping[str, Mapping[str, Any]],
     return status(fleet, expected)
 
 
-def stop(fleet: Fleet, roles: Optional[Sequence[str]] = None, grace_s: float = 10.0) -> dict[str, HostOutcome]:
-    """Stop the services (all, or those of ``roles``) on every reachable host; unreachable hosts are reported."""
+def stop(fleet: Fleet, roles: Optional[Sequence[str]] = None, grace_s: float = 10.0,
+         hosts: Optional[Sequence[Host]] = None) -> dict[str, HostOutcome]:
+    """Stop the services (all, or those of ``roles``) on every reachable host (or on ``hosts``); unreachable hosts
+    are reported."""
     args = ["--grace", str(grace_s)] + (["--roles", ",".join(roles)] if roles else [])
 
-    return _on_state(fleet, "stop", *args)
+    return _on_state(fleet, "stop", *args, hosts=hosts)
 
 
 def logs(fleet: Fleet, lines: int = 30) -> dict[str, HostOutcome]:
@@ -416,20 +419,24 @@ def collect(fleet: Fleet, run_id: str, dest: Path, hosts: Optional[Sequence[Host
 
 
 def teardown(fleet: Fleet) -> dict[str, HostOutcome]:
-    """Stop everything, then delete each host's work directory (venv, project, runs)."""
-    stop(fleet)
+    """Stop everything, then delete each host's work directory (venv, project, runs).
+
+    The directory is resolved on the host and checked there (:func:`~block.deploy.fleet.resolve_workdir`): never
+    ``/``, ``$HOME`` or a parent of it, whatever the cluster config says; a refused host is reported as failed and
+    keeps its services. Hosts without a work directory are left as they are (nothing is created to be deleted).
+    """
+    found = fleet.each("teardown", lambda h, c: resolve_workdir(c, h, create=False), raise_on_error=False)
+    present = [fleet.by_name[n] for n, o in found.items() if o.ok and o.value]
+    fleet.workdirs.update({h.name: found[h.name].value for h in present})
+    if present:
+        stop(fleet, hosts=present)
 
     def one(h: Host, c) -> str:
-        res = c.run(f"cd {shell_path(h.workdir)} 2>/dev/null && pwd && echo \"$HOME\" || true", hide=True,
-                    in_stream=False).stdout.split("\n")
-        w, home = (res + ["", ""])[:2]
-        w, home = w.strip(), home.strip()
-        if not w:
-            return "nothing to remove"
-        if w in ("/", home, os.path.dirname(home)) or len(Path(w).parts) < 3:
-            raise DeployError(f"refusing to delete work directory {w!r} (too close to / or $HOME)")
-        c.run(f"rm -rf {shlex.quote(w)}", hide=True, in_stream=False)
+        w = found[h.name].value
+        c.run(f"rm -rf -- {shlex.quote(w)}", hide=True, in_stream=False)
         fleet.workdirs.pop(h.name, None)
         return f"removed {w}"
 
-    return fleet.each("teardown", one, raise_on_error=False)
+    removed = fleet.each("teardown", one, present, raise_on_error=False) if present else {}
+    return {n: removed.get(n) or (o if not o.ok else HostOutcome(n, o.target, True, "nothing to remove"))
+            for n, o in found.items()}

@@ -91,6 +91,7 @@ class SshHosts:
     servers: list[SshServer] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
     bridge: Optional[str] = None
+    home: Optional[Path] = None  # $HOME of the ssh sessions (sshd's SetEnv), so a test can aim at a throwaway one
 
     def _config(self, name: str, address: str, port: int) -> Path:
         d = self.root / name
@@ -102,7 +103,8 @@ class SshHosts:
             f"AuthorizedKeysFile {self.root / 'authorized_keys'}", f"PidFile {d / 'sshd.pid'}",
             f"AllowUsers {self.user}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no",
-            "Subsystem sftp internal-sftp", "MaxStartups 100:30:200", "MaxSessions 100", "LogLevel VERBOSE", "",
+            "Subsystem sftp internal-sftp", "MaxStartups 100:30:200", "MaxSessions 100", "LogLevel VERBOSE",
+            *([f'SetEnv HOME="{self.home}"'] if self.home else []), "",
         ]))
         return cfg
 
@@ -169,10 +171,10 @@ def _client(root: Path) -> tuple[Path, Path]:
     return root, key
 
 
-def loopback_hosts(root: Path, count: int = 1) -> SshHosts:
-    """``count`` sshd servers on 127.0.0.1, each on its own free port."""
+def loopback_hosts(root: Path, count: int = 1, home: Optional[Path] = None) -> SshHosts:
+    """``count`` sshd servers on 127.0.0.1, each on its own free port; ``home``: the sessions' ``$HOME``."""
     root, key = _client(Path(root))
-    hosts = SshHosts(root, key)
+    hosts = SshHosts(root, key, home=Path(home) if home else None)
     try:
         for i in range(count):
             hosts._spawn(f"host{i}", "127.0.0.1", free_port(), None)
