@@ -113,10 +113,10 @@ class Engine:
         self.dg_hist = [0] * self.bs  # count of members by (c0 - d0) mod block_size
         self.dg_heap: list[tuple[int, int, int, Seq]] = []  # (finish clock, id, version, seq)
         self.on_finish = None  # optional callback(seq)
-        self.rule = make_rule(self)
+        self.rule = make_rule(config)
         # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
         self.prefill_holds_known = self.rule.prefill_holds_known
-        self._advance = self.rule.advance
+        self._rule_advance = self.rule.advance
 
     # ------------------------------------------------------------------ public API
     @property
@@ -158,6 +158,10 @@ class Engine:
         s.status = "aborted"
         self.aborted += 1
         return s
+
+    def _advance(self, until: float) -> None:
+        """Form the next step and commit it (or the part of a decode run that starts < until): the rule's job."""
+        self._rule_advance(self, until)
 
     def sync(self, t: float) -> None:
         """Commit every step that starts before ``t`` (the step in flight at ``t`` included)."""

@@ -21,6 +21,7 @@ from vidur.sched.v1 import V1Rule
 
 if TYPE_CHECKING:
     from vidur.engine import Engine
+    from vidur.types import EngineConfig
 
 
 class SchedulingRule(Protocol):
@@ -29,18 +30,22 @@ class SchedulingRule(Protocol):
     # whether a running prefill holds blocks for all its known tokens (V0) or only for those computed so far (V1)
     prefill_holds_known: bool
 
-    def advance(self, until: float) -> None:
-        """Form the next step at ``engine.time`` and commit it (or the part of a decode run starting < ``until``)."""
+    def advance(self, e: "Engine", until: float) -> None:
+        """Form the next step of ``e`` at ``e.time`` and commit it (or the part of a decode run starting < until)."""
         ...
 
 
 RULES: dict[str, type] = {"v0": V0Rule, "v1": V1Rule}
 
 
-def make_rule(engine: "Engine") -> SchedulingRule:
-    """The rule ``engine.cfg.scheduler`` names, bound to ``engine``."""
+def make_rule(config: "EngineConfig") -> SchedulingRule:
+    """The rule ``config.scheduler`` names.
+
+    A rule keeps no reference to its engine (the engine passes itself in): an engine must not sit in a reference
+    cycle, or every what-if engine would wait for the cyclic garbage collector instead of dying at once.
+    """
     try:
-        cls = RULES[engine.cfg.scheduler]
+        cls = RULES[config.scheduler]
     except KeyError:
-        raise ValueError(f"unknown scheduler {engine.cfg.scheduler!r}: use one of {sorted(RULES)}") from None
-    return cls(engine)
+        raise ValueError(f"unknown scheduler {config.scheduler!r}: use one of {sorted(RULES)}") from None
+    return cls(config)

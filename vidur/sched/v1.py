@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vidur.engine import Engine, Seq
+    from vidur.types import EngineConfig
 
 
 class V1Rule:
@@ -44,25 +45,23 @@ class V1Rule:
 
     prefill_holds_known = False
 
-    def __init__(self, engine: "Engine") -> None:
-        self.e = engine
-        self.threshold = engine.cfg.long_prefill_token_threshold
-        self.chunked = engine.cfg.chunked_prefill
+    def __init__(self, config: "EngineConfig") -> None:
+        self.threshold = config.long_prefill_token_threshold
+        self.chunked = config.chunked_prefill
 
-    def advance(self, until: float) -> None:
-        e = self.e
+    def advance(self, e: "Engine", until: float) -> None:
         thr = self.threshold if self.threshold and len(e.running) + len(e.waiting) > 1 else 0
         preempted_before = e.num_preemptions
         skipped: list[Seq] = []
-        if e.prefilling and not self._prefills_at_tail():
-            chunks, budget, skipped, reserved = self._running_in_order(thr)
+        if e.prefilling and not self._prefills_at_tail(e):
+            chunks, budget, skipped, reserved = self._running_in_order(e, thr)
         else:
             reserved = e.ensure_decode_blocks() if e.dg_count else 0
             e.free -= reserved  # the decodes' new blocks: they come first in running order
-            chunks, budget = self._prefill_chunks(e.budget - e.dg_count, thr)
+            chunks, budget = self._prefill_chunks(e, e.budget - e.dg_count, thr)
         preempted = e.num_preemptions != preempted_before
         if not preempted and budget > 0 and e.waiting and len(e.running) < e.max_seqs:
-            self._admit(chunks, budget, thr)
+            self._admit(e, chunks, budget, thr)
         if chunks or skipped:
             for s in skipped:  # decodes the budget did not reach sit this step out
                 e.leave_decode(s)
@@ -76,17 +75,18 @@ class V1Rule:
         elif not preempted:
             e.stalled()
 
-    def _prefills_at_tail(self) -> bool:
+    @staticmethod
+    def _prefills_at_tail(e: "Engine") -> bool:
         """Whether the running prefills are the last requests in running order (the fast path's shape)."""
-        keys = reversed(self.e.running)
-        for s in reversed(self.e.prefilling):
+        keys = reversed(e.running)
+        for s in reversed(e.prefilling):
             if next(keys) != s.id:
                 return False
         return True
 
-    def _prefill_chunks(self, budget: int, thr: int) -> tuple[list[tuple["Seq", int]], int]:
+    @staticmethod
+    def _prefill_chunks(e: "Engine", budget: int, thr: int) -> tuple[list[tuple["Seq", int]], int]:
         """Chunks for the running prefills (the tail of running order) after the decodes; preempt the tail on need."""
-        e = self.e
         bs = e.bs
         pre = e.prefilling
         chunks: list[tuple[Seq, int]] = []
@@ -109,9 +109,9 @@ class V1Rule:
             i += 1
         return chunks, budget
 
-    def _running_in_order(self, thr: int) -> tuple[list[tuple["Seq", int]], int, list["Seq"], int]:
+    @staticmethod
+    def _running_in_order(e: "Engine", thr: int) -> tuple[list[tuple["Seq", int]], int, list["Seq"], int]:
         """The general running loop, request by request: (chunks, budget left, decodes skipped, decode blocks)."""
-        e = self.e
         bs = e.bs
         budget = e.budget
         chunks: list[tuple[Seq, int]] = []
@@ -148,9 +148,8 @@ class V1Rule:
         skipped = [s for s in order[i:] if s.in_decode and s.status == "running"]
         return chunks, budget, skipped, reserved
 
-    def _admit(self, chunks: list[tuple["Seq", int]], budget: int, thr: int) -> None:
+    def _admit(self, e: "Engine", chunks: list[tuple["Seq", int]], budget: int, thr: int) -> None:
         """Admit waiting requests FCFS into ``chunks`` (head-of-line blocking)."""
-        e = self.e
         bs = e.bs
         waiting = e.waiting
         max_len = e.cfg.max_model_len
