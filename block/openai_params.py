@@ -193,48 +193,55 @@ def _parse_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
     return out
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise bad_request(message)
-
-
 def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[int]) -> None:
-    """``SamplingParams._verify_args`` (and ``_validate_logprobs`` with vLLM's default ``max_logprobs``)."""
-    _check(r.n >= 1, f"n must be at least 1, got {r.n}.")
-    _check(r.n <= MAX_N, f"n must be at most {MAX_N}, got {r.n}. To increase this limit, set the "
-                         "VLLM_MAX_N_SEQUENCES environment variable.")
+    """``SamplingParams._verify_args`` (and ``_validate_logprobs`` with vLLM's default ``max_logprobs``); the
+    messages are built only on failure (this runs on every request through the scheduler)."""
+    if r.n < 1:
+        raise bad_request(f"n must be at least 1, got {r.n}.")
+    if r.n > MAX_N:
+        raise bad_request(f"n must be at most {MAX_N}, got {r.n}. To increase this limit, set the "
+                          "VLLM_MAX_N_SEQUENCES environment variable.")
+    get = f.get
     for name in ("presence_penalty", "frequency_penalty"):
-        v = f.get(name)
-        _check(v is None or -2.0 <= v <= 2.0, f"{name} must be in [-2, 2], got {v}.")
-    v = f.get("repetition_penalty")
+        v = get(name)
+        if v is not None and not -2.0 <= v <= 2.0:
+            raise bad_request(f"{name} must be in [-2, 2], got {v}.")
+    v = get("repetition_penalty")
     if v is not None:
-        _check(math.isfinite(v), f"repetition_penalty must be a finite number, got {v}.")
-        _check(v > 0.0, f"repetition_penalty must be greater than zero, got {v}.")
-    v = f.get("temperature")
+        if not math.isfinite(v):
+            raise bad_request(f"repetition_penalty must be a finite number, got {v}.")
+        if v <= 0.0:
+            raise bad_request(f"repetition_penalty must be greater than zero, got {v}.")
+    v = get("temperature")
     if v is not None:
-        _check(math.isfinite(v), f"temperature must be a finite number, got {v}.")
-        _check(v >= 0.0, f"temperature must be non-negative, got {v}.")
-        _check(v <= 2.0, f"temperature must be in [0, 2], got {v}.")
-    v = f.get("top_p")
-    _check(v is None or 0.0 < v <= 1.0, f"top_p must be in (0, 1], got {v}.")
-    v = f.get("top_k")
-    _check(v is None or v >= -1, f"top_k must be 0 (disable), or at least 1, got {v}.")
-    v = f.get("min_p")
-    _check(v is None or 0.0 <= v <= 1.0, f"min_p must be in [0, 1], got {v}.")
-    if r.max_tokens is not None:
-        _check(r.max_tokens >= 1, f"max_tokens must be at least 1, got {r.max_tokens}.")
-    _check(r.min_tokens >= 0, f"min_tokens must be greater than or equal to 0, got {r.min_tokens}.")
-    if r.max_tokens is not None:
-        _check(r.min_tokens <= r.max_tokens,
-               f"min_tokens must be less than or equal to max_tokens={r.max_tokens}, got {r.min_tokens}.")
-    stop = f.get("stop")
-    if isinstance(stop, list):
-        _check(all(stop), "stop cannot contain an empty string.")
-    for name, n in (("sample", logprobs), ("prompt", f.get("prompt_logprobs"))):
-        if n:
-            _check(n != -1 and n <= MAX_LOGPROBS, f"Requested {name} logprobs of "
-                   f"{'the whole vocabulary (-1)' if n == -1 else n}, which is greater than max allowed: "
-                   f"{MAX_LOGPROBS}")
+        if not math.isfinite(v):
+            raise bad_request(f"temperature must be a finite number, got {v}.")
+        if v < 0.0:
+            raise bad_request(f"temperature must be non-negative, got {v}.")
+        if v > 2.0:
+            raise bad_request(f"temperature must be in [0, 2], got {v}.")
+    v = get("top_p")
+    if v is not None and not 0.0 < v <= 1.0:
+        raise bad_request(f"top_p must be in (0, 1], got {v}.")
+    v = get("top_k")
+    if v is not None and v < -1:
+        raise bad_request(f"top_k must be 0 (disable), or at least 1, got {v}.")
+    v = get("min_p")
+    if v is not None and not 0.0 <= v <= 1.0:
+        raise bad_request(f"min_p must be in [0, 1], got {v}.")
+    if r.max_tokens is not None and r.max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {r.max_tokens}.")
+    if r.min_tokens < 0:
+        raise bad_request(f"min_tokens must be greater than or equal to 0, got {r.min_tokens}.")
+    if r.max_tokens is not None and r.min_tokens > r.max_tokens:
+        raise bad_request(f"min_tokens must be less than or equal to max_tokens={r.max_tokens}, got {r.min_tokens}.")
+    stop = get("stop")
+    if isinstance(stop, list) and not all(stop):
+        raise bad_request("stop cannot contain an empty string.")
+    for name, n in (("sample", logprobs), ("prompt", get("prompt_logprobs"))):
+        if n and (n == -1 or n > MAX_LOGPROBS):
+            raise bad_request(f"Requested {name} logprobs of {'the whole vocabulary (-1)' if n == -1 else n}, "
+                              f"which is greater than max allowed: {MAX_LOGPROBS}")
 
 
 def validate_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
