@@ -90,7 +90,8 @@ def vllm_command(model_cfg: Any, engine_cfg: Any, port: int, model_dir: Optional
 
     ``model_dir`` is what vLLM loads (a local directory from :func:`prepare_model_dir`, or None for the model's
     HF id); ``tokenizer_dir`` defaults to ``model_dir``. Under chunked prefill the per-step token budget is the
-    engine's ``chunk_size`` (vLLM's ``--max-num-batched-tokens``), without it ``max_num_batched_tokens``.
+    engine's ``chunk_size`` (vLLM's ``--max-num-batched-tokens``), without it -- or with ``scheduler: v1``, whose
+    budget is always that key, as in the simulator's V1 rule -- ``max_num_batched_tokens``.
     ``executable`` defaults to ``["vllm"]`` (not resolved here, so the argv can be built without vLLM).
     Prefix caching follows ``enable_prefix_caching`` and is off when the key is absent (Block's runs had it off;
     vLLM's own default is on), so the flag is always explicit. ``enforce_eager`` and ``dtype`` (engine keys of the
@@ -98,7 +99,8 @@ def vllm_command(model_cfg: Any, engine_cfg: Any, port: int, model_dir: Optional
     """
     m, e = _as_dict(model_cfg), _as_dict(engine_cfg)
     chunked = bool(e.get("chunked_prefill", True))
-    budget = int(e["chunk_size"] if chunked and e.get("chunk_size") else e["max_num_batched_tokens"])
+    v1 = e.get("scheduler") == "v1"  # the simulator's V1 rule: one budget, max_num_batched_tokens, as vLLM has it
+    budget = int(e["chunk_size"] if chunked and e.get("chunk_size") and not v1 else e["max_num_batched_tokens"])
     max_len = int(e.get("max_model_len") or m.get("max_model_len", 4096))
     if not chunked and budget < max_len:
         raise ValueError(f"without chunked prefill vLLM needs max_num_batched_tokens ({budget}) >= max_model_len "
