@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
 import yaml
+
+from vidur.records import write_atomic  # the run-record format's writer (no simulator behind it)
 
 log = logging.getLogger(__name__)
 
@@ -98,24 +98,13 @@ def figures_dir(root: str | Path) -> Path:
 
 def save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
     """Save a matplotlib figure as PNG and PDF (atomically) and return the paths."""
-    paths = []
-    for ext in ("png", "pdf"):
-        p = out_dir / f"{stem}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=f".{ext}")
-        os.close(fd)
-        fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-        os.replace(tmp, p)
-        paths.append(p)
-    return paths
+    return [write_atomic(out_dir / f"{stem}.{ext}",
+                         lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight"))
+            for ext in ("png", "pdf")]
 
 
 def save_csv(df: pd.DataFrame, out_dir: Path, stem: str) -> Path:
-    p = out_dir / f"{stem}.csv"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=".csv")
-    os.close(fd)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, p)
-    return p
+    return write_atomic(out_dir / f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False))
 
 
 def iter_requests(runs: list[Run]) -> Iterator[tuple[Run, pd.DataFrame]]:

@@ -178,11 +178,10 @@ def _count_text(df: pd.DataFrame, paths: Sequence[Path], tokenizer: str, limit: 
         p, o = count_tokens(df["prompt"].tolist(), df["response"].tolist(), tokenizer)
         counts = pd.DataFrame({"prompt_tokens": p, "output_tokens": o})
         if limit is None:  # only full-file counts are cached; a partial load is cheap to recount
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".tmp{os.getpid()}")
-                counts.to_parquet(tmp, index=False)
-                os.replace(tmp, cache)  # atomic: concurrent loaders never see half a file
+            from vidur.records import write_atomic
+
+            try:  # atomic: concurrent loaders never see half a file
+                write_atomic(cache, lambda tmp: counts.to_parquet(tmp, index=False))
             except OSError:
                 pass  # a read-only cache only costs time
     df = df.copy()

@@ -40,11 +40,10 @@ def read_requests(path: Path) -> list[Request]:
 
 
 def write_requests(requests: Sequence[Request], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in requests:
-            f.write(json.dumps(r.to_dict()) + "\n")
-    os.replace(tmp, path)
+    """The workload as JSON lines, written atomically (a killed driver leaves no half workload to upload)."""
+    from vidur.records import write_atomic
+
+    write_atomic(path, "".join(json.dumps(r.to_dict()) + "\n" for r in requests).encode())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -210,7 +210,13 @@ class SweepProgress(Callback):
         return len(self._finished())
 
     def _finished(self) -> set[Path]:
-        return {d for d in self._dirs if (d / "summary.json").is_file()}
+        def done(d: Path) -> bool:
+            try:
+                return (d / "summary.json").is_file()
+            except OSError:  # an unusable name: the run itself reports it
+                return False
+
+        return {d for d in self._dirs if done(d)}
 
     def _print(self, text: str) -> None:
         print(f"sweep {self._name}: {text}", file=sys.stderr, flush=True)

@@ -3,8 +3,9 @@
 Hydra names a run ``key=value,...`` from its command-line overrides, so ``dataset.path=/data/traces/my.csv`` made
 nested folders ``.../dataset.path=/data/traces/my.csv`` that mirror the user's file system. Here a value that is a
 path (it holds a ``/``) becomes ``<file stem>-<8 hex of sha1(absolute path)>``: readable, flat, and still one
-directory per file (two ``trace.csv`` in different folders differ by the hash). Everything else is exactly Hydra's
-``override_dirname`` (sorted items, ``exclude_keys`` dropped), so existing run directories keep their names.
+directory per file (two ``trace.csv`` in different folders differ by the hash). A name over 200 bytes keeps its
+start plus a hash of the whole. Everything else is exactly Hydra's ``override_dirname`` (sorted items,
+``exclude_keys`` dropped), so existing run directories keep their names.
 
 conf/config.yaml uses it as ``${run_dirname:}`` in ``hydra.run.dir`` and ``hydra.sweep.subdir``; the sweep progress
 bar (``experiments.logger``) and the capacity search (``experiments.capacity``) call ``run_dirname`` to find the
@@ -21,6 +22,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 RESOLVER = "run_dirname"
+MAX_NAME_BYTES = 200  # below the usual 255-byte limit of one path component, with room for a suffix
 
 
 def short_path(value: str) -> str:
@@ -50,7 +52,17 @@ def run_dirname(overrides: Sequence[str], exclude_keys: Sequence[str] = (), item
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     lines = sorted(_item(o) for o in parsed if o.key_or_group not in set(exclude_keys))
-    return re.sub("[=]", kv_sep, item_sep.join(lines))
+    return _capped(re.sub("[=]", kv_sep, item_sep.join(lines)))
+
+
+def _capped(name: str) -> str:
+    """A name longer than ``MAX_NAME_BYTES`` keeps its start and gets a hash of the whole: file systems refuse
+    components over 255 bytes, and a long sweep's overrides exceed that once paths no longer split them."""
+    raw = name.encode()
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    head = raw[:MAX_NAME_BYTES - 9].decode(errors="ignore").rstrip(",=")
+    return f"{head}-{hashlib.sha1(raw).hexdigest()[:8]}"
 
 
 def current_run_dirname() -> str:

@@ -163,3 +163,12 @@ def test_a_dataset_path_names_one_flat_run_dir(tmp_path):
     for d in dirs:
         assert (out / "default" / d / "summary.json").is_file()
     assert "2/2 runs complete" in p.stderr  # the sweep's progress found the same directories
+
+
+def test_a_long_run_name_is_capped_with_a_hash():
+    from experiments.rundir import run_dirname
+
+    many = [f"mode.some_key_{i}=/a/long/path/number/{i}/file.yaml" for i in range(12)] + ["workload.qps=4"]
+    a, b = run_dirname(many), run_dirname(many[:-1] + ["workload.qps=5"])
+    assert len(a.encode()) <= 200 and len(b.encode()) <= 200 and a != b  # one path component, still unique
+    assert run_dirname(["workload.qps=4", "policy=random"]) == "policy=random,workload.qps=4"  # Hydra's names
