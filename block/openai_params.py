@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Mapping, Optional, Union
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from block.service import INT64_MAX, INT64_MIN, ServiceError, bad_request, show
 
@@ -36,6 +36,7 @@ TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # as vLLM's OpenAIBaseModel (its type error reads alike)
     include_usage: Optional[bool] = False
     continuous_usage_stats: Optional[bool] = False
 
@@ -55,9 +56,13 @@ _FIELDS = {
     False: {**_COMMON, "n": Int64, "logprobs": Optional[Int64], "echo": Optional[bool], "suffix": Optional[str],
             "prompt": Union[list[TokenId], list[list[TokenId]], str, list[str], None]},
     True: {**_COMMON, "n": Optional[Int64], "logprobs": Optional[bool], "top_logprobs": Optional[Int64],
-           "max_completion_tokens": Optional[Int64], "echo": bool},
+           "max_completion_tokens": Optional[Int64], "echo": bool,
+           "messages": list[Any]},  # each message's shape: count_request_prompt
 }
 _ADAPTERS = {chat: {k: TypeAdapter(t) for k, t in spec.items()} for chat, spec in _FIELDS.items()}
+
+
+_FLOAT = (float, int)
 
 
 def _plain_types(t: Any) -> Union[str, tuple[type, ...]]:
@@ -66,7 +71,7 @@ def _plain_types(t: Any) -> Union[str, tuple[type, ...]]:
     if t in (Int64, Optional[Int64]):
         return "int64"
     if t in (float, Optional[float]):
-        return (float, int)
+        return _FLOAT
     for plain in (str, bool):
         if t in (plain, Optional[plain]):
             return (plain,)
@@ -76,6 +81,26 @@ def _plain_types(t: Any) -> Union[str, tuple[type, ...]]:
 _FAST = {chat: {k: _plain_types(t) for k, t in spec.items()} for chat, spec in _FIELDS.items()}
 
 
+def vllm_error(message: str, parameter: Optional[str] = None, value: Any = None) -> ServiceError:
+    """A 400 worded as vLLM's ``VLLMValidationError``: the message, then ``(parameter=…, value=…)`` when vLLM
+    names them."""
+    extras = [f"parameter={parameter}"] * (parameter is not None) + [f"value={value}"] * (value is not None)
+    return bad_request(f"{message} ({', '.join(extras)})" if extras else message)
+
+
+_LOC_MARKERS = frozenset({"function-wrap", "function-after", "function-before", "function-plain", "json-or-python",
+                          "lax-or-strict", "chain", "default", "nullable", "tagged-union", "union", "call",
+                          "arguments", "is-instance", "is-subclass", "callable", "str", "int", "float", "bool",
+                          "bytes", "bytearray", "list", "tuple", "dict", "set", "frozenset", "complex", "none",
+                          "nonetype"})
+
+
+def _clean_loc(loc: tuple) -> str:
+    """vLLM's ``clean_loc_for_param``: the dotted path without pydantic's union-branch markers."""
+    parts = [str(p) for p in loc if not (any(c in str(p) for c in "[]{}()") or str(p).lower() in _LOC_MARKERS)]
+    return ".".join(parts) if parts else ".".join(str(p) for p in loc)
+
+
 def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
     """A 400 worded as vLLM's ``RequestValidationError`` handler words it (bounded like it: 10 errors, inputs
     summarised)."""
@@ -83,22 +108,25 @@ def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
     label = "error" if n == 1 else "errors"
     lines = []
     for e in errors[:10]:
-        d = {"type": e.get("type"), "loc": ".".join(str(x) for x in e.get("loc", ())),
-             "msg": e.get("msg"), "input": _summary(e.get("input"))}
+        d = {"type": e.get("type"), "loc": _clean_loc(tuple(e.get("loc", ()))), "msg": e.get("msg"),
+             "input": _summary(e.get("input"))}
         if e.get("ctx"):
-            d["ctx"] = {k: str(v) for k, v in e["ctx"].items()}
+            d["ctx"] = dict(e["ctx"])
         text = str(d)
         lines.append("  " + (text if len(text) <= 1000 else text[:1000] + "...[truncated]"))
     more = f"\n  ...and {n - 10} more {label}" if n > 10 else ""
     return ServiceError(400, f"{n} validation {label}:\n" + "\n".join(lines) + more, "Bad Request")
 
 
-def _summary(v: Any) -> Any:
-    if isinstance(v, (list, tuple, dict)):
+def _summary(v: Any) -> str:
+    """vLLM's ``_summarize_error_input``: containers described, anything else as its (bounded) text."""
+    if isinstance(v, (list, tuple, set, frozenset, dict)):
         return f"<{type(v).__name__} of {len(v)} items>"
-    if isinstance(v, str):
-        return v if len(v) <= 200 else v[:200] + "...[truncated]"
-    return v if v is None or isinstance(v, (int, float, bool)) and len(show(v)) <= 200 else show(v)
+    try:
+        text = str(v)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return f"<{type(v).__name__}>"
+    return text if len(text) <= 200 else text[:200] + "...[truncated]"
 
 
 @dataclass
@@ -125,35 +153,35 @@ def _before_validators(body: Mapping[str, Any], chat: bool) -> None:
     for name in ("prompt_logprobs", "top_logprobs" if chat else "logprobs"):
         v = body.get(name)
         if v is not None and not isinstance(v, (int, float)):
-            raise bad_request(f"`{name}` must be an integer.")
+            raise vllm_error(f"`{name}` must be an integer.", name, v)
     pl = body.get("prompt_logprobs")
     if pl is not None:
         if body.get("stream") and (pl > 0 or pl == -1):
-            raise bad_request("`prompt_logprobs` are not available when `stream=True`.")
+            raise vllm_error("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         if pl < 0 and pl != -1:
-            raise bad_request("`prompt_logprobs` must be a positive value or -1.")
+            raise vllm_error("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs", pl)
     if chat:
         tl = body.get("top_logprobs")
         if tl is not None:
             if tl < 0 and tl != -1:
-                raise bad_request("`top_logprobs` must be a positive value or -1.")
+                raise vllm_error("`top_logprobs` must be a positive value or -1.", "top_logprobs", tl)
             if (tl == -1 or tl > 0) and not body.get("logprobs"):
-                raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.")
+                raise vllm_error("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
     else:
         lp = body.get("logprobs")
         if lp is not None and lp < 0 and lp != -1:
-            raise bad_request("`logprobs` must be a positive value or -1.")
+            raise vllm_error("`logprobs` must be a positive value or -1.", "logprobs", lp)
     if body.get("stream_options") and not body.get("stream"):
-        raise bad_request("Stream options can only be defined when `stream=True`.")
+        raise vllm_error("Stream options can only be defined when `stream=True`.", "stream_options")
     if not chat:
         prompt = body.get("prompt")
         if prompt is None or prompt == "":
-            raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.")
+            raise vllm_error("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
         if isinstance(prompt, list) and len(prompt) > MAX_COMPLETION_PROMPTS and type(prompt[0]) is not int \
                 and set(map(type, prompt)) != {int}:
-            raise bad_request(f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
-                              f"{MAX_COMPLETION_PROMPTS}. To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS "
-                              "environment variable.")
+            raise vllm_error(f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
+                             f"{MAX_COMPLETION_PROMPTS}. To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS "
+                             "environment variable.", "prompt")
     elif "messages" not in body:
         raise validation_error([{"type": "missing", "loc": ("body", "messages"), "msg": "Field required",
                                  "input": body}])
@@ -166,10 +194,12 @@ def _nonneg(ids: list) -> bool:
         return False
 
 
-def _parse_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
-    """The present fields of vLLM's request model, parsed as pydantic's lax mode does; type errors -> 400."""
+def _parse_fields(body: Mapping[str, Any], chat: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The present fields of vLLM's request model, parsed as pydantic's lax mode does, and those whose parsed
+    value is not what was sent ("5" -> 5; not 5 -> 5.0, which reads the same); type errors -> 400."""
     adapters, fast = _ADAPTERS[chat], _FAST[chat]
     out: dict[str, Any] = {}
+    coerced: dict[str, Any] = {}
     errors: list[dict[str, Any]] = []
     for name, v in body.items():
         a = adapters.get(name)
@@ -181,19 +211,23 @@ def _parse_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
         plain = fast[name]
         if plain == "int64" and type(v) is int and INT64_MIN <= v <= INT64_MAX \
                 or plain and plain != "int64" and type(v) in plain:
-            out[name] = v
+            out[name] = float(v) if plain is _FLOAT and type(v) is int else v  # vLLM's messages print 3.0
             continue
         try:
-            out[name] = a.validate_python(v)
+            x = out[name] = a.validate_python(v)
         except ValidationError as err:
             for e in err.errors(include_url=False):
                 errors.append({**e, "loc": ("body", name, *e.get("loc", ()))})
+            continue
+        if type(x) is not type(v) and not isinstance(x, BaseModel) and not (type(x) is float and type(v) is int):
+            coerced[name] = x
     if errors:
         raise validation_error(errors)
-    return out
+    return out, coerced
 
 
-def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[int]) -> None:
+def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[int],
+                     vocab_size: Optional[int]) -> None:
     """``SamplingParams._verify_args`` (and ``_validate_logprobs`` with vLLM's default ``max_logprobs``); the
     messages are built only on failure (this runs on every request through the scheduler)."""
     if r.n < 1:
@@ -215,14 +249,14 @@ def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[
     v = get("temperature")
     if v is not None:
         if not math.isfinite(v):
-            raise bad_request(f"temperature must be a finite number, got {v}.")
+            raise vllm_error(f"temperature must be a finite number, got {v}.", "temperature", v)
         if v < 0.0:
-            raise bad_request(f"temperature must be non-negative, got {v}.")
+            raise vllm_error(f"temperature must be non-negative, got {v}.", "temperature", v)
         if v > 2.0:
-            raise bad_request(f"temperature must be in [0, 2], got {v}.")
+            raise vllm_error(f"temperature must be in [0, 2], got {v}.", "temperature", v)
     v = get("top_p")
     if v is not None and not 0.0 < v <= 1.0:
-        raise bad_request(f"top_p must be in (0, 1], got {v}.")
+        raise vllm_error(f"top_p must be in (0, 1], got {v}.", "top_p", v)
     v = get("top_k")
     if v is not None and v < -1:
         raise bad_request(f"top_k must be 0 (disable), or at least 1, got {v}.")
@@ -230,7 +264,7 @@ def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[
     if v is not None and not 0.0 <= v <= 1.0:
         raise bad_request(f"min_p must be in [0, 1], got {v}.")
     if r.max_tokens is not None and r.max_tokens < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {r.max_tokens}.")
+        raise vllm_error(f"max_tokens must be at least 1, got {r.max_tokens}.", "max_tokens", r.max_tokens)
     if r.min_tokens < 0:
         raise bad_request(f"min_tokens must be greater than or equal to 0, got {r.min_tokens}.")
     if r.max_tokens is not None and r.min_tokens > r.max_tokens:
@@ -238,21 +272,22 @@ def _verify_sampling(f: Mapping[str, Any], r: OpenAIRequest, logprobs: Optional[
     stop = get("stop")
     if isinstance(stop, list) and not all(stop):
         raise bad_request("stop cannot contain an empty string.")
-    for name, n in (("sample", logprobs), ("prompt", get("prompt_logprobs"))):
+    for kind, name, n in (("sample", "logprobs", logprobs), ("prompt", "prompt_logprobs", get("prompt_logprobs"))):
+        if n == -1 and vocab_size is not None:
+            n = vocab_size
         if n and (n == -1 or n > MAX_LOGPROBS):
-            raise bad_request(f"Requested {name} logprobs of {'the whole vocabulary (-1)' if n == -1 else n}, "
-                              f"which is greater than max allowed: {MAX_LOGPROBS}")
+            raise vllm_error(f"Requested {kind} logprobs of {'the whole vocabulary (-1)' if n == -1 else n}, "
+                             f"which is greater than max allowed: {MAX_LOGPROBS}", name, n)
 
 
-def validate_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
+def validate_request(body: Mapping[str, Any], chat: bool, vocab_size: Optional[int] = None) -> OpenAIRequest:
     """Check a completions (``chat=False``) or chat body as vLLM does; a 400 worded like vLLM's otherwise.
 
     Prompt/messages shapes are counted (and refused) by ``block.engine.tokens.count_request_prompt``; lengths
     against the context by :func:`check_context` once the prompt is counted."""
     _before_validators(body, chat)
-    f = _parse_fields(body, chat)
-    r = OpenAIRequest(chat=chat)
-    r.coerced = {k: v for k, v in f.items() if type(v) is not type(body[k]) and not isinstance(v, BaseModel)}
+    f, coerced = _parse_fields(body, chat)
+    r = OpenAIRequest(chat=chat, coerced=coerced)
     r.stream = bool(f.get("stream"))
     so = f.get("stream_options")
     if so is not None:
@@ -275,7 +310,7 @@ def validate_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
         logprobs = f.get("top_logprobs") if f.get("logprobs") else None
     else:
         logprobs = f.get("logprobs")
-    _verify_sampling(f, r, logprobs)
+    _verify_sampling(f, r, logprobs, vocab_size)
     return r
 
 
