@@ -230,7 +230,7 @@ def test_abort_frees_blocks_and_leaves_the_rest_running(scheduler, toy_model):
     assert e.free + sum(e.blocks_held(s) for s in e.running.values()) == e.total_blocks
     assert e.dg_count == sum(1 for s in e.running.values() if s.in_decode)
     e.run_until_idle()
-    assert e.free == e.total_blocks and e.aborted == 3
+    assert e.free == e.total_blocks
     assert sorted(s.id for s in e.finished) == sorted(set(range(12)) - {dec.id, pre.id, wait.id})
 
 

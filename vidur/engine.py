@@ -33,7 +33,7 @@ import math
 from collections import deque
 from typing import Iterable, Optional, Protocol
 
-from vidur.sched import make_rule
+from vidur.sched import SchedulingRule, make_rule
 from vidur.types import EngineConfig, InstanceState, InstanceStats, SeqState
 
 INF = float("inf")
@@ -105,7 +105,6 @@ class Engine:
         self.keep_finished = keep_finished
         self.finished: list[Seq] = []
         self.rejected: list[Seq] = []
-        self.aborted = 0
         # lazy decode group
         self.dclock = 0
         self.dg_count = 0
@@ -113,12 +112,14 @@ class Engine:
         self.dg_hist = [0] * self.bs  # count of members by (c0 - d0) mod block_size
         self.dg_heap: list[tuple[int, int, int, Seq]] = []  # (finish clock, id, version, seq)
         self.on_finish = None  # optional callback(seq)
-        self.rule = make_rule(config)
-        # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
-        self.prefill_holds_known = self.rule.prefill_holds_known
-        self._rule_advance = self.rule.advance
+        self._rule_advance = make_rule(config).advance  # (few attributes: the what-if builds an engine per call)
 
     # ------------------------------------------------------------------ public API
+    @property
+    def rule(self) -> SchedulingRule:
+        """The scheduling rule ``cfg.scheduler`` names (``vidur.sched``)."""
+        return make_rule(self.cfg)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -156,7 +157,6 @@ class Engine:
             else:
                 return None
         s.status = "aborted"
-        self.aborted += 1
         return s
 
     def _advance(self, until: float) -> None:
@@ -189,7 +189,8 @@ class Engine:
         """KV blocks a running request holds between steps."""
         if s.in_decode:
             return -(-(s.c0 + self.dclock - s.d0) // self.bs)
-        return -(-(s.known if self.prefill_holds_known else s.computed) // self.bs)
+        # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
+        return -(-(s.known if make_rule(self.cfg).prefill_holds_known else s.computed) // self.bs)
 
     def stats(self) -> InstanceStats:
         """Cheap load figures (what vLLM's /metrics or Block's simple trace report)."""

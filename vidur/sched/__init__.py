@@ -44,8 +44,15 @@ def make_rule(config: "EngineConfig") -> SchedulingRule:
     A rule keeps no reference to its engine (the engine passes itself in): an engine must not sit in a reference
     cycle, or every what-if engine would wait for the cyclic garbage collector instead of dying at once.
     """
-    try:
-        cls = RULES[config.scheduler]
-    except KeyError:
-        raise ValueError(f"unknown scheduler {config.scheduler!r}: use one of {sorted(RULES)}") from None
-    return cls(config)
+    key = (config.scheduler, config.chunked_prefill, config.long_prefill_token_threshold)
+    rule = _MADE.get(key)
+    if rule is None:  # rules hold only these three settings, so engines share them (a what-if builds one per call)
+        try:
+            cls = RULES[config.scheduler]
+        except KeyError:
+            raise ValueError(f"unknown scheduler {config.scheduler!r}: use one of {sorted(RULES)}") from None
+        rule = _MADE[key] = cls(config)
+    return rule
+
+
+_MADE: dict[tuple, SchedulingRule] = {}
