@@ -281,3 +281,108 @@ def test_slow_clients_are_dropped_and_health_stays_answered(stack, service):
     if service == "scheduler":  # the trickled requests are logged as disconnects, the finished one as ok
         new = wait_rows(stack["log"], n0 + 51)[n0:]
         assert sum(1 for x in new if x["status"] == "client_disconnected") == 50, [x["status"] for x in new]
+
+
+# ------------------------------------------------------------------------------------------ against vLLM itself
+MORE = [  # lax parsing, nulls and edges, beside the two tables above
+    ("/v1/completions", {**COMP, "temperature": 3}), ("/v1/completions", {**COMP, "temperature": "1.5"}),
+    ("/v1/completions", {**COMP, "n": "2"}), ("/v1/completions", {**COMP, "n": True}),
+    ("/v1/completions", {**COMP, "seed": "12"}), ("/v1/completions", {**COMP, "top_k": "5"}),
+    ("/v1/completions", {**COMP, "stop": None}), ("/v1/completions", {**COMP, "stop": []}),
+    ("/v1/completions", {**COMP, "stream_options": {}}), ("/v1/completions", {**COMP, "stream": None}),
+    ("/v1/completions", {**COMP, "logprobs": 5}), ("/v1/completions", {**COMP, "logprobs": True}),
+    ("/v1/completions", {**COMP, "logprobs": 2.5}), ("/v1/completions", {**COMP, "prompt_logprobs": 0, "stream": True}),
+    ("/v1/completions", {**COMP, "ignore_eos": "false"}), ("/v1/completions", {**COMP, "user": 5}),
+    ("/v1/completions", {**COMP, "model": 5}), ("/v1/completions", {**COMP, "echo": "yes"}),
+    ("/v1/completions", {**COMP, "presence_penalty": "x"}), ("/v1/completions", {**COMP, "repetition_penalty": -1}),
+    ("/v1/completions", {**COMP, "top_p": "0.5"}), ("/v1/completions", {**COMP, "seed": -2**63}),
+    ("/v1/completions", {**COMP, "seed": -2**63 - 1}), ("/v1/completions", {**COMP, "logit_bias": {"5": "x"}}),
+    ("/v1/completions", {**COMP, "stop_token_ids": 5}), ("/v1/completions", {"prompt": ["a"], "max_tokens": 2}),
+    ("/v1/completions", {"prompt": [1.5], "max_tokens": 2}), ("/v1/completions", {"prompt": None, "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": None}),
+    ("/v1/chat/completions", {**CHAT, "n": None}), ("/v1/chat/completions", {**CHAT, "logprobs": None}),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": None}), ("/v1/chat/completions", {**CHAT, "top_logprobs": -1}),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 5}),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": "3"}), ("/v1/chat/completions", {**CHAT, "echo": None}),
+]
+# where we differ from vLLM 0.32 on purpose: prompt + max_tokens > max_model_len is refused (vLLM <= 0.10's rule;
+# 0.32 shortens max_tokens); a message's shape is worded by count_request_prompt
+DIFFERENT = ({"prompt": [1] * 4000, "max_tokens": 200}, {"messages": [{"content": "x"}], "max_tokens": 2})
+
+
+def test_the_same_verdicts_and_words_as_vllm():
+    """Every case of the tables through vLLM's own request models, validation handler and sampling checks (runs
+    where vLLM is installed: the ``vllm`` extra): the same verdict, and the same message where vLLM names one."""
+    pytest.importorskip("vllm.entrypoints.openai.completion.protocol")
+    import argparse
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
+    from vllm.entrypoints.serve.exception_handling.handlers.vllm_error import vllm_error_handler
+    from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+    from vllm.exceptions import VLLMError
+
+    from block.engine.tokens import PromptError, TokenCounter, count_request_prompt
+    from block.openai_params import check_context, validate_request
+    from block.service import ServiceError
+
+    class ModelConfig:  # what SamplingParams._validate_logprobs reads (vllm serve's defaults)
+        max_logprobs = 20
+
+        def get_vocab_size(self) -> int:
+            return 32000
+
+    app = FastAPI()
+    app.state.args = argparse.Namespace(log_error_stack=False)
+    app.exception_handler(RequestValidationError)(validation_exception_handler)
+    app.exception_handler(VLLMError)(vllm_error_handler)
+
+    def finish(req, chat: bool, n_prompt: int):
+        try:
+            mt = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+            req.to_sampling_params(get_max_tokens(4096, mt, n_prompt, {}), {})._validate_logprobs(ModelConfig())
+        except Exception as err:  # noqa: BLE001 - vLLM's own mapping decides
+            e = create_error_response(err)
+            return JSONResponse(e.model_dump(), status_code=e.error.code)
+        return {"ok": True}
+
+    def endpoint(model: type, chat: bool):
+        async def handle(request):
+            return finish(request, chat, 3)
+
+        handle.__annotations__ = {"request": model}  # a class, not this module's postponed string annotation
+        return handle
+
+    app.post("/v1/completions")(endpoint(CompletionRequest, False))
+    app.post("/v1/chat/completions")(endpoint(ChatCompletionRequest, True))
+
+    def ours(path: str, body: dict):
+        chat = "chat" in path
+        try:
+            r = validate_request(body, chat, 32000)
+            check_context(r, count_request_prompt(TokenCounter("none"), body, chat), 4096)
+        except ServiceError as e:
+            return 400, e.message
+        except PromptError as e:
+            return 400, str(e)
+        return 200, None
+
+    client = TestClient(app, raise_server_exceptions=False)
+    cases = [(p, b) for p, b, _ in REFUSED] + ACCEPTED + MORE
+    n = 0
+    for path, body in cases:
+        if body in DIFFERENT:
+            continue
+        r = client.post(path, json=body)
+        status, message = ours(path, body)
+        assert status == r.status_code, (body, message, r.text)
+        if status != 200:
+            assert message == r.json()["error"]["message"], (body, message, r.json())
+        n += 1
+    assert n == len(cases) - len(DIFFERENT)

@@ -164,7 +164,7 @@ class EngineService:
     def parse(self, body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) -> Params:
         """vLLM's validation (``block.openai_params``: the scheduler in front applies the same), then what only
         this engine knows: its model name, its context length, its KV cache."""
-        r = validate_request(body, chat)
+        r = validate_request(body, chat, self.vocab_size)
         model = body.get("model")
         if model is not None and model != self.served:
             raise ServiceError(404, f"The model `{show(model)}` does not exist.", "NotFoundError")
