@@ -8,8 +8,9 @@ rule keeps the fast lazy decode group. ``EngineConfig.scheduler`` names the rule
 * ``v0``: vLLM V0 as Block ran it (``vidur.sched.v0``);
 * ``v1``: current vLLM's V1 scheduler (``vidur.sched.v1``).
 
-A new rule is a class with the ``SchedulingRule`` shape, registered in ``RULES``, plus its naive step-by-step twin
-in ``tests/reference_engine.py`` that the fast engine is checked against.
+A new rule is a class with the ``SchedulingRule`` shape, built from an ``EngineConfig`` (reading only the settings in
+``make_rule``'s cache key) and registered in ``RULES``, plus its naive step-by-step twin in
+``tests/reference_engine.py`` that the fast engine is checked against.
 """
 
 from __future__ import annotations
