@@ -369,13 +369,17 @@ class VllmLoad:
     block_size: Optional[int] = None
     prompt_tokens: Optional[float] = None
     generation_tokens: Optional[float] = None
+    usage_metric: Optional[str] = None  # which of KV_USAGE_NAMES the usage came from
 
     @property
     def free_blocks(self) -> Optional[int]:
-        """Free KV blocks implied by the usage fraction (rounded), when the block count is known."""
+        """Free KV blocks implied by the usage fraction (rounded), when the block count is known. V1
+        (``kv_cache_usage_perc``) keeps one null block out of the fraction: usage = 1 - free / (blocks - 1)
+        (vllm/v1/core/block_pool.py ``get_usage``); V0's ``gpu_cache_usage_perc`` is 1 - free / blocks."""
         if self.num_gpu_blocks is None or self.kv_cache_usage is None:
             return None
-        return int(round(self.num_gpu_blocks * (1.0 - self.kv_cache_usage)))
+        usable = self.num_gpu_blocks - (1 if self.usage_metric == KV_USAGE_NAMES[0] else 0)
+        return int(round(max(0, usable) * (1.0 - self.kv_cache_usage)))
 
     @classmethod
     def from_metrics(cls, metrics: Union[str, Parsed], model_name: Optional[str] = None) -> "VllmLoad":
@@ -391,11 +395,11 @@ class VllmLoad:
                 bsz = int(float(lab["block_size"])) if lab.get("block_size") not in (None, "", "None") else None
             except ValueError:
                 pass
-        usage = None
+        usage = usage_name = None
         for nm in KV_USAGE_NAMES:
             got = samples(parsed, nm, want)
             if got:  # one engine per server here; average over engines of a data-parallel server
-                usage = sum(v for _, v in got) / len(got)
+                usage, usage_name = sum(v for _, v in got) / len(got), nm
                 break
         return cls(
             num_running=get_value(parsed, "vllm:num_requests_running", want),
@@ -405,4 +409,5 @@ class VllmLoad:
             num_gpu_blocks=blocks, block_size=bsz,
             prompt_tokens=get_value(parsed, "vllm:prompt_tokens_total", want),
             generation_tokens=get_value(parsed, "vllm:generation_tokens_total", want),
+            usage_metric=usage_name,
         )
