@@ -140,11 +140,16 @@ def error_event(message: str, type_: str, code: int) -> bytes:
 
 
 class StreamView:
-    """What one streamed answer has said so far: feed it the raw chunks; it parses complete events only."""
+    """What one streamed answer has said so far: feed it the raw chunks; it parses complete events only.
 
-    __slots__ = ("scanner", "outputs", "done", "finished", "error")
+    ``errors_only``: parse only error events and ``[DONE]`` (a relay past the first token needs nothing else; a
+    token chunk then costs a byte comparison, not a JSON parse); ``outputs`` and ``finished`` are not kept.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("scanner", "outputs", "done", "finished", "error", "errors_only")
+
+    def __init__(self, errors_only: bool = False) -> None:
+        self.errors_only = errors_only
         self.scanner = SSEScanner()
         self.outputs = 0  # chunks with output
         self.done = False  # [DONE] seen
@@ -155,6 +160,8 @@ class StreamView:
         """Update the view from ``chunk``; the parsed payloads of the events it completed (in order)."""
         objs = []
         for p in self.scanner.feed(chunk):
+            if self.errors_only and not p.startswith(b'{"error"') and p != b"[DONE]":
+                continue
             obj = parse_payload(p)
             objs.append(obj)
             if obj == DONE:

@@ -681,7 +681,7 @@ class Scheduler:
         (unless it sent one) and ``[DONE]``. An error event makes the row ``stream_error`` (``client_error`` when the
         engine blames the request: a 4xx ``code``)."""
         status, error = ST_OK, None
-        view = StreamView()
+        view = StreamView(errors_only=True)
         try:
             first = b"".join(chunks)
             view.feed(first)
