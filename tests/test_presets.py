@@ -52,6 +52,10 @@ PRESETS = {
     "table2_azure": ("table2/azure", {"policy": ["block_oracle", "block_noisy", "llumnix"],
                                       "workload.qps": [float(q) for q in range(6, 19)]},
                      {"dataset.name": "azure_conv", "workload.arrival": "trace", "model.name": "meta-llama/Llama-2-7b-hf"}),
+    # a single run (no sweep) on real vLLM (CPU): benchmarks/vllm_accuracy.py runs it
+    "vllm_cpu_accuracy": ("vllm_cpu_accuracy", {},
+                          {"cluster.num_instances": 2, "mode.name": "emulate", "mode.state_source": "proxy",
+                           "engine.scheduler": "v1", "workload.num_requests": 40, "accuracy.sampling_rate": 0.3}),
 }
 SELF_ORDER_MSG = ("conf/config.yaml must list `_self_` before `experiment` in its defaults list, otherwise the base "
                   "config's own keys (experiment_name, seed, accuracy, ...) override every preset")
@@ -109,7 +113,7 @@ def test_preset_composes_and_every_sweep_point_validates(composer, name):
     exp_name, swept, fixed = PRESETS[name]
     base = composer([f"experiment={name}"])
     assert base.experiment_name == exp_name, SELF_ORDER_MSG
-    params = {k: _values(v) for k, v in base.hydra.sweeper.params.items()}
+    params = {k: _values(v) for k, v in (base.hydra.sweeper.params or {}).items()}
     assert params == swept
     assert base.hydra.callbacks.sweep_progress._target_ == "experiments.logger.SweepProgress"
     # every combination: the group choices are composed, the QPS (a plain value) is set on the composed config
@@ -133,7 +137,7 @@ def test_preset_composes_and_every_sweep_point_validates(composer, name):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_workload_builds_at_full_scale(composer, name):
     cfg = composer([f"experiment={name}"])
-    first = {k: _values(v)[0] for k, v in cfg.hydra.sweeper.params.items()}
+    first = {k: _values(v)[0] for k, v in (cfg.hydra.sweeper.params or {}).items()}
     if "workload.qps" in first:
         cfg.workload.qps = first["workload.qps"]
     requests = wiring.workload(cfg)
@@ -273,6 +277,41 @@ def test_a_crashed_run_leaves_no_summary_and_is_redone(tmp_path):
     after = _summaries(root)
     assert len(after) == 4
     assert all(after[k] == before[k] for k in before)  # finished runs untouched
+
+
+def test_progress_on_a_terminal_keeps_the_bars(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "-m", "experiment=smoke", "policy=round_robin",
+                             f"output_root={tmp_path}"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:  # drain the terminal while the sweep runs (a full pty buffer would block it)
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert proc.wait(timeout=120) == 0
+    reader.join(timeout=10)
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert "\r" in out and "sweep smoke" in out and "2/2" in out  # tqdm redraws in place
+    assert "runs complete (" not in out  # the plain lines are for logs only
 
 
 def test_a_rerun_removes_what_a_killed_writer_left(tmp_path):
