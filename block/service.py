@@ -301,8 +301,6 @@ def guarded_protocol(base: type, limits: Limits) -> type:
     ``data_received`` only -- a few attribute reads per read from the socket."""
 
     header_s, body_s = limits.header_timeout_s, limits.body_timeout_s
-    TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                   b"content-length: %d\r\n\r\n%s")
 
     class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         _deadline: Optional[asyncio.TimerHandle] = None
@@ -352,12 +350,22 @@ def guarded_protocol(base: type, limits: Limits) -> type:
                 return
             c = self.cycle
             if phase == "header" and (c is None or c.response_complete):  # nothing started: say why, then close
-                body = orjson.dumps(error_body(f"request header not received within {header_s:g} s",
-                                               "invalid_request_error", 408))
-                t.write(TIMEOUT_408 % (len(body), body))
+                self._answer(408, f"request header not received within {header_s:g} s")
             log.info("closing a connection: request %s not received within %g s", phase,
                      header_s if phase == "header" else body_s)
             t.close()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request it cannot parse (e.g. a header over --max-header-bytes), in JSON."""
+            self._answer(400, f"invalid HTTP request: {msg}")
+            self.transport.close()
+
+        def _answer(self, status: int, message: str) -> None:
+            """A whole JSON error answer written raw (no request cycle exists), then the connection closes."""
+            body = orjson.dumps(error_body(message, "invalid_request_error", status))
+            reason = {400: b"Bad Request", 408: b"Request Timeout"}[status]
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
 
     GuardedProtocol.__name__ = f"Guarded{base.__name__}"
     return GuardedProtocol

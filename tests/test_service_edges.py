@@ -217,6 +217,31 @@ def test_what_vllm_accepts_is_served_through_the_scheduler(stack, path, body):
 
 
 # ------------------------------------------------------------------------------------------ 3. slow clients
+def raw_exchange(url: str, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    host, port = url.rsplit("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("service", ["engine", "predictor", "scheduler"])
+def test_unparseable_http_and_a_missing_header_are_json_errors(stack, service):
+    """What uvicorn answers itself (a request it cannot parse: text/plain before) and the header deadline (the
+    connection was held before) are JSON errors like every other."""
+    url = stack[service].url
+    out = raw_exchange(url, b"NOT HTTP AT ALL\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head, out
+    assert json.loads(body)["error"]["code"] == 400
+    out = raw_exchange(url, b"GET /health HTTP/1.1\r\nhost: x\r\n")  # never finished: closed after the deadline
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == 408, out
+
+
 @pytest.mark.parametrize("service", ["engine", "scheduler"])
 def test_slow_clients_are_dropped_and_health_stays_answered(stack, service):
     """200 connections that send half a header and 50 that trickle a chunked body one byte at a time: every one is
