@@ -112,7 +112,10 @@ class Engine:
         self.dg_hist = [0] * self.bs  # count of members by (c0 - d0) mod block_size
         self.dg_heap: list[tuple[int, int, int, Seq]] = []  # (finish clock, id, version, seq)
         self.on_finish = None  # optional callback(seq)
-        self._rule_advance = make_rule(config).advance  # (few attributes: the what-if builds an engine per call)
+        rule = make_rule(config)  # shared, holds no engine (few attributes: the what-if builds an engine per call)
+        self._rule_advance = rule.advance
+        # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
+        self._prefill_holds_known = rule.prefill_holds_known
 
     # ------------------------------------------------------------------ public API
     @property
@@ -189,8 +192,7 @@ class Engine:
         """KV blocks a running request holds between steps."""
         if s.in_decode:
             return -(-(s.c0 + self.dclock - s.d0) // self.bs)
-        # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
-        return -(-(s.known if make_rule(self.cfg).prefill_holds_known else s.computed) // self.bs)
+        return -(-(s.known if self._prefill_holds_known else s.computed) // self.bs)
 
     def stats(self) -> InstanceStats:
         """Cheap load figures (what vLLM's /metrics or Block's simple trace report)."""
