@@ -59,17 +59,22 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu", default="a30")
     ap.add_argument("--blocks", type=int, default=1052)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scheduler", choices=("v0", "v1"), default="v0",
+                    help="engine scheduling rule (v1: vLLM V1, budget 512 = the chunk, no watermark)")
     args = ap.parse_args(argv)
     model = ModelSpec.from_dict(OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{args.model}.yaml"))
     gpu = GpuSpec.from_dict(OmegaConf.load(REPO_ROOT / "conf" / "gpu" / f"{args.gpu}.yaml"))
     em = ExecutionModel.fit(model, gpu, profile_root=profile_root())
     cfg = EngineConfig(max_num_seqs=48, chunk_size=512, chunked_prefill=True, block_size=16, num_blocks=args.blocks)
+    if args.scheduler == "v1":
+        cfg = EngineConfig(max_num_seqs=48, max_num_batched_tokens=512, block_size=16, num_blocks=args.blocks,
+                           watermark=0.0, scheduler="v1")
     df = load_dataset("sharegpt")
     df = df[(df.prompt_tokens >= 4) & (df.output_tokens > 0) & (df.prompt_tokens + df.output_tokens < 4096)]
     lengths = list(zip(df.prompt_tokens.tolist(), df.output_tokens.tolist()))
     rng = random.Random(args.seed)
-    print(f"what-if latency, {args.model} on {args.gpu}, chunk 512, batch cap 48, {args.blocks} blocks, "
-          f"{args.samples} samples per row")
+    print(f"what-if latency ({args.scheduler}), {args.model} on {args.gpu}, chunk 512, batch cap 48, "
+          f"{args.blocks} blocks, {args.samples} samples per row")
     print(f"{'running':>7} {'waiting':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'pred e2e s':>10} "
           f"{'x faster than Block (62-80 ms)':>32}")
     for nr in (16, 48):
