@@ -663,3 +663,48 @@ def test_the_benchmark_client_reads_streams_as_the_services_do():
     assert (outs["good"].status, outs["good"].chunks, outs["good"].usage_out) == ("ok", 3, 3)
     assert outs["role_close"].status == "no_token" and outs["tokens_close"].status == "incomplete"
     assert outs["client_error"].status == "stream_error" and "out of vocabulary" in outs["client_error"].error
+
+
+def test_a_streaming_client_that_leaves_before_its_first_token_is_aborted_in_the_queue(tmp_path):
+    """A slow one-seat engine runs one request; a second one, streamed through the predictor, waits in its queue.
+    Its client leaves: the predictor closes the upstream request at once, so the engine drops the waiting request
+    (no prefill for nobody) while the first one still runs."""
+    import socket
+
+    from block.service import free_port
+
+    with LocalStack(tmp_path, env=dict.fromkeys(TOKEN_VARS)) as stack:
+        port = free_port()
+        eng = stack.start("engine", "block.engine", ["--time-scale", "0.2", "--max-num-seqs", "1", "--tokenizer",
+                                                     "none"], port=port, wait=False)
+        pred = stack.start("predictor", "block.predictor", ["--engine-url", f"http://127.0.0.1:{port}",
+                                                            *PRED_ARGS[2:]], wait=False)
+        eng.wait_healthy(), pred.wait_healthy()
+        stop = threading.Event()
+
+        def holder() -> None:  # occupies the engine's only seat until told to leave
+            with eng.client() as c, c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 2000,
+                                                                                "stream": True}) as r:
+                for _ in r.iter_raw():
+                    if stop.is_set():
+                        return
+
+        hold = threading.Thread(target=holder, daemon=True)
+        hold.start()
+        with eng.client() as ce:
+            assert wait_until(lambda: len(ce.get("/state").json()["running"]) == 1, timeout=60)
+            raw = json.dumps({"prompt": [1, 2, 3], "max_tokens": 50, "stream": True}).encode()
+            sock = socket.create_connection(("127.0.0.1", int(pred.url.rsplit(":", 1)[1])), timeout=30)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+            assert wait_until(lambda: len(ce.get("/state").json()["waiting"]) == 1, timeout=60)
+            sock.close()
+            assert wait_until(lambda: not ce.get("/state").json()["waiting"], timeout=60)
+            st = ce.get("/state").json()
+            assert len(st["running"]) == 1 and st["running"][0]["prompt_tokens"] == 2  # the first one runs on
+        with pred.client() as cp:
+            assert wait_until(lambda: get_value(parse_prometheus(cp.get("/metrics").text),
+                                                "block_predictor_proxied_requests_total",
+                                                {"outcome": "client_disconnect"}) == 1, timeout=30)
+        stop.set()
+        hold.join(60)

@@ -561,7 +561,9 @@ class PredictorService:
         try:
             if stream is True:
                 up, shape = self._usage_request(body, raw, chat)
-                resp = await self._stream(path, up, headers, t, shape)
+                # watched until the first token too: a client that leaves while the request waits in the engine's
+                # queue has it aborted there at once, not after its prefill
+                resp = await self._until_disconnect(request, self._stream(path, up, headers, t, shape), t)
                 handed_off = isinstance(resp, StreamingResponse)
                 return resp
             if stream in (None, False) and self.force_stream and self._forceable(body):
