@@ -4,9 +4,13 @@ Endpoints (docs/services.md, "Predictor side-car"):
 
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` -- forwarded to the engine (streaming preserved chunk by
   chunk; the engine's status codes and JSON errors passed through); every request is tracked while in flight.
-  A non-streaming request is sent upstream as a stream (``include_usage`` + ``continuous_usage_stats``) and
-  reassembled, so the predictor sees its progress too. An engine failure before the first token gives a prompt
-  502 (transport) or 503 (timeout) JSON error: nothing has reached the client, the scheduler may retry elsewhere.
+  Streams are requested with ``continuous_usage_stats`` (exact token counts; stripped again for the client) and a
+  non-streaming request is sent upstream as a stream and reassembled, so the predictor sees its progress too.
+  No silent loss (docs/services.md, "Proxy"): an answer counts only if it ended properly ([DONE] or finish_reason).
+  Before the first token a failure is a prompt 502/503 ``engine_unavailable`` (nothing reached the client: the
+  scheduler may retry elsewhere); after it, 502 ``engine_failed`` (non-streaming) or an SSE error event and [DONE];
+  an in-stream error with a 4xx code is the client's (that status, or the event relayed). While the engine is known
+  to be down, ``/predict``, ``/stats`` and the proxy answer 503 ``engine_down`` at once.
 - ``GET /v1/models`` -- passthrough.
 - ``POST /predict`` -- ``vidur.whatif.predict`` on the current state -> ``Prediction.to_dict()``.
 - ``GET /stats`` (``InstanceStats``), ``GET /state`` (the ``InstanceState`` used, plus source and age),
