@@ -21,8 +21,8 @@ The steps (each one skipped when already done, so the command is idempotent):
 6. the marker ``<venv>/block-vllm.json`` (versions, python, check output). A later run whose marker matches and
    whose check passes does nothing.
 
-A failure writes ``<venv>/block-vllm-failed.json`` (the step and the end of its output) and exits 1; the real-vLLM
-tests skip with that reason (``block.engine.vllm.vllm_executable``).
+A failure writes ``<venv>/block-vllm-failed.json`` (the step and the end of its output) and exits 1 (0 with
+``--allow-fail``, as CI runs it); the real-vLLM tests skip with that reason (``block.engine.vllm.vllm_executable``).
 """
 
 from __future__ import annotations
@@ -192,11 +192,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--force", action="store_true", help="redo every check and step even when the marker matches")
     ap.add_argument("--pip-arg", action="append", default=[], metavar="ARG",
                     help="an extra argument for `pip install` (repeatable), e.g. --pip-arg=--index-url=URL")
+    ap.add_argument("--allow-fail", action="store_true",
+                    help="exit 0 when the install fails (it is still recorded and reported; the real-vLLM tests then "
+                         "skip, naming the failed step): for CI and the README's test command")
     a = ap.parse_args(argv)
     try:
         r = install(a.venv, force=a.force, pip_args=a.pip_arg)
     except InstallError as err:
         print(f"error: vLLM install failed at step {err.step!r}:\n{err.error}", file=sys.stderr)
+        if a.allow_fail:
+            print("warning: continuing without vLLM (--allow-fail): tests/test_vllm_real.py will skip",
+                  file=sys.stderr)
+            return 0
         return 1
     print(json.dumps(asdict(r)))
     return 0
