@@ -1,6 +1,7 @@
 """Run a stock vLLM (current release, V1 engine) in place of the emulated engine.
 
-Three pieces, none of which needs a GPU except actually serving:
+Three pieces; serving needs a GPU host with ``pip install -e .[vllm]``, or, on CPU, the venv of
+``python -m block.engine.vllm_install`` (found by :func:`vllm_executable`; ``--model llama_tiny --engine vllm_cpu``):
 
 - :func:`vllm_command` turns a model config (``conf/model``) and an engine config (``conf/engine``) into the
   ``vllm serve`` argv for the current vLLM release (>= 0.11): random weights (``--load-format dummy``) and a local
@@ -8,7 +9,8 @@ Three pieces, none of which needs a GPU except actually serving:
   the command line. Request logging is off by default since vLLM 0.11 (``--disable-log-requests`` was removed);
   ``legacy_log_flag=True`` adds it back for older releases.
 - :func:`prepare_model_dir` writes a Hugging Face ``config.json`` (Llama-2 / Qwen2 architecture from
-  ``conf/model/*.yaml``) plus the bundled tokenizer files into a directory that ``vllm serve`` loads.
+  ``conf/model/*.yaml``) plus the bundled tokenizer files (with a chat template where the tokenizer has none) into a
+  directory that ``vllm serve`` loads.
 - ``python -m block.engine.vllm --port 0 --model llama2_7b --engine vllm_chunked ...`` prepares that directory,
   picks a port, prints ``listening on http://127.0.0.1:<port>`` (the line ``experiments.local_stack.LocalStack``
   waits for) and execs ``vllm serve``; ``LocalStack.wait_healthy`` then polls vLLM's own ``/health``. Use
