@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import random
 
 import pytest
@@ -287,3 +288,74 @@ def test_engine_configs_name_their_rule():
     assert build_setup("llama2_7b", "a30", "vllm_chunked").engine.scheduler == "v0"
     bigger = build_setup("llama2_7b", "a30", "vllm_v1", max_num_batched_tokens=8192, max_num_seqs=1024).engine
     assert bigger.token_budget == 8192
+
+
+def _vllm_python():
+    """The Python of the vLLM install (``python -m block.engine.vllm_install``), or None."""
+    from block.engine.vllm_install import default_venv, venv_bin
+
+    py = venv_bin(default_venv(), "python")
+    return py if py.is_file() else None
+
+
+def _vidur_v1_steps(case, model):
+    """Our V1 engine stepped like vLLM's scheduler loop: per step the tokens each request got and who was preempted."""
+    cfg = EngineConfig(scheduler="v1", max_num_seqs=case["max_num_seqs"],
+                       max_num_batched_tokens=case["max_num_batched_tokens"], block_size=case["block_size"],
+                       num_blocks=case["num_blocks"], watermark=case["watermark"], max_model_len=case["max_model_len"],
+                       long_prefill_token_threshold=case["long_prefill_token_threshold"])
+    e = Engine(cfg, model)
+    pending = sorted(case["requests"], key=lambda r: (r[3], r[0]))
+    seqs, steps = [], []
+    while pending or e.has_work():
+        while pending and pending[0][3] <= len(steps):
+            rid, prompt, out, _ = pending.pop(0)
+            seqs.append(e.add(Seq(rid, prompt, out, e.time), e.time))
+        before = [(e.computed_of(s), s.preemptions) for s in seqs]
+        if e.has_work():
+            e._advance(e.time + 1e-9)  # one scheduler iteration: one step (a preemption-only one commits none)
+        tokens, preempted = {}, []
+        for s, (c, p) in zip(seqs, before):
+            if s.preemptions > p:
+                preempted.append(str(s.id))
+            elif e.computed_of(s) > c:
+                tokens[str(s.id)] = e.computed_of(s) - c
+        steps.append({"tokens": tokens, "preempted": sorted(preempted)})
+    return steps
+
+
+def test_v1_rule_matches_vllm_scheduler(tmp_path, toy_model):
+    """vLLM's own V1 scheduler (the installed vLLM, driven by tests/vllm_v1_schedule.py with no model) and our V1
+    rule schedule the same tokens for the same requests in every step, and preempt the same requests, under heavy
+    preemption, with a long-prefill threshold and with a watermark. Skipped where vLLM is not installed."""
+    import json
+    import subprocess
+
+    py = _vllm_python()
+    if py is None:
+        pytest.skip("vLLM is not installed (python -m block.engine.vllm_install, or set BLOCK_VLLM_VENV)")
+    from block.engine.config import load_conf
+    from block.engine.vllm import prepare_model_dir
+
+    model_dir = prepare_model_dir(load_conf("model", "llama_tiny"), tmp_path / "model")
+    rng = random.Random(11)
+    cases = []
+    # (blocks, threshold, watermark); at 34 blocks and 10% the longest requests fit only into an empty engine
+    for nblocks, thr, wm in ((40, 0, 0.0), (40, 24, 0.0), (60, 0, 0.05), (34, 0, 0.1), (400, 0, 0.0)):
+        reqs = []
+        for i in range(40):
+            p = 500 if i % 10 == 0 else rng.randint(1, 300)
+            reqs.append([i, p, rng.randint(1, min(200, 512 - p)), rng.randint(0, 400)])
+        cases.append({"max_num_seqs": 8, "max_num_batched_tokens": 64, "block_size": 16, "num_blocks": nblocks,
+                      "watermark": wm, "long_prefill_token_threshold": thr, "max_model_len": 512, "requests": reqs})
+    res = subprocess.run([str(py), str(Path(__file__).with_name("vllm_v1_schedule.py"))],
+                         input=json.dumps({"model_dir": str(model_dir), "cases": cases}), capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    for case, vllm_steps in zip(cases, theirs):
+        ours = _vidur_v1_steps(case, toy_model)
+        assert sum(len(s["preempted"]) for s in ours) > 0 or case["num_blocks"] > 100
+        for k, (a, b) in enumerate(zip(ours, vllm_steps)):
+            assert a == b, (case["num_blocks"], case["long_prefill_token_threshold"], k, a, b)
+        assert len(ours) == len(vllm_steps)
