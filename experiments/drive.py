@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     requests = read_requests(Path(a.requests))
     t0 = time.perf_counter()
     res = drive(cfg, requests, [u for u in a.schedulers.split(",") if u], [u for u in a.states.split(",") if u],
-                token)
+                token, bars=bool(cfg.get("progress", True)))
     summary = write_records(cfg, Path(a.out), requests, res, mode=a.mode, wall_s=time.perf_counter() - t0)
     print(json.dumps({k: summary.get(k) for k in ("completed", "failed", "request_throughput", "p99_ttft_ms")}))
     return 0

@@ -101,7 +101,7 @@ class _Sampler:
             self._thread.join(timeout=5)
 
 
-async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, token: str | None):
+async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, token: str | None, bars: bool):
     from block.benchmark.client import BenchmarkConfig, benchmark
 
     scale = float(cfg.mode.time_scale)
@@ -113,7 +113,7 @@ async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, to
             continue
         bc = BenchmarkConfig(base_url=url, num_requests=len(part), request_rate=float(cfg.workload.qps or 1.0),
                              seed=int(cfg.seed), hint=hint, time_scale=scale, token=token,
-                             disable_tqdm=not cfg.get("progress", True) or len(scheduler_urls) > 1 or not interactive(),
+                             disable_tqdm=not bars or len(scheduler_urls) > 1,
                              max_model_len=int(cfg.engine.max_model_len), timeout_s=float(cfg.mode.timeout_s))
         jobs.append(benchmark(bc, part))
     return await asyncio.gather(*jobs)
@@ -144,7 +144,8 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                   scheduler_args(cfg, [p.url for p in predictors], conf_dir / f"scheduler{j}.jsonl"))
                       for j in range(m)]
         stack.wait_healthy()
-        records = drive(cfg, requests, [s.url for s in schedulers], [e.url for e in engines], token)
+        records = drive(cfg, requests, [s.url for s in schedulers], [e.url for e in engines], token,
+                        bars=bool(cfg.get("progress", True)) and interactive())
         stack.check_alive()
     return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0)
 
@@ -159,16 +160,17 @@ class DriveResult:
 
 
 def drive(cfg: DictConfig, requests: list, scheduler_urls: list[str], state_urls: list[str],
-          token: str | None) -> DriveResult:
+          token: str | None, bars: bool) -> DriveResult:
     """Replay ``requests`` against running schedulers while sampling every instance's ``/state``.
 
     Shared by ``mode=emulate`` (local services) and ``mode=deploy`` (run on the scheduler host by
     ``python -m experiments.drive``); ``state_urls`` are engines (emulate) or predictors (deploy: they also serve
-    ``/state``, for stock vLLM too).
+    ``/state``, for stock vLLM too). ``bars``: the benchmark client's progress bar (emulate: only on a terminal;
+    deploy: as ``progress`` says, since the host's output is streamed back to the driver).
     """
     scale = float(cfg.mode.time_scale)
     with _Sampler(state_urls, float(cfg.mode.sample_interval_s), scale, token) as sampler:
-        results = asyncio.run(_replay(cfg, scheduler_urls, requests, token))
+        results = asyncio.run(_replay(cfg, scheduler_urls, requests, token, bars))
     req_df = pd.concat([r.requests for r in results], ignore_index=True).sort_values("id").reset_index(drop=True)
     itls = np.concatenate([r.itls_s for r in results]) if results else np.array([])
     return DriveResult(req_df, itls, instances_frame(sampler.rows))
