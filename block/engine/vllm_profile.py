@@ -10,6 +10,12 @@ Two halves, because vLLM lives in its own environment (its pins clash with the m
   span ``ExecutionModel.step_time`` models; detokenisation is left out, it runs in vLLM's API process when
   serving). The batch shape of a step is read from the scheduler's own output, not from what we meant to send, so
   each row is what vLLM really ran. Rows go to a CSV in ``vidur.profile_fit``'s format (plus ``scenario``).
+- What a step costs depends on how vLLM runs the model: ``vllm serve`` on CPU always puts it in a worker process
+  beside the engine core (vLLM's CPU platform forces the ``mp`` executor) and the two hand every step over through
+  busy-polled shared memory -- on one pinned core that is several times the model's own compute. So by default
+  (CPU) the profiler builds the same structure (``--executor mp``) and fits wall time (``--clock wall``): the
+  step as the served engine takes it. ``--executor uni --clock cpu`` measures the compute alone (this thread's CPU
+  time: free of a shared machine's load). On a GPU host the default is ``uni`` and wall time, as served at TP 1.
 - ``fit`` runs in the main environment: a seeded hold-out split, ``vidur.profile_fit.fit_steps`` on the rest,
   the held-out error of *that* fit (the saved model is the one the error describes), written as
   ``data/profiling/fitted/<device>/<model profile_name>/tp<N>.json`` -- the path ``ExecutionModel.fit`` loads for
@@ -382,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="fitted JSON (default data/profiling/fitted/<device>/<model>/tp<N>"
                                                 ".json, where ExecutionModel.fit finds it)")
     ap.add_argument("--steps-csv", default=None, help="where to keep the measured steps (default beside --out "
-                                                      "as steps.csv); with --fit-only, the CSV to fit")
+                                                      "as tp<N>.steps.csv); with --fit-only, the CSV to fit")
     ap.add_argument("--fit-only", action="store_true", help="fit an existing --steps-csv, measure nothing")
     ap.add_argument("--python", default=None, help=f"vLLM's Python (default ${VLLM_PYTHON_ENV}, the launcher's "
                                                     "venv, or this one)")
@@ -391,8 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mixed-steps", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clock", choices=CLOCKS, default=None, help="what the fit uses as step time: the measuring "
-                    "thread's CPU time (default on CPU: a shared machine's load stays out) or wall time (GPU)")
+    ap.add_argument("--clock", choices=CLOCKS, default="wall", help="what the fit uses as step time: wall time "
+                    "(default: what a client sees) or the measuring thread's CPU time (with --executor uni on CPU: "
+                    "the step's own compute, free of a shared machine's load; meaningless on a GPU)")
+    ap.add_argument("--executor", choices=("uni", "mp"), default=None, help="mp (default on CPU): the model in a "
+                    "worker process beside the engine core, as `vllm serve` always runs it on CPU (each step is "
+                    "handed over through busy-polled shared memory); uni (default on a GPU host, as vllm serve runs "
+                    "TP 1 there): in the engine core's process")
     ap.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not a profile)")
     ap.add_argument("--gpu-host", action="store_true", help="profile on the GPU (device named from nvidia-smi)")
     return ap
@@ -409,12 +420,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     m, e = load_conf("model", a.model), load_conf("engine", a.engine)
     device = a.device or device_name(cpu=not a.gpu_host)
+    executor = a.executor or ("uni" if a.gpu_host else "mp")
     g = load_conf("gpu", a.gpu or device)
     out = Path(a.out) if a.out else fitted_path(device, str(m["profile_name"]), a.tp)
     steps_csv = Path(a.steps_csv) if a.steps_csv else out.with_name(f"tp{a.tp}.steps.csv")
     t0 = time.perf_counter()
     meta: dict[str, Any] = {"device": device, "engine": str(e.get("name")), "loadavg_before": os.getloadavg(),
-                            "clock": a.clock or ("wall" if a.gpu_host else "cpu")}
+                            "clock": a.clock, "executor": executor,
+                            "cpus": a.cpus, "nice": os.nice(0)}
     if not a.fit_only:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "block-repro" / "vllm-models"
         mdir = prepare_model_dir(m, cache / str(m["name"]).replace("/", "__"))
@@ -425,7 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            dtype=a.dtype or str(e.get("dtype") or ("float16" if a.gpu_host else "bfloat16")),
                            enforce_eager=bool(e.get("enforce_eager", not a.gpu_host)),
                            vocab_size=int(m["vocab_size"]), repeats=a.repeats, mixed_steps=a.mixed_steps,
-                           seed=a.seed, quick=a.quick, clock=a.clock or ("wall" if a.gpu_host else "cpu"))
+                           seed=a.seed, quick=a.quick, clock=a.clock, extra_engine_args=(
+                               {"distributed_executor_backend": "mp"} if executor == "mp" else {}))
         steps_csv.parent.mkdir(parents=True, exist_ok=True)
         cfg_file = steps_csv.with_suffix(".config.json")
         cfg_file.write_text(json.dumps(asdict(pc)))
