@@ -30,10 +30,8 @@ sys.path.insert(0, str(ROOT))
 from hydra_plugins.block_ray_launcher.local_cluster import LocalRayCluster  # noqa: E402
 
 
-def sweep(out: Path, requests: int, launcher_args: list[str]) -> float:
+def sweep(out: Path, requests: int, launcher_args: list[str], env: dict | None = None) -> float:
     """Run the sweep into ``out``; return its wall time in seconds (raises if it fails or skips a run)."""
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "experiments.run", "-m", "experiment=smoke", f"workload.num_requests={requests}",
            f"output_root={out}", "progress=false", *launcher_args]
     t0 = time.perf_counter()
@@ -63,7 +61,8 @@ def main(argv=None) -> None:
         with LocalRayCluster(num_nodes=args.nodes, cpus_per_node=args.runs_per_node) as cluster:
             t_start = time.perf_counter() - t0
             t_ray = sweep(Path(tmp) / "ray", args.requests,
-                          ["hydra/launcher=ray_cluster", f"hydra.launcher.address='{cluster.address}'"])
+                          ["hydra/launcher=ray_cluster", f"hydra.launcher.address='{cluster.address}'"],
+                          env=cluster.driver_env())
     print(f"ray     {args.nodes} nodes x {args.runs_per_node} CPU: {t_ray:7.1f} s  (cluster start, not counted: "
           f"{t_start:.1f} s)")
     print(f"smoke sweep, 4 runs x {args.requests} requests, {os.cpu_count()} cores: ray / joblib = "

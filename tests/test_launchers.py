@@ -130,7 +130,7 @@ def ray_cluster():
 
 def _ray_sweep(cluster, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     return _sweep("progress=false", "hydra/launcher=ray_cluster", f"hydra.launcher.address='{cluster.address}'",
-                  *overrides, cwd=cwd, check=check)
+                  *overrides, cwd=cwd, env=cluster.driver_env(_env()), check=check)
 
 
 def test_ray_cluster_launcher_composes_into_the_plugin_class(composer):
@@ -149,6 +149,16 @@ def test_ray_cluster_launcher_composes_into_the_plugin_class(composer):
     with pytest.raises(ConfigCompositionException):  # typed: a misspelt key fails before anything is submitted
         composer(["experiment=smoke", "hydra/launcher=ray_cluster", "hydra.launcher.adress=x:1"])
 
+
+def test_ray_cluster_without_a_cluster_fails_at_once_saying_so(tmp_path):
+    pytest.importorskip("ray", reason="pip install -e '.[cluster]' (ray)")
+    from hydra_plugins.block_ray_launcher.local_cluster import LOOPBACK, free_port
+
+    address = f"{LOOPBACK}:{free_port(LOOPBACK)}"  # nothing listens there (ray.init would retry for minutes)
+    p = _sweep("experiment=smoke", "policy=round_robin", f"output_root={tmp_path}", "progress=false",
+               "hydra/launcher=ray_cluster", f"hydra.launcher.address='{address}'", timeout=120, check=False)
+    assert p.returncode != 0 and f"no Ray cluster at hydra.launcher.address={address}" in p.stderr
+    assert "ray start --head" in p.stderr and not list(tmp_path.rglob("summary.json"))
 
 def test_ray_cluster_runs_a_sweep_on_both_nodes_and_resumes(ray_cluster, tmp_path):
     # the driver runs elsewhere than the repository with a relative output_root: records must land under the

@@ -84,12 +84,35 @@ def run_job_on_node(hydra_context: HydraContext, sweep_config: DictConfig, task_
         os.chdir(before)
 
 
+class NoCluster(RuntimeError):
+    """No Ray cluster answers at the configured address (said at once, not after Ray's minutes of retries)."""
+
+
+HINT = ("start one (`ray start --head` on the head, `ray start --address=<head ip>:6379` on the others) and pass "
+        "hydra.launcher.address=<head ip>:6379, or use hydra/launcher=ray_local for a private Ray on this machine")
+
+
+def check_reachable(address: Optional[str], timeout_s: float = 10.0) -> None:
+    """Fail fast when a ``host:port`` GCS address takes no TCP connection: ``ray.init`` would retry for minutes
+    (measured: still waiting after 3 minutes) before it gave up. ``None``, ``auto`` and ``ray://`` are Ray's."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise NoCluster(f"hydra.launcher.address={address!r}: expected <host>:<port>, auto or ray://<host>:<port>")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise NoCluster(f"no Ray cluster at hydra.launcher.address={address} ({err}): {HINT}") from None
+
+
 def _start_ray(address: Optional[str], init: Dict[str, Any]) -> None:
     import ray
 
     if ray.is_initialized():
         log.info("Ray is already initialized in this process")
         return
+    check_reachable(address)
     kwargs = {"address": address, **init}
     host = str(address or "").rpartition(":")[0]
     if host.startswith("127.") and host != "127.0.0.1":
@@ -97,7 +120,10 @@ def _start_ray(address: Optional[str], init: Dict[str, Any]) -> None:
         # Ray would otherwise look for a local node at its outward address and not find one
         kwargs.setdefault("_node_ip_address", host)
     log.info("ray.init(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:  # address=auto and no cluster started on this host
+        raise NoCluster(f"no Ray cluster at hydra.launcher.address={address} ({err}): {HINT}") from None
 
 
 def _failed(overrides: Sequence[str], config: DictConfig, err: BaseException) -> JobReturn:

@@ -7,10 +7,16 @@ node runs ``ray start --block`` in its own process group), never ``ray stop``, w
 the user on the machine. Its temp dir is short on purpose: Ray's Unix socket paths (temp dir +
 ``session_<date>_<pid>/sockets/plasma_store``) must stay under the 107-byte AF_UNIX limit, which a pytest
 ``tmp_path`` exceeds.
+
+Ray listens on all interfaces whatever the node address, so the cluster requires Ray's token authentication with a
+fresh token of its own (in its temp dir): nothing else can use it, and it does not depend on, or write,
+``~/.ray/auth_token`` (which a private ``ray.init()`` creates, and which ``ray start`` would otherwise pick up).
+Processes that connect (a sweep with ``hydra/launcher=ray_cluster``) need ``driver_env()``.
 """
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -78,10 +84,21 @@ class LocalRayCluster:
                  "--disable-usage-stats", *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
 
+    def driver_env(self, base: Optional[dict] = None) -> dict:
+        """The environment of a process that connects to this cluster: its token, no other cluster's address."""
+        env = dict(os.environ if base is None else base)
+        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+            env.pop(k, None)
+        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH=str(Path(self.temp_dir or "") / "auth_token"))
+        return env
+
     def start(self) -> "LocalRayCluster":
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-        env.pop("RAY_ADDRESS", None)
+        token = self.temp_dir / "auth_token"
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+        env = self.driver_env()
         port = free_port(self.host)
         self.address = f"{self.host}:{port}"
         try:
@@ -99,7 +116,7 @@ class LocalRayCluster:
         """Block until every node has joined (asks the head's GCS; no sleep-and-hope)."""
         p = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, self.address, str(self.num_nodes),
                             str(self.start_timeout_s)], capture_output=True, text=True,
-                           timeout=self.start_timeout_s + 60, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+                           timeout=self.start_timeout_s + 60, env=self.driver_env())
         ids = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else []
         if len(ids) < self.num_nodes:
             raise RuntimeError(f"Ray cluster at {self.address}: {len(ids)}/{self.num_nodes} nodes joined\n"
