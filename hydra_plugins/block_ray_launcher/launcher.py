@@ -34,6 +34,10 @@ class RayClusterLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        try:
+            import ray  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"hydra/launcher=ray_cluster needs Ray: pip install -e '.[cluster]' ({err})") from None
         from hydra_plugins.block_ray_launcher import _core
 
         return _core.launch(self, job_overrides, initial_job_idx)
