@@ -178,6 +178,9 @@ def test_metrics_follow_a_request(stack):
         assert (before.block_size, before.num_gpu_blocks) == (BLOCK, KV_BLOCKS)
         status, usage, _ = post(c, {"prompt": list(range(1, 51)), "max_tokens": 9, "ignore_eos": True})
         assert status == 200 and usage["prompt_tokens"] == 50
+        # vLLM's API process records the step's stats beside sending its output: wait for them, then check exactly
+        assert wait_until(lambda: load_of(c).generation_tokens >= before.generation_tokens + 9
+                          and load_of(c).num_running == 0, timeout=30)
         text1 = c.get("/metrics").text
     after = VllmLoad.from_metrics(text1)
     assert after.prompt_tokens - before.prompt_tokens == 50
