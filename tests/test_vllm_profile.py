@@ -116,7 +116,8 @@ def test_profiles_a_few_real_vllm_steps_and_fits_them(tmp_path):
                         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert report["device"] == "cpu-test" and report["clock"] == "cpu" and report["executor"] == "uni" and report["vllm"].startswith("0.")
+    assert (report["device"], report["clock"], report["executor"]) == ("cpu-test", "cpu", "uni")
+    assert report["vllm"].startswith("0.") and report["steps"] > 0
     df = pd.read_csv(out.with_name("tp1.steps.csv"), keep_default_na=False)
     assert list(df.columns) == list(vp.CSV_COLUMNS)
     by = {n: g for n, g in df.groupby("scenario")}
