@@ -37,7 +37,7 @@ def test_emulate_run_writes_records_and_stops_everything(tmp_path):
     run = tmp_path / "run"
     s = json.loads((run / "summary.json").read_text())
     assert s["mode"] == "emulate" and s["completed"] == 24 and s["failed"] == 0
-    assert s["p99_ttft_ms"] > 0 and s["median_itl_ms"] > 0
+    assert s["p99_ttft_ms"] > 0 and s["mean_itl_ms"] > 0 and s["median_itl_ms"] >= 0  # reads coalesce under load
     req = pd.read_parquet(run / "requests.parquet")
     assert len(req) == 24 and (req["status"] == "ok").all()
     assert set(req["instance"]) <= {0, 1} and req["predicted_e2e_s"].notna().all()
