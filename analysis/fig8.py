@@ -11,7 +11,9 @@ dispatch (``num_active``) vs request id, dashed. One figure per QPS (``fig8``, o
 
 CSV ``fig8.csv``: per variant mean/P99 E2E and TTFT, share of requests over the SLO, max and mean instances,
 instance-seconds used (the number of active instances integrated over the run, from ``provisioning.parquet`` when
-present, else from the requests' ``num_active`` at dispatch), instances added.
+present, else from the requests' ``num_active`` at dispatch), instances added. Simulated and emulated runs
+(``mode=emulate`` with auto-provisioning) are drawn alike: both record ``num_active`` per request and the pool's
+events on the model-time axis.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ VARIANTS = {"static": "Full provisioned", "reactive": "Relief (reactive)", "pred
 VARIANT_COLORS = {"static": "tab:blue", "reactive": "tab:orange", "predictive": "tab:red"}
 VARIANT_LINES = {"static": "-", "reactive": "-", "predictive": "--"}
 VARIANT_ORDER = list(VARIANTS)
+# events of provisioning.parquet that add an instance: sim "add" (no cold start) or "ready" (after it); live "ready"
+# (the scheduler that started the slot; the others "adopt" it)
+ADDED_EVENTS = ("add", "ready")
 
 
 def variant(run: Run) -> str:
@@ -58,8 +63,19 @@ def variant_label(v: str) -> str:
 
 
 def _provisioning(run: Run) -> pd.DataFrame:
+    """The run's pool events. A live run with several schedulers logs each one's view (``scheduler_index``): they
+    converge on one pool (one starts a slot, the others adopt it), so the first scheduler's view is the pool's."""
     p = run.path / "provisioning.parquet"
-    return pd.read_parquet(p) if p.is_file() else pd.DataFrame()
+    if not p.is_file():
+        return pd.DataFrame()
+    prov = pd.read_parquet(p)
+    if "scheduler_index" in prov.columns and len(prov):
+        first = prov["scheduler_index"].min()
+        prov = prov.assign(_added=prov["event"].isin(ADDED_EVENTS))
+        n_added = int(prov["_added"].sum())  # over all schedulers: each slot is started (and ready) once
+        prov = prov[prov["scheduler_index"] == first].drop(columns="_added")
+        prov.attrs["instances_added"] = n_added
+    return prov
 
 
 def instance_seconds(run: Run, req: pd.DataFrame) -> tuple[float, float, int]:
@@ -73,7 +89,8 @@ def instance_seconds(run: Run, req: pd.DataFrame) -> tuple[float, float, int]:
     if len(prov) and {"time_s", "num_active"} <= set(prov.columns):
         ev = prov.sort_values("time_s", kind="stable")
         times, counts = np.array(ev["time_s"], float), np.array(ev["num_active"], float)
-        added = int((ev["event"] == "add").sum()) if "event" in ev.columns else 0
+        added = prov.attrs.get("instances_added", int(ev["event"].isin(ADDED_EVENTS).sum())
+                                if "event" in ev.columns else 0)
     elif "num_active" in req.columns and req["num_active"].notna().any():
         ev = req.sort_values("dispatch_s")
         times, counts = np.array(ev["dispatch_s"], float), np.array(ev["num_active"], float)

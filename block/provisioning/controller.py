@@ -12,7 +12,11 @@ addition per cooldown; Block has none, 0), and scale-down: when every latency se
 ``scale_down_window_s`` stayed below ``scale_down_fraction`` x SLO, the most recently added instance stops receiving
 requests and drains (never below the initial pool).
 
-The controller only talks to ``vidur.cluster.Cluster``'s pool methods, so the same object can drive a live pool.
+The controller only talks to a pool: ``engines`` (its size), ``active``, ``warming``, ``set_active``,
+``back_pool``, ``add_instance`` and ``remove_instance`` -- ``vidur.cluster.Cluster`` in ``mode=sim``, and
+``block.scheduler.provisioning.LivePool`` in the live scheduler, where ``add_instance`` starts the slot's services
+and the cold start is what that start really took (``cold_start_s`` is then unused). ``on_finish`` reads
+``arrival``, ``first_token`` and ``finish`` of the finished request (a simulator ``Seq`` or the live equivalent).
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class ProvisioningController:
         self.added.append(i)
         self.last_add = t
         self.calm_since = None
-        return i if self.cfg.cold_start_s <= 0 else None
+        return i if i in cluster.active else None  # routable now (sim without cold start): send the request there
 
     def _observe_latency(self, cluster, latency: float, t: float) -> None:
         """Scale-down bookkeeping: a latency above the calm threshold restarts the calm window."""

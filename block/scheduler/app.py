@@ -187,7 +187,7 @@ class SchedulerApp:
             row.update(instance=d.instance, told_tokens=d.told_tokens,
                        predicted_e2e_s=None if math.isnan(d.predicted_e2e_s) else d.predicted_e2e_s,
                        probe_ms=probe_ms, decision_ms=decision_ms, fallback=fallback_any, probed=d.probed,
-                       answered=d.answered, dispatch_s=time.time())
+                       answered=d.answered, dispatch_s=time.time(), num_active=d.num_active)
             try:
                 resp, chunks, finished, it = await sched.open_upstream(d, path, raw, body, p, rid)
             except UpstreamRefused as err:  # the engine blamed the request inside its stream: that 4xx, once
@@ -209,6 +209,7 @@ class SchedulerApp:
                 sched.metrics.retries.inc()
                 row["retries"] = retries
                 continue
+            row["first_token_s"] = time.time()  # streams: the first token is in; others: the answer is complete
             hdrs = sched.block_headers(d, retries)
             hdrs["x-request-id"] = rid
             if estimated is not None:

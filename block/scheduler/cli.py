@@ -83,7 +83,71 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--down-cooldown-s", type=float, default=2.0,
                     help="an instance that refused a connection is left out of the sampling this long (0 = never)")
     ap.add_argument("--max-connections", type=int, default=4096, help="connection pool size to the instances")
+    add_provisioning_args(ap)
     return ap
+
+
+def add_provisioning_args(ap: argparse.ArgumentParser) -> None:
+    """Auto-provisioning (Fig 8, ``block.scheduler.provisioning``): --instances is the initial pool."""
+    g = ap.add_argument_group("auto-provisioning (Fig 8): --instances are the initial pool, the rest a back pool")
+    g.add_argument("--provision-config", default=None,
+                   help="a conf/provisioning/<name>.yaml-style file (strategy, slo_s, metric, cooldown_s, "
+                        "scale_down...); enables auto-provisioning. initial_instances is the number of --instances")
+    g.add_argument("--provision-slots", type=int, default=None,
+                   help="instances in all (initial + back pool); the back-pool slots are numbered after --instances")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--provision-agent", default=None,
+                     help="URL of a provisioning agent: POST <agent>/slots/<i> starts slot i and answers its "
+                          "predictor URL (mode=emulate's driver runs one)")
+    src.add_argument("--provision-command", default=None,
+                     help="shell command run to start slot {slot}; its last stdout line is the predictor URL")
+    g.add_argument("--provision-lock-dir", default=None,
+                   help="directory shared by every scheduler: one O_EXCL lock file per slot, so exactly one "
+                        "scheduler starts a slot and the others adopt it (omit with a single scheduler)")
+    g.add_argument("--provision-time-scale", type=float, default=1.0,
+                   help="model seconds per wall second (mode=emulate's time_scale): the SLO, cooldown and windows "
+                        "are in model seconds (default 1)")
+    g.add_argument("--provision-log", default=None,
+                   help="append one JSON line per provisioning event (start, ready, adopt, remove...) here")
+    g.add_argument("--provision-start-timeout-s", type=float, default=600.0,
+                   help="longest start of a slot, until its predictor is healthy (default 600)")
+
+
+def make_provisioning(args: argparse.Namespace, sched) -> None:
+    """Attach a ``LivePool`` to ``sched`` when --provision-config is given (flags checked here)."""
+    if not args.provision_config:
+        for flag in ("provision_slots", "provision_agent", "provision_command", "provision_lock_dir"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --provision-config")
+        return
+    import yaml
+
+    from block.provisioning import ProvisioningConfig, ProvisioningController
+    from block.scheduler.provisioning import AgentStarter, CommandStarter, LivePool, SlotLease
+
+    with open(args.provision_config) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{args.provision_config}: expected a mapping")
+    loaded["initial_instances"] = len(sched.instances)
+    pc = ProvisioningConfig.from_dict(loaded)
+    if pc.strategy == "predictive" and sched.policy.signal != "prediction":
+        raise ValueError(f"provisioning strategy predictive needs predicted latencies: policy {sched.policy.name} "
+                         "predicts none (use the block family)")
+    slots = args.provision_slots
+    if slots is None or slots < len(sched.instances):
+        raise ValueError(f"--provision-slots={slots} must be >= the {len(sched.instances)} --instances")
+    if slots > len(sched.instances) and not (args.provision_agent or args.provision_command):
+        raise ValueError("a back pool needs a way to start it: --provision-agent or --provision-command")
+    if not args.provision_start_timeout_s > 0:
+        raise ValueError(f"--provision-start-timeout-s={args.provision_start_timeout_s} must be > 0")
+    starter = (AgentStarter(args.provision_agent, args.upstream_token or None, args.provision_start_timeout_s)
+               if args.provision_agent else CommandStarter(args.provision_command or "false",
+                                                           args.provision_start_timeout_s))
+    pool = LivePool(ProvisioningController(pc), slots, starter, SlotLease(args.provision_lock_dir),
+                    time_scale=args.provision_time_scale, event_log=args.provision_log,
+                    health_timeout_s=args.provision_start_timeout_s)
+    pool.attach(sched)
 
 
 def _parse_value(v: str) -> Any:
@@ -157,7 +221,9 @@ def make_scheduler(args: argparse.Namespace):
         length_estimator=args.length_estimator, estimator_max_batch=args.estimator_max_batch,
         estimator_wait_ms=args.estimator_wait_ms,
     )
-    return Scheduler(cfg)
+    sched = Scheduler(cfg)
+    make_provisioning(args, sched)
+    return sched
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

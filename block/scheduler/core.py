@@ -279,6 +279,7 @@ class Decision:
     fallback: bool
     probed: list[int]
     answered: list[int]
+    num_active: Optional[int] = None  # routable instances at dispatch, with auto-provisioning (else None)
 
 
 class UpstreamFailure(Exception):
@@ -369,6 +370,7 @@ class Scheduler:
         self._json_headers = {"content-type": "application/json", **self._auth}
         self._log = open(cfg.log_file, "a", buffering=1) if cfg.log_file else None
         self._pid = os.getpid()
+        self.provisioning: Any = None  # block.scheduler.provisioning.LivePool (auto-provisioning), set by its attach
         self.estimator = None  # length_estimation.serve.BatchingEstimator for requests without a hint
         if cfg.length_estimator and cfg.length_estimator.strip().lower() not in ("none", "off", ""):
             from length_estimation.serve import BatchingEstimator, load_estimator
@@ -385,8 +387,12 @@ class Scheduler:
         gc.freeze()  # startup objects (FastAPI, pandas via vidur) out of the collector's way: shorter GC pauses
         if self.pool is None:
             self.pool = Pool(connect_timeout_s=self.cfg.connect_timeout_s, max_idle=self.cfg.max_connections)
+        if self.provisioning is not None:
+            await self.provisioning.start()
 
     async def close(self) -> None:
+        if self.provisioning is not None:
+            await self.provisioning.close()
         if self.estimator is not None:
             await self.estimator.close()
         if self.pool is not None:
@@ -401,6 +407,8 @@ class Scheduler:
         """Instances to route to: not excluded and not marked down (all non-excluded ones if every one is down)."""
         now = time.monotonic()
         ex = set(exclude)
+        if self.provisioning is not None:  # only the provisioned pool's active slots are routable
+            ex |= {x.index for x in self.instances if x.index not in self.provisioning.routable}
         ids = [x.index for x in self.instances if x.index not in ex and x.down_until <= now]
         if not ids:
             ids = [x.index for x in self.instances if x.index not in ex]
@@ -517,6 +525,10 @@ class Scheduler:
                 self.metrics.fallbacks.inc()
                 rest = [i for i in self.eligible(exclude) if i not in probe_ids] or ids
                 choice = self.rng.choice(rest)
+        if self.provisioning is not None:  # predictive trigger; a slot routable now takes the request (as in sim)
+            forced = self.provisioning.before_route(req, cands)
+            if forced is not None:
+                choice, ids = forced, ids + [forced]
         if choice not in ids:
             raise RuntimeError(f"policy {pol.name!r} chose instance {choice}, not one of {ids}")
         if pol.observe is not None:
@@ -529,7 +541,8 @@ class Scheduler:
         ms = (time.perf_counter() - w0) * 1e3
         self.metrics.decision.observe(ms / 1e3)
         self.metrics.routed.inc(instance=str(choice))
-        return Decision(choice, told, pred, probe_ms, ms, fallback, list(probe_ids), answered)
+        return Decision(choice, told, pred, probe_ms, ms, fallback, list(probe_ids), answered,
+                        None if self.provisioning is None else self.provisioning.num_active())
 
     # ------------------------------------------------------------------ request handling
     def make_request(self, index: int, arrival_s: float, p: Parsed, estimated: Optional[int] = None) -> Request:
@@ -590,6 +603,8 @@ class Scheduler:
             row["error"] = error
         self.metrics.requests.inc(status=status)
         self.metrics.n_inflight -= 1
+        if self.provisioning is not None:  # the reactive trigger
+            self.provisioning.on_finish(row)
         self._write_log(row)
 
     @staticmethod
@@ -602,6 +617,7 @@ class Scheduler:
             "x-block-probe-ms": f"{d.probe_ms:.3f}",
             "x-block-decision-ms": f"{d.decision_ms:.3f}",
             "x-block-retries": str(retries),
+            **({} if d.num_active is None else {"x-block-num-active": str(d.num_active)}),
         }
 
     async def open_upstream(self, d: Decision, path: str, raw: bytes, body: dict, p: Parsed,
