@@ -6,6 +6,11 @@ same workload as ``mode=sim`` with the benchmark client (``block.benchmark``; re
 schedulers round-robin), samples every engine's ``/state`` for ``instances.parquet``, writes the run records, and
 stops every process -- on success, on failure and on Ctrl-C.
 
+Auto-provisioning (``provisioning=reactive|predictive``, Fig 8): only ``initial_instances`` engines and predictors
+start up front; each scheduler drives ``block.provisioning``'s controller and starts a back-pool instance on demand
+through ``experiments.provision_live``'s agent (cold start measured); ``num_active`` per request and
+``provisioning.parquet`` go to the run records.
+
 Time: the stack runs ``mode.time_scale`` times faster than the modelled GPU; the client sends at ``qps x scale`` and
 multiplies every measured time by the scale, so the records are in model seconds and compare with ``mode=sim``.
 """
@@ -29,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from block.service import TOKEN_ENV
 from experiments import wiring
 from experiments.local_stack import LocalStack
+from experiments.provision_live import ProvisionAgent, provisioning_args, provisioning_records, settle
 from experiments.logger import interactive
 from vidur.records import instances_frame, summarize, write_run
 
@@ -65,10 +71,13 @@ def scheduler_args(cfg: DictConfig, predictor_urls: list[str], log_file: Path) -
 
 
 class _Sampler:
-    """Reads every engine's ``/state`` at a fixed model-time interval while the benchmark runs."""
+    """Reads every engine's ``/state`` at a fixed model-time interval while the benchmark runs. ``urls``: a list,
+    or a mapping instance -> URL that may grow meanwhile (back-pool slots started on demand)."""
 
-    def __init__(self, urls: list[str], interval_model_s: float, scale: float, token: str | None) -> None:
-        self.urls, self.interval, self.scale = urls, interval_model_s, scale
+    def __init__(self, urls: list[str] | dict[int, str], interval_model_s: float, scale: float,
+                 token: str | None) -> None:
+        self.urls = urls if isinstance(urls, dict) else dict(enumerate(urls))
+        self.interval, self.scale = interval_model_s, scale
         self.headers = {"authorization": f"Bearer {token}"} if token else {}
         self.rows: list[tuple] = []
         self._stop = threading.Event()
@@ -80,7 +89,7 @@ class _Sampler:
             k = 0
             while not self._stop.is_set():
                 ts = k * self.interval
-                for i, u in enumerate(self.urls):
+                for i, u in list(self.urls.items()):
                     try:
                         st = client.get(f"{u}/state", headers=self.headers).json()
                         self.rows.append((ts, i, len(st["running"]), len(st["waiting"]), int(st["free_blocks"]),
@@ -136,24 +145,43 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if real and (scale != 1.0 or str(cfg.mode.state_source) != "proxy"):
         raise wiring.ConfigError("mode.engine=vllm runs in real time with predictors tracking what they proxy: set "
                                  "mode.time_scale=1 and mode.state_source=proxy")
+    # auto-provisioning: the first initial_instances start now, the back pool when a scheduler asks the agent
+    controller = wiring.provisioning(cfg, n)
+    initial = n if controller is None else controller.cfg.initial_instances
+    state_urls: dict[int, str] = {}  # /state URL per started instance (the sampler reads new ones as they appear)
     with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
-        engines = [_start_vllm(stack, cfg, shared, i) if real else
-                   stack.start(f"engine{i}", "block.engine", [*shared, "--time-scale", str(scale),
-                                                              "--seed", str(int(cfg.seed) + i)])
-                   for i in range(n)]
-        predictors = [stack.start(f"predictor{i}", "block.predictor",
-                                  [*shared, "--engine-url", e.url, "--instance-id", str(i),
-                                   "--state-source", str(cfg.mode.state_source)])
-                      for i, e in enumerate(engines)]
-        schedulers = [stack.start(f"scheduler{j}", "block.scheduler",
-                                  scheduler_args(cfg, [p.url for p in predictors], conf_dir / f"scheduler{j}.jsonl"))
-                      for j in range(m)]
-        stack.wait_healthy()
-        records = drive(cfg, requests, [s.url for s in schedulers], [x.url for x in (predictors if real else engines)],
-                        token,
-                        bars=bool(cfg.get("progress", True)) and interactive())
-        stack.check_alive()
-    return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0)
+
+        def start_instance(i: int, wait: bool = True) -> str:
+            """Engine + predictor of instance ``i``; returns the predictor's URL."""
+            e = _start_vllm(stack, cfg, shared, i) if real else \
+                stack.start(f"engine{i}", "block.engine", [*shared, "--time-scale", str(scale),
+                                                           "--seed", str(int(cfg.seed) + i)])
+            p = stack.start(f"predictor{i}", "block.predictor", [*shared, "--engine-url", e.url, "--instance-id",
+                                                                 str(i), "--state-source", str(cfg.mode.state_source)])
+            if wait:
+                stack.wait_healthy([e, p])
+            state_urls[i] = str((p if real else e).url)
+            return str(p.url)
+
+        predictor_urls = [start_instance(i, wait=False) for i in range(initial)]
+        with ProvisionAgent(start_instance, range(initial, n), token) as agent:
+            schedulers = [stack.start(f"scheduler{j}", "block.scheduler",
+                                      scheduler_args(cfg, predictor_urls, conf_dir / f"scheduler{j}.jsonl")
+                                      + ([] if controller is None else
+                                         provisioning_args(cfg, conf_dir, agent.url, n, j)))
+                          for j in range(m)]
+            stack.wait_healthy()
+            records = drive(cfg, requests, [s.url for s in schedulers], state_urls, token,
+                            bars=bool(cfg.get("progress", True)) and interactive())
+            if controller is not None:  # starts still in flight finish and are recorded (not cut off)
+                settle(agent, conf_dir, m, float(cfg.mode.startup_timeout_s))
+            stack.check_alive()
+    tables, extra = {}, {}
+    if controller is not None:
+        records.requests, tables["provisioning"], extra = provisioning_records(cfg, conf_dir, records.requests, m,
+                                                                               agent.starts)
+    return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0,
+                         extra_tables=tables, **extra)
 
 
 def _start_vllm(stack: LocalStack, cfg: DictConfig, shared: list[str], i: int) -> Any:
@@ -173,7 +201,7 @@ class DriveResult:
     instances: pd.DataFrame
 
 
-def drive(cfg: DictConfig, requests: list, scheduler_urls: list[str], state_urls: list[str],
+def drive(cfg: DictConfig, requests: list, scheduler_urls: list[str], state_urls: list[str] | dict[int, str],
           token: str | None, bars: bool) -> DriveResult:
     """Replay ``requests`` against running schedulers while sampling every instance's ``/state``.
 
@@ -212,9 +240,9 @@ def record_summary(cfg: DictConfig, requests: list, res: DriveResult, mode: str,
 
 
 def write_records(cfg: DictConfig, run_dir: Path, requests: list, res: DriveResult, mode: str,
-                  **extra: Any) -> dict[str, Any]:
+                  extra_tables: dict[str, pd.DataFrame] | None = None, **extra: Any) -> dict[str, Any]:
     summary = record_summary(cfg, requests, res, mode, **extra)
-    write_run(run_dir, redacted_yaml(cfg), res.requests, res.instances, summary)
+    write_run(run_dir, redacted_yaml(cfg), res.requests, res.instances, summary, extra_tables)
     return summary
 
 

@@ -1,0 +1,174 @@
+"""Auto-provisioning in the live scheduler (Fig 8 outside the simulator): back-pool instances started on demand.
+
+Real services on loopback: emulated engines and predictors started by ``experiments.local_stack``, the back pool
+started through ``experiments.provision_live.ProvisionAgent`` when a scheduler's controller asks for it. The
+triggers are driven, not timed: an SLO of a millisecond makes every request (reactive) or every prediction
+(predictive) cross it, and the tests wait on the schedulers' provisioning events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from block.provisioning import ProvisioningConfig, ProvisioningController
+from block.scheduler.provisioning import LivePool, SlotLease
+from experiments.local_stack import TOKEN_VARS, LocalStack
+from experiments.provision_live import ProvisionAgent
+
+ROOT = Path(__file__).resolve().parents[1]
+N, INITIAL = 4, 2
+
+
+def _instance(local: LocalStack, i: int) -> str:
+    """Engine + predictor of slot ``i``, healthy; the predictor's URL."""
+    e = local.start(f"engine{i}", "block.engine", ["--time-scale", "20", "--tokenizer", "none",
+                                                   "--num-blocks", "1000", "--seed", str(i)])
+    p = local.start(f"predictor{i}", "block.predictor", ["--engine-url", e.url, "--state-source", "engine",
+                                                         "--tokenizer", "none", "--instance-id", str(i)])
+    local.wait_healthy([e, p])
+    return str(p.url)
+
+
+def _scheduler(local: LocalStack, tmp: Path, j: int, urls: list[str], agent: ProvisionAgent, strategy: str,
+               policy: str, lock_dir: Path | None) -> str:
+    conf = tmp / "provisioning.yaml"
+    conf.write_text(f"enabled: true\nstrategy: {strategy}\nslo_s: 0.001\ncooldown_s: 0\n")
+    args = ["--instances", ",".join(urls), "--policy", policy, "--tokenizer", "none", "--provision-config",
+            str(conf), "--provision-slots", str(N), "--provision-agent", agent.url,
+            "--provision-log", str(tmp / f"provision{j}.jsonl"), "--log-file", str(tmp / f"scheduler{j}.jsonl")]
+    if lock_dir is not None:
+        args += ["--provision-lock-dir", str(lock_dir)]
+    s = local.start(f"scheduler{j}", "block.scheduler", args)
+    s.wait_healthy()
+    return str(s.url)
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _wait_active(paths: list[Path], slots: set[int], timeout_s: float = 300.0) -> None:
+    """Wait (on the event logs, not on a clock race) until every scheduler routes to ``slots``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        active = []
+        for p in paths:
+            ev = _events(p)
+            assert not [e for e in ev if e["event"] == "failed"], ev
+            active.append({e["instance"] for e in ev if e["event"] in ("ready", "adopt")})
+        if all(slots <= a for a in active):
+            return
+        assert time.monotonic() < deadline, f"slots {slots} not active in every scheduler: {active}"
+        time.sleep(0.2)
+
+
+def _complete(url: str, n: int = 4) -> list[httpx.Response]:
+    out = []
+    with httpx.Client(timeout=120) as c:
+        for _ in range(n):
+            r = c.post(f"{url}/v1/completions", json={"prompt": [7] * 16, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 4
+            out.append(r)
+    return out
+
+
+@pytest.fixture()
+def cluster(tmp_path):
+    with LocalStack(tmp_path / "logs", env=dict.fromkeys(TOKEN_VARS), startup_timeout_s=180) as local:
+        urls = [_instance(local, i) for i in range(INITIAL)]
+        with ProvisionAgent(lambda i: _instance(local, i), range(INITIAL, N)) as agent:
+            yield local, urls, agent
+
+
+def test_reactive_scheduler_starts_the_back_pool_and_routes_to_it(cluster, tmp_path):
+    local, urls, agent = cluster
+    sched = _scheduler(local, tmp_path, 0, urls, agent, "reactive", "round_robin", None)
+    before = _complete(sched, 2)  # both finish over the 1 ms SLO: slots 2 then 3 start
+    assert before[0].headers["x-block-num-active"] == "2" and before[0].headers["x-block-instance"] in ("0", "1")
+    _wait_active([tmp_path / "provision0.jsonl"], {2, 3})
+    after = _complete(sched, 8)
+    assert {int(r.headers["x-block-instance"]) for r in after} == {0, 1, 2, 3}  # round robin over the grown pool
+    assert {r.headers["x-block-num-active"] for r in after} == {"4"}
+    ev = _events(tmp_path / "provision0.jsonl")
+    assert sorted((e["event"], e["instance"]) for e in ev if e["event"] != "initial") == \
+        [("ready", 2), ("ready", 3), ("start", 2), ("start", 3)]  # no slot lost, none started twice
+    assert all(e["cold_start_s"] > 0 for e in ev if e["event"] == "ready")  # measured
+    assert agent.starts == {2: 1, 3: 1}
+    rows = [json.loads(ln) for ln in (tmp_path / "scheduler0.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok"] * 10  # none lost
+
+
+def test_two_schedulers_share_the_lease_exactly_one_starts_each_slot(cluster, tmp_path):
+    local, urls, agent = cluster
+    locks = tmp_path / "locks"
+    scheds = [_scheduler(local, tmp_path, j, urls, agent, "predictive", "block_oracle", locks) for j in range(2)]
+    for s in scheds:  # every prediction is over the SLO: each scheduler's controller asks for the back pool
+        _complete(s, 2)
+    logs = [tmp_path / f"provision{j}.jsonl" for j in range(2)]
+    _wait_active(logs, {2, 3})
+    for s in scheds:  # both route to the grown pool
+        served = _complete(s, 12)
+        assert {r.headers["x-block-num-active"] for r in served} == {"4"}
+        assert {int(r.headers["x-block-instance"]) for r in served} & {2, 3}
+    ev = [e for p in logs for e in _events(p)]
+    for slot in (2, 3):  # one scheduler started it, the other adopted it
+        assert len([e for e in ev if e["event"] == "start" and e["instance"] == slot]) == 1
+        assert len([e for e in ev if e["event"] == "ready" and e["instance"] == slot]) == 1
+        assert len([e for e in ev if e["event"] == "adopt" and e["instance"] == slot]) == 1
+    assert agent.starts == {2: 1, 3: 1}
+    assert sorted(os.listdir(locks)) == ["slot2.json", "slot2.lock", "slot3.json", "slot3.lock"]
+
+
+def test_lease_is_exclusive_and_scale_down_drains_the_last_added(tmp_path):
+    a, b = SlotLease(str(tmp_path)), SlotLease(str(tmp_path))
+    assert a.claim(5) and not b.claim(5) and not a.claim(5)
+    assert b.read(5) is None
+    a.publish(5, {"url": "http://127.0.0.1:1"})
+    assert b.read(5) == {"url": "http://127.0.0.1:1"}
+    # the controller's scale-down on the live pool: calm latencies drain the last added slot, never the initial
+    ctl = ProvisioningController(ProvisioningConfig(strategy="reactive", initial_instances=1, slo_s=10.0,
+                                                    scale_down=True, scale_down_window_s=5.0))
+    pool = LivePool(ctl, 3, starter=None, lease=SlotLease(None))  # type: ignore[arg-type]
+    ctl.start(pool)
+    pool._activate(1, "http://127.0.0.1:2", "adopt")  # as if slot 1 had been started and published
+    assert pool.active == [0, 1] and ctl.added == [1]
+    from block.scheduler.provisioning import Finished
+
+    for t in (0.0, 2.0, 6.0):  # 1 s latencies, far under half the SLO, for longer than the window
+        ctl.on_finish(pool, Finished(t, None, t + 1.0), t + 1.0)
+    assert pool.active == [0] and [e["event"] for e in pool.events][-1] == "remove"
+
+
+def test_emulated_fig8_run_records_the_pool_and_draws(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.run", "mode=emulate", f"output_root={tmp_path}", "progress=false",
+           f"cluster.num_instances={N}", "workload.num_requests=16", "workload.qps=2", "mode.time_scale=4",
+           "policy=block_oracle", "provisioning=reactive", f"provisioning.initial_instances={INITIAL}",
+           "provisioning.slo_s=0.001", "mode.startup_timeout_s=240", f"hydra.run.dir={tmp_path}/run"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k not in TOKEN_VARS})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    run = tmp_path / "run"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["completed"] == 16 and s["failed"] == 0
+    assert s["instances_added"] == 2 and s["instances_failed"] == 0 and s["provision_starts"] == {"2": 1, "3": 1}
+    assert s["mean_cold_start_s"] > 0
+    prov = pd.read_parquet(run / "provisioning.parquet")
+    assert sorted(prov.loc[prov["event"] == "start", "instance"]) == [2, 3]
+    assert prov["time_s"].is_monotonic_increasing
+    req = pd.read_parquet(run / "requests.parquet")
+    assert req["num_active"].notna().all() and req["num_active"].iloc[0] == INITIAL
+    out = subprocess.run([sys.executable, "-m", "analysis.fig8", str(run)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tab = pd.read_csv(next(run.rglob("fig8.csv")))
+    assert tab["variant"].tolist() == ["reactive"] and tab["instances_added"].tolist() == [2]
