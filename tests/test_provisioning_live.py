@@ -172,3 +172,52 @@ def test_emulated_fig8_run_records_the_pool_and_draws(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     tab = pd.read_csv(next(run.rglob("fig8.csv")))
     assert tab["variant"].tolist() == ["reactive"] and tab["instances_added"].tolist() == [2]
+
+
+def test_command_provisioner_uses_the_printed_url_and_records_a_failed_start(cluster, tmp_path):
+    """--provision-command: slot 2's command prints a running predictor's URL, slot 3's exits 3. Slot 3 is recorded
+    as failed and never routed to; every request is still served."""
+    local, urls, agent = cluster
+    spare = _instance(local, 2)  # what the command "starts" (in deploy: a fab task on the slot's host)
+    cmd = (f"{sys.executable} -c \"import sys; s = sys.argv[1]; print('starting', s); "
+           f"sys.exit(3) if s == '3' else print('{spare}')\" {{slot}}")
+    conf = tmp_path / "provisioning.yaml"
+    conf.write_text("enabled: true\nstrategy: reactive\nslo_s: 0.001\n")
+    s = local.start("scheduler", "block.scheduler", [
+        "--instances", ",".join(urls), "--policy", "round_robin", "--tokenizer", "none", "--provision-config",
+        str(conf), "--provision-slots", str(N), "--provision-command", cmd,
+        "--provision-log", str(tmp_path / "provision0.jsonl")]).wait_healthy()
+    _complete(str(s.url), 2)  # slots 2 and 3 are asked for
+    deadline = time.monotonic() + 300
+    while not {"ready", "failed"} <= {e["event"] for e in _events(tmp_path / "provision0.jsonl")}:
+        assert time.monotonic() < deadline, _events(tmp_path / "provision0.jsonl")
+        time.sleep(0.2)
+    ev = _events(tmp_path / "provision0.jsonl")
+    assert [(e["event"], e["instance"]) for e in ev if e["event"] in ("ready", "failed")] in \
+        ([("ready", 2), ("failed", 3)], [("failed", 3), ("ready", 2)])
+    assert "exited 3" in next(e["error"] for e in ev if e["event"] == "failed")
+    served = _complete(str(s.url), 6)
+    assert {int(r.headers["x-block-instance"]) for r in served} == {0, 1, 2}
+    assert {r.headers["x-block-num-active"] for r in served} == {"3"}
+    assert agent.starts == {}  # nothing went through the agent
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--provision-slots", "4"], "needs --provision-config"),
+    (["--provision-config", "{conf}", "--provision-slots", "1"], "must be >= the 2 --instances"),
+    (["--provision-config", "{conf}", "--provision-slots", "4"], "needs a way to start it"),
+    (["--provision-config", "{bad}", "--provision-slots", "2"], "slo_s=-1 must be > 0"),
+    (["--provision-config", "{typo}", "--provision-slots", "2"], "provisioning config"),
+    (["--provision-config", "{pred}", "--provision-slots", "2", "--policy", "round_robin"], "predicts none"),
+])
+def test_provisioning_flags_are_validated(tmp_path, argv, message):
+    from block.scheduler.cli import build_parser, make_scheduler
+
+    files = {"conf": "strategy: reactive\n", "bad": "slo_s: -1\n", "pred": "strategy: predictive\n",
+             "typo": "slo_s: [1\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    argv = [a.format(**{k: tmp_path / f"{k}.yaml" for k in files}) for a in argv]
+    args = build_parser().parse_args(["--instances", "http://127.0.0.1:1,http://127.0.0.1:2", *argv])
+    with pytest.raises(ValueError, match=message):
+        make_scheduler(args)

@@ -125,12 +125,15 @@ def make_provisioning(args: argparse.Namespace, sched) -> None:
     from block.provisioning import ProvisioningConfig, ProvisioningController
     from block.scheduler.provisioning import AgentStarter, CommandStarter, LivePool, SlotLease
 
-    with open(args.provision_config) as f:
-        loaded = yaml.safe_load(f) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{args.provision_config}: expected a mapping")
-    loaded["initial_instances"] = len(sched.instances)
-    pc = ProvisioningConfig.from_dict(loaded)
+    try:
+        with open(args.provision_config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError("expected a mapping")
+        loaded["initial_instances"] = len(sched.instances)
+        pc = ProvisioningConfig.from_dict(loaded)
+    except (yaml.YAMLError, TypeError, ValueError) as err:
+        raise ValueError(f"provisioning config {args.provision_config}: {err}") from None
     if pc.strategy == "predictive" and sched.policy.signal != "prediction":
         raise ValueError(f"provisioning strategy predictive needs predicted latencies: policy {sched.policy.name} "
                          "predicts none (use the block family)")

@@ -180,6 +180,7 @@ class LivePool:
         self._log = open(self.event_log, "a", buffering=1) if self.event_log else None
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.known: set[int] = set()  # slots this scheduler added or adopted (the watcher leaves them alone)
+        self.urls: dict[int, str] = {}  # predictor URL of every back-pool slot known to run
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -229,8 +230,8 @@ class LivePool:
     def add_instance(self, i: int, t: float, cold_start_s: float = 0.0) -> None:
         """Start slot ``i`` (if this scheduler wins its lease) or wait for it (another one started it)."""
         self.known.add(i)
-        info = self.lease.read(i)
-        if info is not None and info.get("url"):  # started before (by anyone): routable at once
+        info = {"url": self.urls[i]} if i in self.urls else self.lease.read(i)
+        if info is not None and info.get("url"):  # started before (here or by anyone): routable at once
             self._activate(i, info["url"], "adopt", cold_start_s=0.0)
             return
         self.warming[i] = t
@@ -311,6 +312,7 @@ class LivePool:
                 await asyncio.sleep(self.poll_s)
 
     def _activate(self, i: int, url: str, event: str, **extra: Any) -> None:
+        self.urls[i] = url
         inst = self.sched.instances[i] if self.sched is not None else None
         if inst is not None and inst.url != url:
             inst.url, inst.origin, inst.down_until = url.rstrip("/"), Origin(url.rstrip("/")), 0.0
