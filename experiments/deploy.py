@@ -89,7 +89,8 @@ def check(cfg: DictConfig):
                         "mode=deploy with the default (sequential) launcher")
     p = cfg.get("provisioning")
     if p is not None and p.get("enabled", False):
-        problems.append("provisioning.enabled=true runs in mode=sim only (the live scheduler has no back pool yet)")
+        problems.append("provisioning.enabled=true runs in mode=sim and mode=emulate; mode=deploy does not start a "
+                        "back pool yet (the scheduler's --provision-command can: docs/services.md, Auto-provisioning)")
     try:
         engine_slots(hosts, int(cfg.cluster.num_instances))
     except InventoryError as err:
