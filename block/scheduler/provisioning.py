@@ -8,7 +8,7 @@ through :class:`LivePool`, which gives it the pool interface of ``vidur.cluster.
 * ``add_instance(slot)`` (the controller's reactive or predictive trigger) takes the slot's lease and starts its
   services through a :class:`SlotStarter` -- :class:`AgentStarter` (``POST <agent>/slots/<slot>``: ``mode=emulate``'s
   driver starts engine + predictor with ``experiments.local_stack``) or :class:`CommandStarter` (a shell command per
-  slot printing the predictor URL, e.g. a ``fab`` task in deploy). The slot becomes routable once its predictor
+  slot printing the predictor URL, e.g. an ssh to the slot's host). The slot becomes routable once its predictor
   answers ``/health``; the cold start recorded is the time that took (measured, never assumed: the controller's
   ``cold_start_s`` is unused live);
 * scale-down (``remove_instance``) takes the slot out of routing; it drains and keeps running, so adding it again
@@ -74,7 +74,8 @@ class AgentStarter:
 @dataclass
 class CommandStarter:
     """Runs ``template`` (``{slot}`` substituted) in a shell; its last non-empty stdout line is the predictor URL.
-    The command must return once the services run (e.g. ``fab start-slot --slot {slot}``)."""
+    The command must return once the services run (e.g. a script that starts the slot's engine and predictor on
+    its host)."""
 
     template: str
     timeout_s: float = 600.0
