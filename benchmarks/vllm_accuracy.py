@@ -60,16 +60,6 @@ def sampled_ids(requests: Sequence[Any], rate: float, seed: int) -> set[int]:
     return {int(r.id) for r in requests if rate > 0 and rng.random() < rate}
 
 
-def _child_setup(core: Optional[int], nice: int):
-    def setup() -> None:  # runs in the child before exec: the vLLM server and all its threads stay on this core
-        if core is not None:
-            os.sched_setaffinity(0, {core})
-        if nice:
-            os.nice(nice)
-
-    return setup
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the live run
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,23 +116,17 @@ async def _duplicates(cfg: DictConfig, samples: list, predictor_urls: list[str],
     return rows
 
 
-# Extra `vllm serve` arguments for every server (none by default). Note: on CPU `vllm serve` always runs the model
-# in a worker process beside the engine core (vLLM's CPU platform turns --distributed-executor-backend=uni into mp
-# when V1 multiprocessing is on), and the two hand each step over through busy-polled shared memory: pinned to one
-# core, a step takes several times its in-process time. Profile it that way (python -m block.engine.vllm_profile
-# --executor mp --clock wall), see docs/vllm.md.
-VLLM_ARGS: tuple[str, ...] = ()
+def run_live(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Part 1 and 2: the vLLM cluster (started as ``mode=emulate mode.engine=vllm`` starts it), the replay through
+    the scheduler, the duplicated samples; the records. The stack inherits this process's niceness (``--nice``).
 
-
-def run_live(cfg: DictConfig, run_dir: Path, nice: int = 0, vllm_args: Sequence[str] = VLLM_ARGS) -> dict[str, Any]:
-    """Part 1 and 2: the vLLM cluster, the replay through the scheduler, the duplicated samples; the records.
-    ``nice`` (negative needs root) is applied to every process of the stack and to this one: on a machine shared
-    with other work it gives the measured stack precedence, so the numbers describe the engines rather than the
-    neighbours; the load average is recorded either way."""
+    On CPU ``vllm serve`` always runs the model in a worker process beside the engine core (vLLM's CPU platform
+    turns ``--distributed-executor-backend uni`` into ``mp``); pinned to one core they hand each step over through
+    busy-polled shared memory, which is why the fitted profile is measured that way (docs/vllm.md)."""
     from block.benchmark.client import BenchmarkConfig, benchmark
     from block.engine.vllm import vllm_executable
     from experiments import wiring
-    from experiments.emulate import DriveResult, _Sampler, engine_args, scheduler_args, write_records
+    from experiments.emulate import DriveResult, _Sampler, _start_vllm, engine_args, scheduler_args, write_records
     from experiments.local_stack import LocalStack
 
     vllm_executable()  # the install hint before anything starts
@@ -152,7 +136,6 @@ def run_live(cfg: DictConfig, run_dir: Path, nice: int = 0, vllm_args: Sequence[
     main_reqs = [r for r in requests if int(r.id) not in dup]
     samples = [r for r in requests if int(r.id) in dup]
     n = int(cfg.cluster.num_instances)
-    ncpu = os.cpu_count() or 1
     token = os.environ.get("BLOCK_API_TOKEN")
     run_dir.mkdir(parents=True, exist_ok=True)
     conf_dir = run_dir / "services"
@@ -161,18 +144,14 @@ def run_live(cfg: DictConfig, run_dir: Path, nice: int = 0, vllm_args: Sequence[
     load_before = os.getloadavg()
     with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
         t_start = time.perf_counter()
-        engines = [stack.start(f"vllm{i}", "block.engine.vllm", [*shared, f"--vllm-arg=--seed={int(cfg.seed) + i}",
-                                                                 *(f"--vllm-arg={v}" for v in vllm_args)],
-                               preexec_fn=_child_setup(i % ncpu, nice)) for i in range(n)]
+        engines = [_start_vllm(stack, cfg, shared, i) for i in range(n)]
         stack.wait_healthy(engines)
         startup_s = time.perf_counter() - t_start
         predictors = [stack.start(f"predictor{i}", "block.predictor",
-                                  [*shared, "--engine-url", e.url, "--instance-id", str(i), "--state-source", "proxy"],
-                                  preexec_fn=_child_setup(None, nice))
+                                  [*shared, "--engine-url", e.url, "--instance-id", str(i), "--state-source", "proxy"])
                       for i, e in enumerate(engines)]
         sched = stack.start("scheduler0", "block.scheduler",
-                            scheduler_args(cfg, [p.url for p in predictors], conf_dir / "scheduler0.jsonl"),
-                            preexec_fn=_child_setup(None, nice))
+                            scheduler_args(cfg, [p.url for p in predictors], conf_dir / "scheduler0.jsonl"))
         stack.wait_healthy()
         bc = BenchmarkConfig(base_url=sched.url, num_requests=len(main_reqs), request_rate=float(cfg.workload.qps),
                              seed=int(cfg.seed), hint=str(cfg.mode.hint), token=token, disable_tqdm=True,
@@ -193,8 +172,7 @@ def run_live(cfg: DictConfig, run_dir: Path, nice: int = 0, vllm_args: Sequence[
     acc = pd.DataFrame(acc_rows)
     summary = write_records(cfg, run_dir, main_reqs, drive, mode="emulate", engine="vllm",
                             vllm_startup_s=round(startup_s, 1), loadavg_before=list(load_before),
-                            loadavg_after=list(load_after), accuracy_samples=int(len(samples)), nice=nice,
-                            vllm_args=list(vllm_args))
+                            loadavg_after=list(load_after), accuracy_samples=int(len(samples)), nice=os.nice(0))
     if len(acc):
         acc.to_parquet(run_dir / "accuracy.parquet")
     return summary
@@ -239,7 +217,7 @@ def report(run: Path, out=print) -> dict[str, Any]:
     out(f"run {run}  load average before {summ.get('loadavg_before')}  after {summ.get('loadavg_after')}  "
         f"nice {summ.get('nice', 0)}")
     out(f"requests through the scheduler: {len(ok)} ok, {len(req) - len(ok)} failed; vLLM start-up "
-        f"{summ.get('vllm_startup_s')} s; vllm args {summ.get('vllm_args')}")
+        f"{summ.get('vllm_startup_s')} s")
     out(f"E2E error, dispatched requests (scheduler's prediction at dispatch): {_q(e_disp)}")
     fig["e2e_err_dispatched"] = e_disp.tolist()
     accp = live / "accuracy.parquet"
@@ -281,9 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--report", default=None, help="print the figures of an existing run directory only")
     ap.add_argument("--out", default=None, help="run directory (default outputs/vllm_cpu_accuracy/<overrides>)")
     ap.add_argument("--no-sim", action="store_true", help="skip the mode=sim comparison")
-    ap.add_argument("--vllm-arg", action="append", default=None, help="extra vllm serve argument (repeatable)")
-    ap.add_argument("--nice", type=int, default=0, help="niceness of the whole stack and this process (e.g. -10 "
-                    "on a machine busy with other work; negative values need root)")
+    ap.add_argument("--nice", type=int, default=0, help="add this to the niceness of this process and so of the "
+                    "whole stack (e.g. -10 on a machine busy with other work, so the numbers describe the engines "
+                    "more than the neighbours; negative values need root)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (workload.num_requests=40 workload.qps=2 ...)")
     a = ap.parse_args(argv)
     if a.report:
@@ -296,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"live run into {run / 'emulate'} (load average {os.getloadavg()})", flush=True)
     if a.nice:
         os.nice(a.nice)
-    run_live(cfg, run / "emulate", a.nice, VLLM_ARGS if a.vllm_arg is None else [v for v in a.vllm_arg if v])
+    run_live(cfg, run / "emulate")
     print(f"live run done in {time.perf_counter() - t0:.0f} s", flush=True)
     if not a.no_sim:
         run_sim_same(cfg, run / "sim")
