@@ -124,7 +124,8 @@ def fig8_tables(runs: list[Run], slo_override: float | None) -> tuple[pd.DataFra
         inst_s, span, added = instance_seconds(r, req)
         num_active = req["num_active"] if "num_active" in req.columns else pd.Series(dtype=float)
         n_cluster = r.get("cluster.num_instances") or r.summary.get("num_instances")
-        label = variant_label(v)
+        mode = str(r.get("mode.name") or r.summary.get("mode") or "sim")
+        label = variant_label(v) + ("" if mode == "sim" else f", {mode}")  # live runs drawn beside simulated ones
         key = (q, label)
         if key in series:  # several runs of one variant at one QPS (other policy, SLO...): tell them apart
             label = f"{variant_label(v)}, {base_label(policy_name(r))}"
@@ -135,7 +136,7 @@ def fig8_tables(runs: list[Run], slo_override: float | None) -> tuple[pd.DataFra
             label = f"{variant_label(v)} ({r.name})"
             key = (q, label)
         rows.append({
-            "qps": q, "variant": v, "label": label, "requests": len(req), "completed": len(ok),
+            "qps": q, "variant": v, "label": label, "mode": mode, "requests": len(req), "completed": len(ok),
             "mean_e2e_s": float(np.mean(e2e)) if e2e.size else math.nan,
             "p99_e2e_s": float(np.percentile(e2e, 99)) if e2e.size else math.nan,
             "mean_ttft_s": float(ok["ttft_s"].mean()), "p99_ttft_s": float(ok["ttft_s"].quantile(0.99)),
@@ -167,13 +168,15 @@ def plot_qps(q: float, tab: pd.DataFrame, series: dict, marker_size: float, wind
     for _, row in sub.iterrows():
         v, ok = series[(q, row["label"])]
         c = VARIANT_COLORS.get(v)
+        live = row.get("mode", "sim") != "sim"  # emulate/deploy: dotted beside the simulated run
         ax1.scatter(ok["id"], ok["e2e_s"], s=marker_size, alpha=0.35, lw=0, color=c,
                     label=f"{row['label']} (P99 {row['p99_e2e_s']:.1f} s)")
         if window > 1 and len(ok) > window:
             roll = ok["e2e_s"].rolling(window, center=True, min_periods=max(window // 4, 1)).mean()
-            ax1.plot(ok["id"], roll, color=c, lw=2.2, ls=VARIANT_LINES.get(v, "-"), label="_mean")
+            ax1.plot(ok["id"], roll, color=c, lw=2.2, ls=":" if live else VARIANT_LINES.get(v, "-"), label="_mean")
         if "num_active" in ok.columns:
-            ax2.step(ok["id"], ok["num_active"], where="post", ls="--", lw=1.8, color=c, label=row["label"])
+            ax2.step(ok["id"], ok["num_active"], where="post", ls=":" if live else "--", lw=1.8, color=c,
+                     label=row["label"])
     slos = sorted(set(sub["slo_s"].dropna()))
     for s in slos:
         ax1.axhline(s, color="black", ls="--", lw=1.2, label=f"Provisioning SLO ({s:g} s)")
