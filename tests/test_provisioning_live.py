@@ -99,6 +99,8 @@ def test_reactive_scheduler_starts_the_back_pool_and_routes_to_it(cluster, tmp_p
     after = _complete(sched, 8)
     assert {int(r.headers["x-block-instance"]) for r in after} == {0, 1, 2, 3}  # round robin over the grown pool
     assert {r.headers["x-block-num-active"] for r in after} == {"4"}
+    pool = httpx.get(f"{sched}/health").json()["provisioning"]
+    assert pool["active"] == [0, 1, 2, 3] and pool["back"] == [] and pool["added"] == [2, 3]
     ev = _events(tmp_path / "provision0.jsonl")
     assert sorted((e["event"], e["instance"]) for e in ev if e["event"] != "initial") == \
         [("ready", 2), ("ready", 3), ("start", 2), ("start", 3)]  # no slot lost, none started twice

@@ -424,7 +424,8 @@ class Scheduler:
         return {"role": "scheduler", "policy": self.policy.name, "k": self.policy.k, "signal": self.policy.signal,
                 "instances": len(self.instances), "healthy_instances": up, "requests": self.n,
                 "in_flight": self.metrics.n_inflight,
-                "length_estimator": None if self.estimator is None else self.estimator.name}
+                "length_estimator": None if self.estimator is None else self.estimator.name,
+                **({} if self.provisioning is None else {"provisioning": self.provisioning.describe()})}
 
     def render_metrics(self) -> str:
         now = time.monotonic()

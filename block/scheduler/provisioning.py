@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 import httpx
 
 from block.http import Origin
+from block.scheduler.core import normalize_url
 from block.provisioning import ProvisioningController
 from vidur.types import Candidate, Request
 
@@ -252,6 +253,12 @@ class LivePool:
     def num_active(self) -> int:
         return len(self.active)
 
+    def describe(self) -> dict[str, Any]:
+        """For the scheduler's ``/health``: the pool by state, the strategy and the additions so far."""
+        return {"strategy": self.controller.cfg.strategy, "slo_s": self.controller.cfg.slo_s, "slots": self.slots,
+                "active": list(self.active), "starting": sorted(self.warming), "failed": sorted(self.failed),
+                "back": self.back_pool(), "added": list(self.controller.added), "shared_lease": self.lease.shared}
+
     def before_route(self, req: Request, cands: list[Candidate]) -> Optional[int]:
         """The predictive trigger (and scale-down bookkeeping); an instance to send ``req`` to, or None."""
         i = self.controller.before_route(self, req, cands, self.now())
@@ -274,7 +281,7 @@ class LivePool:
 
     async def _start(self, i: int, t0: float) -> None:
         try:
-            url = await self.starter.start(i)
+            url = normalize_url(await self.starter.start(i))  # a garbled answer fails now, not after the timeout
             await self._wait_healthy(url)
         except Exception as err:  # noqa: BLE001 - a failed start is recorded, never routed to
             self.warming.pop(i, None)
