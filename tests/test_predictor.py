@@ -708,3 +708,23 @@ def test_a_streaming_client_that_leaves_before_its_first_token_is_aborted_in_the
                                                 {"outcome": "client_disconnect"}) == 1, timeout=30)
         stop.set()
         hold.join(60)
+
+
+def test_tracker_bounds_client_numbers_and_counts_v1_prefills_as_the_engine_does():
+    """Huge max_tokens / hints never reach the tracked state (it stays serialisable and within the model's length);
+    a running prefill holds its prompt's blocks under V0 rules and none under V1 (per computed chunk), as
+    vidur.engine counts them."""
+    tr = Tracker(max_model_len=4096)
+    counter = TokenCounter("llama2")
+    t = tr.add({"prompt": list(range(1, 101)), "max_tokens": 10**30}, {"x-expected-output-tokens": "9" * 30},
+               False, counter)
+    assert t.max_tokens is None and t.expected == 4096 - 100
+    t2 = tr.add({"prompt": list(range(1, 101)), "max_tokens": 1e300}, {}, False, counter)
+    assert t2.expected == 4096 - 100
+    base = dict(max_num_seqs=8, max_num_batched_tokens=512, chunk_size=512, block_size=16, num_blocks=100)
+    load = VllmLoad(num_running=2, num_waiting=0)
+    v0 = tr.build_state(EngineConfig(**base), 100, load=load, load_t=tr.now())
+    v1 = tr.build_state(EngineConfig(**base, scheduler="v1"), 100, load=load, load_t=tr.now())
+    assert len(v0.running) == len(v1.running) == 2
+    assert v0.free_blocks == 100 - 2 * 7 and v1.free_blocks == 100
+    json.dumps(v1.to_dict())

@@ -13,7 +13,8 @@ stream itself), :class:`Reassembler` turns a stream of chunks back into the non-
   requests run than have tokens and more wait than we think, the newest decodes without a token since that reading
   are taken as *preempted* (recompute: waiting at the front, computed 0, decoded kept);
 - free blocks = total - blocks held (``ceil(computed / block_size)`` per decode, ``ceil(prompt / block_size)`` per
-  running prefill), never below 0; ``busy_for_s = 0``.
+  running prefill under V0 rules, none under V1, whose prefills hold blocks per computed chunk, as the simulator's
+  engine counts them), never below 0; ``busy_for_s = 0``.
 """
 
 from __future__ import annotations
@@ -32,19 +33,25 @@ from vidur.types import EngineConfig, InstanceState, SeqState
 EXPECTED_HEADER = "x-expected-output-tokens"
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _as_int(v: Any) -> Optional[int]:
-    """A positive-or-zero integer from a JSON value or header string, else None (tolerant: tracking only)."""
+    """An integer from a JSON value or header string within 64 bits, else None (tolerant: tracking only; a value
+    outside 64 bits would make the tracked state unserialisable, and the engine refuses such a request anyway)."""
     if v is None or isinstance(v, bool):
         return None
-    if isinstance(v, int):
-        return v
     if isinstance(v, float):
-        return int(v) if v.is_integer() else None
-    if isinstance(v, (str, bytes)):
+        v = int(v) if v.is_integer() else None
+    elif isinstance(v, (str, bytes)):
+        if len(v) > 24:
+            return None
         try:
-            return int(v.strip())
+            v = int(v.strip())
         except ValueError:
             return None
+    if isinstance(v, int) and -_INT64_MAX <= v <= _INT64_MAX:
+        return v
     return None
 
 
@@ -130,6 +137,7 @@ class Tracker:
             hint = None
         default = max_tokens if max_tokens is not None else max(1, self.max_model_len - prompt)
         expected = min(hint, default) if hint is not None else default  # the engine stops at max_tokens
+        expected = min(expected, max(1, self.max_model_len - prompt))  # ... and at the model's length
         t = Tracked(self.next_id, self.now(), prompt, max(1, expected), max_tokens, bool(body.get("stream") is True),
                     chat)
         self.next_id += 1
@@ -196,6 +204,7 @@ class Tracker:
                         stalled += 1
                 preempted = min(-extra, int(load.num_waiting) - n_fresh, stalled)
         bs = config.block_size
+        prefill_holds_prompt = getattr(config, "scheduler", "v0") != "v1"
         running: list[SeqState] = []
         waiting: list[SeqState] = []
         held = 0
@@ -213,7 +222,8 @@ class Tracker:
                     pre_q.append(SeqState(t.id, t.prompt, exp, 0, t.decoded, t.arrival_s))
             elif prefills > 0:
                 prefills -= 1
-                held += -(-t.prompt // bs)
+                if prefill_holds_prompt:  # V0 allocates a prefill's whole prompt; V1 per computed chunk (0 here)
+                    held += -(-t.prompt // bs)
                 running.append(SeqState(t.id, t.prompt, t.expected, 0, 0, t.arrival_s))
             else:
                 waiting.append(SeqState(t.id, t.prompt, t.expected, 0, 0, t.arrival_s))
