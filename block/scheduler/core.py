@@ -528,7 +528,7 @@ class Scheduler:
                 choice = self.rng.choice(rest)
         if self.provisioning is not None:  # predictive trigger; a slot routable now takes the request (as in sim)
             forced = self.provisioning.before_route(req, cands)
-            if forced is not None:
+            if forced is not None and forced not in exclude:
                 choice, ids = forced, ids + [forced]
         if choice not in ids:
             raise RuntimeError(f"policy {pol.name!r} chose instance {choice}, not one of {ids}")
