@@ -151,11 +151,13 @@ def test_lease_is_exclusive_and_scale_down_drains_the_last_added(tmp_path):
     assert pool.active == [0] and [e["event"] for e in pool.events][-1] == "remove"
 
 
-def test_emulated_fig8_run_records_the_pool_and_draws(tmp_path):
+@pytest.mark.parametrize("schedulers", [1, 2])
+def test_emulated_fig8_run_records_the_pool_and_draws(tmp_path, schedulers):
     cmd = [sys.executable, "-m", "experiments.run", "mode=emulate", f"output_root={tmp_path}", "progress=false",
            f"cluster.num_instances={N}", "workload.num_requests=16", "workload.qps=2", "mode.time_scale=4",
            "policy=block_oracle", "provisioning=reactive", f"provisioning.initial_instances={INITIAL}",
-           "provisioning.slo_s=0.001", "mode.startup_timeout_s=240", f"hydra.run.dir={tmp_path}/run"]
+           "provisioning.slo_s=0.001", "mode.startup_timeout_s=240", f"mode.num_schedulers={schedulers}",
+           f"hydra.run.dir={tmp_path}/run"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k not in TOKEN_VARS})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -165,7 +167,8 @@ def test_emulated_fig8_run_records_the_pool_and_draws(tmp_path):
     assert s["instances_added"] == 2 and s["instances_failed"] == 0 and s["provision_starts"] == {"2": 1, "3": 1}
     assert s["mean_cold_start_s"] > 0
     prov = pd.read_parquet(run / "provisioning.parquet")
-    assert sorted(prov.loc[prov["event"] == "start", "instance"]) == [2, 3]
+    assert sorted(prov.loc[prov["event"] == "start", "instance"]) == [2, 3]  # one start per slot, all schedulers
+    assert set(prov["scheduler_index"]) == set(range(schedulers))
     assert prov["time_s"].is_monotonic_increasing
     req = pd.read_parquet(run / "requests.parquet")
     assert req["num_active"].notna().all() and req["num_active"].iloc[0] == INITIAL
