@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from experiments.local_stack import LocalStack, StackError
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,18 +59,16 @@ def test_ctrl_c_stops_every_service(tmp_path):
            f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (tmp_path / "run" / "logs" / "scheduler0.log").exists():
-            time.sleep(0.2)
-        time.sleep(2.0)
+        log = tmp_path / "run" / "logs" / "scheduler0.log"  # the scheduler starts last: the whole stack is up
+        assert wait_until(lambda: log.exists() and "listening on" in log.read_text(errors="replace"), timeout=240)
         assert _pgrep(str(tmp_path / "run" / "services")), "the services should be running"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.5)
-    assert not _pgrep(str(tmp_path / "run" / "services"))
+    # a service left behind never exits by itself: waiting (generously) for the last ones to go races nothing
+    assert wait_until(lambda: not _pgrep(str(tmp_path / "run" / "services")), timeout=30)
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

@@ -24,6 +24,7 @@ from experiments.local_stack import TOKEN_VARS, LocalStack
 from vidur.engine import Engine
 from vidur.types import EngineConfig, InstanceState, Prediction, Request, SeqState
 from vidur.whatif import predict
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = "20"
@@ -192,15 +193,6 @@ def sse_payloads(raw: bytes) -> list:
 
 def norm(raw: bytes) -> bytes:
     return re.sub(rb'"created":\d+', b'"created":0', raw)
-
-
-def wait_until(fn, timeout=60.0, every=0.02):  # generous: returns as soon as fn() holds
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(every)
 
 
 def idle(c: httpx.Client) -> bool:
