@@ -345,7 +345,7 @@ def log_rows(path) -> list:
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def wait_idle(engine_url: str, timeout: float = 20.0) -> None:
+def wait_idle(engine_url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = httpx.get(engine_url + "/state", timeout=5).json()
@@ -441,8 +441,10 @@ def test_the_policy_decides_block_avoids_the_loaded_instance_and_round_robin_alt
                    for _ in range(3)]  # two run, one waits on instance 1 (max-num-seqs 2)
         for t in threads:
             t.start()
-        assert started.wait(20)
-        time.sleep(0.05)
+        assert started.wait(60)
+        # all three held requests are in instance 1's engine (two run, one waits) before the first decision
+        _wait_for(lambda: len([x for k in ("running", "waiting") for x in httpx.get(
+            stack["engines"][1].url + "/state", timeout=30).json()[k]]) == 3, what="the load on instance 1")
         picks = []
         with httpx.Client(timeout=30) as c:
             for _ in range(4):
