@@ -110,16 +110,23 @@ def test_minilm_encoder_gives_unit_embeddings():
 
 # ------------------------------------------------------------------------------------------------ online batching
 class _SlowEstimator:
+    """Each prediction blocks until the event loop opens ``gate`` (after it saw ``entered``): only a loop that keeps
+    running while a prediction is in progress can open it -- no wall-clock guess involved."""
+
     name = "slow"
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.calls: list[int] = []
         self.threads: set[str] = set()
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.opened: list[bool] = []  # per call: the gate was opened while it waited (False: timed out)
 
     def predict(self, prompts):
         self.calls.append(len(prompts))
         self.threads.add(threading.current_thread().name)
+        self.entered.set()
+        self.opened.append(self.gate.wait(60))
         time.sleep(self.delay)
         return np.array([len(p) + 1 for p in prompts])
 
@@ -136,6 +143,8 @@ def test_batching_estimator_batches_runs_off_loop_and_reports_latency():
             while True:
                 await asyncio.sleep(0.005)
                 ticks += 1
+                if est.entered.is_set():
+                    est.gate.set()
 
         t = asyncio.ensure_future(ticker())
         res = await asyncio.gather(*(b.estimate("x" * i) for i in range(10)))
@@ -148,7 +157,7 @@ def test_batching_estimator_batches_runs_off_loop_and_reports_latency():
     assert sum(est.calls) == 10 and max(est.calls) <= 4 and len(est.calls) < 10  # batched, capped at max_batch
     assert all(r.latency_ms >= r.predict_ms > 0 for r in res) and max(r.batch_size for r in res) == 4
     assert est.threads and all(n.startswith("length-estimator") for n in est.threads)
-    assert ticks >= 10  # the loop kept running while predictions slept in the worker thread
+    assert all(est.opened) and ticks >= 1  # the loop kept running while a prediction blocked in the worker thread
 
 
 def test_batching_estimator_propagates_failures():
