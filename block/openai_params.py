@@ -23,7 +23,7 @@ from typing import Annotated, Any, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from block.service import INT64_MAX, INT64_MIN, ServiceError, bad_request, show
+from block.service import INT64_MAX, INT64_MIN, ServiceError, bad_request
 
 MAX_N = 16384  # VLLM_MAX_N_SEQUENCES
 MAX_STOP_STRINGS = 4  # VLLM_MAX_STOP_STRINGS

@@ -24,6 +24,7 @@ from experiments.local_stack import TOKEN_VARS, LocalStack
 from vidur.engine import Engine
 from vidur.types import EngineConfig, InstanceState, Prediction, Request, SeqState
 from vidur.whatif import predict
+from sse_strict import sse_events
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,16 +182,6 @@ def exec_model():
     return build_setup(max_num_seqs=int(SEQS)).execution_model()
 
 
-def sse_payloads(raw: bytes) -> list:
-    out = []
-    for ev in raw.split(b"\n\n"):
-        if ev.strip():
-            assert ev.startswith(b"data: "), ev
-            p = ev[6:]
-            out.append(p.decode() if p == b"[DONE]" else json.loads(p))
-    return out
-
-
 def norm(raw: bytes) -> bytes:
     return re.sub(rb'"created":\d+', b'"created":0', raw)
 
@@ -228,7 +219,7 @@ def test_stream_is_the_engines_byte_stream(servers, path, body):
             raws.append(b"".join(parts))
             chunks.append(parts)
     assert norm(raws[0]) == norm(raws[1])  # byte for byte, up to the "created" timestamp
-    ev_e, ev_p = sse_payloads(raws[0]), sse_payloads(raws[1])
+    ev_e, ev_p = sse_events(raws[0]), sse_events(raws[1])
     assert len(ev_e) == len(ev_p) and ev_p[-1] == "[DONE]"
     assert ev_p[-2]["usage"] == ev_e[-2]["usage"] and ev_p[-2]["usage"]["completion_tokens"] == body["max_tokens"]
     texts = [e for e in ev_p[:-2] if e["choices"]]
@@ -498,7 +489,7 @@ def test_killed_engine_gives_prompt_5xx(servers):
             next(it)
             e3.stop(signal.SIGKILL)
             rest = b"".join(it)
-        ev = sse_payloads(rest)
+        ev = sse_events(rest)
         assert any(isinstance(e, dict) and "error" in e for e in ev) and ev[-1] == "[DONE]"
         for body in ({"prompt": "x", "max_tokens": 3}, {"prompt": "x", "max_tokens": 3, "stream": True}):
             r = c.post("/v1/completions", json=body)
@@ -564,7 +555,7 @@ def test_an_answer_that_ends_without_finishing_is_a_failure_not_an_empty_200(fak
         assert "after 2 tokens" in r.json()["error"]["message"]
         with c.stream("POST", path, json=req("tokens_close", True)) as r:
             assert r.status_code == 200
-            ev = sse_payloads(r.read())
+            ev = sse_events(r.read())
         assert ev[-1] == "[DONE]" and ev[-2]["error"]["type"] == "engine_failed"
         r = c.post(path, json=req("good", False))  # a proper answer still is one
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
@@ -590,7 +581,7 @@ def test_an_in_stream_client_error_reaches_the_client_as_that_4xx(fake):
         with c.stream("POST", "/v1/completions", json={"prompt": "mode:token_then_client_error", "max_tokens": 5,
                                                        "stream": True}) as r:
             assert r.status_code == 200
-            ev = sse_payloads(r.read())
+            ev = sse_events(r.read())
         assert ev[0]["choices"][0]["text"] == " t1" and ev[1] == {"error": CLIENT_ERROR} and ev[-1] == "[DONE]"
         r = c.post("/v1/completions", json={"prompt": "mode:token_then_client_error", "max_tokens": 5})
         assert r.status_code == 400 and r.json() == {"error": CLIENT_ERROR}
@@ -624,7 +615,7 @@ def test_multi_token_chunks_are_counted_exactly(fake, mode, want):
         th.join(30)
     assert eng.bodies[n0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert got[0] == 200
-    ev = sse_payloads(got[1])
+    ev = sse_events(got[1])
     assert ev[-1] == "[DONE]"
     if mode == "multi":  # the usage chunk the client asked for
         assert ev[-2]["choices"] == [] and ev[-2]["usage"]["completion_tokens"] == 12

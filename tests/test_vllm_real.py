@@ -15,7 +15,6 @@ proxy, or the reverse order of vLLM's counter update and its stream write).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,8 @@ from block.engine import vllm as V
 from block.engine.tokens import TokenCounter, count_request_prompt
 from block.prom import VllmLoad, get_histogram, parse_prometheus
 from experiments.local_stack import TOKEN_VARS, LocalStack
+from sse_strict import sse_events
+from waiting import wait_until as _wait_until
 
 MODEL = "block-repro/llama-tiny"
 SEATS = 4  # --max-num-seqs of the test servers: 8 long requests = 4 running + 4 waiting
@@ -70,29 +71,14 @@ def stack(tmp_path_factory):
         yield {"engines": engines, "preds": preds, "sched": sched}
 
 
-def wait_until(fn: Callable[[], Any], timeout: float = 120.0, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(every)
+def wait_until(fn: Callable[[], Any], timeout: float = 120.0) -> Any:
+    return _wait_until(fn, timeout)  # real vLLM on a busy CPU: a longer bound than the shared default
 
 
 def load_of(c: httpx.Client) -> VllmLoad:
     r = c.get("/metrics")
     assert r.status_code == 200
     return VllmLoad.from_metrics(r.text)
-
-
-def sse_events(raw: bytes) -> list:
-    out = []
-    for ev in raw.split(b"\n\n"):
-        if ev.strip():
-            assert ev.startswith(b"data: "), ev
-            p = ev[6:]
-            out.append(p.decode() if p == b"[DONE]" else json.loads(p))
-    return out
 
 
 def post(c: httpx.Client, body: dict, chat: bool = False) -> tuple[int, Optional[dict], list]:

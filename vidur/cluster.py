@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from vidur.engine import Engine, Seq, StepTimeModel
-from vidur.types import Candidate, EngineConfig, InstanceStats, Prediction, Request
+from vidur.types import Candidate, EngineConfig, Request
 from vidur.whatif import predict
 
 SIGNALS = ("none", "stats", "prediction")

@@ -23,7 +23,6 @@ import dataclasses
 import time
 from typing import Any, Mapping, Optional
 
-import orjson
 
 from block.engine.tokens import TokenCounter, message_text
 from block.prom import VllmLoad
