@@ -40,6 +40,24 @@ if TYPE_CHECKING:
     from vidur.types import EngineConfig
 
 
+def _chunk(left: int, thr: int, budget: int) -> int:
+    """Tokens a running request gets this step: what it has left, capped by the threshold (0 = none) and budget."""
+    n = thr if thr and left > thr else left
+    return n if n <= budget else budget
+
+
+def _make_room(e: "Engine", s: "Seq", c: int, n: int) -> int:
+    """Allocate the blocks that ``n`` more tokens after ``c`` computed need, preempting the tail of running order
+    until they fit; the blocks allocated, or -1 when ``s`` itself was the victim (the running loop ends)."""
+    bs = e.bs
+    extra = -(-(c + n) // bs) - (-(-c // bs))
+    while extra > e.free:
+        if e.preempt_last() is s:
+            return -1
+    e.free -= extra
+    return extra
+
+
 class V1Rule:
     """vLLM V1: one token budget per step, running requests first, then waiting ones if nobody was preempted."""
 
@@ -87,23 +105,15 @@ class V1Rule:
     @staticmethod
     def _prefill_chunks(e: "Engine", budget: int, thr: int) -> tuple[list[tuple["Seq", int]], int]:
         """Chunks for the running prefills (the tail of running order) after the decodes; preempt the tail on need."""
-        bs = e.bs
         pre = e.prefilling
         chunks: list[tuple[Seq, int]] = []
         i = 0
         while i < len(pre) and budget > 0:
             s = pre[i]
             c = s.computed
-            n = s.known - c
-            if thr and n > thr:
-                n = thr
-            if n > budget:
-                n = budget
-            extra = -(-(c + n) // bs) - (-(-c // bs))
-            while extra > e.free:
-                if e.preempt_last() is s:  # victims are later prefills, then s itself: the loop ends
-                    return chunks, budget
-            e.free -= extra
+            n = _chunk(s.known - c, thr, budget)
+            if _make_room(e, s, c, n) < 0:  # victims are later prefills, then s itself: the loop ends
+                return chunks, budget
             chunks.append((s, n))
             budget -= n
             i += 1
@@ -112,10 +122,9 @@ class V1Rule:
     @staticmethod
     def _running_in_order(e: "Engine", thr: int) -> tuple[list[tuple["Seq", int]], int, list["Seq"], int]:
         """The general running loop, request by request: (chunks, budget left, decodes skipped, decode blocks)."""
-        bs = e.bs
         budget = e.budget
         chunks: list[tuple[Seq, int]] = []
-        reserved = 0
+        reserved = 0  # the decodes' new blocks
         order = list(e.running.values())
         i = 0
         while i < len(order) and budget > 0:
@@ -127,18 +136,10 @@ class V1Rule:
                 n = 1
             else:
                 c = s.computed
-                n = s.known - c
-                if thr and n > thr:
-                    n = thr
-                if n > budget:
-                    n = budget
-            extra = -(-(c + n) // bs) - (-(-c // bs))
-            while extra > e.free:
-                if e.preempt_last() is s:
-                    break
-            if s.status != "running":
+                n = _chunk(s.known - c, thr, budget)
+            extra = _make_room(e, s, c, n)
+            if extra < 0:
                 break
-            e.free -= extra
             budget -= n
             if s.in_decode:
                 reserved += extra
