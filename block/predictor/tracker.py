@@ -26,32 +26,21 @@ from typing import Any, Mapping, Optional
 
 from block.engine.tokens import TokenCounter, message_text
 from block.prom import VllmLoad
+from block.service import INT64_MIN, ServiceError, int_field
 from block.sse import DONE, SSEScanner, error_of, has_output, parse_payload  # noqa: F401 - re-exported
 from vidur.types import EngineConfig, InstanceState, SeqState
 
 EXPECTED_HEADER = "x-expected-output-tokens"
 
 
-_INT64_MAX = 2**63 - 1
-
-
 def _as_int(v: Any) -> Optional[int]:
-    """An integer from a JSON value or header string within 64 bits, else None (tolerant: tracking only; a value
-    outside 64 bits would make the tracked state unserialisable, and the engine refuses such a request anyway)."""
-    if v is None or isinstance(v, bool):
+    """A 64-bit integer from a JSON value or header string (``block.service.int_field``'s rules), else None:
+    tracking is tolerant (the engine answers a bad value with its 400), but a value outside 64 bits must never
+    reach the tracked state, which would then be unserialisable."""
+    try:
+        return int_field("value", v, lo=INT64_MIN)
+    except ServiceError:
         return None
-    if isinstance(v, float):
-        v = int(v) if v.is_integer() else None
-    elif isinstance(v, (str, bytes)):
-        if len(v) > 24:
-            return None
-        try:
-            v = int(v.strip())
-        except ValueError:
-            return None
-    if isinstance(v, int) and -_INT64_MAX <= v <= _INT64_MAX:
-        return v
-    return None
 
 
 def count_prompt(body: Mapping[str, Any], chat: bool, counter: TokenCounter) -> int:
