@@ -18,45 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from vidur.engine import Engine, Seq, StepTimeModel
+# the policy contract lives in vidur.policy_contract; re-exported here until every importer has moved
+from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy  # noqa: F401
 from vidur.types import Candidate, EngineConfig, Request
 from vidur.whatif import predict
-
-SIGNALS = ("none", "stats", "prediction")
-
-
-@dataclass
-class RoutingContext:
-    """What a policy may know besides its candidates. ``state`` is the policy's own memory (one per scheduler)."""
-
-    now_s: float
-    num_instances: int
-    instance_ids: list[int]
-    rng: random.Random
-    request_index: int
-    state: dict[str, Any] = field(default_factory=dict)
-
-
-ChooseFn = Callable[[Request, list[Candidate], RoutingContext], int]
-
-
-@dataclass
-class RoutingPolicy:
-    """A routing rule plus what it needs: ``signal`` in SIGNALS, ``k`` instances probed (None = all)."""
-
-    name: str
-    choose: ChooseFn
-    signal: str = "none"
-    k: Optional[int] = None
-    # called after the decision with (request, chosen id, candidates, ctx): lets a policy keep history (min-QPM)
-    observe: Optional[Callable[[Request, int, list[Candidate], RoutingContext], None]] = None
-    # maps a request to the output length the what-if should assume (noise injection, estimators); None = hint
-    expected_length: Optional[Callable[[Request, int, RoutingContext], int]] = None
-
-    def __post_init__(self) -> None:
-        if self.signal not in SIGNALS:
-            raise ValueError(f"policy {self.name!r}: signal must be one of {SIGNALS}, got {self.signal!r}")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"policy {self.name!r}: k must be >= 1 or None (all), got {self.k}")
 
 
 class Controller(Protocol):
