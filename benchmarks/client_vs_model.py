@@ -23,7 +23,8 @@ import pandas as pd
 from block.benchmark.client import BenchmarkConfig, benchmark, build_requests
 from block.engine.config import build_setup
 from experiments.local_stack import TOKEN_VARS, LocalStack
-from vidur.cluster import Cluster, RoutingPolicy
+from vidur.cluster import Cluster
+from vidur.policy_contract import RoutingPolicy
 from vidur.engine import Engine as SimEngine
 from vidur.types import EngineConfig
 

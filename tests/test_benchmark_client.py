@@ -128,7 +128,8 @@ def _model_times(engine, reqs, alone: bool) -> pd.DataFrame:
     times, or (``alone``) each on an idle engine -- the least model time a request can take, since sharing steps
     only adds work to them."""
     from block.engine.config import build_setup
-    from vidur.cluster import Cluster, RoutingPolicy
+    from vidur.cluster import Cluster
+    from vidur.policy_contract import RoutingPolicy
     from vidur.engine import Engine as SimEngine
     from vidur.types import EngineConfig
 

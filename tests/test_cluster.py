@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from block.policies import make_policy
-from vidur.cluster import Cluster, RoutingPolicy
+from vidur.cluster import Cluster
+from vidur.policy_contract import RoutingPolicy
 from vidur.records import instances_frame, is_complete, requests_frame, summarize, write_run
 from vidur.types import REQUEST_RECORD_COLUMNS, EngineConfig, Request
 

@@ -12,7 +12,8 @@ import pytest
 from block.policies import (POLICIES, argmax, argmin, describe_policies, inject_noise, make_policy, noisy_length,
                             policy_from_config, policy_names)
 from block.policies import basic, heuristics, peers, predicted
-from vidur.cluster import Cluster, RoutingContext
+from vidur.cluster import Cluster
+from vidur.policy_contract import RoutingContext
 from vidur.records import requests_frame
 from vidur.types import Candidate, EngineConfig, InstanceStats, Prediction, Request
 

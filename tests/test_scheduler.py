@@ -33,7 +33,7 @@ from block.scheduler.core import (
 from block.http import Origin, Pool, UpstreamError
 from block.service import ServiceError
 from experiments.local_stack import TOKEN_VARS, LocalStack, Service
-from vidur.cluster import RoutingContext
+from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, InstanceStats, Prediction, Request
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Routing policies: each one a small pure function ``choose(request, candidates, ctx) -> instance_id``.
 
 The simulator (``vidur.cluster``) and the live scheduler call the same functions. ``make_policy`` wraps a rule with
-what it needs (signal, k, Block's length/latency noise) into a ``vidur.cluster.RoutingPolicy``.
+what it needs (signal, k, Block's length/latency noise) into a ``vidur.policy_contract.RoutingPolicy``.
 ``describe_policies()`` gives each name's one-line rule.
 """
 

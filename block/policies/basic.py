@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from block.policies.common import min_by
-from vidur.cluster import RoutingContext
+from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, Request
 
 QPM_WINDOW_S = 60.0

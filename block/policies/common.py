@@ -10,7 +10,7 @@ import math
 import random
 from typing import Optional, Sequence
 
-from vidur.cluster import RoutingContext
+from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate
 
 TIE_RTOL = 1e-12  # scores equal within this relative tolerance are ties

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from block.policies.common import min_by, with_stats
-from vidur.cluster import RoutingContext
+from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, Request
 
 LengthOf = Callable[[int], int]  # instance id -> output length the scheduler tells that instance

@@ -11,7 +11,7 @@ prefill blocks are the whole prompt). Candidates without stats are skipped; none
 from __future__ import annotations
 
 from block.policies.common import max_by, min_by, with_stats
-from vidur.cluster import RoutingContext
+from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, InstanceStats, Request
 
 

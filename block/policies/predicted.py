@@ -16,7 +16,7 @@ probed instance a length; ``RoutingPolicy.expected_length`` supplies it):
 from __future__ import annotations
 
 from block.policies.common import inject_noise, min_by, with_prediction
-from vidur.cluster import RoutingContext
+from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, Request
 
 

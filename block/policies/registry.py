@@ -1,6 +1,6 @@
 """Names used in configs and results -> policy rules, the signal each needs and whether k-probing applies.
 
-``make_policy`` wraps a rule into a ``vidur.cluster.RoutingPolicy`` (the simulator's and the live scheduler's
+``make_policy`` wraps a rule into a ``vidur.policy_contract.RoutingPolicy`` (the simulator's and the live scheduler's
 common interface) and adds Block's two noise knobs:
 
 * ``length_noise_pct``: the output length the scheduler tells each probed instance (and its what-if) is drawn
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from block.policies import basic, heuristics, peers, predicted
 from block.policies.common import check_pct, noisy_length
-from vidur.cluster import ChooseFn, RoutingContext, RoutingPolicy
+from vidur.policy_contract import ChooseFn, RoutingContext, RoutingPolicy
 from vidur.types import Request
 
 _RESERVED = {"length_of", "latency_noise_pct"}  # rule kwargs make_policy binds itself

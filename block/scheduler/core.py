@@ -51,7 +51,7 @@ from block.http import Origin, Pool, Response, UpstreamError
 from block.sse import SSE_DONE, StreamView, client_error_status, error_event, error_message
 from block.openai_params import validate_request
 from block.service import bad_request, int_field, json_object
-from vidur.cluster import RoutingContext, RoutingPolicy
+from vidur.policy_contract import RoutingContext, RoutingPolicy
 from vidur.types import Candidate, InstanceStats, Prediction, Request
 
 try:  # orjson (the predictor's dependency too) is faster; the standard library is the fallback
