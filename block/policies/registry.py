@@ -1,7 +1,12 @@
 """Names used in configs and results -> policy rules, the signal each needs and whether k-probing applies.
 
 ``make_policy`` wraps a rule into a ``vidur.policy_contract.RoutingPolicy`` (the simulator's and the live scheduler's
-common interface) and adds Block's two noise knobs:
+common interface) and adds Block's two noise knobs (below). A rule is found by name among the built-in ones
+(``POLICIES``: a new one is one line there plus conf/policy/<name>.yaml), among the installed plug-ins (entry points of
+group ``block_repro.policies``), or by import path (``target="package.module:choose"``, ``policy=custom``): see
+docs/adding_a_policy.md. Plug-ins are resolved where the policy is built, in the process that routes, so they work
+under every Hydra launcher (its workers import the target themselves).
+
 
 * ``length_noise_pct``: the output length the scheduler tells each probed instance (and its what-if) is drawn
   independently per (request, instance) as ``noisy_length(L, pct)``, L being the policy's base length (hint,
@@ -15,16 +20,20 @@ common interface) and adds Block's two noise knobs:
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from block.policies import basic, heuristics, peers, predicted
 from block.policies.common import check_pct, noisy_length
-from vidur.policy_contract import ChooseFn, RoutingContext, RoutingPolicy
+from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy
 from vidur.types import Request
 
 _RESERVED = {"length_of", "latency_noise_pct"}  # rule kwargs make_policy binds itself
+ENTRY_POINT_GROUP = "block_repro.policies"  # installed plug-ins: name = "package.module:rule_or_PolicySpec"
+CUSTOM = "custom"  # conf/policy/custom.yaml's name: the rule is given by its import path (target)
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ POLICIES: dict[str, PolicySpec] = {
 
 
 def policy_names() -> list[str]:
+    """The built-in policies (each has conf/policy/<name>.yaml and a row in DESIGN.md's table)."""
     return sorted(POLICIES)
 
 
@@ -99,21 +109,108 @@ def describe_policies() -> dict[str, str]:
     return {n: POLICIES[n].doc for n in policy_names()}
 
 
+def policy_table() -> str:
+    """DESIGN.md's policy table, generated from ``POLICIES`` (``python -m block.policies --write docs/DESIGN.md``)."""
+    rows = ["| name | signal | k (default) | rule |", "|---|---|---|---|"]
+    for n in policy_names():
+        s = POLICIES[n]
+        k = ("all" if s.default_k is None else str(s.default_k)) if s.probes else "-"
+        rows.append(f"| `{n}` | {s.signal} | {k} | {s.doc.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def plugin_policies() -> dict[str, Any]:
+    """Installed plug-ins: name -> entry point of group ``block_repro.policies`` (built-in names win)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in POLICIES}
+
+
+def available_policies() -> list[str]:
+    """Every name ``make_policy`` knows without a target: the built-ins and the installed plug-ins."""
+    return sorted(set(POLICIES) | set(plugin_policies()))
+
+
+def load_target(target: str) -> Any:
+    """The object ``package.module:attribute`` (or ``package.module.attribute``) names, imported now.
+
+    Resolving the rule where the policy is built, instead of registering it when some module is imported, is what
+    makes a plug-in work under every launcher: a joblib, submitit or Ray worker builds the policy from the config it
+    receives and imports the target itself."""
+    mod, sep, attr = str(target).strip().partition(":")
+    if not sep:
+        mod, _, attr = mod.rpartition(".")
+    if not mod or not attr:
+        raise ValueError(f"policy target {target!r} must be 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(mod)
+    except ImportError as err:
+        raise ValueError(f"policy target {target!r}: cannot import {mod!r} ({err}); is its package installed or "
+                         "on PYTHONPATH?") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"policy target {target!r}: {mod!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def as_spec(obj: Any, origin: str, signal: Optional[str] = None) -> PolicySpec:
+    """A plug-in's ``PolicySpec`` as is, or one made for a rule function ``choose(request, candidates, ctx)``: its
+    signal is ``signal``, else the function's ``signal`` attribute, else "none"; its default k its ``k`` attribute;
+    its one-line rule the first line of its docstring."""
+    if isinstance(obj, PolicySpec):
+        if signal is not None and signal != obj.signal:
+            raise ValueError(f"{origin} needs signal {obj.signal!r}; signal={signal!r} contradicts it")
+        return obj
+    if not callable(obj):
+        raise ValueError(f"{origin} is neither a PolicySpec nor a function choose(request, candidates, ctx)")
+    sig = signal if signal is not None else getattr(obj, "signal", "none")
+    if sig not in SIGNALS:
+        raise ValueError(f"{origin}: signal must be one of {SIGNALS}, got {sig!r}")
+    lines = (inspect.getdoc(obj) or "").strip().splitlines()
+    return PolicySpec(obj, sig, sig != "none", lines[0] if lines else origin, default_k=getattr(obj, "k", None))
+
+
+def policy_spec(name: str, target: Optional[str] = None, signal: Optional[str] = None) -> PolicySpec:
+    """The rule behind ``name``: the ``target`` import path when given (``name`` then only labels the results), else
+    the built-in policy, else the installed plug-in of that name."""
+    if target:
+        if name in POLICIES:
+            raise ValueError(f"policy name {name!r} is built in: give your rule (target {target!r}) a name of its "
+                             "own (it labels results and figures)")
+        return as_spec(load_target(str(target)), f"policy target {target!r}", signal)
+    if name in POLICIES:
+        return as_spec(POLICIES[name], f"policy {name!r}", signal)
+    ep = plugin_policies().get(name)
+    if ep is not None:
+        try:
+            obj = ep.load()
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"policy {name!r} (entry point {ep.value!r}) cannot be loaded: {err}") from err
+        return as_spec(obj, f"policy {name!r} (entry point {ep.value!r})", signal)
+    if name == CUSTOM:
+        raise ValueError("policy custom needs its rule: policy.target=package.module:function "
+                         "(see docs/adding_a_policy.md)")
+    raise ValueError(f"unknown policy {name!r}; choose one of {available_policies()}, or give your own rule with "
+                     "policy.target=package.module:function")
+
+
 def _bind(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
     names = inspect.signature(fn).parameters
     return {k: v for k, v in params.items() if k in names}
 
 
 def make_policy(name: str, k: Optional[int] = None, length_noise_pct: Optional[float] = None,
-                latency_noise_pct: float = 0.0, **params: Any) -> RoutingPolicy:
+                latency_noise_pct: float = 0.0, target: Optional[str] = None, signal: Optional[str] = None,
+                **params: Any) -> RoutingPolicy:
     """Build the routing policy ``name`` probing ``k`` instances (None: all; ignored by non-probing policies).
 
     ``length_noise_pct=None`` takes the policy's default (25 for ``block_noisy``, else 0). ``params`` are the
     rule's own knobs (see ``POLICIES[name].params()``). All randomness comes from the scheduler's ``ctx.rng``.
+    ``target``/``signal``: a rule of your own by import path and the signal it reads (``policy_spec``).
     """
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}")
-    spec = POLICIES[name]
+    spec = policy_spec(name, target, signal)
     allowed = spec.params()
     unknown = sorted(set(params) - set(allowed))
     if unknown:
