@@ -4,6 +4,7 @@ One command (a benchmark, not a test: it runs real engines for minutes and print
 
     python benchmarks/vllm_accuracy.py [hydra overrides]       # experiment=vllm_cpu_accuracy
     python benchmarks/vllm_accuracy.py --report outputs/vllm_cpu_accuracy/<run>   # print an existing run again
+    python benchmarks/vllm_accuracy.py --resim outputs/vllm_cpu_accuracy/<run>    # its sim part again (new profile)
 
 1. A live cluster on loopback: N real vLLM servers (``python -m block.engine.vllm``), server i pinned to core
    ``i mod ncpu`` (``sched_setaffinity`` before the exec: vLLM's compute thread inherits it), one predictor per
@@ -116,6 +117,37 @@ async def _duplicates(cfg: DictConfig, samples: list, predictor_urls: list[str],
     return rows
 
 
+async def warm_up(engine_urls: Sequence[str], model: str, vocab: int, token: Optional[str], rounds: int = 2) -> float:
+    """Send each engine the kinds of steps the run will make before anything is measured: prefills of 16..512
+    tokens one by one, then 48 streams of mixed lengths at once (mixed and decode batches up to the cap). On CPU
+    the first step of each new batch shape is slower (oneDNN builds its kernels per shape): a run that starts
+    cold measures that, which no profile contains (measured: the first ~10 s of a cold run 20-30 % slower than
+    the rest). The profiler runs through the same shapes before its rows count. Returns the seconds it took."""
+    import httpx
+
+    t0 = time.perf_counter()
+    hdr = {"authorization": f"Bearer {token}"} if token else {}
+    rng = random.Random(12345)
+
+    async def one(client: httpx.AsyncClient, url: str, n_in: int, n_out: int) -> None:
+        body = {"model": model, "prompt": [rng.randrange(100, vocab - 1) for _ in range(n_in)], "max_tokens": n_out,
+                "ignore_eos": True, "temperature": 0}
+        r = await client.post(url + "/v1/completions", json=body, headers=hdr)
+        if r.status_code != 200:
+            raise RuntimeError(f"warm-up request to {url} failed: HTTP {r.status_code} {r.text[:200]}")
+
+    async def engine(url: str) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+            for _ in range(rounds):
+                for n in range(16, 513, 16):
+                    await one(client, url, n, 1)
+                await asyncio.gather(*(one(client, url, rng.randrange(8, 512), rng.randrange(1, 96))
+                                       for _ in range(48)))
+
+    await asyncio.gather(*(engine(u) for u in engine_urls))
+    return time.perf_counter() - t0
+
+
 def run_live(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Part 1 and 2: the vLLM cluster (started as ``mode=emulate mode.engine=vllm`` starts it), the replay through
     the scheduler, the duplicated samples; the records. The stack inherits this process's niceness (``--nice``).
@@ -147,6 +179,9 @@ def run_live(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         engines = [_start_vllm(stack, cfg, shared, i) for i in range(n)]
         stack.wait_healthy(engines)
         startup_s = time.perf_counter() - t_start
+        warm_rounds = int(OmegaConf.select(cfg, "accuracy.warmup_rounds", default=2))
+        warm_s = asyncio.run(warm_up([e.url for e in engines], str(cfg.model.name), int(cfg.model.vocab_size), token,
+                                     warm_rounds)) if warm_rounds > 0 else 0.0
         predictors = [stack.start(f"predictor{i}", "block.predictor",
                                   [*shared, "--engine-url", e.url, "--instance-id", str(i), "--state-source", "proxy"])
                       for i, e in enumerate(engines)]
@@ -171,7 +206,8 @@ def run_live(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     drive = DriveResult(res.requests, res.itls_s, instances_frame(sampler.rows))
     acc = pd.DataFrame(acc_rows)
     summary = write_records(cfg, run_dir, main_reqs, drive, mode="emulate", engine="vllm",
-                            vllm_startup_s=round(startup_s, 1), loadavg_before=list(load_before),
+                            vllm_startup_s=round(startup_s, 1), warmup_s=round(warm_s, 1),
+                            warmup_rounds=warm_rounds, loadavg_before=list(load_before),
                             loadavg_after=list(load_after), accuracy_samples=int(len(samples)), nice=os.nice(0))
     if len(acc):
         acc.to_parquet(run_dir / "accuracy.parquet")
@@ -217,7 +253,7 @@ def report(run: Path, out=print) -> dict[str, Any]:
     out(f"run {run}  load average before {summ.get('loadavg_before')}  after {summ.get('loadavg_after')}  "
         f"nice {summ.get('nice', 0)}")
     out(f"requests through the scheduler: {len(ok)} ok, {len(req) - len(ok)} failed; vLLM start-up "
-        f"{summ.get('vllm_startup_s')} s")
+        f"{summ.get('vllm_startup_s')} s, warm-up {summ.get('warmup_s', 0)} s ({summ.get('warmup_rounds', 0)} rounds)")
     out(f"E2E error, dispatched requests (scheduler's prediction at dispatch): {_q(e_disp)}")
     fig["e2e_err_dispatched"] = e_disp.tolist()
     accp = live / "accuracy.parquet"
@@ -245,7 +281,7 @@ def report(run: Path, out=print) -> dict[str, Any]:
         sreq = pd.read_parquet(sim / "requests.parquet")
         sreq = sreq[sreq["id"].isin(ok["id"])]
         out(f"sim vs real, the {len(sreq)} requests sent through the scheduler (ms; sim/real - 1):")
-        for col in ("ttft_s", "e2e_s"):
+        for col in ("ttft_s", "tpot_s", "e2e_s"):
             for q in (50, 99):
                 r = float(np.percentile(ok[col].dropna(), q)) * 1e3
                 s = float(np.percentile(sreq[col].dropna(), q)) * 1e3
@@ -259,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--report", default=None, help="print the figures of an existing run directory only")
     ap.add_argument("--out", default=None, help="run directory (default outputs/vllm_cpu_accuracy/<overrides>)")
     ap.add_argument("--no-sim", action="store_true", help="skip the mode=sim comparison")
+    ap.add_argument("--resim", default=None, help="run the mode=sim comparison again for an existing run directory "
+                    "(its emulate/config.yaml, the profile now fitted: e.g. after re-profiling) and print it")
     ap.add_argument("--nice", type=int, default=0, help="add this to the niceness of this process and so of the "
                     "whole stack (e.g. -10 on a machine busy with other work, so the numbers describe the engines "
                     "more than the neighbours; negative values need root)")
@@ -266,6 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.report:
         report(Path(a.report))
+        return 0
+    if a.resim:
+        run = Path(a.resim)
+        run_sim_same(OmegaConf.load(run / "emulate" / "config.yaml"), run / "sim")
+        report(run)
         return 0
     cfg = compose(a.overrides)
     name = "_".join(o.replace("/", "-").replace("=", "-") for o in a.overrides) or "default"

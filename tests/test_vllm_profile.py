@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from block.engine import vllm_profile as vp
+from block.engine import vllm_serve_calibration as sc
 from vidur.execution_model import ExecutionModel
 from vidur.profile_fit import read_steps, synthetic_steps
 from vidur.specs import GpuSpec, ModelSpec
@@ -96,6 +97,65 @@ def test_fit_and_save_holds_out_and_is_what_the_simulator_loads(tmp_path):
         vp.fit_and_save(tmp_path / "few.csv", model.to_dict(), gpu.to_dict(), tmp_path / "x.json")
 
 
+def _tiny_truth() -> ExecutionModel:
+    return ExecutionModel.fit(ModelSpec.from_dict(load_conf("model", "qwen2_7b")),
+                              GpuSpec.from_dict(load_conf("gpu", "a30")), profile_root=REPO / "data" / "profiling")
+
+
+def test_steady_itl_counts_tokens_from_usage_not_chunks():
+    """A chunk can carry several tokens (vLLM packs them under load): the latency is per token of the usage."""
+    marks = [(0.1, 1), (0.2, 2), (0.5, 5), (0.6, 6), (1.0, 10), (1.3, 13), (1.6, 16)]
+    lo, hi = sc.steady_window(16)
+    assert (lo, hi) == (4, 14) and sc.steady_window(160) == (40, 140)
+    assert sc.steady_itl(marks, lo, hi) == pytest.approx((1.6 - 0.5) / (16 - 5))
+    with pytest.raises(ValueError, match="ended before token 20"):
+        sc.steady_itl(marks, 4, 20)
+    assert sc._parse_cpus("1") == {1} and sc._parse_cpus("0,2-3") == {0, 2, 3} and sc._parse_cpus(None) == set()
+
+
+def test_serving_overhead_is_recovered_and_added_to_every_step():
+    """Inter-token latencies made from a known model plus 2 ms a step and 0.1 ms a stream, a lone TTFT 4 ms above
+    the prefill step: the fit gets those three back, and the served rows carry them per step, per emitting
+    sequence and per new prompt."""
+    em = _tiny_truth()
+    kv = 32 + sum(sc.steady_window(160)) // 2
+    itl = {b: em.step_time([], b, b * kv) + 0.002 + 0.0001 * b for b in sc.BATCHES}
+    ttft = em.step_time([(32, 0)], 0, 0) + 0.002 + 0.0001 + 0.004
+    ov = sc.overhead(sc.ServeCalibration(itl_s=itl, ttft_lone_s=ttft), em)
+    assert ov.per_step_s == pytest.approx(0.002, abs=1e-6) and ov.per_seq_s == pytest.approx(1e-4, abs=1e-7)
+    assert ov.first_s == pytest.approx(0.004, abs=1e-6) and max(map(abs, ov.residual_ms.values())) < 1e-3
+    steps = [([], 4, 400), ([(128, 0)], 0, 0), ([(64, 512), (32, 0)], 3, 900)]
+    out = sc.served_steps(steps, [0.01, 0.02, 0.03], ov)
+    assert out == pytest.approx([0.01 + 0.002 + 4e-4, 0.02 + 0.002 + 1e-4 + 0.004, 0.03 + 0.002 + 5e-4 + 0.004])
+    cal = sc.ServeCalibration(itl_s=itl, ttft_lone_s=ttft, cpus="1")
+    assert sc.ServeCalibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+
+
+def test_fit_with_serving_calibration_describes_the_served_engine(tmp_path):
+    """Engine steps from a known model, and a served engine 3 ms a step slower: the saved model predicts the
+    served decode, not the engine's, and keeps the calibration it was made from."""
+    model = ModelSpec.from_dict(load_conf("model", "llama_tiny"))
+    gpu = GpuSpec.from_dict(load_conf("gpu", "cpu-amd-epyc"))
+    truth = _tiny_truth()
+    steps = synthetic_steps(600, seed=4, max_batch=32, chunk=512, max_len=2048)
+    csv = tmp_path / "steps.csv"
+    pd.DataFrame({"prefill_chunks": [vp.format_chunks(c) for c, _, _ in steps],
+                  "num_decode": [b for _, b, _ in steps], "decode_kv_sum": [k for _, _, k in steps],
+                  "step_s": [truth.step_time(*s) for s in steps], "scenario": "synthetic"}).to_csv(csv, index=False)
+    kv = 32 + sum(sc.steady_window(160)) // 2
+    cal = sc.ServeCalibration(itl_s={b: truth.step_time([], b, b * kv) + 0.003 for b in sc.BATCHES},
+                              ttft_lone_s=truth.step_time([(32, 0)], 0, 0) + 0.003)
+    params = vp.fit_and_save(csv, model.to_dict(), gpu.to_dict(), tmp_path / "tp1.json", seed=1, serving=cal)
+    served = ExecutionModel(params)
+    for b in (2, 8, 16):
+        want = truth.step_time([], b, b * 400) + 0.003
+        assert served.step_time([], b, b * 400) == pytest.approx(want, rel=0.08)
+    assert params["serving"]["per_step_ms"] == pytest.approx(3.0, abs=0.05)
+    assert params["serving"]["calibration"]["itl_s"]["2"] == pytest.approx(cal.itl_s[2])
+    plain = vp.fit_and_save(csv, model.to_dict(), gpu.to_dict(), tmp_path / "plain.json", seed=1)
+    assert "serving" not in plain and ExecutionModel(plain).step_time([], 8, 3200) < served.step_time([], 8, 3200)
+
+
 def _vllm_python_or_skip() -> str:
     py = vp.vllm_python()
     r = subprocess.run([py, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
@@ -107,7 +167,8 @@ def _vllm_python_or_skip() -> str:
 
 def test_profiles_a_few_real_vllm_steps_and_fits_them(tmp_path):
     """The real tiny Llama on vLLM (CPU): the quick plan's steps are what vLLM's scheduler ran, one row each, with
-    positive times, and they fit into a loadable execution model."""
+    positive times, and they fit into a loadable execution model; the served engine's calibration (``vllm serve``
+    started, streamed at 1 and 2 streams) is kept beside the steps and in the model."""
     py = _vllm_python_or_skip()
     out = tmp_path / "fitted" / "cpu-test" / "tp1.json"
     r = subprocess.run([sys.executable, "-m", "block.engine.vllm_profile", "--model", "llama_tiny", "--engine",
@@ -135,3 +196,7 @@ def test_profiles_a_few_real_vllm_steps_and_fits_them(tmp_path):
     assert params["holdout"]["test_steps"]["n"] >= 1 and params["gpu"]["name"] == "cpu-amd-epyc"
     em = ExecutionModel(params)
     assert 0 < em.step_time([(64, 0)], 0, 0) < 1.0 and em.step_time([], 2, 70) > 0
+    cal = sc.load(out.with_name("tp1.serve.json"))
+    assert sorted(cal.itl_s) == [1, 2] and all(v > 0 for v in cal.itl_s.values()) and cal.ttft_lone_s > 0
+    assert params["serving"]["per_step_ms"] >= 0 and params["serving"]["first_token_ms"] >= 0
+    assert report["serving"]["per_seq_ms"] == pytest.approx(params["serving"]["per_seq_ms"])

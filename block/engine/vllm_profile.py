@@ -311,9 +311,15 @@ def vllm_python() -> str:
 
 
 def fit_and_save(steps_csv: Path, model_cfg: Any, gpu_cfg: Any, out_json: Path, tp: int = 1,
-                 holdout: float = 0.2, seed: int = 0, meta: Optional[dict] = None) -> dict[str, Any]:
+                 holdout: float = 0.2, seed: int = 0, meta: Optional[dict] = None,
+                 serving: Any = None) -> dict[str, Any]:
     """Fit on a seeded ``1 - holdout`` share of the measured steps and save that fit; its error on the held-out
-    steps (mean and p90 absolute relative error, per phase) goes into the JSON's ``holdout``."""
+    steps (mean and p90 absolute relative error, per phase) goes into the JSON's ``holdout``.
+
+    With ``serving`` (a :class:`block.engine.vllm_serve_calibration.ServeCalibration` of the served engine), the
+    first fit is the engine's own step; what serving adds per step is fitted against it
+    (:func:`~block.engine.vllm_serve_calibration.overhead`), added to every row and the model refitted, so the
+    saved model is the step as ``vllm serve`` takes it (held-out error then against the served rows)."""
     import numpy as np
 
     from vidur.profile_fit import fit_steps, read_steps, to_params
@@ -334,6 +340,23 @@ def fit_and_save(steps_csv: Path, model_cfg: Any, gpu_cfg: Any, out_json: Path, 
     from vidur.execution_model import ExecutionModel
 
     em = ExecutionModel(params)
+    served = None
+    if serving is not None:
+        from block.engine.vllm_serve_calibration import overhead, served_steps, steady_window
+
+        ov = overhead(serving, em)
+        times = served_steps(steps, times, ov)
+        fit = fit_steps([steps[i] for i in train_idx], times[train_idx])
+        params = to_params(fit, model, gpu, tp, source=f"vLLM steps measured by block.engine.vllm_profile "
+                                                       f"({len(train_idx)} of {len(steps)} steps) plus what "
+                                                       "vllm serve adds per step (block.engine.vllm_serve_calibration)")
+        em = ExecutionModel(params)
+        served = {"calibration": serving.to_json(), "per_step_ms": ov.per_step_s * 1e3,
+                  "per_seq_ms": ov.per_seq_s * 1e3, "first_token_ms": ov.first_s * 1e3,
+                  "residual_ms": {str(k): v for k, v in ov.residual_ms.items()},
+                  "served_itl_vs_model_ms": {str(b): [cal * 1e3, em.step_time([], b, b * (
+                      serving.prompt_tokens + sum(steady_window(serving.out_tokens)) // 2)) * 1e3]
+                                             for b, cal in serving.itl_s.items()}}
     pred = np.array([em.step_time(*steps[i]) for i in test_idx])
     err = np.abs(pred - times[test_idx]) / times[test_idx]
     kinds = np.array(["decode" if not steps[i][0] else ("mixed" if steps[i][1] else "prefill") for i in test_idx])
@@ -345,9 +368,14 @@ def fit_and_save(steps_csv: Path, model_cfg: Any, gpu_cfg: Any, out_json: Path, 
             held[k] = {"n": int(m.sum()), "mape": float(err[m].mean()), "p90": float(np.quantile(err[m], 0.9))}
     params["holdout"] = {"train_steps": fit["train"], "test_steps": held}
     params["notes"] = [f"measured on {gpu.name} with vLLM in-process; step = EngineCore schedule + forward + "
-                       "update, detokenisation excluded", *(f"{k}: {v}" for k, v in (meta or {}).items())]
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(params))
+                       "update, detokenisation excluded" + (
+                           "; plus what vllm serve adds (see serving)" if served else ""),
+                       *(f"{k}: {v}" for k, v in (meta or {}).items())]
+    if served:
+        params["serving"] = served
+    from vidur.records import write_atomic
+
+    write_atomic(out_json, json.dumps(params).encode())
     return params
 
 
@@ -406,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "TP 1 there): in the engine core's process")
     ap.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not a profile)")
     ap.add_argument("--gpu-host", action="store_true", help="profile on the GPU (device named from nvidia-smi)")
+    ap.add_argument("--serve-calibration", choices=("auto", "on", "off"), default="auto", help="also measure "
+                    "`vllm serve` itself (inter-token latency at 1-32 streams, a lone TTFT; pinned to --cpus) and "
+                    "fit what serving adds to each step into the model (block.engine.vllm_serve_calibration); "
+                    "auto: on for a CPU host (there the API server shares the model's core), off on a GPU host. "
+                    "Kept as tp<N>.serve.json beside the steps, reused by --fit-only")
     return ap
 
 
@@ -457,9 +490,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         last = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if last:
             meta.update(json.loads(last[-1]))
-    params = fit_and_save(steps_csv, m, g, out, a.tp, seed=a.seed, meta=meta)
+    serving = None
+    serve_json = steps_csv.with_name(f"tp{a.tp}.serve.json")
+    if a.serve_calibration == "on" or (a.serve_calibration == "auto" and not a.gpu_host):
+        from block.engine import vllm_serve_calibration as cal
+
+        if a.fit_only and serve_json.is_file():
+            serving = cal.load(serve_json)
+        elif a.fit_only and a.serve_calibration == "auto":
+            print(f"note: no {serve_json.name} beside the steps: fitting the engine steps alone", file=sys.stderr)
+        else:
+            print("measuring what vllm serve adds per step ...", file=sys.stderr, flush=True)
+            serving = cal.calibrate(a.model, a.engine, a.cpus, batches=(1, 2) if a.quick else cal.BATCHES,
+                                    out_tokens=48 if a.quick else cal.OUT_TOKENS,
+                                    log=lambda s: print(s, file=sys.stderr, flush=True))
+            cal.save(serving, serve_json)
+    params = fit_and_save(steps_csv, m, g, out, a.tp, seed=a.seed, meta=meta, serving=serving)
     meta["total_s"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps({"out": str(out), "steps_csv": str(steps_csv), **meta, "holdout": params["holdout"]},
+    print(json.dumps({"out": str(out), "steps_csv": str(steps_csv), **meta, "holdout": params["holdout"],
+                      "serving": {k: v for k, v in params.get("serving", {}).items() if k != "calibration"}},
                      default=str))
     return 0
 
