@@ -15,13 +15,16 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from vidur.engine import Engine, Seq, StepTimeModel
+from vidur.migration import Migrator
 # the policy contract lives in vidur.policy_contract; re-exported here until every importer has moved
+from vidur.outcomes import Outcome, deliver, wants_outcomes
 from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy  # noqa: F401
+from vidur.routing import Routed, Router
 from vidur.types import Candidate, EngineConfig, Request
-from vidur.whatif import predict
+from vidur.whatif import predict_engine
 
 
 class Controller(Protocol):
@@ -50,6 +53,7 @@ class ClusterResult:
     engine_stats: list[dict[str, Any]]
     accuracy: list[dict[str, Any]] = field(default_factory=list)  # Fig 5 samples (duplicated requests)
     provisioning: list[tuple[float, str, int, int]] = field(default_factory=list)  # (time, event, instance, active)
+    migrations: list[dict[str, Any]] = field(default_factory=list)  # vidur.migration.Migration rows
 
 
 class Cluster:
@@ -62,7 +66,7 @@ class Cluster:
 
     def __init__(self, engines: Sequence[Engine], policy: RoutingPolicy, *, seed: int = 0,
                  sample_interval_s: float = 1.0, accuracy_sampling_rate: float = 0.0,
-                 controller: Optional[Controller] = None) -> None:
+                 controller: Optional[Controller] = None, migrator: Optional[Migrator] = None) -> None:
         if not engines:
             raise ValueError("a cluster needs at least one engine")
         if not 0.0 <= accuracy_sampling_rate <= 1.0:
@@ -77,6 +81,7 @@ class Cluster:
         self.sample_interval_s = sample_interval_s
         self.accuracy_sampling_rate = accuracy_sampling_rate
         self.controller = controller
+        self.migrator = migrator  # live migration between engines (policy llumnix_full), on its own clock
         self.active: list[int] = list(range(len(self.engines)))
         self.warming: dict[int, float] = {}  # instance -> time it becomes routable (cold start)
         self.policy_state: dict[str, Any] = {}
@@ -85,8 +90,8 @@ class Cluster:
         self._next_sample = 0.0
         # id -> (instance, dispatch, predicted e2e, decision ms, active instances)
         self._meta: dict[int, tuple[int, float, float, float, int]] = {}
-        self._sent: dict[tuple[int, int], int] = {}  # (request, instance) -> length told to it, this decision
-        self._chosen_expected = 0
+        self.router = Router(policy, self.rng, self.policy_state)
+        self._routed: Optional[Routed] = None  # the last decision (its told lengths serve Fig 5's duplicates)
         self._dups: list[tuple[int, Request, int, float, bool, bool, Seq]] = []
         self._events: list[tuple[float, str, int, int]] = []
         if controller is not None:
@@ -129,71 +134,50 @@ class Cluster:
     def _on_finish(self, seq: Seq) -> None:
         if self.controller is not None and not isinstance(seq.tag, tuple):
             self.controller.on_finish(self, seq, seq.finish)
+        if wants_outcomes(self.policy_state) and not isinstance(seq.tag, tuple):  # a learning policy (vidur.outcomes)
+            deliver(self.policy_state, Outcome(seq.id, self._meta[seq.id][0], seq.tag.arrival_s, seq.first_token,
+                                               seq.finish, seq.prompt, seq.out))
 
     # ------------------------------------------------------------------ routing
-    def _signal(self, req: Request, i: int, t: float, ctx: RoutingContext, kind: str) -> Candidate:
+    def _signal(self, req: Request, i: int, t: float, kind: str, told: int) -> Candidate:
+        """Instance ``i``'s signal for ``req`` at ``t``: its load figures, or a what-if assuming ``told`` tokens."""
         eng = self.engines[i]
         eng.sync(t)
         if kind == "stats":
             return Candidate(i, stats=eng.stats())
-        exp = self._expected(req, i, ctx)
-        p = predict(eng.snapshot(t), req, eng.model, instance_id=i, expected_output_tokens=exp)
+        p = predict_engine(eng, t, req, instance_id=i, expected_output_tokens=told)  # = predict(eng.snapshot(t))
         return Candidate(i, stats=None, prediction=p)
 
-    def _candidates(self, req: Request, t: float, ctx: RoutingContext) -> list[Candidate]:
-        pol = self.policy
-        ids = self.active
-        if pol.k is not None and pol.k < len(ids):
-            ids = self.rng.sample(ids, pol.k)
-        if pol.signal == "none":
-            return [Candidate(i) for i in ids]
-        return [self._signal(req, i, t, ctx, pol.signal) for i in ids]
-
-    def _expected(self, req: Request, instance: int, ctx: RoutingContext) -> int:
-        """The output length the scheduler tells ``instance`` (and its predictor) for ``req``.
-
-        The chosen instance keeps it as the request's expected length, as Block's vLLM fork stores
-        ``num_predicted_tokens``: later what-ifs on that instance use it for the in-flight request.
-        """
-        key = (req.id, instance)
-        exp = self._sent.get(key)
-        if exp is None:
-            pol = self.policy
-            exp = int(pol.expected_length(req, instance, ctx)) if pol.expected_length is not None \
-                else req.expected_output_tokens()
-            self._sent[key] = exp
-        return exp
-
     def route(self, req: Request, index: int) -> tuple[int, list[Candidate], RoutingContext]:
-        """Pick the instance for ``req`` (the global scheduler's decision)."""
+        """Pick the instance for ``req`` (the global scheduler's decision: ``vidur.routing``, as the live one).
+
+        The chosen instance keeps the length it was told as the request's expected length, as Block's vLLM fork
+        stores ``num_predicted_tokens``: later what-ifs on that instance use it for the in-flight request.
+        """
         t = req.arrival_s
         w0 = time.perf_counter()
-        ctx = RoutingContext(now_s=t, num_instances=len(self.active), instance_ids=self.active, rng=self.rng,
-                             request_index=index, state=self.policy_state)
-        cands = self._candidates(req, t, ctx)
-        forced = self.controller.before_route(self, req, cands, t) if self.controller is not None else None
-        if forced is not None:
-            choice = forced
-        else:
-            choice = self.policy.choose(req, cands, ctx)
-            if choice not in self.active:
-                raise ValueError(f"policy {self.policy.name!r} chose instance {choice}, not one of {self.active}")
-        if self.policy.observe is not None:
-            self.policy.observe(req, choice, cands, ctx)
-        pred_e2e = float("nan")
-        for c in cands:
-            if c.instance_id == choice and c.prediction is not None:
-                pred_e2e = c.prediction.e2e_s
+
+        def gather(kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
+            return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
+
+        force = None
+        if self.controller is not None:
+            ctl = self.controller
+
+            def force(cands: list[Candidate]) -> Optional[int]:
+                return ctl.before_route(self, req, cands, t)
+
+        r = self._routed = self.router.route(req, self.active, t, index, gather, force=force)
         ms = (time.perf_counter() - w0) * 1e3
-        self._meta[req.id] = (choice, t, pred_e2e, ms, len(self.active))
-        self._chosen_expected = self._expected(req, choice, ctx)
-        return choice, cands, ctx
+        self._meta[req.id] = (r.instance, t, r.predicted_e2e_s, ms, len(self.active))
+        return r.instance, r.candidates, r.ctx
 
     def _duplicate(self, req: Request, choice: int, cands: list[Candidate], ctx: RoutingContext, sample: int) -> None:
         """Fig 5: predict on every active instance and run a copy of ``req`` on each (the pick's copy is the request)."""
         t = req.arrival_s
         have = {c.instance_id: c.prediction for c in cands if c.prediction is not None}
-        preds = {i: have.get(i) or self._signal(req, i, t, ctx, "prediction").prediction for i in self.active}
+        told = self._routed.turn.told
+        preds = {i: have.get(i) or self._signal(req, i, t, "prediction", told(i)).prediction for i in self.active}
         best = min(preds.values(), key=lambda p: p.e2e_s).instance_id
         for i, p in preds.items():
             eng = self.engines[i]
@@ -201,8 +185,7 @@ class Cluster:
             if i == choice:
                 seq = self._dispatched_seq
             else:
-                seq = Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._expected(req, i, ctx),
-                          tag=("dup", req))
+                seq = Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=told(i), tag=("dup", req))
                 eng.add(seq, t)
             self._dups.append((sample, req, i, p.e2e_s, i == best, i == choice, seq))
 
@@ -218,6 +201,15 @@ class Cluster:
                 self._samples.append((ts, e.instance_id, len(e.running), len(e.waiting), e.free, e.num_preemptions))
             self._next_sample = ts + dt
 
+    def _advance_until(self, t: float) -> None:
+        """Take the samples and the migrator's events (ticks, stage ends) up to ``t``, in time order."""
+        mig = self.migrator
+        if mig is not None:
+            while (tm := mig.next_time()) <= t:
+                self._sample_until(tm)
+                mig.step(self.engines, self.active)
+        self._sample_until(t)
+
     def run(self, requests: Sequence[Request], progress: Optional[Callable[[int], None]] = None) -> ClusterResult:
         """Simulate ``requests`` (sorted by arrival) to completion and return the records."""
         w0 = time.perf_counter()
@@ -231,17 +223,16 @@ class Cluster:
                 raise ValueError(f"requests must be sorted by arrival_s (request {req.id} at {t} < {last_t})")
             last_t = t
             self.now = t
-            self._sample_until(t)
+            self._advance_until(t)
             if self.controller is not None:
                 for e in engines:  # deliver every finish up to now to the controller (reactive triggers)
                     e.sync(t)
                 self._promote_warm(t)
-            self._sent.clear()
             i, cands, ctx = self.route(req, idx)
             eng = engines[i]
             eng.sync(t)
             self._dispatched_seq = eng.add(
-                Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._chosen_expected, tag=req), t)
+                Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=self._routed.told_tokens, tag=req), t)
             if rate > 0 and self.acc_rng.random() < rate:
                 self._duplicate(req, i, cands, ctx, samples)
                 samples += 1
@@ -249,6 +240,9 @@ class Cluster:
                 progress(100)
         if progress is not None:
             progress(len(requests) % 100)
+        mig = self.migrator
+        while mig is not None and (mig.in_progress or any(e.has_work() for e in engines)):
+            self._advance_until(mig.next_time())  # migration goes on while the engines drain
         if self.sample_interval_s > 0:
             while any(e.has_work() for e in engines):
                 self._sample_until(self._next_sample)
@@ -265,6 +259,7 @@ class Cluster:
                            "preemptions": e.num_preemptions} for e in engines],
             accuracy=self._accuracy_rows(),
             provisioning=list(self._events),
+            migrations=self.migrator.rows() if self.migrator is not None else [],
         )
 
     def _accuracy_rows(self) -> list[dict[str, Any]]:

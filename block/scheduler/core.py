@@ -51,7 +51,9 @@ from block.http import Origin, Pool, Response, UpstreamError
 from block.sse import SSE_DONE, StreamView, client_error_status, error_event, error_message
 from block.openai_params import validate_request
 from block.service import bad_request, int_field, json_object
-from vidur.policy_contract import RoutingContext, RoutingPolicy
+from vidur.outcomes import deliver, from_log_row, wants_outcomes
+from vidur.policy_contract import RoutingPolicy
+from vidur.routing import Router
 from vidur.types import Candidate, InstanceStats, Prediction, Request
 
 try:  # orjson (the predictor's dependency too) is faster; the standard library is the fallback
@@ -361,6 +363,7 @@ class Scheduler:
         self.instances = [Instance(i, u, Origin(u)) for i, u in enumerate(cfg.instances)]
         self.rng = random.Random(cfg.seed)
         self.policy_state: dict[str, Any] = {}
+        self.router = Router(self.policy, self.rng, self.policy_state)
         self.counter = PromptCounter(cfg.tokenizer)
         self.metrics = Metrics(len(self.instances))
         self.t0 = time.monotonic()
@@ -434,17 +437,7 @@ class Scheduler:
         return self.metrics.registry.render()
 
     # ------------------------------------------------------------------ routing
-    def _told(self, req: Request, i: int, ctx: RoutingContext, sent: dict[int, int]) -> int:
-        """The output length told to instance ``i`` (``vidur.cluster.Cluster._expected``: drawn once per pair)."""
-        exp = sent.get(i)
-        if exp is None:
-            pol = self.policy
-            exp = int(pol.expected_length(req, i, ctx)) if pol.expected_length is not None \
-                else req.expected_output_tokens()
-            exp = sent[i] = max(1, exp)
-        return exp
-
-    async def _probe_one(self, kind: str, i: int, req: Request, told: int, rid: str) -> Candidate:
+    async def _probe_one(self, kind: str, i: int, req: Request, told: Optional[int], rid: str) -> Candidate:
         inst = self.instances[i]
         pool = self.pool
         assert pool is not None
@@ -466,11 +459,11 @@ class Scheduler:
             return Candidate(i, prediction=Prediction.from_dict(d))
         return Candidate(i, stats=InstanceStats.from_dict(d))
 
-    async def _probe(self, kind: str, ids: list[int], req: Request, ctx: RoutingContext, sent: dict[int, int],
+    async def _probe(self, kind: str, ids: list[int], req: Request, told: Mapping[int, int],
                      rid: str) -> list[Candidate]:
-        """Probe ``ids`` concurrently; return the candidates that answered in time (failures are left out)."""
-        tasks = [asyncio.ensure_future(self._probe_one(kind, i, req, self._told(req, i, ctx, sent), rid))
-                 for i in ids]
+        """Probe ``ids`` concurrently (a prediction probe carries the length ``told`` to that instance); return the
+        candidates that answered in time (failures are left out)."""
+        tasks = [asyncio.ensure_future(self._probe_one(kind, i, req, told.get(i), rid)) for i in ids]
         try:
             done, pending = await asyncio.wait(tasks, timeout=self.cfg.probe_timeout_s)
         except BaseException:  # cancelled (the client left): no probe outlives the request
@@ -494,55 +487,45 @@ class Scheduler:
         log.debug("probe of instance %d failed: %r", i, err)
 
     async def route(self, req: Request, index: int, exclude: Sequence[int] = ()) -> Decision:
-        """Choose the instance for ``req`` among the eligible ones (``exclude``: instances that already failed it)."""
+        """Choose the instance for ``req`` among the eligible ones (``exclude``: instances that already failed it).
+
+        The decision is ``vidur.routing``'s, as in the simulator; this supplies the probes, the fallback when no
+        probe answered (a random healthy instance, never one whose probe just failed) and auto-provisioning's
+        override (a slot routable now takes the request, as in sim)."""
         w0 = time.perf_counter()
         ids = self.eligible(exclude)
         if not ids:
             raise UpstreamFailure("no instance left to try", 503)
-        pol = self.policy
-        ctx = RoutingContext(now_s=time.monotonic() - self.t0, num_instances=len(ids), instance_ids=ids,
-                             rng=self.rng, request_index=index, state=self.policy_state)
-        probe_ids = ids
-        if pol.k is not None and pol.k < len(ids):
-            probe_ids = self.rng.sample(ids, pol.k)
-        sent: dict[int, int] = {}
         probe_ms = 0.0
-        fallback = False
-        answered: list[int]
-        if pol.signal == "none":
-            cands = [Candidate(i) for i in probe_ids]
-            answered = list(probe_ids)
-            choice = pol.choose(req, cands, ctx)
-        else:
+
+        async def gather(kind: str, probe_ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
+            nonlocal probe_ms
             p0 = time.perf_counter()
-            cands = await self._probe(pol.signal, probe_ids, req, ctx, sent, str(req.id))
+            cands = await self._probe(kind, probe_ids, req, told, str(req.id))
             probe_ms = (time.perf_counter() - p0) * 1e3
             self.metrics.probe.observe(probe_ms / 1e3)
-            answered = [c.instance_id for c in cands]
-            if cands:
-                choice = pol.choose(req, cands, ctx)
-            else:  # nobody answered: a random healthy instance (those whose probe just failed are not)
-                fallback = True
-                self.metrics.fallbacks.inc()
-                rest = [i for i in self.eligible(exclude) if i not in probe_ids] or ids
-                choice = self.rng.choice(rest)
-        if self.provisioning is not None:  # predictive trigger; a slot routable now takes the request (as in sim)
-            forced = self.provisioning.before_route(req, cands)
-            if forced is not None and forced not in exclude:
-                choice, ids = forced, ids + [forced]
-        if choice not in ids:
-            raise RuntimeError(f"policy {pol.name!r} chose instance {choice}, not one of {ids}")
-        if pol.observe is not None:
-            pol.observe(req, choice, cands, ctx)
-        pred = math.nan
-        for c in cands:
-            if c.instance_id == choice and c.prediction is not None:
-                pred = c.prediction.e2e_s
-        told = self._told(req, choice, ctx, sent)
+            return cands
+
+        def fallback(probed: list[int]) -> int:
+            self.metrics.fallbacks.inc()
+            rest = [i for i in self.eligible(exclude) if i not in probed] or ids
+            return self.rng.choice(rest)
+
+        force = None
+        if self.provisioning is not None:
+            prov = self.provisioning
+
+            def force(cands: list[Candidate]) -> Optional[int]:
+                forced = prov.before_route(req, cands)
+                return forced if forced is not None and forced not in exclude else None
+
+        r = await self.router.aroute(req, ids, time.monotonic() - self.t0, index, gather, force=force,
+                                     fallback=fallback)
         ms = (time.perf_counter() - w0) * 1e3
         self.metrics.decision.observe(ms / 1e3)
-        self.metrics.routed.inc(instance=str(choice))
-        return Decision(choice, told, pred, probe_ms, ms, fallback, list(probe_ids), answered,
+        self.metrics.routed.inc(instance=str(r.instance))
+        return Decision(r.instance, r.told_tokens, r.predicted_e2e_s, probe_ms, ms, r.fallback, r.probed,
+                        [c.instance_id for c in r.candidates],
                         None if self.provisioning is None else self.provisioning.num_active())
 
     # ------------------------------------------------------------------ request handling
@@ -606,6 +589,10 @@ class Scheduler:
         self.metrics.n_inflight -= 1
         if self.provisioning is not None:  # the reactive trigger
             self.provisioning.on_finish(row)
+        if status == ST_OK and wants_outcomes(self.policy_state):  # a policy that learns (vidur.outcomes)
+            o = from_log_row(row, time.monotonic() - self.t0)
+            if o is not None:
+                deliver(self.policy_state, o)
         self._write_log(row)
 
     @staticmethod

@@ -1,0 +1,151 @@
+"""One routing decision, the same in the simulator (``vidur.cluster``) and in the live scheduler (``block.scheduler``).
+
+Both used to write the steps out themselves and the copies drifted (one clamped the told length to >= 1, the other
+did not; they raised different errors for an invalid choice). This module owns them; the callers supply only what
+differs -- how the signals are gathered (a what-if on a simulated engine, or HTTP probes of the predictors), an
+optional override (auto-provisioning) and, live, the fallback when no probe answered:
+
+1. sample ``k`` of the routable instances with the caller's rng (all of them when ``k`` is None or >= their number);
+2. with a ``prediction`` signal, fix the output length told to each sampled instance (in sampling order, so random
+   length noise is drawn the same way on both sides), then gather the signals through the caller's callable;
+   ``none`` gathers nothing (bare candidates), ``stats`` gathers load figures;
+3. the caller's override, if any, takes the request; else no candidate at all -> the caller's fallback; else the
+   policy's ``choose``, whose answer must be one of the routable instances (:class:`InvalidChoice` otherwise);
+4. the policy's ``observe`` hook, the chosen candidate's predicted e2e (NaN without a prediction) and the length told
+   to the chosen instance, which it keeps as the request's expected length (Block's ``num_predicted_tokens``).
+
+A told length is drawn once per (decision, instance) -- the what-if and the chosen engine see the same number -- and
+is at least 1 token: an engine cannot be told to expect an empty answer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Optional
+
+from vidur.policy_contract import RoutingContext, RoutingPolicy
+from vidur.types import Candidate, Request
+
+# (signal kind, instance ids, length told to each id -- prediction only) -> the candidates that answered
+Gather = Callable[[str, list[int], Mapping[int, int]], list[Candidate]]
+AsyncGather = Callable[[str, list[int], Mapping[int, int]], Awaitable[list[Candidate]]]
+Force = Callable[[list[Candidate]], Optional[int]]  # an instance that takes the request regardless, or None
+Fallback = Callable[[list[int]], int]  # (probed ids) -> an instance, when none of them answered
+
+
+class InvalidChoice(ValueError):
+    """A policy chose an instance that is not one of the routable ones (a bug in the policy, not in the request)."""
+
+
+@dataclass(slots=True)
+class Routed:
+    """The outcome of one decision."""
+
+    instance: int
+    candidates: list[Candidate]  # what the policy saw (the probes that answered)
+    probed: list[int]  # the sampled instances
+    told_tokens: int  # output length told to the chosen instance
+    predicted_e2e_s: float  # the chosen candidate's what-if e2e, NaN without one
+    fallback: bool  # nobody answered: the caller's fallback chose
+    forced: bool  # the caller's override chose
+    ctx: RoutingContext
+    turn: "Turn"  # the decision's told lengths, for instances asked after it (Fig 5's duplicates)
+
+
+class Turn:
+    """One decision in progress: its context, its sampled instances and the lengths told so far."""
+
+    __slots__ = ("policy", "req", "ctx", "ids", "probe", "_told")
+
+    def __init__(self, policy: RoutingPolicy, req: Request, ctx: RoutingContext, ids: list[int],
+                 probe: list[int]) -> None:
+        self.policy = policy
+        self.req = req
+        self.ctx = ctx
+        self.ids = ids
+        self.probe = probe
+        self._told: dict[int, int] = {}
+
+    def told(self, instance: int) -> int:
+        """The output length told to ``instance`` for this request: drawn once, at least 1."""
+        exp = self._told.get(instance)
+        if exp is None:
+            pol = self.policy
+            exp = int(pol.expected_length(self.req, instance, self.ctx)) if pol.expected_length is not None \
+                else self.req.expected_output_tokens()
+            exp = self._told[instance] = max(1, exp)
+        return exp
+
+    def lengths(self) -> dict[int, int]:
+        """The lengths the probes carry: one per sampled instance, in sampling order, for a prediction signal."""
+        if self.policy.signal != "prediction":
+            return {}
+        return {i: self.told(i) for i in self.probe}
+
+    def bare(self) -> list[Candidate]:
+        """The candidates of a policy that looks at no signal."""
+        return [Candidate(i) for i in self.probe]
+
+    def decide(self, cands: list[Candidate], force: Optional[Force] = None,
+               fallback: Optional[Fallback] = None) -> Routed:
+        """Steps 3 and 4 of the module docstring."""
+        pol, req, ctx = self.policy, self.req, self.ctx
+        forced = force(cands) if force is not None else None
+        used_fallback = False
+        if forced is not None:
+            choice = forced
+        elif not cands and fallback is not None:
+            choice = fallback(self.probe)
+            used_fallback = True
+        else:
+            choice = pol.choose(req, cands, ctx)
+            if choice not in self.ids:
+                raise InvalidChoice(f"policy {pol.name!r} chose instance {choice!r}, not one of {self.ids}")
+        if pol.observe is not None:
+            pol.observe(req, choice, cands, ctx)
+        pred = math.nan
+        for c in cands:
+            if c.instance_id == choice and c.prediction is not None:
+                pred = c.prediction.e2e_s
+        return Routed(choice, cands, list(self.probe), self.told(choice), pred, used_fallback, forced is not None,
+                      ctx, self)
+
+
+class Router:
+    """Routes requests with one policy, one rng and the policy's memory (one per simulated or live scheduler)."""
+
+    __slots__ = ("policy", "rng", "state")
+
+    def __init__(self, policy: RoutingPolicy, rng: random.Random, state: Optional[dict[str, Any]] = None) -> None:
+        self.policy = policy
+        self.rng = rng
+        self.state: dict[str, Any] = {} if state is None else state
+
+    def open(self, req: Request, ids: list[int], now_s: float, index: int) -> Turn:
+        """Steps 1 (the context and the sample) of a decision among the routable instances ``ids``."""
+        ctx = RoutingContext(now_s=now_s, num_instances=len(ids), instance_ids=ids, rng=self.rng,
+                             request_index=index, state=self.state)
+        k = self.policy.k
+        probe = self.rng.sample(ids, k) if k is not None and k < len(ids) else ids
+        return Turn(self.policy, req, ctx, ids, probe)
+
+    def route(self, req: Request, ids: list[int], now_s: float, index: int, gather: Gather, *,
+              force: Optional[Force] = None, fallback: Optional[Fallback] = None) -> Routed:
+        """A whole decision with a synchronous ``gather`` (the simulator)."""
+        turn = self.open(req, ids, now_s, index)
+        sig = self.policy.signal
+        cands = turn.bare() if sig == "none" else gather(sig, turn.probe, turn.lengths())
+        return turn.decide(cands, force, fallback)
+
+    async def aroute(self, req: Request, ids: list[int], now_s: float, index: int, gather: AsyncGather, *,
+                     force: Optional[Force] = None, fallback: Optional[Fallback] = None) -> Routed:
+        """A whole decision with an asynchronous ``gather`` (the live scheduler's concurrent probes)."""
+        turn = self.open(req, ids, now_s, index)
+        sig = self.policy.signal
+        cands = turn.bare() if sig == "none" else await gather(sig, turn.probe, turn.lengths())
+        return turn.decide(cands, force, fallback)
+
+
+__all__ = ["AsyncGather", "Fallback", "Force", "Gather", "InvalidChoice", "Routed", "Router", "Turn"]
