@@ -338,7 +338,6 @@ DIFFERENT = ({"prompt": [1] * 4000, "max_tokens": 200}, {"messages": [{"content"
 def test_the_same_verdicts_and_words_as_vllm():
     """Every case of the tables through vLLM's own request models, validation handler and sampling checks (runs
     where vLLM is installed: the ``vllm`` extra): the same verdict, and the same message where vLLM names one."""
-    import json
     import subprocess
 
     from block.engine.vllm_install import default_venv, venv_bin
