@@ -26,7 +26,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from block.policies import basic, heuristics, peers, predicted
+from block.policies import basic, heuristics, learned, peers, predicted, residual
 from block.policies.common import check_pct, noisy_length
 from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy
 from vidur.types import Request
@@ -96,6 +96,14 @@ POLICIES: dict[str, PolicySpec] = {
                           observe=basic.min_qpm_observe),
     "round_robin": PolicySpec(basic.round_robin, "none", False, "request i -> instance i mod N"),
     "random": PolicySpec(basic.random_choice, "none", False, "uniform over instances"),
+    "lmetric": PolicySpec(learned.lmetric, "stats", True,
+                          "LMetric: (waiting prompt tokens + new prompt) x (running + waiting + 1), lower wins"),
+    "llmd_latency": PolicySpec(learned.llmd_latency, "stats", True, "llm-d predicted latency: per-instance learned "
+                               "TTFT/TPOT, SLO headroom, epsilon-greedy", observe=learned.learned_observe),
+    "routebalance": PolicySpec(learned.routebalance, "stats", True, "RouteBalance-style: one learned E2E model "
+                               "over request x instance, lower wins", observe=learned.learned_observe),
+    "block_residual": PolicySpec(residual.block_residual, "prediction", True, _B + "; what-if corrected by a "
+                                 "learned residual", observe=residual.residual_observe, default_k=2),
 }
 
 

@@ -1,0 +1,213 @@
+"""Routers from the field after Block: LMetric, llm-d's predicted-latency routing, RouteBalance's learned matrix.
+
+* ``lmetric`` (LMetric, arXiv 2603.15202): score = new prefill tokens x batch size, lower wins, no knob. Our
+  reading on ``InstanceStats``: prefill tokens = the waiting prompts' tokens + the new prompt; batch size = the
+  requests the instance would hold with the new one (running + waiting + 1).
+* ``llmd_latency`` (llm-d predicted-latency scheduling): per-instance learned TTFT and TPOT models (gradient-boosted
+  trees, ``vidur.learned.OnlineGBDT``; llm-d uses XGBoost) on llm-d's instance features, trained online from the
+  requests the scheduler routed; headroom against the SLOs (``slo_ttft_s``, ``slo_tpot_s``); among the candidates
+  predicted to meet both, ``selection="least"`` takes the one with the least normalised headroom (packing, as llm-d
+  keeps headroom for later requests; ``"most"`` spreads), else the one closest to meeting them; with probability
+  ``epsilon`` a uniformly random candidate instead (the epsilon-greedy exploration that keeps every instance's
+  model fed). Until an instance's models have ``min_samples`` outcomes, llm-d's static scorer (queue + KV,
+  ``peers.llmd``) decides. Our reading of llm-d's public docs; check its code before citing a detail as current.
+* ``routebalance`` (RouteBalance, arXiv 2606.17949, Block's successor): one in-process learned predictor of E2E
+  for the whole request x instance matrix (one batched model call per decision) instead of a simulation per
+  instance; argmin. Until ``min_samples`` outcomes, Block-NoSim's unprocessed-token rule decides.
+
+The learned rules keep their models in the policy's memory (``RoutingContext.state``) and learn from the outcomes
+the harness hands back through ``vidur.outcomes`` (the simulator and the live scheduler both do): ``choose``
+remembers the feature row of every candidate, ``observe`` keeps the chosen one's under the request id, and the next
+``choose`` first drains the finished requests and trains on (row, actual latency). ``warm_start`` (a ``.npz`` from
+``save_samples``, e.g. written by ``benchmarks/learned_vs_whatif.py`` from an earlier run's records) seeds them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from block.policies import heuristics, peers
+from block.policies.common import fallback, ids_of, min_by, with_stats
+from vidur.learned import FEATURES, OnlineGBDT, features
+from vidur.outcomes import Outcome, drain, open_outcomes
+from vidur.policy_contract import RoutingContext
+from vidur.types import Candidate, Request
+
+LengthOf = Callable[[int], int]
+MAX_PENDING = 50_000  # rows kept for requests not finished yet (a lost request must not leak memory)
+
+
+def lmetric(request: Request, candidates: list[Candidate], ctx: RoutingContext) -> int:
+    """LMetric: (waiting prompt tokens + new prompt) x (running + waiting + 1); lower wins."""
+    cands = with_stats(candidates)
+    return min_by(cands, [(c.stats.waiting_prompt_tokens + request.prompt_tokens)
+                          * (c.stats.num_running + c.stats.num_waiting + 1) for c in cands], ctx)
+
+
+# ------------------------------------------------------------------------------------------------ learned state
+@dataclass
+class LearnedState:
+    """A learned rule's memory: its models, the rows of the last decision and of requests in flight."""
+
+    models: dict[Any, OnlineGBDT] = field(default_factory=dict)
+    last: tuple[int, dict[int, tuple[float, ...]]] = (-1, {})
+    pending: dict[int, tuple[int, tuple[float, ...]]] = field(default_factory=dict)
+    outcomes: int = 0
+    predict_s: float = 0.0  # wall time inside model calls at decisions
+    decisions: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, key: Any) -> OnlineGBDT:
+        m = self.models.get(key)
+        if m is None:
+            c = self.config
+            m = self.models[key] = OnlineGBDT(min_samples=c["min_samples"], refit_every=c["refit_every"],
+                                              window=c["window"], seed=c.get("seed", 0))
+        return m
+
+    def remember(self, request_id: int, rows: dict[int, tuple[float, ...]]) -> None:
+        self.last = (request_id, rows)
+
+    def keep_chosen(self, request_id: int, chosen: int) -> None:
+        rid, rows = self.last
+        if rid == request_id and chosen in rows:
+            if len(self.pending) >= MAX_PENDING:
+                self.pending.pop(next(iter(self.pending)))
+            self.pending[request_id] = (chosen, rows[chosen])
+
+    def finished(self, ctx: RoutingContext) -> list[tuple[Outcome, int, tuple[float, ...]]]:
+        """The outcomes delivered since the last decision, joined with the row the request was routed on."""
+        out = []
+        for o in drain(ctx.state, ctx.now_s):
+            hit = self.pending.pop(o.request_id, None)
+            if hit is not None and hit[0] == o.instance_id:
+                out.append((o, hit[0], hit[1]))
+        self.outcomes += len(out)
+        return out
+
+
+def learned_state(ctx: RoutingContext, key: str, **config: Any) -> LearnedState:
+    """The rule's ``LearnedState`` in ``ctx.state`` (created on first use; opens the outcome channel)."""
+    st = ctx.state.get(key)
+    if st is None:
+        st = ctx.state[key] = LearnedState(config={"kind": key, **config})
+        open_outcomes(ctx.state)
+        ws = config.get("warm_start")
+        if ws:
+            load_samples(st, str(ws))
+    return st
+
+
+def _rows(request: Request, cands: list[Candidate], length_of: Optional[LengthOf]) -> dict[int, tuple[float, ...]]:
+    def told(i: int) -> int:
+        return length_of(i) if length_of is not None else request.expected_output_tokens()
+    return {c.instance_id: features(c.stats, request.prompt_tokens, told(c.instance_id)) for c in cands}
+
+
+# ------------------------------------------------------------------------------------------------ llm-d
+def llmd_latency(request: Request, candidates: list[Candidate], ctx: RoutingContext, *,
+                 length_of: Optional[LengthOf] = None, slo_ttft_s: float = 3.0, slo_tpot_s: float = 0.1,
+                 epsilon: float = 0.01, selection: str = "least", min_samples: int = 100, refit_every: int = 200,
+                 window: int = 5000, warm_start: Optional[str] = None) -> int:
+    """llm-d predicted-latency routing (module docstring): per-instance TTFT/TPOT models, SLO headroom, epsilon."""
+    if selection not in ("least", "most"):
+        raise ValueError(f"llmd_latency: selection={selection!r} must be 'least' or 'most'")
+    st = learned_state(ctx, "llmd_latency", min_samples=min_samples, refit_every=refit_every, window=window,
+                       warm_start=warm_start)
+    for o, i, row in st.finished(ctx):
+        st.model(("ttft", i)).add(row, o.ttft_s)
+        if o.output_tokens > 1:
+            st.model(("tpot", i)).add(row, o.tpot_s)
+    cands = with_stats(candidates)
+    if not cands:
+        return fallback(ctx)
+    rows = _rows(request, cands, length_of)
+    st.remember(request.id, rows)
+    if epsilon > 0 and ctx.rng.random() < epsilon:
+        return ctx.rng.choice(ids_of(cands))
+    ready = [st.model(("ttft", c.instance_id)).ready and st.model(("tpot", c.instance_id)).ready for c in cands]
+    if not all(ready):
+        return peers.llmd(request, cands, ctx)
+    t0 = time.perf_counter()
+    heads = []
+    for c in cands:
+        row = rows[c.instance_id]
+        ttft = float(st.model(("ttft", c.instance_id)).predict([row])[0])
+        tpot = float(st.model(("tpot", c.instance_id)).predict([row])[0])
+        heads.append(min((slo_ttft_s - ttft) / slo_ttft_s, (slo_tpot_s - tpot) / slo_tpot_s))
+    st.predict_s += time.perf_counter() - t0
+    st.decisions += 1
+    ok = [(h, c) for h, c in zip(heads, cands) if h >= 0]
+    if ok:
+        sign = 1.0 if selection == "least" else -1.0
+        return min_by([c for _, c in ok], [sign * h for h, _ in ok], ctx)
+    return min_by(cands, [-h for h in heads], ctx)  # nobody meets the SLOs: the closest
+
+
+def learned_observe(request: Request, chosen: int, candidates: list[Candidate], ctx: RoutingContext) -> None:
+    """Keep the chosen candidate's feature row until the request's outcome comes back (both learned rules)."""
+    for key in ("llmd_latency", "routebalance"):
+        st = ctx.state.get(key)
+        if st is not None:
+            st.keep_chosen(request.id, chosen)
+
+
+# ------------------------------------------------------------------------------------------------ RouteBalance
+def routebalance(request: Request, candidates: list[Candidate], ctx: RoutingContext, *,
+                 length_of: Optional[LengthOf] = None, min_samples: int = 200, refit_every: int = 200,
+                 window: int = 5000, warm_start: Optional[str] = None) -> int:
+    """RouteBalance-style: one learned E2E model over the request x instance matrix, argmin (module docstring)."""
+    st = learned_state(ctx, "routebalance", min_samples=min_samples, refit_every=refit_every, window=window,
+                       warm_start=warm_start)
+    m = st.model("e2e")
+    for o, _, row in st.finished(ctx):
+        m.add(row, o.e2e_s)
+    cands = with_stats(candidates)
+    if not cands:
+        return fallback(ctx)
+    rows = _rows(request, cands, length_of)
+    st.remember(request.id, rows)
+    if not m.ready:
+        return heuristics.block_nosim(request, cands, ctx, length_of=length_of)
+    t0 = time.perf_counter()
+    pred = m.predict([rows[c.instance_id] for c in cands])
+    st.predict_s += time.perf_counter() - t0
+    st.decisions += 1
+    return min_by(cands, [float(p) if math.isfinite(p) else math.inf for p in pred], ctx)
+
+
+# ------------------------------------------------------------------------------------------------ warm start
+def save_samples(path: str, rows: list[tuple[float, ...]], instance: list[int], ttft: list[float],
+                 tpot: list[float], e2e: list[float]) -> None:
+    """Training samples (one per finished request) as ``.npz``: ``x`` (n x len(FEATURES)), ``instance``,
+    ``ttft``, ``tpot``, ``e2e`` -- what ``warm_start`` reads."""
+    np.savez(path, x=np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES)),
+             instance=np.asarray(instance, dtype=np.int64), ttft=np.asarray(ttft, dtype=np.float64),
+             tpot=np.asarray(tpot, dtype=np.float64), e2e=np.asarray(e2e, dtype=np.float64),
+             features=np.asarray(FEATURES))
+
+
+def load_samples(st: LearnedState, path: str) -> None:
+    """Seed ``st``'s models from a ``save_samples`` file (the keys its rule uses: per instance or pooled)."""
+    with np.load(path) as z:
+        if tuple(str(f) for f in z["features"]) != FEATURES:
+            raise ValueError(f"{path}: features {list(z['features'])} are not {list(FEATURES)}")
+        x, inst, ttft, tpot, e2e = z["x"], z["instance"], z["ttft"], z["tpot"], z["e2e"]
+    _seed(st, x, inst, ttft, tpot, e2e)
+
+
+def _seed(st: LearnedState, x: np.ndarray, inst: np.ndarray, ttft: np.ndarray, tpot: np.ndarray,
+          e2e: np.ndarray) -> None:
+    rows = [tuple(r) for r in x]
+    if st.config.get("kind") == "routebalance":
+        st.model("e2e").add_many(rows, list(e2e))
+        return
+    for i in sorted(set(int(v) for v in inst)):
+        sel = [k for k, v in enumerate(inst) if int(v) == i]
+        st.model(("ttft", i)).add_many([rows[k] for k in sel], [float(ttft[k]) for k in sel])
+        st.model(("tpot", i)).add_many([rows[k] for k in sel], [float(tpot[k]) for k in sel])
