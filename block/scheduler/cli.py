@@ -21,8 +21,6 @@ def _policy_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from block.policies import policy_names
-
     ap = argparse.ArgumentParser(
         prog="python -m block.scheduler",
         description="Block's global scheduler: a stateless OpenAI-compatible front door. For each request it samples "
@@ -37,8 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "them. The instance index (x-block-instance) is the position in this list")
     src.add_argument("--instances-file", default=None,
                      help="file with the predictor URLs: one per line (# comments), or a YAML/JSON list")
-    ap.add_argument("--policy", default=None, choices=policy_names(),
-                    help="routing policy (default: the --policy-config's name, else block)")
+    ap.add_argument("--policy", default=None, metavar="NAME",
+                    help="routing policy: a built-in one (listed below), an installed plug-in (entry point group "
+                         "block_repro.policies) or, with --policy-target, your rule's name (default: the "
+                         "--policy-config's name, else block; 'custom' with --policy-target)")
+    ap.add_argument("--policy-target", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                    help="your own rule by import path (docs/adding_a_policy.md); its package must be importable")
+    ap.add_argument("--policy-signal", default=None, choices=("none", "stats", "prediction"),
+                    help="what --policy-target's rule reads (default: its `signal` attribute, else none)")
     ap.add_argument("--policy-config", default=None,
                     help="a conf/policy/<name>.yaml-style file (name, k, noise, parameters); the flags below "
                          "override it")
@@ -164,7 +168,8 @@ def _parse_value(v: str) -> Any:
 
 def make_policy_from_args(args: argparse.Namespace):
     """The RoutingPolicy the arguments describe, and the mapping that built it."""
-    from block.policies import POLICIES, policy_from_config
+    from block.policies import policy_from_config
+    from block.policies.registry import CUSTOM, policy_spec
 
     cfg: dict[str, Any] = {}
     if args.policy_config:
@@ -177,9 +182,11 @@ def make_policy_from_args(args: argparse.Namespace):
         cfg.update(loaded)
     if args.policy and cfg.get("name") not in (None, args.policy):
         raise ValueError(f"--policy {args.policy} contradicts {args.policy_config} (name: {cfg.get('name')})")
-    name = cfg["name"] = args.policy or cfg.get("name") or "block"
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    for key in ("target", "signal"):
+        if getattr(args, f"policy_{key}") is not None:
+            cfg[key] = getattr(args, f"policy_{key}")
+    name = cfg["name"] = args.policy or cfg.get("name") or (CUSTOM if cfg.get("target") else "block")
+    spec = policy_spec(name, cfg.get("target"), cfg.get("signal"))  # a clear error for an unknown or bad one
     if args.k is not None:
         k = str(args.k).strip().lower()
         if k in ("all", "none", "null", "0"):
@@ -190,7 +197,7 @@ def make_policy_from_args(args: argparse.Namespace):
             except ValueError:
                 raise ValueError(f"--k must be an integer or 'all', got {args.k!r}") from None
     elif "k" not in cfg:
-        cfg["k"] = POLICIES[name].default_k
+        cfg["k"] = spec.default_k
     if args.length_noise_pct is not None:
         cfg["length_noise_pct"] = args.length_noise_pct
     if args.latency_noise_pct is not None:
