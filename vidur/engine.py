@@ -79,6 +79,29 @@ class Seq:
         """Tokens a (re)prefill must process: the prompt plus every token already generated."""
         return self.prompt + self.generated
 
+    def clone(self) -> "Seq":
+        """An independent copy (``Engine.fork``): every field, spelled out because this is the fork's hot loop."""
+        c = Seq.__new__(Seq)
+        c.id = self.id
+        c.prompt = self.prompt
+        c.out = self.out
+        c.expected = self.expected
+        c.arrival = self.arrival
+        c.computed = self.computed
+        c.generated = self.generated
+        c.in_decode = self.in_decode
+        c.c0 = self.c0
+        c.d0 = self.d0
+        c.g0 = self.g0
+        c.ver = self.ver
+        c.first_sched = self.first_sched
+        c.first_token = self.first_token
+        c.finish = self.finish
+        c.preemptions = self.preemptions
+        c.status = self.status
+        c.tag = self.tag
+        return c
+
 
 class Engine:
     """A simulated vLLM engine. See the module docstring for the semantics."""
@@ -112,6 +135,7 @@ class Engine:
         self.dg_hist = [0] * self.bs  # count of members by (c0 - d0) mod block_size
         self.dg_heap: list[tuple[int, int, int, Seq]] = []  # (finish clock, id, version, seq)
         self.on_finish = None  # optional callback(seq)
+        self.whatif = None  # vidur.whatif's shared trajectory of this engine (told of every add; dropped on abort)
         rule = make_rule(config)  # shared, holds no engine (few attributes: the what-if builds an engine per call)
         self._rule_advance = rule.advance
         # V0 gives an admitted prompt blocks for all its tokens at once; V1 only for the tokens computed so far
@@ -140,6 +164,8 @@ class Engine:
             self.time = now  # an idle engine starts its next step when the request arrives
         seq.status = "waiting"
         self.waiting.append(seq)
+        if self.whatif is not None:
+            self.whatif.added(seq, now)
         return seq
 
     def abort(self, request_id: int) -> Optional[Seq]:
@@ -149,6 +175,7 @@ class Engine:
         the prefill list) but is not re-queued; a waiting one leaves the queue. Its status becomes ``"aborted"``.
         The step in flight is already committed (see ``sync``), so the request is simply absent from the next one.
         """
+        self.whatif = None  # the what-if's shared trajectory assumed this request stays
         s = self.running.get(request_id)
         if s is not None:
             self._remove_running(s)
@@ -259,6 +286,33 @@ class Engine:
             s = Seq(st.id, st.prompt_tokens, out, st.arrival_s, generated=st.decoded_tokens)
             eng.waiting.append(s)
         return eng
+
+    def fork(self) -> "Engine":
+        """An independent copy of this engine (its requests copied, no callbacks, nothing kept on finish).
+
+        The what-if's shared trajectory forks the engine where the candidate would first be reached and runs each
+        candidate on its own fork. A stale decode-heap entry keeps pointing at the original request: its version
+        never comes back, so it stays stale in the fork too, and the heap's order is kept without re-heapifying.
+        """
+        e = Engine.__new__(Engine)
+        e.__dict__.update(self.__dict__)
+        m: dict[Seq, Seq] = {}
+        running: dict[int, Seq] = {}
+        for sid, s in self.running.items():
+            c = m[s] = s.clone()
+            running[sid] = c
+        e.running = running
+        e.prefilling = [m[s] for s in self.prefilling]
+        e.waiting = deque([s.clone() for s in self.waiting])
+        e.dg_hist = self.dg_hist.copy()
+        get = m.get
+        e.dg_heap = [(a, b, v, get(s, s)) for a, b, v, s in self.dg_heap]
+        e.finished = []
+        e.rejected = []
+        e.keep_finished = False
+        e.on_finish = None
+        e.whatif = None
+        return e
 
     # ------------------------------------------------------------------ decode group bookkeeping
     def join_decode(self, s: Seq) -> None:

@@ -9,16 +9,152 @@ it were dispatched now and the instance received nothing more (Block's ``min_new
 In-flight requests run to their expected output length; one that has already decoded past it is assumed to end
 ``overrun_tokens`` (10) tokens later, as Block does. A state with ``busy_for_s > 0`` starts the simulation at that
 offset: the step in flight must end before anything new is scheduled.
+
+Why it does not slow down with the queue (``Trajectory``): admission is FCFS and the candidate is queued last, so
+until the step whose admission loop would *reach* the back of the queue, the candidate changes nothing -- every step
+before it is the instance's own, whatever the candidate is. That step does not depend on the candidate either, so
+the engine is simulated once up to it (a fork is kept there, the *reach checkpoint*) and every candidate runs from a
+fork of the checkpoint: the queue ahead is already admitted there, and what is left to simulate per candidate is the
+candidate's own life among at most ``max_num_seqs`` running requests. Steps before the reach are found with a
+sentinel request at the back of the queue that can never fit: the rule rejects it exactly when its admission loop
+reaches it, and rejecting it changes nothing else in the step. A fork is taken before a step only when the rule
+says the step may reach the back (``SchedulingRule.may_reach_back``), so a deep queue costs no forks.
+
+``EngineWhatIf`` keeps that trajectory with a live simulated engine (``predict_engine``, used by ``vidur.cluster``):
+when every request's assumed length is its true one (oracle lengths) the engine's own future *is* the trajectory,
+so it stays valid as time passes, and a request added at the back only extends it from the reach checkpoint --
+a prediction costs the same at 10 or 10,000 waiting requests. Otherwise (estimated lengths, an abort, a rule whose
+steps depend on the queue length) it is rebuilt when the engine has moved on.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 
-from vidur.engine import Engine, Seq, StepTimeModel
+from vidur.engine import INF, Engine, Seq, StepTimeModel
+from vidur.sched import make_rule
 from vidur.types import InstanceState, Prediction, Request
 
 TARGET_ID = -1  # id of the candidate inside the what-if engine (real request ids are >= 0)
+BACK_ID = -2  # id of the sentinel at the back of a trajectory's queue
+_NEVER_FITS = 1 << 40  # the sentinel's prompt: every rule rejects it when (and only when) admission reaches it
+
+
+def _never_fits(e: Engine, s: Seq) -> bool:
+    """Whether a rule may reject ``s`` as never fitting (V0's test or V1's: either way, flag it)."""
+    need = -(-(s.prompt + s.generated) // e.bs)
+    return need > e.total_blocks - e.watermark_blocks or s.prompt > e.cfg.max_model_len
+
+
+class Trajectory:
+    """An engine's future without the candidate, paused where a request queued last would first be reached.
+
+    ``eng`` becomes the trajectory's own (a fork or a rebuilt engine): its requests run to their assumed lengths.
+    """
+
+    def __init__(self, eng: Engine) -> None:
+        self.s = eng
+        self.rule = make_rule(eng.cfg)
+        self.back = Seq(BACK_ID, _NEVER_FITS, 1)
+        eng.waiting.append(self.back)
+        self.k: Engine | None = None  # reach checkpoint: the engine at the start of the step that reaches the back
+        # a request that can never fit is rejected without taking a seat: the rule's seat count would be wrong
+        self.unsure = any(_never_fits(eng, s) for s in eng.waiting if s is not self.back)
+
+    def _step(self, until: float) -> bool:
+        """Commit the next step (or run); True if its admission reached the back (the sentinel is put back)."""
+        s = self.s
+        s._advance(until)
+        back = self.back
+        if back.status != "rejected":
+            return False
+        s.rejected.pop()
+        back.status = "waiting"
+        s.waiting.append(back)  # admission went through the whole queue: nothing is left in front of it
+        return True
+
+    def reach(self, t: float) -> Engine:
+        """The engine at the start of the first step that starts at ``t`` or later and reaches the back.
+
+        ``t`` never goes back between calls. A candidate added at ``t`` joins exactly there: every step before it
+        is the same with or without the candidate (it sits behind the whole queue and is never looked at).
+        """
+        k = self.k
+        if k is not None and k.time >= t:
+            return k
+        self.k = None
+        s = self.s
+        while s.time < t and (s.running or len(s.waiting) > 1):
+            self._step(t)  # steps starting before t: a candidate arriving at t is not there yet
+        may = self.rule.may_reach_back
+        while True:
+            if self.unsure or may(s):
+                k = s.fork()
+                if self._step(INF):
+                    self.k = k
+                    return k
+            else:
+                self._step(INF)
+
+    def candidate(self, t: float, seq: Seq) -> Engine:
+        """A fork of the reach checkpoint for ``t`` with ``seq`` queued last, ready to run."""
+        e = self.reach(t).fork()
+        e.waiting.pop()  # the sentinel
+        if not e.running and not e.waiting and e.time < t:
+            e.time = t  # an idle engine starts its next step when the request arrives (Engine.add)
+        e.waiting.append(seq)
+        return e
+
+    def add(self, seq: Seq, t: float) -> None:
+        """Queue ``seq`` at ``t`` for good (the engine this trajectory follows received it): it goes in front of the
+        sentinel at the reach checkpoint for ``t``, which becomes the trajectory's engine."""
+        s = self.s = self.reach(t)
+        self.k = None
+        s.waiting.pop()
+        if not s.running and not s.waiting and s.time < t:
+            s.time = t
+        s.waiting.append(seq)
+        s.waiting.append(self.back)
+        self.unsure = self.unsure or _never_fits(s, seq)
+
+
+def _run(e: Engine, target: Seq, t: float) -> tuple[float, float, float]:
+    """Run ``e`` until ``target`` finishes; (e2e, ttft, queueing) from ``t``, inf if it was rejected."""
+    e.run_until_finished(target)
+    if target.finish is None:  # rejected: it can never fit on this instance
+        return INF, INF, INF
+    return target.finish - t, target.first_token - t, target.first_sched - t
+
+
+def _target(request: Request, expected_output_tokens: int | None) -> Seq:
+    out = expected_output_tokens if expected_output_tokens is not None else request.expected_output_tokens()
+    return Seq(TARGET_ID, request.prompt_tokens, max(1, int(out)))
+
+
+class WhatIf:
+    """Predictions for several candidates on one ``InstanceState`` (one trajectory, built on the first query)."""
+
+    def __init__(self, state: InstanceState, model: StepTimeModel, *, overrun_tokens: int = 10) -> None:
+        self.state = state
+        self.model = model
+        self.overrun_tokens = overrun_tokens
+        self._traj: Trajectory | None = None
+
+    def predict(self, request: Request, *, instance_id: int = 0,
+                expected_output_tokens: int | None = None) -> Prediction:
+        t0 = time.perf_counter()
+        traj = self._traj
+        if traj is None:
+            traj = self._traj = Trajectory(Engine.from_state(self.state, self.model, self.overrun_tokens))
+        target = _target(request, expected_output_tokens)
+        e2e, ttft, queue = _run(traj.candidate(0.0, target), target, 0.0)
+        st = self.state
+        return Prediction(
+            instance_id=instance_id, e2e_s=e2e, ttft_s=ttft, queue_s=queue, free_blocks=st.free_blocks,
+            num_requests=st.num_requests, num_running=len(st.running), num_waiting=len(st.waiting),
+            num_preemptions=st.num_preemptions, predict_ms=(time.perf_counter() - t0) * 1e3,
+        )
 
 
 def predict(state: InstanceState, request: Request, model: StepTimeModel, *, instance_id: int = 0,
@@ -26,20 +162,81 @@ def predict(state: InstanceState, request: Request, model: StepTimeModel, *, ins
     """Predicted e2e, TTFT and queueing delay (seconds from now) of ``request`` on the instance in ``state``.
 
     ``expected_output_tokens`` overrides the request's own hint (``predicted_output_tokens`` or, failing that,
-    its true length): this is how a policy injects noise or uses an estimator's answer.
+    its true length): this is how a policy injects noise or uses an estimator's answer. Several queries on one
+    state: ``WhatIf`` shares the queue's simulation between them.
+    """
+    return WhatIf(state, model, overrun_tokens=overrun_tokens).predict(
+        request, instance_id=instance_id, expected_output_tokens=expected_output_tokens)
+
+
+class EngineWhatIf:
+    """The what-if trajectory of a live simulated engine (``Engine.whatif``), kept across queries and arrivals.
+
+    Built from a fork of the engine at ``t`` whose requests run to their assumed lengths (``Engine.from_state``'s
+    rule). It follows the engine as time passes only if it is *faithful*: every assumed length is the true one and
+    the rule's steps do not depend on how many requests wait (V1's long-prefill threshold does: the sentinel counts).
+    Then a request the engine receives is added to the trajectory too (``Engine.add`` calls ``added``), and a query
+    at a later time simply finds the next reach checkpoint. Otherwise it serves only queries at the same ``t``.
+    """
+
+    def __init__(self, eng: Engine, t: float, overrun_tokens: int) -> None:
+        self.t = t
+        self.overrun_tokens = overrun_tokens
+        s = eng.fork()
+        faithful = True
+        for q in (*s.running.values(), *s.waiting):
+            out = self._assumed(s, q)
+            if out != q.out:
+                faithful = False
+                q.out = out
+                if q.in_decode:  # its finish moves: a new heap entry, the old one goes stale
+                    q.ver += 1
+                    s.dg_heap.append((q.d0 + out - q.g0, q.id, q.ver, q))
+        if not faithful:
+            heapq.heapify(s.dg_heap)
+        self.faithful = faithful and not (eng.cfg.scheduler == "v1" and eng.cfg.long_prefill_token_threshold)
+        self.traj = Trajectory(s)
+        self.pending: list[tuple[Seq, float]] = []
+
+    def _assumed(self, e: Engine, q: Seq) -> int:
+        """The length a predictor assumes: the expected one, or 10 tokens more once it has been overrun (Block)."""
+        g = e.generated_of(q)
+        return q.expected if g < q.expected else g + self.overrun_tokens
+
+    def added(self, seq: Seq, t: float) -> None:
+        """``Engine.add`` tells us: the engine received ``seq`` at ``t`` (copied now: the engine will move it on)."""
+        q = seq.clone()
+        q.out = q.expected if q.generated < q.expected else q.generated + self.overrun_tokens
+        if q.out != seq.out:
+            self.faithful = False
+        self.pending.append((q, t))
+
+    def usable(self, t: float) -> bool:
+        """Whether the trajectory still stands for the engine at ``t`` (after taking in what it received)."""
+        if not self.faithful:
+            return t == self.t and not self.pending
+        for q, ta in self.pending:
+            self.traj.add(q, ta)
+        self.pending.clear()
+        return True
+
+
+def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int = 0, overrun_tokens: int = 10,
+                   expected_output_tokens: int | None = None) -> Prediction:
+    """``predict(eng.snapshot(t), ...)`` without the snapshot, sharing the queue's simulation across queries.
+
+    Call ``eng.sync(t)`` first. Equal to the snapshot's prediction (same engine code, same steps; times differ only
+    by floating-point rounding of the time origin).
     """
     t0 = time.perf_counter()
-    eng = Engine.from_state(state, model, overrun_tokens=overrun_tokens)
-    out = expected_output_tokens if expected_output_tokens is not None else request.expected_output_tokens()
-    target = Seq(TARGET_ID, request.prompt_tokens, max(1, int(out)))
-    eng.add(target, 0.0)
-    eng.run_until_finished(target)
-    if target.finish is None:  # rejected: it can never fit on this instance
-        e2e = ttft = queue = float("inf")
-    else:
-        e2e, ttft, queue = target.finish, target.first_token, target.first_sched
+    w = eng.whatif
+    if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t):
+        w = eng.whatif = EngineWhatIf(eng, t, overrun_tokens)
+    target = _target(request, expected_output_tokens)
+    e2e, ttft, queue = _run(w.traj.candidate(t, target), target, t)
+    nr, nw = len(eng.running), len(eng.waiting)
     return Prediction(
-        instance_id=instance_id, e2e_s=e2e, ttft_s=ttft, queue_s=queue, free_blocks=state.free_blocks,
-        num_requests=state.num_requests, num_running=len(state.running), num_waiting=len(state.waiting),
-        num_preemptions=state.num_preemptions, predict_ms=(time.perf_counter() - t0) * 1e3,
+        instance_id=instance_id, e2e_s=e2e, ttft_s=ttft, queue_s=queue, free_blocks=eng.free,
+        num_requests=nr + nw, num_running=nr, num_waiting=nw, num_preemptions=eng.num_preemptions,
+        predict_ms=(time.perf_counter() - t0) * 1e3,
     )

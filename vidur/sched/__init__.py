@@ -35,6 +35,10 @@ class SchedulingRule(Protocol):
         """Form the next step of ``e`` at ``e.time`` and commit it (or the part of a decode run starting < until)."""
         ...
 
+    def may_reach_back(self, e: "Engine") -> bool:
+        """False only if the next step's admission loop surely stops before the last waiting request."""
+        ...
+
 
 RULES: dict[str, type] = {"v0": V0Rule, "v1": V1Rule}
 

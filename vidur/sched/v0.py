@@ -28,6 +28,38 @@ class V0Rule:
     def __init__(self, config: "EngineConfig") -> None:
         # a plain function, not a bound method: one call per step less on the what-if's hot path, and no cycle
         self.advance = V0Rule._advance_chunked if config.chunked_prefill else V0Rule._advance_prefill_first
+        self.chunked = config.chunked_prefill
+
+    def may_reach_back(self, e: "Engine") -> bool:
+        """False only if the next step's admission surely stops before the last waiting request (the what-if's
+        shared trajectory checkpoints the engine before a step only when this is True; see ``vidur.whatif``).
+
+        Every request ahead of the last one must be admitted (a seat each: a preemption moves one from running to
+        waiting, same sum) and the head must fit above the watermark, after the decodes' reservation when chunked.
+        A head that can never fit is rejected, not blocking: then say True. A step that must preempt: True.
+        """
+        ahead = len(e.waiting) - 1
+        if len(e.running) + ahead >= e.max_seqs:
+            return False
+        free = e.free
+        if self.chunked:
+            dn = e.decode_need() if e.dg_count else 0
+            if dn > free:
+                return True
+            free -= dn
+            left = e.budget - e.dg_count
+            for s in e.prefilling:
+                left -= s.known - s.computed
+                if left <= 0:
+                    return False
+        if ahead > 0:
+            h = e.waiting[0]
+            need = -(-(h.prompt + h.generated) // e.bs)
+            if need > e.total_blocks - e.watermark_blocks or h.prompt > e.cfg.max_model_len:
+                return True
+            if free - need < e.watermark_blocks:
+                return False
+        return True
 
     @staticmethod
     def _admit(e: "Engine", budget: int, seqs_room: int, whole: bool) -> list[tuple["Seq", int]]:

@@ -94,6 +94,26 @@ class V1Rule:
             e.stalled()
 
     @staticmethod
+    def may_reach_back(e: "Engine") -> bool:
+        """False only if the next step's admission surely stops before the last waiting request (see V0's).
+
+        A seat for every request ahead (a preemption moves one from running to waiting, same sum; a preemption also
+        bars admission), and the head's full blocks plus the watermark must be free: the running loop only
+        allocates, so the pool at admission is at most today's. A head that can never fit is rejected: True.
+        """
+        ahead = len(e.waiting) - 1
+        if len(e.running) + ahead >= e.max_seqs:
+            return False
+        if ahead > 0:
+            h = e.waiting[0]
+            full = -(-(h.prompt + h.generated) // e.bs)
+            if full > e.total_blocks or h.prompt > e.cfg.max_model_len:
+                return True
+            if full + (e.watermark_blocks if e.running else 0) > e.free:
+                return False
+        return True
+
+    @staticmethod
     def _prefills_at_tail(e: "Engine") -> bool:
         """Whether the running prefills are the last requests in running order (the fast path's shape)."""
         keys = reversed(e.running)

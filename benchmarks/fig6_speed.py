@@ -1,0 +1,59 @@
+"""Simulated requests per wall second of Fig 6 runs (12 A30s, Llama-2-7B, chunk 512, batch cap 48, ShareGPT).
+
+    python -m benchmarks.fig6_speed [--policies block_oracle block_star] [--qps 20 24 28 32 36] [--requests 10000]
+
+Each point is one ``python -m experiments.run experiment=fig6 policy=P workload.qps=Q`` in a fresh process (as the
+preset runs it), written under ``--out`` (default outputs/bench_fig6_speed) with ``force=true``. Prints the event
+loop's simulated requests per wall second (``sim_requests_per_wall_s`` of the run's summary) and the process's
+whole wall time (start-up, workload, loop, records). Goal (issue 17): block with k = 12 at >= 5,000 simulated
+requests per wall second at every Fig 6 QPS. The machine's load average is printed with each row: ratios from one
+run, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one(policy: str, qps: float, n: int, out: Path, extra: list[str]) -> tuple[float, dict]:
+    """Run one Fig 6 point in a fresh process; return (process wall s, summary)."""
+    name = f"{policy}-q{qps:g}"
+    args = [sys.executable, "-m", "experiments.run", "experiment=fig6", f"policy={policy}", f"workload.qps={qps:g}",
+            f"workload.num_requests={n}", f"output_root={out}", f"experiment_name={name}", "progress=false",
+            "force=true", f"hydra.run.dir={out / name}", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return wall, json.loads((out / name / "summary.json").read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", nargs="*", default=["block_oracle", "block_star"])
+    ap.add_argument("--qps", type=float, nargs="*", default=[20, 24, 28, 32, 36])
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_fig6_speed"))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. block_k=2)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    print(f"{'policy':>13} {'qps':>5} {'loop req/s':>10} {'process s':>9} {'p99 ttft s':>10} {'load avg':>9}")
+    for policy in args.policies:
+        for qps in args.qps:
+            wall, s = one(policy, qps, args.requests, out, args.overrides)
+            print(f"{policy:>13} {qps:>5g} {s['sim_requests_per_wall_s']:>10.0f} {wall:>9.1f} "
+                  f"{s['p99_ttft_ms'] / 1e3:>10.2f} {os.getloadavg()[0]:>9.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The what-if's shared trajectory (``vidur.whatif.Trajectory``, ``predict_engine``) is the full simulation, exactly.
+
+Deep queues (over a thousand waiting), tight KV (preemption), V0 and V1 rules, with and without chunked prefill:
+every prediction must equal running the engine itself with the candidate added (1e-9), and the queue ahead of the
+candidate must be simulated once per state, not once per candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from vidur.engine import Engine, Seq
+from vidur.types import EngineConfig, Request
+from vidur.whatif import EngineWhatIf, WhatIf, predict, predict_engine
+
+RULES = {
+    "v0": {},
+    "v1": dict(scheduler="v1", max_num_batched_tokens=512, watermark=0.0),
+    "v1-threshold": dict(scheduler="v1", max_num_batched_tokens=256, long_prefill_token_threshold=96),
+}
+
+
+def _cfg(rule: str, chunked: bool, blocks: int) -> EngineConfig:
+    kw = dict(RULES[rule])
+    if not chunked and kw:
+        kw["max_num_batched_tokens"] = 4096  # without chunked prefill the budget must hold a whole prompt
+    return EngineConfig(num_blocks=blocks, chunked_prefill=chunked, max_model_len=1024, **kw)
+
+
+def _arrivals(n: int, rate: float, seed: int, noisy: bool = False) -> list[tuple[float, int, int, int]]:
+    """(time, prompt, true output, expected output) of ``n`` Poisson arrivals."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        o = rng.randint(1, 300)
+        exp = max(1, int(o * rng.uniform(0.5, 1.5))) if noisy else o
+        out.append((t, rng.randint(4, 700), o, exp))
+    return out
+
+
+def _replay(cfg, model, arrivals, upto: int, t: float, cand: tuple[int, int]) -> Seq:
+    """The full simulation: a fresh engine gets the first ``upto`` arrivals, then the candidate at ``t``."""
+    e = Engine(cfg, model)
+    for i, (ta, p, o, x) in enumerate(arrivals[:upto]):
+        e.sync(ta)
+        e.add(Seq(i, p, x, ta), ta)  # the engine runs the lengths a predictor assumes
+    e.sync(t)
+    s = e.add(Seq(10**6, cand[0], cand[1], t), t)
+    e.run_until_idle()
+    return s
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) or (math.isinf(a) and math.isinf(b))
+
+
+def _same(pred, s: Seq, t: float) -> None:
+    if s.finish is None:
+        assert math.isinf(pred.e2e_s)
+        return
+    assert _close(pred.e2e_s, s.finish - t), (pred.e2e_s, s.finish - t)
+    assert _close(pred.ttft_s, s.first_token - t), (pred.ttft_s, s.first_token - t)
+    assert _close(pred.queue_s, s.first_sched - t), (pred.queue_s, s.first_sched - t)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("blocks", [3000, 300])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_deep_queue_matches_full_simulation(rule, chunked, blocks, toy_model):
+    """1,100 requests arrive within about a second: over a thousand wait. Several candidates share one state."""
+    cfg = _cfg(rule, chunked, blocks)
+    arr = _arrivals(1100, 1000.0, seed=7 + blocks)
+    e = Engine(cfg, toy_model)
+    for i, (ta, p, o, x) in enumerate(arr):
+        e.sync(ta)
+        e.add(Seq(i, p, x, ta), ta)
+    t = arr[-1][0] + 0.0123
+    e.sync(t)
+    state = e.snapshot(t)
+    assert len(state.waiting) >= 1000
+    w = WhatIf(state, toy_model)
+    rng = random.Random(blocks)
+    for j in range(3):
+        cand = (rng.randint(4, 700), rng.randint(1, 300))
+        req = Request(id=10**6, arrival_s=t, prompt_tokens=cand[0], output_tokens=cand[1])
+        ref = _replay(cfg, toy_model, arr, len(arr), t, cand)
+        _same(w.predict(req), ref, t)
+        if j == 0:
+            _same(predict(state, req, toy_model), ref, t)
+            _same(predict_engine(e, t, req), ref, t)
+
+
+def test_queue_is_simulated_once_per_state(toy_model):
+    """The second candidate costs no step of the queue ahead: the trajectory's engine does not move."""
+    cfg = _cfg("v0", True, 1052)
+    arr = _arrivals(600, 1000.0, seed=3)
+    e = Engine(cfg, toy_model)
+    for i, (ta, p, o, x) in enumerate(arr):
+        e.sync(ta)
+        e.add(Seq(i, p, x, ta), ta)
+    t = arr[-1][0]
+    e.sync(t)
+    w = WhatIf(e.snapshot(t), toy_model)
+    w.predict(Request(1, t, 100, 50))
+    traj = w._traj
+    steps = traj.s.num_steps
+    assert steps > 500  # the queue ahead was simulated once ...
+    for p in (10, 300, 700):
+        w.predict(Request(1, t, p, 80))
+    assert traj.s.num_steps == steps  # ... and never again
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_engine_whatif_follows_the_engine(rule, chunked, seed, toy_model):
+    """A live engine probed before every arrival (as the cluster does): the kept trajectory, extended by each
+    arrival and carried across time, predicts exactly what the full simulation gives; overload and tight KV
+    (preemptions) included, estimated lengths (unfaithful: rebuilt) on odd seeds."""
+    noisy = seed % 2 == 1
+    blocks = (250, 600, 4000)[seed % 3]
+    cfg = _cfg(rule, chunked, blocks)
+    arr = _arrivals(260, (3.0, 60.0)[seed % 2 == 0], seed=100 + seed, noisy=noisy)
+    e = Engine(cfg, toy_model)
+    rng = random.Random(seed)
+    kept = 0
+    for i, (ta, p, o, x) in enumerate(arr):
+        e.sync(ta)
+        for probe in range(2):
+            cand = (rng.randint(4, 700), rng.randint(1, 300))
+            req = Request(id=10**6, arrival_s=ta, prompt_tokens=cand[0], output_tokens=cand[1])
+            before = e.whatif
+            pred = predict_engine(e, ta, req)
+            kept += e.whatif is before
+            if i % 13 == 0 and probe == 0 and not noisy:  # (estimated lengths: the engine is not its own what-if)
+                _same(pred, _replay(cfg, toy_model, arr, i, ta, cand), ta)
+            else:  # the snapshot's what-if is the full simulation (tests/test_whatif.py, the deep-queue test)
+                ref = predict(e.snapshot(ta), req, toy_model)
+                assert _close(pred.e2e_s, ref.e2e_s) and _close(pred.ttft_s, ref.ttft_s)
+                assert _close(pred.queue_s, ref.queue_s)
+        e.add(Seq(i, p, o, ta, expected=x), ta)
+    faithful = not noisy and rule != "v1-threshold"
+    assert (kept > len(arr)) == faithful  # kept across arrivals exactly when it can be
+
+
+def test_estimated_lengths_are_not_carried_across_time(toy_model):
+    """With a length estimate that differs from the true one, the engine leaves the assumed trajectory: the
+    kept one must not be reused at a later time."""
+    cfg = _cfg("v0", True, 2000)
+    e = Engine(cfg, toy_model)
+    e.add(Seq(0, 100, 400, 0.0, expected=50), 0.0)
+    req = Request(1, 0.0, 100, 50)
+    predict_engine(e, 0.0, req)
+    w = e.whatif
+    assert isinstance(w, EngineWhatIf) and not w.faithful
+    e.sync(2.0)
+    p = predict_engine(e, 2.0, req)
+    assert e.whatif is not w
+    assert _close(p.e2e_s, predict(e.snapshot(2.0), req, toy_model).e2e_s)
