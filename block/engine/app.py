@@ -151,7 +151,7 @@ class EngineService:
         self.g_running.set(running, **lab)
         self.g_waiting.set(waiting, **lab)
         self.g_kv.set((total - free) / total if total else 0.0, **lab)
-        self.c_preempt.values[self.c_preempt._key(lab)] = float(preempt)
+        self.c_preempt.set_total(preempt, **lab)  # the runner keeps the total
         return self.registry.render()
 
     # ------------------------------------------------------------------ request parsing
