@@ -34,6 +34,7 @@ POLICY_LABELS: dict[str, str] = {
     "block_oracle": "Block",
     "block_star": "Block*",
     "llumnix": "Llumnix-",
+    "llumnix_full": "Llumnix (migration)",
     "infaas": "INFaaS++",
     "min_qpm": "Min QPM",
     "round_robin": "Round Robin",
@@ -54,6 +55,7 @@ POLICY_COLORS: dict[str, Any] = {
     "block_oracle": _PALETTE[3],     # red
     "block_star": _PALETTE[1],       # orange
     "llumnix": _PALETTE[0],          # blue
+    "llumnix_full": _PALETTE[14],
     "infaas": _PALETTE[2],           # green
     "min_qpm": _PALETTE[4],          # purple
     "round_robin": _PALETTE[5],      # brown
@@ -70,6 +72,7 @@ POLICY_MARKERS: dict[str, str] = {
     "block_oracle": "o", "block_star": "s", "llumnix": "^", "infaas": "v", "min_qpm": "D", "round_robin": "P",
     "random": "X", "block": "<", "block_noisy": ">", "block_nosim": "h", "least_requests": "p", "llmd": "*",
     "sglang_least_load": "d", "dynamo_kv": "H",
+    "llumnix_full": "8",
 }
 # Short names for policy parameters that tell apart runs of one policy (e.g. "Block (k=2)").
 _PARAM_NAMES = {"k": "k", "length_noise_pct": "len noise %", "latency_noise_pct": "lat noise %"}

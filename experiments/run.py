@@ -47,6 +47,12 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
         log.info("skip %s: summary.json exists (force=true reruns)", run_dir)
         return None
     ecfg = wiring.validate(cfg)
+    if str(cfg.mode.name) != "sim":
+        from block.policies.llumnix_full import MIGRATING_POLICIES
+
+        if str(cfg.policy.name) in MIGRATING_POLICIES:
+            raise ConfigError(f"policy={cfg.policy.name} migrates running requests' KV caches between engines, "
+                              f"which only mode=sim implements (mode={cfg.mode.name}: live migration is not)")
     for p in remove_stale_tmp(run_dir):
         log.info("removed %s: left by a killed run", p)
     mode = str(cfg.mode.name)

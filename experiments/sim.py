@@ -25,12 +25,13 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     model = wiring.execution_model(cfg)
     policy = wiring.policy(cfg)
     requests = wiring.workload(cfg)
+    migrator = migrator_of(cfg)
     n = int(cfg.cluster.num_instances)
     engines = [Engine(ecfg, model, i) for i in range(n)]
     controller = wiring.provisioning(cfg, n)
     cluster = Cluster(engines, policy, seed=int(cfg.seed), sample_interval_s=float(cfg.mode.sample_interval_s),
                       accuracy_sampling_rate=float(OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0)),
-                      controller=controller)
+                      controller=controller, migrator=migrator)
     bar = tqdm(total=len(requests), desc=f"sim {policy.name} qps={cfg.workload.qps}", unit="req",
                disable=not cfg.get("progress", True) or not interactive(), leave=False)
     result = cluster.run(requests, progress=bar.update)
@@ -45,6 +46,9 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     )
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     extra = {}
+    if migrator is not None:  # llumnix_full: what migration did (counts, bytes per GPU, downtime)
+        summary.update(migrator.summary())
+        extra["migrations"] = pd.DataFrame(result.migrations)
     if result.accuracy:
         acc = pd.DataFrame(result.accuracy)
         extra["accuracy"] = acc
@@ -54,6 +58,32 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
         summary["max_active_instances"] = int(req_df["num_active"].max()) if len(req_df) else 0
     write_run(run_dir, resolved, req_df, instances_frame(result.instances), summary, extra)
     return summary
+
+
+def migrator_of(cfg: DictConfig):
+    """The live-migration component (``vidur.migration``) of a policy that migrates (``llumnix_full``), else None.
+
+    A token's KV bytes per GPU come from the model and ``engine.tensor_parallel``; the link from
+    ``cluster.migration_gbps`` (one GPU's share between two instances, GB/s), else ``gpu.interconnect_gbps``.
+    """
+    from block.policies.llumnix_full import MIGRATING_POLICIES, make_migrator
+
+    if str(cfg.policy.name) not in MIGRATING_POLICIES:
+        return None
+    spec = wiring.model_spec(cfg)
+    tp = int(cfg.engine.tensor_parallel)
+    gbps = OmegaConf.select(cfg, "cluster.migration_gbps", default=None)
+    if gbps is None:
+        gbps = OmegaConf.select(cfg, "gpu.interconnect_gbps", default=None)
+    if gbps is None:
+        raise wiring.ConfigError(f"policy={cfg.policy.name} copies KV caches between instances: set "
+                                 "cluster.migration_gbps (GB/s per GPU) or gpu.interconnect_gbps")
+    try:  # KV heads replicate when tp exceeds them (as vidur.memory counts them)
+        return make_migrator(OmegaConf.to_container(cfg.policy, resolve=True),
+                             kv_bytes_per_token=spec.kv_bytes_per_token / max(1, min(tp, spec.num_kv_heads)),
+                             bandwidth_gbps=float(gbps))
+    except (TypeError, ValueError) as err:
+        raise wiring.ConfigError(f"policy.* / cluster.migration_gbps: {err}") from err
 
 
 def accuracy_summary(acc: pd.DataFrame) -> dict[str, Any]:

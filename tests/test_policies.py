@@ -202,6 +202,7 @@ def test_inject_noise_mean_and_bounds():
 def test_registry_table_and_errors():
     names = set(policy_names())
     assert names == {"block", "block_star", "block_oracle", "block_noisy", "block_nosim", "llumnix", "infaas",
+                     "llumnix_full",
                      "min_qpm", "least_requests", "llmd", "sglang_least_load", "dynamo_kv", "round_robin", "random",
                      "lmetric", "llmd_latency", "routebalance", "block_residual"}
     assert set(describe_policies()) == names and all(describe_policies().values())

@@ -52,6 +52,11 @@ PRESETS = {
     "table2_azure": ("table2/azure", {"policy": ["block_oracle", "block_noisy", "llumnix"],
                                       "workload.qps": [float(q) for q in range(6, 19)]},
                      {"dataset.name": "azure_conv", "workload.arrival": "trace", "model.name": "meta-llama/Llama-2-7b-hf"}),
+    # Block's artifact: Llama-2-70B, TP 4, 2 x A100-40GB instances, against full Llumnix (live migration)
+    "llumnix_full": ("llumnix_full", {"policy": ["block_oracle", "llumnix", "llumnix_full"],
+                                      "workload.qps": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 24.0, 36.0]},
+                     {"cluster.num_instances": 2, "engine.tensor_parallel": 4, "gpu.name": "A100-SXM4-40GB",
+                      "model.name": "meta-llama/Llama-2-70b-hf", "workload.num_requests": 10000}),
     # a single run (no sweep) on real vLLM (CPU): benchmarks/vllm_accuracy.py runs it
     "vllm_cpu_accuracy": ("vllm_cpu_accuracy", {},
                           {"cluster.num_instances": 2, "mode.name": "emulate", "mode.state_source": "proxy",

@@ -189,6 +189,34 @@ class Engine:
         s.status = "aborted"
         return s
 
+    def adopt(self, seq: Seq, now: float, reserved_blocks: int = 0) -> Seq:
+        """Take in a decoding request whose KV cache is already here (a live migration's destination); return it.
+
+        ``seq`` comes with its progress (as ``abort`` leaves it on the source: ``computed = prompt + generated - 1``)
+        and continues decoding from the next step formed here, with no prefill; it joins the end of the running order
+        (the first preemption victim, as Llumnix appends a migrated-in request to vLLM's running queue). It holds
+        ``ceil(computed / block_size)`` blocks, of which ``reserved_blocks`` the caller already took from ``free``
+        (pre-allocated while the copy ran); the rest come from ``free`` now. Like vLLM's running queue it may exceed
+        ``max_num_seqs`` (the cap gates admissions from the waiting queue). Call ``sync(now)`` first. Raises
+        ValueError when the request is not mid-decode, is already here, or its blocks do not fit.
+        """
+        if seq.id in self.running or seq.in_decode:
+            raise ValueError(f"request {seq.id} is already running in an engine")
+        if not 0 < seq.generated < seq.out or seq.computed != seq.prompt + seq.generated - 1:
+            raise ValueError(f"request {seq.id} is not mid-decode (prompt {seq.prompt}, generated {seq.generated}"
+                             f" of {seq.out}, computed {seq.computed})")
+        need = -(-seq.computed // self.bs) - reserved_blocks
+        if need > self.free:
+            raise ValueError(f"request {seq.id} does not fit: it needs {need} more KV blocks, {self.free} are free")
+        if not self.running and not self.waiting and self.time < now:
+            self.time = now  # an idle engine starts its next step when the request arrives
+        self.free -= need
+        seq.status = "running"
+        self.running[seq.id] = seq
+        self.join_decode(seq)
+        self.whatif = None  # the what-if's shared trajectory did not expect this request
+        return seq
+
     def _advance(self, until: float) -> None:
         """Form the next step and commit it (or the part of a decode run that starts < until): the rule's job."""
         self._rule_advance(self, until)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from block.policies.common import min_by, with_stats
 from vidur.policy_contract import RoutingContext
-from vidur.types import Candidate, Request
+from vidur.types import Candidate, InstanceStats, Request
 
 LengthOf = Callable[[int], int]  # instance id -> output length the scheduler tells that instance
 
@@ -29,11 +29,17 @@ def block_nosim(request: Request, candidates: list[Candidate], ctx: RoutingConte
     return min_by(cands, [c.stats.unprocessed_tokens + new(c.instance_id) for c in cands], ctx)
 
 
+def llumnix_freeness(stats: InstanceStats) -> float:
+    """Llumnix's freeness: (free blocks - blocks the waiting prompts need) / max(running, 1), its "virtual usage"
+    view of free memory per running request. Dispatch goes to the freest instance; migration (``llumnix_full``)
+    moves requests from instances below a threshold to the freest."""
+    return (stats.free_blocks - stats.waiting_prompt_blocks) / max(stats.num_running, 1)
+
+
 def llumnix(request: Request, candidates: list[Candidate], ctx: RoutingContext) -> int:
-    """Llumnix- (dispatch only): -(free blocks - blocks the waiting prompts need) / max(running, 1); lower wins."""
+    """Llumnix- (dispatch only): -freeness (``llumnix_freeness``); lower wins."""
     cands = with_stats(candidates)
-    return min_by(cands, [-(c.stats.free_blocks - c.stats.waiting_prompt_blocks) / max(c.stats.num_running, 1)
-                          for c in cands], ctx)
+    return min_by(cands, [-llumnix_freeness(c.stats) for c in cands], ctx)
 
 
 def infaas(request: Request, candidates: list[Candidate], ctx: RoutingContext) -> int:

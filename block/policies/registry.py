@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from block.policies import basic, heuristics, learned, peers, predicted, residual
+from block.policies import llumnix_full
 from block.policies.common import check_pct, noisy_length
 from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy
 from vidur.types import Request
@@ -81,6 +82,9 @@ POLICIES: dict[str, PolicySpec] = {
     "llumnix": PolicySpec(heuristics.llumnix, "stats", True,
                           "-(free blocks - waiting prompts' blocks) / max(running, 1), lower wins "
                           "(Llumnix dispatch, no migration)"),
+    "llumnix_full": PolicySpec(llumnix_full.dispatch, "stats", True,
+                               "llumnix's dispatch plus live migration: instances with freeness < threshold send a "
+                               "running request to the freest (Llumnix; mode=sim only)"),
     "infaas": PolicySpec(heuristics.infaas, "stats", True, "-free blocks / max(running, 1), lower wins (INFaaS++)"),
     "least_requests": PolicySpec(heuristics.least_requests, "stats", True, "fewest running + waiting requests"),
     "llmd": PolicySpec(peers.llmd, "stats", True,
