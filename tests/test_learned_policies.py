@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -167,8 +168,8 @@ def test_learned_policy_warm_starts_from_saved_samples(tmp_path, toy_model):
     assert st.model(("ttft", 0)).ready and st.model(("tpot", 1)).ready and st.decisions == 1
 
 
-def test_llmd_latency_prefers_tightest_headroom_within_the_slo_and_else_the_closest(tmp_path):
-    # models that know TTFT = 0.1 s x (queue + 1): instance queues 0, 5, 40 -> 0.1, 0.6, 4.1 s
+def test_llmd_latency_draws_by_slo_headroom_as_llm_d_does(tmp_path):
+    # models that know TTFT = 0.1 s x (queue + 1): instance queues 0, 5, 40 -> 0.1, 0.6, 4.1 s; TPOT 10 ms
     rows, inst, ttft = [], [], []
     for i, q in enumerate((0, 5, 40)):
         for _ in range(150):
@@ -181,15 +182,25 @@ def test_llmd_latency_prefers_tightest_headroom_within_the_slo_and_else_the_clos
     cands = [_stats(0, waiting=0, running=1), _stats(1, waiting=5, running=1), _stats(2, waiting=40, running=1)]
     for c in cands:
         c.stats.free_blocks = 900
-    pick = lambda **kw: learned.llmd_latency(req, cands, _ctx(), warm_start=str(path), epsilon=0.0,  # noqa: E731
-                                             min_samples=100, **kw)
-    assert pick(slo_ttft_s=1.0) == 1  # 0 and 1 meet 1 s; 'least' packs onto the one with less headroom
-    assert pick(slo_ttft_s=1.0, selection="most") == 0
-    assert pick(slo_ttft_s=0.05) == 0  # nobody meets 50 ms: the closest
-    # epsilon = 1: always the exploration pick, uniformly
-    picks = {learned.llmd_latency(req, cands, _ctx(seed=s), warm_start=str(path), epsilon=1.0, min_samples=100)
-             for s in range(40)}
-    assert picks == {0, 1, 2}
+
+    def picks(n=300, **kw):
+        kw.setdefault("epsilon", 0.0)
+        return Counter(learned.llmd_latency(req, cands, _ctx(seed=s), warm_start=str(path), min_samples=100, **kw)
+                       for s in range(n))
+
+    # TTFT SLO 1 s: instances 0 and 1 meet it (headroom 0.9 and 0.4 s), 2 does not
+    least = picks(slo_ttft_s=1.0)
+    assert least[2] == 0 and least[1] > 0.8 * 300  # "least" (llm-d's default) packs: weight 91 vs 11
+    most = picks(slo_ttft_s=1.0, selection="most")
+    assert most[2] == 0 and most[0] > 0.8 * 300
+    # epsilon: the share of draws from the negative tier when both tiers exist
+    assert picks(slo_ttft_s=1.0, epsilon=1.0) == Counter({2: 300})
+    # nobody meets 50 ms: weights fall with the deficit (82, 74, 18 of 174)
+    neg = picks(slo_ttft_s=0.05)
+    assert neg[2] < neg[1] < neg[0] + 40 and neg[2] < 0.2 * 300
+    # ... but an idle instance comes first
+    cands[2].stats.num_running = 0
+    assert picks(n=50, slo_ttft_s=0.05) == Counter({2: 50})
 
 
 def test_block_residual_corrects_a_wrong_profile_in_the_simulator(toy_model):
@@ -206,7 +217,8 @@ def test_block_residual_corrects_a_wrong_profile_in_the_simulator(toy_model):
         used = error_summary([u for _, u, _ in log[100:]], [a for _, _, a in log[100:]])
         errs[on] = (raw, used)
         assert st.corrector.raw_error.n == len(log)
-    (raw_on, used_on), (raw_off, used_off) = errs[True], errs[False]
+        if not on:
+            assert all(r == u for r, u, _ in log)  # switched off: it acts on the what-if as it is
+    (raw_on, used_on), (_, used_off) = errs[True], errs[False]
     assert raw_on["median_error"] > 0.1  # the what-if is 25 % slow ...
     assert used_on["median_error"] < 0.6 * used_off["median_error"]  # ... and the correction removes much of it
-    assert used_off["median_error"] == pytest.approx(raw_off["median_error"])  # switched off: what-if as it is

@@ -3,14 +3,17 @@
 * ``lmetric`` (LMetric, arXiv 2603.15202): score = new prefill tokens x batch size, lower wins, no knob. Our
   reading on ``InstanceStats``: prefill tokens = the waiting prompts' tokens + the new prompt; batch size = the
   requests the instance would hold with the new one (running + waiting + 1).
-* ``llmd_latency`` (llm-d predicted-latency scheduling): per-instance learned TTFT and TPOT models (gradient-boosted
-  trees, ``vidur.learned.OnlineGBDT``; llm-d uses XGBoost) on llm-d's instance features, trained online from the
-  requests the scheduler routed; headroom against the SLOs (``slo_ttft_s``, ``slo_tpot_s``); among the candidates
-  predicted to meet both, ``selection="least"`` takes the one with the least normalised headroom (packing, as llm-d
-  keeps headroom for later requests; ``"most"`` spreads), else the one closest to meeting them; with probability
-  ``epsilon`` a uniformly random candidate instead (the epsilon-greedy exploration that keeps every instance's
-  model fed). Until an instance's models have ``min_samples`` outcomes, llm-d's static scorer (queue + KV,
-  ``peers.llmd``) decides. Our reading of llm-d's public docs; check its code before citing a detail as current.
+* ``llmd_latency`` (llm-d predicted-latency scheduling, the Gateway API Inference Extension's SLO-aware router):
+  per-instance learned TTFT and TPOT models (gradient-boosted trees, ``vidur.learned.OnlineGBDT``; llm-d uses
+  XGBoost) on llm-d's instance features, trained online from the requests the scheduler routed; headroom = SLO -
+  prediction (``slo_ttft_s``, ``slo_tpot_s``). Candidates with both headrooms positive form the positive tier,
+  the rest the negative one; with both tiers present the negative one is drawn with probability ``epsilon``
+  (llm-d: 0.01), else the positive one. In the positive tier each headroom is normalised over the tier, blended
+  0.8 TTFT / 0.2 TPOT, and a candidate drawn with weight ~ (1 - blend) (``selection="least"``, llm-d's default:
+  packing) or ~ blend (``"most"``: spreading). In the negative tier idle instances come first, then weights fall
+  with the blended deficit. Without a prefix cache llm-d's prefix-affinity gate never applies (so its epsilon
+  only acts in the tier draw). Until an instance's models have ``min_samples`` outcomes, llm-d's static scorer
+  (queue + KV, ``peers.llmd``) decides. Our reading of the upstream code: re-check it before citing a detail.
 * ``routebalance`` (RouteBalance, arXiv 2606.17949, Block's successor): one in-process learned predictor of E2E
   for the whole request x instance matrix (one batched model call per decision) instead of a simulation per
   instance; argmin. Until ``min_samples`` outcomes, Block-NoSim's unprocessed-token rule decides.
@@ -32,7 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from block.policies import heuristics, peers
-from block.policies.common import fallback, ids_of, min_by, with_stats
+from block.policies.common import fallback, min_by, with_stats
 from vidur.learned import FEATURES, OnlineGBDT, features
 from vidur.outcomes import Outcome, drain, open_outcomes
 from vidur.policy_contract import RoutingContext
@@ -128,25 +131,79 @@ def llmd_latency(request: Request, candidates: list[Candidate], ctx: RoutingCont
         return fallback(ctx)
     rows = _rows(request, cands, length_of)
     st.remember(request.id, rows)
-    if epsilon > 0 and ctx.rng.random() < epsilon:
-        return ctx.rng.choice(ids_of(cands))
     ready = [st.model(("ttft", c.instance_id)).ready and st.model(("tpot", c.instance_id)).ready for c in cands]
     if not all(ready):
         return peers.llmd(request, cands, ctx)
     t0 = time.perf_counter()
-    heads = []
+    preds = []
     for c in cands:
         row = rows[c.instance_id]
         ttft = float(st.model(("ttft", c.instance_id)).predict([row])[0])
         tpot = float(st.model(("tpot", c.instance_id)).predict([row])[0])
-        heads.append(min((slo_ttft_s - ttft) / slo_ttft_s, (slo_tpot_s - tpot) / slo_tpot_s))
+        preds.append((c, slo_ttft_s - ttft, slo_tpot_s - tpot))  # (candidate, TTFT headroom, TPOT headroom)
     st.predict_s += time.perf_counter() - t0
     st.decisions += 1
-    ok = [(h, c) for h, c in zip(heads, cands) if h >= 0]
-    if ok:
-        sign = 1.0 if selection == "least" else -1.0
-        return min_by([c for _, c in ok], [sign * h for h, _ in ok], ctx)
-    return min_by(cands, [-h for h in heads], ctx)  # nobody meets the SLOs: the closest
+    pos = [p for p in preds if p[1] > 0 and p[2] > 0]
+    neg = [p for p in preds if not (p[1] > 0 and p[2] > 0)]
+    if pos and (not neg or ctx.rng.random() >= epsilon):  # llm-d: 1 - epsilon to the positive tier
+        return _weighted(pos, _positive_weights(pos, selection), ctx)
+    return _negative_pick(neg, ctx)
+
+
+HEADROOM_TTFT_WEIGHT, HEADROOM_TPOT_WEIGHT = 0.8, 0.2  # llm-d's blend of the two headrooms (and deficits)
+
+
+def _norm(vals: list[float], default: float) -> list[float]:
+    lo, hi = min(vals), max(vals)
+    return [default if hi - lo <= 1e-9 else (v - lo) / (hi - lo + 1e-9) for v in vals]
+
+
+def _positive_weights(pos: list, selection: str) -> list[int]:
+    """llm-d: headrooms normalised within the cohort, blended 0.8 TTFT / 0.2 TPOT; "least" weighs tight fits up."""
+    nt = _norm([p[1] for p in pos], 0.5)
+    np_ = _norm([p[2] for p in pos], 0.5)
+    out = []
+    for a, b in zip(nt, np_):
+        combined = HEADROOM_TTFT_WEIGHT * a + HEADROOM_TPOT_WEIGHT * b
+        out.append(int(((1.0 - combined) if selection == "least" else combined) * 99) + 2)
+    return out
+
+
+def _negative_pick(neg: list, ctx: RoutingContext) -> int:
+    """llm-d's pick when no candidate meets both SLOs: idle instances first; then weights by the blended deficit
+    (normalised within each violation class: both, TTFT only, TPOT only), a floor weight for the rest."""
+    idle = [p for p in neg if p[0].stats.num_running == 0]
+    pool = idle or neg
+    if len(pool) == 1:
+        return pool[0][0].instance_id
+    chosen: list = []
+    weights: list[int] = []
+    classes = ([p for p in pool if p[1] < 0 and p[2] < 0], [p for p in pool if p[1] < 0 <= p[2]],
+               [p for p in pool if p[2] < 0 <= p[1]])
+    for cls in classes:
+        if not cls:
+            continue
+        dt = _norm([max(0.0, -p[1]) for p in cls], 0.0)
+        dp = _norm([max(0.0, -p[2]) for p in cls], 0.0)
+        for p, a, b in zip(cls, dt, dp):
+            chosen.append(p)
+            weights.append(int((1.0 - (HEADROOM_TTFT_WEIGHT * a + HEADROOM_TPOT_WEIGHT * b)) * 80) + 2)
+    for p in pool:
+        if p[1] >= 0 and p[2] >= 0:
+            chosen.append(p)
+            weights.append(1)
+    return _weighted(chosen, weights, ctx)
+
+
+def _weighted(items: list, weights: list[int], ctx: RoutingContext) -> int:
+    if len(items) == 1:
+        return items[0][0].instance_id
+    x = ctx.rng.randrange(sum(weights))
+    for p, w in zip(items, weights):
+        if x < w:
+            return p[0].instance_id
+        x -= w
+    return items[-1][0].instance_id
 
 
 def learned_observe(request: Request, chosen: int, candidates: list[Candidate], ctx: RoutingContext) -> None:

@@ -30,6 +30,7 @@ from fastapi.responses import Response
 
 from block import prom
 from block.engine.tokens import TokenCounter
+from block.predictor.feedback import Feedback
 from block.predictor.liveness import Liveness
 from block.predictor.metrics import PredictorMetrics
 from block.predictor.predict import parse_predict, whatif
@@ -52,6 +53,7 @@ class PredictorService:
                  instance_id: int = 0, overrun_tokens: int = 10, tokenizer: str = "none", force_stream: bool = True,
                  continuous_usage: bool = True, num_blocks_fixed: bool = False, engine_down_after_s: float = 0.0,
                  allow_state_injection: bool = False, forward_client_auth: bool = False,
+                 residual_correction: bool = False, feedback_time_scale: float = 1.0,
                  clock=time.monotonic) -> None:
         self.model = model
         self.engine_url = engine_url.rstrip("/")
@@ -77,6 +79,10 @@ class PredictorService:
                            counter=TokenCounter(tokenizer), live=self.live, available=self.check_available,
                            count=self.metrics.proxied, force_stream=force_stream, continuous_usage=continuous_usage,
                            forward_client_auth=forward_client_auth)
+        # predicted vs actual of every served request, /metrics, the optional residual (block/predictor/feedback.py)
+        self.feedback = Feedback(self.metrics.registry, correct=residual_correction, total_blocks=config.num_blocks,
+                                 time_scale=feedback_time_scale, clock=clock)
+        self.proxy.on_finish.append(self.feedback.on_finish)
         self.client: Optional[httpx.AsyncClient] = None
         self._task: Optional[asyncio.Task] = None
 
@@ -177,6 +183,7 @@ class PredictorService:
         self.check_available()
         st, _, _ = await self.current_state()
         d = whatif(st, prompt, expected, self.model, instance_id=self.instance_id, overrun_tokens=self.overrun)
+        d = self.feedback.answer(d, prompt, min(expected, max(1, st.config.max_model_len - prompt)))
         dt = time.perf_counter() - t0
         d["predict_ms"] = dt * 1e3
         self.metrics.predicted(dt)

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--instance-id", type=int, default=0, help="instance id reported in predictions and stats")
     ap.add_argument("--overrun-tokens", type=int, default=10,
                     help="a request past its expected length is assumed to end this many tokens later (Block: 10)")
+    ap.add_argument("--residual-correction", action="store_true",
+                    help="scale /predict's answers by the residual learned from the requests this predictor served "
+                         "(predicted vs actual; block/predictor/feedback.py). Off: the error is still recorded")
+    ap.add_argument("--feedback-time-scale", type=float, default=1.0,
+                    help="measured latencies x this = model time (an emulated engine's --time-scale; default 1)")
     ap.add_argument("--debug-allow-state-injection", action="store_true",
                     help="enable POST/DELETE /debug/state to replace the state with a given InstanceState "
                          "(benchmarks and debugging only; off by default)")
@@ -101,7 +106,8 @@ def make_service(args: argparse.Namespace):
         read_timeout_s=args.read_timeout_s, instance_id=args.instance_id, overrun_tokens=args.overrun_tokens,
         tokenizer=tok, force_stream=args.force_stream, num_blocks_fixed=args.num_blocks is not None,
         engine_down_after_s=args.engine_down_after_s, allow_state_injection=args.debug_allow_state_injection,
-        forward_client_auth=args.forward_client_auth,
+        forward_client_auth=args.forward_client_auth, residual_correction=args.residual_correction,
+        feedback_time_scale=args.feedback_time_scale,
     )
 
 
