@@ -15,12 +15,18 @@ where the straight line between the two points equals the SLO; capacity is the l
   reported, but the curve is not monotone;
 * ``crossings``: how many times the curve crosses; more than one means a noisy, non-monotone curve.
 
+Seeds: when the runs of a configuration have several ``seed`` values, capacity is found per seed (each seed's own
+curve) and the row gives their mean with a 95 % Student-t interval (``ci_low``, ``ci_high``, ``seeds``); a single
+seed has no interval. ``capacity_results(root)`` reads the bisection searches (``experiments.capacity``'s
+``capacity.json`` files) into the same kind of table.
+
 Only summaries are read (``analysis.records``); nothing here runs the simulator.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +71,48 @@ class Capacity:
         if self.crossings > 1:
             notes.append(f"{self.crossings} crossings (non-monotone; last one kept)")
         return "; ".join(notes)
+
+
+@dataclass
+class Interval:
+    """Mean of ``n`` values and its two-sided Student-t confidence interval (NaN bounds for n < 2)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    sd: float
+    confidence: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def text(self, digits: int = 1) -> str:
+        if not math.isfinite(self.mean):
+            return "n/a"
+        if self.n < 2 or not math.isfinite(self.half_width):
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
+
+
+def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
+    """Mean and t-interval of the finite ``values`` (one capacity per seed): mean +- t_{(1+c)/2, n-1} * sd / sqrt(n)."""
+    from scipy import stats
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1)")
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, math.nan, confidence)
+    mean = float(v.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, 1, math.nan, confidence)
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, sd, confidence)
 
 
 def crossings(qps: Sequence[float], y: Sequence[float], slo: float) -> list[float]:
@@ -119,7 +167,7 @@ def varying_keys(frame: pd.DataFrame, candidates: Sequence[str] = CANDIDATE_KEYS
 
 
 def runs_frame(runs: list[Run], group_by: Optional[Sequence[str]] = None) -> tuple[pd.DataFrame, list[str]]:
-    keys = tuple(dict.fromkeys([QPS_KEY, *CANDIDATE_KEYS, *(group_by or ())]))
+    keys = tuple(dict.fromkeys([QPS_KEY, "seed", *CANDIDATE_KEYS, *(group_by or ())]))
     frame = summaries_frame(runs, keys=keys)
     if QPS_KEY in frame.columns and "qps" in frame.columns:
         frame[QPS_KEY] = frame[QPS_KEY].fillna(frame["qps"])
@@ -140,15 +188,56 @@ def capacity_table(runs: "list[Run] | str | Path", slo_s: float = 3.0,
     frame, groups = runs_frame(runs, group_by)
     if "p99_ttft_ms" not in frame.columns:
         raise ValueError("the runs' summaries have no p99_ttft_ms")
+    groups = [k for k in groups if k != "seed"]  # seeds are repetitions of one configuration, not configurations
+    seeds = frame["seed"].astype(str) if "seed" in frame.columns else pd.Series("0", index=frame.index)
     rows = []
     for key, g in frame.groupby([frame[k].astype(str) for k in groups], sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        p99_s = pd.to_numeric(g["p99_ttft_ms"], errors="coerce") / 1e3
-        c = interpolate_capacity(pd.to_numeric(g[QPS_KEY], errors="coerce"), p99_s, slo_s)
+        per_seed = []
+        for _, gs in g.groupby(seeds.loc[g.index], sort=True):
+            p99_s = pd.to_numeric(gs["p99_ttft_ms"], errors="coerce") / 1e3
+            per_seed.append(interpolate_capacity(pd.to_numeric(gs[QPS_KEY], errors="coerce"), p99_s, slo_s))
         row = {k: g[k].iloc[0] for k in groups}
+        if len(per_seed) == 1:
+            c = per_seed[0]
+        else:  # the mean of the seeds' capacities; flags if any seed has them
+            ci = mean_interval([p.capacity for p in per_seed])
+            c = Capacity(ci.mean, any(p.lower_bound for p in per_seed), any(p.exceeds_at_min for p in per_seed),
+                         max(p.crossings for p in per_seed), min(p.min_qps for p in per_seed),
+                         max(p.max_qps for p in per_seed), max(p.num_points for p in per_seed))
+        ci = mean_interval([p.capacity for p in per_seed])
         row.update(asdict(c))
-        row["slo_s"] = slo_s
-        row["note"] = c.note
+        row.update(seeds=len(per_seed), ci_low=ci.low, ci_high=ci.high, slo_s=slo_s, note=c.note)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- bisection results (experiments.capacity)
+def capacity_results(root: "str | Path") -> pd.DataFrame:
+    """One row per ``capacity.json`` at or under ``root`` (``experiments.capacity``): the searched configuration (its
+    main config keys and every override of the search), capacity mean and t-interval over its seeds, per-seed
+    capacities, SLO, status. Empty frame when there is none."""
+    rows = []
+    for f in sorted(Path(root).rglob("capacity.json")):
+        if "figures" in f.parts:
+            continue
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        row: dict = {"path": str(f.parent)}
+        row.update(r.get("config") or {})
+        for o in r.get("overrides") or []:
+            k, _, v = str(o).partition("=")
+            row.setdefault(k.lstrip("+~"), v)
+        per_seed = r.get("seeds") or [{"seed": (r.get("config") or {}).get("seed"), "capacity": r.get("capacity"),
+                                       "status": r.get("status")}]
+        caps = [s.get("capacity") for s in per_seed]
+        ci = mean_interval([c for c in caps if c is not None], float(r.get("confidence", 0.95)))
+        row.update(capacity=ci.mean, ci_low=ci.low, ci_high=ci.high, seeds=ci.n, sd=ci.sd,
+                   per_seed=";".join("none" if c is None else f"{c:g}" for c in caps),
+                   statuses=";".join(sorted({str(s.get("status")) for s in per_seed})),
+                   slo_s=r.get("slo_ttft_s"), tol=r.get("tol"), num_requests=(r.get("config") or {}).get(
+                       "workload.num_requests"))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -351,6 +351,7 @@ def summary_table(runs: Sequence[Run], labels: dict[Path, str] | None = None) ->
         s = r.summary
         row = {
             "label": labels[r.path], "policy": policy_name(r), "k": policy_params(r).get("k"), "qps": run_qps(r),
+            "seed": r.get("seed", r.summary.get("seed")),
             "achieved_qps": s.get("achieved_qps"), "completed": s.get("completed"), "failed": s.get("failed"),
             "mean_e2e_s": sec(s, "mean_e2el_ms"), "p99_e2e_s": sec(s, "p99_e2el_ms"),
             "mean_ttft_s": sec(s, "mean_ttft_ms"), "p99_ttft_s": sec(s, "p99_ttft_ms"),
@@ -453,3 +454,112 @@ def plain_log_axis(ax, axis: str = "y") -> None:
 
     target.set_major_formatter(FuncFormatter(major))
     target.set_minor_formatter(FuncFormatter(minor))
+
+
+# ------------------------------------------------------------------------------------------------ what a figure is
+def _values_of(runs: Sequence[Run], key: str, summary_key: str | None = None) -> list[str]:
+    """The distinct values (as text, in first-seen order) of a config key, else of a summary key, over ``runs``."""
+    seen: dict[str, None] = {}
+    for r in runs:
+        v = r.get(key)
+        if v is None and summary_key is not None:
+            v = r.summary.get(summary_key)
+        if v is not None:
+            seen.setdefault(_fmt(v), None)
+    return list(seen)
+
+
+def _join(vals: Sequence[str], limit: int = 6) -> str:
+    """'0, 1, 2' (a run of integers as '0-4'), '?' when empty, the first ``limit`` and a count when many."""
+    if not vals:
+        return "?"
+    try:
+        ints = sorted(int(v) for v in vals)
+        if len(ints) > 2 and ints == list(range(ints[0], ints[-1] + 1)):
+            return f"{ints[0]}-{ints[-1]}"
+        vals = [str(i) for i in ints]
+    except ValueError:
+        pass
+    return ", ".join(vals[:limit]) + (f" (+{len(vals) - limit})" if len(vals) > limit else "")
+
+
+def stamp_text(runs: Sequence[Run], note: str = "") -> str:
+    """One line saying what a figure shows: simulated or measured (and on what), device and execution-model
+    profile, requests per point and seeds, read from the runs' configs and summaries.
+
+    Figures leave the machine and get compared with the paper's; without this line a 1,000-request simulation
+    looks like a 10,000-request measurement (issue 17)."""
+    modes = _values_of(runs, "mode.name", "mode")
+    gpus = _values_of(runs, "gpu.name", "gpu")
+    n_inst = _values_of(runs, "cluster.num_instances", "num_instances")
+    models = [m.split("/")[-1] for m in _values_of(runs, "model.name", "model")]
+    tps = _values_of(runs, "engine.tensor_parallel")
+    rules = _values_of(runs, "engine.scheduler")
+    profiles = _values_of(runs, "gpu.profile_dir")
+    kinds = []
+    for m in modes or ["?"]:
+        if m == "sim":
+            kinds.append("SIMULATED (vidur execution model, in-process)")
+        elif m == "emulate":
+            engine = _values_of([r for r in runs if r.get("mode.name") == "emulate"], "mode.engine")
+            kinds.append("MEASURED on loopback, real vLLM on CPU" if "vllm" in engine
+                         else "EMULATED services on loopback (engines follow the execution model)")
+        elif m == "deploy":
+            kinds.append("MEASURED on deployed hosts")
+        else:
+            kinds.append(m)
+    device = f"{_join(n_inst)} x {_join(gpus)}"
+    if tps and tps != ["1"]:
+        device += f" TP {_join(tps)}"
+    parts = [" + ".join(kinds), f"{device}, {_join(models)}"]
+    if "sim" in modes or "emulate" in modes:
+        parts.append(f"profile {_join(profiles)}" + (f", vLLM {_join(rules)} rules" if rules else ""))
+    req = _values_of(runs, "workload.num_requests", "num_requests")
+    parts.append(f"{_join(req)} requests per point")
+    seeds = _values_of(runs, "seed", "seed")
+    parts.append(f"seed{'s' if len(seeds) > 1 else ''} {_join(seeds)}")
+    parts.append(f"{len(runs)} run{'s' if len(runs) != 1 else ''}")
+    text = " | ".join(parts)
+    return f"{text}\n{note}" if note else text
+
+
+def stamp(fig, runs: Sequence[Run], note: str = "") -> None:
+    """Write ``stamp_text`` under the figure (saved with bbox_inches='tight', so it is kept)."""
+    fig.text(0.005, -0.005, stamp_text(runs, note), ha="left", va="top", fontsize=7.5, color="0.3",
+             transform=fig.transFigure)
+
+
+def save_stamped(fig, runs: Sequence[Run], out: Path, stem: str, note: str = "") -> list[Path]:
+    """Stamp the figure with what it is, then save it as PNG and PDF (``analysis.records.save_figure``)."""
+    from analysis.records import save_figure
+
+    stamp(fig, runs, note)
+    return save_figure(fig, out, stem)
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+STEADY_TRIM = 0.1  # share of the arrivals dropped at each end: warm-up before, drain after
+
+
+def steady_throughput(req: pd.DataFrame, trim: float = STEADY_TRIM) -> float:
+    """Steady-state request throughput (req/s): requests finished while arrivals were in steady state, i.e. between
+    the arrival of the ``trim`` and the ``1 - trim`` quantile request, divided by that window's length.
+
+    Completions over the whole run (``request_throughput``) include the warm-up (an empty cluster) and the drain after
+    the last arrival, so every curve sits below the offered load and an overloaded policy with a long drain seems to
+    lose throughput as load rises; inside the window a cluster below capacity finishes what arrives (= the offered
+    load) and one past capacity finishes at its service rate."""
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim={trim} must be in [0, 0.5)")
+    if req.empty or "arrival_s" not in req.columns or "finish_s" not in req.columns:
+        return math.nan
+    arr = np.sort(req["arrival_s"].to_numpy(float))
+    t0, t1 = float(np.quantile(arr, trim)), float(np.quantile(arr, 1 - trim))
+    if not t1 > t0:
+        return math.nan
+    fin = ok_requests(req)["finish_s"].to_numpy(float)
+    return float(np.count_nonzero((fin >= t0) & (fin <= t1)) / (t1 - t0))
+
+
+STEADY_CAPTION = (f"steady state: requests finished between the arrivals of the {STEADY_TRIM:.0%} and "
+                  f"{1 - STEADY_TRIM:.0%} quantile requests, per second (warm-up and drain dropped)")

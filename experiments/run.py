@@ -5,6 +5,7 @@ Examples::
     python -m experiments.run                                   # 4 A30 instances, round-robin, 1000 ShareGPT requests
     python -m experiments.run cluster=a30x12 policy=random workload.qps=24 workload.num_requests=10000
     python -m experiments.run -m workload.qps=20,24,28 policy=round_robin,random
+    python -m experiments.run -m experiment=fig6 --dry-run          # which runs would run, which are skipped
 
 Each run writes ``config.yaml``, ``requests.parquet``, ``instances.parquet`` and, last, ``summary.json`` into
 ``<output_root>/<experiment_name>/<override dirname>`` (see DESIGN.md, Outputs).
@@ -100,4 +101,8 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 if __name__ == "__main__":
     schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
+    if "--dry-run" in sys.argv[1:]:  # list the runs that would run / be skipped; runs and writes nothing
+        from experiments.sweep_report import dry_run
+
+        raise SystemExit(dry_run(sys.argv[1:]))
     main()

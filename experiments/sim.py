@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,10 @@ from vidur.cluster import Cluster
 from vidur.engine import Engine
 from vidur.records import instances_frame, requests_frame, summarize, write_run
 from vidur.types import EngineConfig
+
+# Set by experiments.capacity for an early-stopped probe: called with the cluster every 100 arrivals, it may raise
+# to end the run (nothing is written then).
+WATCH: ContextVar[Optional[Callable[[Cluster], None]]] = ContextVar("sim_watch", default=None)
 
 
 def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any]:
@@ -34,8 +39,17 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
                       controller=controller, migrator=migrator)
     bar = tqdm(total=len(requests), desc=f"sim {policy.name} qps={cfg.workload.qps}", unit="req",
                disable=not cfg.get("progress", True) or not interactive(), leave=False)
-    result = cluster.run(requests, progress=bar.update)
-    bar.close()
+    watch = WATCH.get()
+
+    def tick(n: int) -> None:
+        bar.update(n)
+        if watch is not None:
+            watch(cluster)
+
+    try:
+        result = cluster.run(requests, progress=tick)
+    finally:
+        bar.close()
     req_df = requests_frame(result.requests)
     summary = summarize(
         req_df, mode="sim", policy=policy.name, k=policy.k, qps=cfg.workload.qps,

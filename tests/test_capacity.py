@@ -117,7 +117,7 @@ def test_bisection_on_real_runs_reuses_and_resumes(grid_sweep):
     sweep_dir = root / "cluster=local4,policy=round_robin,workload.num_requests=300,workload.qps=2"
     mtime = (sweep_dir / "summary.json").stat().st_mtime_ns
     args = ["experiments.capacity", f"output_root={grid_sweep}", *RUN, f"capacity.slo_ttft_s={SLO}",
-            "capacity.lo=2", "capacity.hi=14", "capacity.tol=0.5"]
+            "capacity.lo=2", "capacity.hi=14", "capacity.tol=0.5", "capacity.seeds=1"]
     p = _run(*args)
     files = list((root / "capacity").glob("*/capacity.json"))
     assert len(files) == 1 and "capacity=" in p.stdout
@@ -127,17 +127,23 @@ def test_bisection_on_real_runs_reuses_and_resumes(grid_sweep):
     assert hi - lo <= 0.5 and r["capacity"] == lo
     by_qps = {p["qps"]: p for p in r["probes"]}
     assert by_qps[lo]["within_slo"] and not by_qps[hi]["within_slo"]
-    # every probe is an ordinary run directory; the sweep's qps=2 run was reused, not rerun
+    # every probe is an ordinary run directory (or, stopped early once certain to exceed the SLO, a verdict and no
+    # records); the sweep's qps=2 run was reused, not rerun
     for pr in r["probes"]:
         d = Path(pr["run_dir"])
         assert d.parent == root and d.name.endswith(f"workload.qps={fmt_qps(pr['qps'])}")
-        assert (d / "summary.json").is_file() and (d / "requests.parquet").is_file()
+        if pr["early_stop"]:
+            assert not pr["within_slo"] and not (d / "summary.json").exists()
+            assert (root / "capacity" / "early_stop" / f"{d.name}.json").is_file()
+        else:
+            assert (d / "summary.json").is_file() and (d / "requests.parquet").is_file()
     assert (sweep_dir / "summary.json").stat().st_mtime_ns == mtime
     # the interpolation over the sweep's grid agrees with the bisection within the grid's resolution
     grid_cap = capacity_table(root, slo_s=SLO, group_by=["policy.name"]).iloc[0]["capacity"]
     assert lo - 3 <= grid_cap <= hi + 3
     # resume: a second search reruns nothing and finds the same answer
-    mtimes = {pr["run_dir"]: (Path(pr["run_dir"]) / "summary.json").stat().st_mtime_ns for pr in r["probes"]}
+    mtimes = {pr["run_dir"]: (Path(pr["run_dir"]) / "summary.json").stat().st_mtime_ns for pr in r["probes"]
+              if not pr["early_stop"]}
     _run(*args)
     r2 = json.loads(files[0].read_text())
     assert r2["capacity"] == r["capacity"] and [p["qps"] for p in r2["probes"]] == [p["qps"] for p in r["probes"]]

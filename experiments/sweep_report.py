@@ -1,0 +1,214 @@
+"""What a sweep would do, and what it did: ``--dry-run`` and the comparison table printed when a sweep ends.
+
+* ``plan(argv)`` composes the command line the way Hydra would (``-m``: every job of the basic sweeper, the preset's
+  ``hydra.sweeper.params`` then the command line) without running or writing anything, and sorts the run folders
+  into those that would run and those a sweep skips (``summary.json`` present). ``python -m experiments.run ...
+  --dry-run`` prints it (``experiments.run``).
+* ``SweepTable`` (a Hydra callback, registered in conf/config.yaml under ``hydra.callbacks.sweep_table``) prints, when
+  a ``-m`` sweep ends, one table comparing what it produced: for run sweeps the summary metrics per run and, when a
+  configuration has several QPS points, its capacity (``analysis.capacity``: per seed, mean and 95 % t-interval); for
+  capacity searches (``python -m experiments.capacity -m``) the capacity per configuration with its interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("experiments.sweep_report")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+@dataclass
+class Plan:
+    """The run folders of a command line, split by whether a run would start."""
+
+    run: list[Path] = field(default_factory=list)
+    skip: list[Path] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"would run  {d}" for d in self.run] + [f"skip       {d}  (summary.json exists)" for d in self.skip]
+        total = len(self.run) + len(self.skip)
+        out.append(f"dry run: {len(self.run)} of {total} run(s) would run, {len(self.skip)} would be skipped "
+                   "(nothing was run or written)")
+        return out
+
+
+def compose_for(argv: Sequence[str], config_name: str = "config") -> tuple[DictConfig, bool]:
+    """The config Hydra would compose for ``argv`` (overrides plus ``-m``), with its hydra node; and whether it is
+    a multirun. Nothing is written (no run folder, no .hydra/)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    bad = [a for a in overrides if a.startswith("-")]
+    if bad:
+        raise ValueError(f"--dry-run takes overrides and -m only, not {' '.join(bad)}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration(config_name, overrides,
+                                        run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN)
+    return cfg, multirun
+
+
+def run_dirs(cfg: DictConfig, multirun: bool) -> list[Path]:
+    """The run folders of a composed config: every sweep job's (``experiments.logger.sweep_run_dirs``), or the one
+    run's (``hydra.run.dir``: ``<output_root>/<experiment_name>/<override dirname>``)."""
+    from experiments.logger import sweep_run_dirs
+    from experiments.rundir import run_dirname
+
+    if multirun:
+        return sweep_run_dirs(cfg)
+    od = cfg.hydra.job.config.override_dirname
+    name = run_dirname(list(cfg.hydra.overrides.task), list(od.exclude_keys), str(od.item_sep), str(od.kv_sep))
+    return [Path(str(cfg.output_root)) / str(cfg.experiment_name) / name]
+
+
+def plan(argv: Sequence[str]) -> Plan:
+    """Which runs of ``argv`` would run and which would be skipped (``force=true`` reruns every one)."""
+    from vidur.records import is_complete
+
+    cfg, multirun = compose_for(argv)
+    force = bool(cfg.get("force", False))
+    p = Plan()
+    for d in run_dirs(cfg, multirun):
+        (p.skip if is_complete(d) and not force else p.run).append(d)
+    return p
+
+
+def dry_run(argv: Sequence[str]) -> int:
+    """``python -m experiments.run [overrides] [-m] --dry-run``: print the plan; exit 2 on a bad command line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        p = plan([a for a in argv if a != "--dry-run"])
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    for line in p.lines():
+        print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------- the table at the end of a sweep
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def runs_table(dirs: Sequence[Path]) -> Optional[str]:
+    """Summary metrics per finished run of the sweep, and capacity per configuration when it has several QPS."""
+    import pandas as pd
+
+    from analysis.capacity import capacity_table
+    from analysis.common import steady_throughput
+    from analysis.records import load_run
+
+    runs = []
+    for d in dirs:
+        try:
+            runs.append(load_run(d))
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+    if not runs:
+        return None
+    rows = []
+    for r in runs:
+        s = r.summary
+        try:
+            steady = steady_throughput(r.requests())
+        except Exception:  # noqa: BLE001 - a table must never fail a sweep
+            steady = math.nan
+        rows.append({"run": r.name, "completed": s.get("completed"), "failed": s.get("failed"),
+                     "p99_ttft_s": (s.get("p99_ttft_ms") or math.nan) / 1e3,
+                     "mean_e2e_s": (s.get("mean_e2el_ms") or math.nan) / 1e3,
+                     "p99_e2e_s": (s.get("p99_e2el_ms") or math.nan) / 1e3,
+                     "steady_req_s": steady, "preemptions": s.get("num_preemptions"),
+                     "sched_ms": s.get("mean_scheduler_overhead_ms")})
+    df = pd.DataFrame(rows)
+    text = "per run (steady_req_s: completions per second with warm-up and drain dropped):\n"
+    text += df.to_string(index=False, formatters={c: _fmt for c in df.columns if c != "run"})
+    slo = runs[0].get("slo.ttft_s", 3.0)
+    try:
+        cap = capacity_table(runs, slo_s=float(slo))
+    except Exception:  # noqa: BLE001
+        cap = None
+    if cap is not None and len(cap) and int(cap["num_points"].max()) > 1:
+        keys = [c for c in cap.columns if "." in c or c == "experiment_name"]
+        cols = keys + ["capacity", "ci_low", "ci_high", "seeds", "num_points", "note"]
+        text += f"\n\ncapacity (P99 TTFT <= {float(slo):g} s, linear interpolation per seed; mean and 95 % " \
+                "t-interval over seeds):\n"
+        text += cap[[c for c in cols if c in cap.columns]].to_string(
+            index=False, formatters={c: _fmt for c in ("capacity", "ci_low", "ci_high")})
+    return text
+
+
+def capacity_searches_table(dirs: Sequence[Path]) -> Optional[str]:
+    """Capacity per search of a ``python -m experiments.capacity -m`` sweep (its capacity.json files)."""
+    import pandas as pd
+
+    from analysis.capacity import capacity_results
+
+    frames = [capacity_results(d) for d in dirs if (d / "capacity.json").is_file()]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return None
+    df = pd.concat(frames, ignore_index=True)
+    df.insert(0, "search", [Path(p).name for p in df["path"]])
+    cols = ["search", "capacity", "ci_low", "ci_high", "seeds", "per_seed", "statuses", "slo_s", "num_requests"]
+    return ("capacity per configuration (bisection; mean and 95 % t-interval over seeds):\n" +
+            df[[c for c in cols if c in df.columns]].to_string(
+                index=False, formatters={c: _fmt for c in ("capacity", "ci_low", "ci_high")}))
+
+
+class SweepTable(Callback):
+    """Hydra callback: print the comparison table of a ``-m`` sweep when it ends (stdout), and keep it as
+    ``<sweep dir>/comparison.txt``. Never fails the sweep."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = bool(enabled)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            from experiments.logger import sweep_run_dirs
+
+            dirs = sweep_run_dirs(config)
+            capacity = OmegaConf.select(config, "capacity") is not None
+            text = capacity_searches_table(dirs) if capacity else runs_table(dirs)
+        except Exception as err:  # noqa: BLE001 - a sweep must never fail because of its table
+            log.warning("no comparison table: %s", err)
+            return
+        if not text:
+            return
+        print(f"\n== sweep {config.get('experiment_name', '')}: comparison ==\n{text}", flush=True)
+        try:
+            from vidur.records import write_text
+
+            write_text(Path(str(config.hydra.sweep.dir)) / "comparison.txt", text + "\n")
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not write comparison.txt: %s", err)
