@@ -8,6 +8,7 @@ triggers are driven, not timed: an SLO of a millisecond makes every request (rea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 
 from block.provisioning import ProvisioningConfig, ProvisioningController
-from block.scheduler.provisioning import LivePool, SlotLease
+from block.scheduler.provisioning import AgentStarter, Finished, LivePool, SlotLease
 from experiments.local_stack import TOKEN_VARS, LocalStack
 from experiments.provision_live import ProvisionAgent
 
@@ -28,14 +29,35 @@ ROOT = Path(__file__).resolve().parents[1]
 N, INITIAL = 4, 2
 
 
-def _instance(local: LocalStack, i: int) -> str:
+def _instance(local: LocalStack, i: int, time_scale: float = 20.0) -> str:
     """Engine + predictor of slot ``i``, healthy; the predictor's URL."""
-    e = local.start(f"engine{i}", "block.engine", ["--time-scale", "20", "--tokenizer", "none",
+    return _services(local, i, time_scale)[0]
+
+
+def _services(local: LocalStack, i: int, time_scale: float = 20.0) -> tuple[str, list]:
+    """(the predictor's URL, [predictor, engine]) of slot ``i``, healthy."""
+    e = local.start(f"engine{i}", "block.engine", ["--time-scale", str(time_scale), "--tokenizer", "none",
                                                    "--num-blocks", "1000", "--seed", str(i)])
     p = local.start(f"predictor{i}", "block.predictor", ["--engine-url", e.url, "--state-source", "engine",
                                                          "--tokenizer", "none", "--instance-id", str(i)])
     local.wait_healthy([e, p])
-    return str(p.url)
+    return str(p.url), [p, e]
+
+
+class _Slots:
+    """Starts and stops back-pool slots in a LocalStack, as mode=emulate's driver does (real processes)."""
+
+    def __init__(self, local: LocalStack, time_scale: float) -> None:
+        self.local, self.time_scale, self.running = local, time_scale, {}
+
+    def start(self, i: int) -> str:
+        url, self.running[i] = _services(self.local, i, self.time_scale)
+        return url
+
+    def stop(self, i: int) -> None:
+        for svc in self.running.pop(i):
+            svc.stop()
+            self.local.services.remove(svc)
 
 
 def _scheduler(local: LocalStack, tmp: Path, j: int, urls: list[str], agent: ProvisionAgent, strategy: str,
@@ -137,6 +159,13 @@ def test_lease_is_exclusive_and_scale_down_drains_the_last_added(tmp_path):
     assert b.read(5) is None
     a.publish(5, {"url": "http://127.0.0.1:1"})
     assert b.read(5) == {"url": "http://127.0.0.1:1"}
+    assert b.claim(5, "stop") and not a.claim(5, "stop")  # the stop lease is another one, as exclusive
+    b.release(5)  # after the stop: nothing published, both leases free again
+    assert a.read(5) is None and not os.listdir(tmp_path) and a.claim(5)
+    asyncio.run(_calm_drains_the_last_added())
+
+
+async def _calm_drains_the_last_added() -> None:
     # the controller's scale-down on the live pool: calm latencies drain the last added slot, never the initial
     ctl = ProvisioningController(ProvisioningConfig(strategy="reactive", initial_instances=1, slo_s=10.0,
                                                     scale_down=True, scale_down_window_s=5.0))
@@ -144,11 +173,96 @@ def test_lease_is_exclusive_and_scale_down_drains_the_last_added(tmp_path):
     ctl.start(pool)
     pool._activate(1, "http://127.0.0.1:2", "adopt")  # as if slot 1 had been started and published
     assert pool.active == [0, 1] and ctl.added == [1]
-    from block.scheduler.provisioning import Finished
 
     for t in (0.0, 2.0, 6.0):  # 1 s latencies, far under half the SLO, for longer than the window
         ctl.on_finish(pool, Finished(t, None, t + 1.0), t + 1.0)
-    assert pool.active == [0] and [e["event"] for e in pool.events][-1] == "remove"
+    assert pool.active == [0] and [e["event"] for e in pool.events][-1] == "remove" and 1 in pool.draining
+    assert 1 not in pool.back_pool()  # draining: not added again before it is stopped
+    await pool.close()
+
+
+def _calm(ctl: ProvisioningController, pool: LivePool, t: float) -> None:
+    """Latencies far under half the SLO for longer than the scale-down window: the last added slot is removed."""
+    for dt in (0.0, 2.0, 10.0):
+        ctl.on_finish(pool, Finished(t + dt, None, t + dt + 1.0), t + dt + 1.0)
+
+
+async def _until(cond, what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+def test_scale_down_drains_the_slot_then_stops_it_once(tmp_path):
+    """Scale-down stops the instance, after its in-flight request is served whole. Two schedulers share one lease
+    directory and both scale the slot down: one drains and stops it (one stop), the other only drops it; the stop is
+    in the records (provisioning table, summary); adding the slot again starts it anew."""
+    from omegaconf import OmegaConf
+
+    from experiments.provision_live import provisioning_records
+
+    with LocalStack(tmp_path / "logs", env=dict.fromkeys(TOKEN_VARS), startup_timeout_s=180) as local:
+        first = _instance(local, 0)
+        slots = _Slots(local, time_scale=1.0)  # real time: a 300-token answer takes seconds, it is in flight
+        with ProvisionAgent(slots.start, range(1, 2), stop_slot=slots.stop) as agent:
+            asyncio.run(_scale_down(tmp_path, first, agent, slots))
+    events = [_events(tmp_path / f"prov{j}.jsonl") for j in range(2)]
+    every = [(e["event"], e["instance"]) for ev in events for e in ev if e["instance"] == 1]
+    assert every.count(("stopped", 1)) == 1 and every.count(("drain", 1)) == 1 and every.count(("start", 1)) == 2
+    cfg = OmegaConf.create({"mode": {"time_scale": 1.0}, "seed": 0, "provisioning": {"initial_instances": 1}})
+    _, prov, summary = provisioning_records(
+        cfg, None, pd.DataFrame({"id": pd.Series([], dtype=int), "dispatch_s": pd.Series([], dtype=float)}), 2,
+        agent.starts, agent.stops, logs=[(tmp_path / "none.jsonl", tmp_path / f"prov{j}.jsonl") for j in range(2)])
+    stopped = prov[prov["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped["drain_s"].iloc[0] > 0 and stopped["in_flight_left"].iloc[0] == 0
+    assert summary["instances_stopped"] == 1 and summary["provision_stops"] == {"1": 1}
+
+
+async def _scale_down(tmp: Path, first: str, agent: ProvisionAgent, slots: _Slots) -> None:
+    locks = tmp / "locks"
+    pools = []
+    for j in range(2):
+        ctl = ProvisioningController(ProvisioningConfig(strategy="reactive", initial_instances=1, slo_s=10.0,
+                                                        scale_down=True, scale_down_window_s=5.0))
+        pool = LivePool(ctl, 2, AgentStarter(agent.url), SlotLease(str(locks)), event_log=str(tmp / f"prov{j}.jsonl"),
+                        poll_s=0.05, drain_grace_s=0.2)
+        ctl.start(pool)
+        await pool.start()
+        pools.append((ctl, pool))
+    (ca, a), (cb, b) = pools
+    ca.on_finish(a, Finished(0.0, None, 20.0), 20.0)  # 20 s > the 10 s SLO: slot 1 starts
+    await _until(lambda: a.active == [0, 1] and b.active == [0, 1], f"slot 1 not active: {a.events} {b.events}")
+    url = a.urls[1]
+    async with httpx.AsyncClient(timeout=300) as client:
+        async with client.stream("POST", f"{url}/v1/completions", json={
+                "prompt": [7] * 16, "max_tokens": 300, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = r.aiter_lines()
+            got = [await chunks.__anext__()]  # the request is in flight on slot 1
+            _calm(ca, a, 30.0)  # both schedulers scale slot 1 down while it serves the request
+            _calm(cb, b, 30.0)
+            assert a.active == [0] and b.active == [0] and 1 in a.draining
+            removed = time.time()
+            got += [line async for line in chunks]
+        done = time.time()
+    got = [g for g in got if g]
+    text = [json.loads(g[6:]) for g in got if g.startswith("data: {")]
+    assert got[-1] == "data: [DONE]", got[-3:]
+    assert text[-1]["choices"][0]["finish_reason"] == "length"  # served whole: not cut off by the stop
+    assert done - removed > 0.5  # it was in flight while the slot drained (300 real-time decode steps, seconds)
+    await _until(lambda: any(e["event"] == "stopped" for p in (a, b) for e in p.events), "slot 1 never stopped")
+    stopped = next(e for p in (a, b) for e in p.events if e["event"] == "stopped")
+    assert stopped["in_flight_left"] == 0
+    assert agent.stops == {1: 1} and 1 not in slots.running and not os.listdir(locks)
+    with pytest.raises(httpx.ConnectError):  # the slot's predictor is gone
+        httpx.get(f"{url}/health", timeout=5)
+    assert 1 in a.back_pool() and 1 in b.back_pool()
+    ca.on_finish(a, Finished(50.0, None, 70.0), 70.0)  # slow again: slot 1 starts anew
+    await _until(lambda: 1 in a.active, f"slot 1 not restarted: {a.events}")
+    assert agent.starts == {1: 2}
+    for p in (a, b):
+        await p.close()
 
 
 @pytest.mark.parametrize("schedulers", [1, 2])
@@ -214,6 +328,13 @@ def test_command_provisioner_uses_the_printed_url_and_records_a_failed_start(clu
     (["--provision-config", "{bad}", "--provision-slots", "2"], "slo_s=-1 must be > 0"),
     (["--provision-config", "{typo}", "--provision-slots", "2"], "provisioning config"),
     (["--provision-config", "{pred}", "--provision-slots", "2", "--policy", "round_robin"], "predicts none"),
+    (["--provision-config", "{conf}", "--provision-slots", "4", "--provision-command", "x",
+      "--provision-agent-lease"], "--provision-agent-lease needs --provision-agent"),
+    (["--provision-config", "{conf}", "--provision-slots", "4", "--provision-agent", "http://127.0.0.1:1",
+      "--provision-stop-command", "x"], "--provision-stop-command needs --provision-command"),
+    (["--provision-config", "{conf}", "--provision-slots", "4", "--provision-agent", "http://127.0.0.1:1",
+      "--provision-drain-timeout-s", "-1"], "drain-timeout-s=-1.0 must be >= 0"),
+    (["--provision-agent-lease"], "needs --provision-config"),
 ])
 def test_provisioning_flags_are_validated(tmp_path, argv, message):
     from block.scheduler.cli import build_parser, make_scheduler

@@ -105,9 +105,17 @@ def add_provisioning_args(ap: argparse.ArgumentParser) -> None:
                           "predictor URL (mode=emulate's driver runs one)")
     src.add_argument("--provision-command", default=None,
                      help="shell command run to start slot {slot}; its last stdout line is the predictor URL")
-    g.add_argument("--provision-lock-dir", default=None,
-                   help="directory shared by every scheduler: one O_EXCL lock file per slot, so exactly one "
-                        "scheduler starts a slot and the others adopt it (omit with a single scheduler)")
+    g.add_argument("--provision-stop-command", default=None,
+                   help="with --provision-command: shell command run to stop slot {slot} on scale-down (without "
+                        "it a scaled-down slot keeps running); an agent stops it (DELETE <agent>/slots/<i>)")
+    lease = g.add_mutually_exclusive_group()
+    lease.add_argument("--provision-lock-dir", default=None,
+                       help="directory shared by every scheduler: one O_EXCL lock file per slot, so exactly one "
+                            "scheduler starts a slot and the others adopt it (omit with a single scheduler)")
+    lease.add_argument("--provision-agent-lease", action="store_true",
+                       help="the --provision-agent holds the slot leases (schedulers on several hosts, mode=deploy)")
+    g.add_argument("--provision-drain-timeout-s", type=float, default=600.0,
+                   help="scale-down: longest wait for a slot's requests to finish before it is stopped (default 600)")
     g.add_argument("--provision-time-scale", type=float, default=1.0,
                    help="model seconds per wall second (mode=emulate's time_scale): the SLO, cooldown and windows "
                         "are in model seconds (default 1)")
@@ -120,14 +128,17 @@ def add_provisioning_args(ap: argparse.ArgumentParser) -> None:
 def make_provisioning(args: argparse.Namespace, sched) -> None:
     """Attach a ``LivePool`` to ``sched`` when --provision-config is given (flags checked here)."""
     if not args.provision_config:
-        for flag in ("provision_slots", "provision_agent", "provision_command", "provision_lock_dir"):
+        for flag in ("provision_slots", "provision_agent", "provision_command", "provision_lock_dir",
+                     "provision_stop_command"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} needs --provision-config")
+        if args.provision_agent_lease:
+            raise ValueError("--provision-agent-lease needs --provision-config")
         return
     import yaml
 
     from block.provisioning import ProvisioningConfig, ProvisioningController
-    from block.scheduler.provisioning import AgentStarter, CommandStarter, LivePool, SlotLease
+    from block.scheduler.provisioning import AgentLease, AgentStarter, CommandStarter, LivePool, SlotLease
 
     try:
         with open(args.provision_config) as f:
@@ -148,12 +159,23 @@ def make_provisioning(args: argparse.Namespace, sched) -> None:
         raise ValueError("a back pool needs a way to start it: --provision-agent or --provision-command")
     if not args.provision_start_timeout_s > 0:
         raise ValueError(f"--provision-start-timeout-s={args.provision_start_timeout_s} must be > 0")
-    starter = (AgentStarter(args.provision_agent, args.upstream_token or None, args.provision_start_timeout_s)
+    if not args.provision_drain_timeout_s >= 0:
+        raise ValueError(f"--provision-drain-timeout-s={args.provision_drain_timeout_s} must be >= 0")
+    if args.provision_agent_lease and not args.provision_agent:
+        raise ValueError("--provision-agent-lease needs --provision-agent")
+    if args.provision_stop_command and not args.provision_command:
+        raise ValueError("--provision-stop-command needs --provision-command")
+    token = args.upstream_token or None
+    starter = (AgentStarter(args.provision_agent, token, args.provision_start_timeout_s)
                if args.provision_agent else CommandStarter(args.provision_command or "false",
-                                                           args.provision_start_timeout_s))
-    pool = LivePool(ProvisioningController(pc), slots, starter, SlotLease(args.provision_lock_dir),
+                                                           args.provision_start_timeout_s,
+                                                           args.provision_stop_command))
+    lease = AgentLease(args.provision_agent, token) if args.provision_agent_lease \
+        else SlotLease(args.provision_lock_dir)
+    pool = LivePool(ProvisioningController(pc), slots, starter, lease,
                     time_scale=args.provision_time_scale, event_log=args.provision_log,
-                    health_timeout_s=args.provision_start_timeout_s)
+                    health_timeout_s=args.provision_start_timeout_s, drain_timeout_s=args.provision_drain_timeout_s,
+                    poll_s=0.5 if args.provision_agent_lease else 0.2)  # the agent's lease: a round trip
     pool.attach(sched)
 
 
