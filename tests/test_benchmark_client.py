@@ -26,7 +26,8 @@ from block.benchmark.client import (
     run_benchmark,
 )
 from experiments.local_stack import TOKEN_VARS, LocalStack
-from vidur.types import REQUEST_RECORD_COLUMNS, Request
+from vidur.records import REQUEST_RECORD_COLUMNS
+from vidur.types import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 5.0  # slow enough that the HTTP path (~1-2 ms real) stays small next to the modelled times

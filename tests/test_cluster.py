@@ -11,8 +11,8 @@ import pytest
 from block.policies import make_policy
 from vidur.cluster import Cluster
 from vidur.policy_contract import RoutingPolicy
-from vidur.records import instances_frame, is_complete, requests_frame, summarize, write_run
-from vidur.types import REQUEST_RECORD_COLUMNS, EngineConfig, Request
+from vidur.records import REQUEST_RECORD_COLUMNS, instances_frame, is_complete, requests_frame, summarize, write_run
+from vidur.types import EngineConfig, Request
 
 
 def _requests(n=400, rate=12.0, seed=0):

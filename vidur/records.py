@@ -1,24 +1,48 @@
-"""Run records: per-request and per-instance tables, the summary, and atomic writing of a run directory.
+"""Run records: the one home of their format, their writer and their reader.
 
-The format is fixed by DESIGN.md (Outputs) so that sim, emulate and deploy runs all feed the same analysis code:
-``config.yaml``, ``requests.parquet``, ``instances.parquet`` and ``summary.json``, the summary written last so that a
-sweep can take its presence as "this run is complete".
+The format (DESIGN.md, Outputs) lets sim, emulate and deploy runs all feed the same analysis code. A run directory
+holds ``config.yaml``, ``requests.parquet`` (one row per request, :data:`REQUEST_RECORD_COLUMNS` first),
+``instances.parquet`` (one row per instance per sample time, :data:`INSTANCE_RECORD_COLUMNS`), any further tables
+(``<name>.parquet``) and ``summary.json`` (``vllm bench serve``'s key names), the summary written last so that a sweep
+can take its presence as "this run is complete"; a directory of runs (a sweep) holds several.
+
+Writers (the simulator's runs, the benchmark client, the experiments) call :func:`write_run`; analysis reads through
+:func:`find_runs` / :func:`load_run` (re-exported by ``analysis.records``), so it never imports the simulator or the
+services. Every file of ours that must appear whole is written by :func:`write_atomic`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from vidur.types import INSTANCE_RECORD_COLUMNS, REQUEST_RECORD_COLUMNS
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+REQUESTS_FILE = "requests.parquet"
+INSTANCES_FILE = "instances.parquet"
+SUMMARY_FILE = "summary.json"  # written last: its presence means the run is complete
+
+# Columns of requests.parquet, in order. Times are seconds since the run's start.
+REQUEST_RECORD_COLUMNS = [
+    "id", "instance", "arrival_s", "dispatch_s", "first_token_s", "finish_s",
+    "prompt_tokens", "output_tokens", "predicted_tokens",
+    "ttft_s", "tpot_s", "e2e_s", "predicted_e2e_s", "num_preemptions", "status",
+]
+
+# Columns of instances.parquet (one row per instance per sample time).
+INSTANCE_RECORD_COLUMNS = ["time_s", "instance", "num_running", "num_waiting", "free_blocks", "num_preemptions"]
 
 PERCENTILES = (50, 90, 99)
 
@@ -158,12 +182,12 @@ def write_run(run_dir: Path | str, config_yaml: str, requests: pd.DataFrame, ins
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     if summary_path.exists():
         summary_path.unlink()  # a rerun invalidates the old summary first
-    write_text(run_dir / "config.yaml", config_yaml)
-    write_parquet(run_dir / "requests.parquet", requests)
-    write_parquet(run_dir / "instances.parquet", instances)
+    write_text(run_dir / CONFIG_FILE, config_yaml)
+    write_parquet(run_dir / REQUESTS_FILE, requests)
+    write_parquet(run_dir / INSTANCES_FILE, instances)
     for name, df in (extra or {}).items():
         write_parquet(run_dir / f"{name}.parquet", df)
     write_text(summary_path, json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
@@ -171,4 +195,83 @@ def write_run(run_dir: Path | str, config_yaml: str, requests: pd.DataFrame, ins
 
 
 def is_complete(run_dir: Path | str) -> bool:
-    return (Path(run_dir) / "summary.json").is_file()
+    return (Path(run_dir) / SUMMARY_FILE).is_file()
+
+
+# ---------------------------------------------------------------------- reading
+@dataclass
+class Run:
+    """One complete run directory: its summary and config read at once, its tables on demand."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def requests(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / REQUESTS_FILE)
+
+    def instances(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / INSTANCES_FILE)
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key, e.g. ``workload.qps``."""
+        cur: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                return default
+            cur = cur[part]
+        return cur
+
+
+def load_run(path: str | Path) -> Run:
+    """The run at ``path``; FileNotFoundError unless it is complete (has its summary)."""
+    path = Path(path)
+    summary_file = path / SUMMARY_FILE
+    if not summary_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete run: no summary.json")
+    cfg_file = path / CONFIG_FILE
+    config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    return Run(path, json.loads(summary_file.read_text()), config or {})
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every complete run at or under ``root`` (sorted by path)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"no such run directory: {root}")
+    runs = []
+    for summary in sorted(root.rglob(SUMMARY_FILE)):
+        if "figures" in summary.parts:
+            continue
+        try:
+            runs.append(load_run(summary.parent))
+        except Exception as err:  # a corrupt run should not hide the others
+            log.warning("skipping %s: %s", summary.parent, err)
+    incomplete = [p.parent for p in root.rglob(CONFIG_FILE) if not (p.parent / SUMMARY_FILE).exists()
+                  and ".hydra" not in p.parts]
+    for p in incomplete:
+        log.warning("skipping incomplete run %s (no summary.json)", p)
+    if not runs:
+        raise FileNotFoundError(f"no complete runs (summary.json) under {root}")
+    return runs
+
+
+def summaries_frame(runs: list[Run], keys: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per run: its summary plus selected config keys (dotted)."""
+    rows = []
+    for r in runs:
+        row = {"run": str(r.path)}
+        row.update(r.summary)
+        for k in keys:
+            row[k] = r.get(k)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def iter_requests(runs: list[Run]) -> Iterator[tuple[Run, pd.DataFrame]]:
+    for r in runs:
+        yield r, r.requests()

@@ -2,6 +2,7 @@
 
 They are plain dataclasses so that they cross process boundaries as JSON (``to_dict`` / ``from_dict``) and stay
 cheap to build in the simulator's hot loop. Units: seconds for times, tokens for lengths, blocks for KV memory.
+The run-record columns live with the rest of that format in ``vidur.records``.
 """
 
 from __future__ import annotations
@@ -268,14 +269,3 @@ class Candidate:
     instance_id: int
     stats: Optional[InstanceStats] = None
     prediction: Optional[Prediction] = None
-
-
-# Columns of requests.parquet, in order (DESIGN.md, Outputs). Times are seconds since the run's start.
-REQUEST_RECORD_COLUMNS = [
-    "id", "instance", "arrival_s", "dispatch_s", "first_token_s", "finish_s",
-    "prompt_tokens", "output_tokens", "predicted_tokens",
-    "ttft_s", "tpot_s", "e2e_s", "predicted_e2e_s", "num_preemptions", "status",
-]
-
-# Columns of instances.parquet (one row per instance per sample time).
-INSTANCE_RECORD_COLUMNS = ["time_s", "instance", "num_running", "num_waiting", "free_blocks", "num_preemptions"]
