@@ -24,21 +24,19 @@ from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from block import prom
-from block.scheduler.core import (
+from block.scheduler.core import Scheduler
+from block.scheduler.errors import UpstreamFailure, UpstreamRefused
+from block.scheduler.jsonio import dumps as _dumps
+from block.scheduler.request import HINT_HEADER, parse_body
+from block.scheduler.requestlog import (
     ST_CLIENT_ERROR,
     ST_DISCONNECTED,
     ST_INTERNAL,
     ST_OK,
     ST_STREAM_ERROR,
     ST_UPSTREAM_ERROR,
-    HINT_HEADER,
-    Decision,
-    Scheduler,
-    UpstreamFailure,
-    UpstreamRefused,
-    _dumps,
-    parse_body,
 )
+from block.scheduler.routing import Decision
 from block.http import UpstreamError
 from block.service import DEFAULT_MAX_BODY, ServiceError, create_app, error_body
 
