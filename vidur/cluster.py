@@ -19,9 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from vidur.engine import Engine, Seq, StepTimeModel
 from vidur.migration import Migrator
-# the policy contract lives in vidur.policy_contract; re-exported here until every importer has moved
 from vidur.outcomes import Outcome, deliver, wants_outcomes
-from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy  # noqa: F401
+from vidur.policy_contract import RoutingContext, RoutingPolicy
 from vidur.routing import Routed, Router
 from vidur.types import Candidate, EngineConfig, Request
 from vidur.whatif import predict_engine
