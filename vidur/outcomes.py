@@ -91,13 +91,13 @@ def drain(state: MutableMapping[str, Any], now_s: float = math.inf) -> list[Outc
 def from_log_row(row: Mapping[str, Any], now_s: float) -> Optional[Outcome]:
     """The outcome of a request the live scheduler answered in full, from its log row (``block.scheduler``: id
     ``index``, ``instance``, wall-clock ``arrival_s`` / ``first_token_s`` / ``finish_s``, ``prompt_tokens``,
-    ``output_tokens`` when counted, else the length ``hint`` it was routed with), on the routing clock: ``now_s``
+    ``output_tokens`` when counted, else the length it told the instance, ``told_tokens``), on the routing clock: ``now_s``
     is that clock's reading at the finish (the wall-clock times only give the durations). None when a field is
     missing."""
     try:
         if row.get("status") != "ok":
             return None
-        out = row.get("output_tokens") or row.get("hint")
+        out = row.get("output_tokens") or row.get("told_tokens") or row.get("hint")
         fin = float(row["finish_s"])
         ft = row.get("first_token_s")
         ft = fin if ft is None else float(ft)
