@@ -87,10 +87,6 @@ def check(cfg: DictConfig):
     if _parallel_launcher():
         problems.append("hydra/launcher runs sweep points in parallel, but deploy runs share the hosts: sweep "
                         "mode=deploy with the default (sequential) launcher")
-    p = cfg.get("provisioning")
-    if p is not None and p.get("enabled", False):
-        problems.append("provisioning.enabled=true runs in mode=sim and mode=emulate; mode=deploy does not start a "
-                        "back pool yet (the scheduler's --provision-command can: docs/services.md, Auto-provisioning)")
     try:
         engine_slots(hosts, int(cfg.cluster.num_instances))
     except InventoryError as err:
@@ -264,13 +260,17 @@ def prepare(cfg: DictConfig, fleet, hosts, setup: Optional[bool] = None, say=log
     return kinds
 
 
-def start_cluster(cfg: DictConfig, fleet, hosts, kinds: Mapping[str, str], run_dir: Path, say=log.info) -> Plan:
-    """Upload the plan and start every service (stopping leftovers first); a DeployError if it only half-starts."""
+def start_cluster(cfg: DictConfig, fleet, hosts, kinds: Mapping[str, str], run_dir: Path, say=log.info,
+                  back: Any = None) -> Plan:
+    """Upload the plan and start every service (stopping leftovers first); a DeployError if it only half-starts.
+    ``back``: auto-provisioning's ``DeployBackPool``, which keeps the back-pool slots out of the start."""
     from block.deploy import ops
 
     run_id = run_id_of(run_dir)
     remote = {h.name: ops.run_dir_of(fleet, h, run_id) for h in hosts}
     plan = build_plan(cfg, hosts, kinds, run_id, remote, Path(run_dir) / "services")
+    if back is not None:
+        back.split(plan, Path(run_dir) / "services")
     ops.push_run(fleet, run_id, plan.files)
     if cfg.mode.get("keep_engines", False):  # leftovers: all but the engines this plan keeps or restarts
         ops.stop(fleet, roles=["scheduler", "predictor"])
@@ -306,14 +306,15 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def timed(name: str, t: float) -> None:
         phases[f"deploy_{name}_s"] = round(time.perf_counter() - t, 3)
 
-    with open_fleet(cfg, hosts) as fleet, sigterm_as_interrupt():
+    with open_fleet(cfg, hosts) as fleet, sigterm_as_interrupt(), contextlib.ExitStack() as extras:
         t = time.perf_counter()
         kinds = prepare(cfg, fleet, hosts)
         timed("setup", t)
+        back = extras.enter_context(back_pool(cfg, fleet, hosts))  # auto-provisioning, else None
         plan = None
         try:
             t = time.perf_counter()
-            plan = start_cluster(cfg, fleet, hosts, kinds, run_dir)
+            plan = start_cluster(cfg, fleet, hosts, kinds, run_dir, back=back)
             timed("start", t)
             t = time.perf_counter()
             bench = fleet.by_name[plan.bench_host]
@@ -327,6 +328,8 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "--out", "records", "--mode", "deploy", "--secrets-stdin"], secrets_of(cfg),
                 stream=bool(cfg.get("progress", True)))
             timed("benchmark", t)
+            if back is not None:  # starts and stops in flight finish and are recorded
+                back.settle()
         finally:
             t = time.perf_counter()
             if plan is not None:
@@ -336,9 +339,21 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     log.error("collect failed: %s", err)
             timed("collect", t)
             stop_after_run(cfg, fleet)
-    return publish_records(run_dir, run_dir / "hosts" / plan.bench_host / "records",
-                           {"num_hosts": len(plan.plans), "engines": sorted(set(kinds.values())),
-                            "deploy_wall_s": round(time.perf_counter() - t0, 3), **phases})
+    records = run_dir / "hosts" / plan.bench_host / "records"
+    extra = back.records(run_dir, records) if back is not None else {}
+    return publish_records(run_dir, records, {"num_hosts": len(plan.plans), "engines": sorted(set(kinds.values())),
+                                              "deploy_wall_s": round(time.perf_counter() - t0, 3), **phases, **extra})
+
+
+def back_pool(cfg: DictConfig, fleet, hosts):
+    """Auto-provisioning's back pool (``experiments.provision_live.DeployBackPool``, a context manager), or a null
+    context when ``provisioning.enabled`` is false."""
+    if not (cfg.get("provisioning") is not None and cfg.provisioning.get("enabled", False)):
+        return contextlib.nullcontext(None)
+    from experiments.provision_live import DeployBackPool
+
+    secrets = secrets_of(cfg)
+    return DeployBackPool(cfg, fleet, hosts, secrets, secrets.get("BLOCK_API_TOKEN"))
 
 
 @contextlib.contextmanager

@@ -16,12 +16,13 @@ import contextlib
 import os
 import posixpath
 import shlex
+import socket
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from block.deploy.inventory import Host, control_characters, workdir_problem
 
@@ -305,6 +306,36 @@ class Fleet:
                       'kill -KILL "$p" 2>/dev/null; true')
             with contextlib.suppress(Exception):
                 self.conn(name).run(script, hide=True, warn=True, in_stream=False, timeout=grace_s + 10)
+
+    # ------------------------------------------------------------------ calls back to this machine
+    @contextlib.contextmanager
+    def reverse_tunnel(self, host: Host, local_port: int, local_host: str = "127.0.0.1") -> Iterator[int]:
+        """A port on ``host``'s loopback (chosen by its sshd) that reaches ``local_host:local_port`` here, through
+        the host's ssh connection (remote forwarding, ``ssh -R``): services on the host call back to this machine
+        -- the deploy driver, which the hosts usually cannot reach otherwise -- and nothing listens on a public
+        address. Yields the remote port; closing stops the forwarding and its open connections."""
+        from fabric.tunnels import Tunnel
+
+        conn = self.conn(host)
+        conn.open()
+        tunnels: list[Any] = []
+
+        def handler(channel, src, dst) -> None:  # paramiko's thread: one accepted connection on the host
+            sock = socket.create_connection((local_host, local_port), timeout=10)
+            sock.settimeout(None)
+            tunnel = Tunnel(channel=channel, sock=sock, finished=threading.Event())
+            tunnel.start()
+            tunnels[:] = [t for t in tunnels if t.is_alive()] + [tunnel]
+
+        port = conn.transport.request_port_forward("127.0.0.1", 0, handler=handler)
+        try:
+            yield int(port)
+        finally:
+            for tunnel in list(tunnels):
+                tunnel.finished.set()
+                tunnel.join(timeout=5)
+            with contextlib.suppress(Exception):
+                conn.transport.cancel_port_forward("127.0.0.1", port)
 
     # ------------------------------------------------------------------ per-host paths
     def workdir(self, host: Host) -> str:

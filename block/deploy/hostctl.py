@@ -655,8 +655,10 @@ def wait_healthy(launches: list[_Launch], timeout: float) -> None:
 
 def start_services(plan: Plan | Mapping[str, Any], state_dir: str | os.PathLike,
                    roles: Iterable[str] | None = None, timeout: float = DEFAULT_START_TIMEOUT_S,
-                   secrets: Mapping[str, str] | None = None, grace: float = DEFAULT_GRACE_S) -> dict[str, Any]:
-    """Bring the plan's services (optionally only some roles) up and wait until they are healthy.
+                   secrets: Mapping[str, str] | None = None, grace: float = DEFAULT_GRACE_S,
+                   names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Bring the plan's services (optionally only some roles, or some names: a back-pool slot started on demand)
+    up and wait until they are healthy.
 
     Never stops healthy services because another failed: the caller must be able to see (and decide
     what to do about) a half-started cluster.
@@ -664,7 +666,11 @@ def start_services(plan: Plan | Mapping[str, Any], state_dir: str | os.PathLike,
     plan = plan if isinstance(plan, Plan) else parse_plan(plan)
     secrets = validate_secrets(secrets) if secrets else {}
     role_set = set(roles) if roles is not None else None
-    specs = [s for s in plan.services if role_set is None or s.role in role_set]
+    name_set = set(names) if names is not None else None
+    if name_set is not None and name_set - {s.name for s in plan.services}:
+        raise PlanError(f"the plan has no service {', '.join(sorted(name_set - {s.name for s in plan.services}))}")
+    specs = [s for s in plan.services if (role_set is None or s.role in role_set)
+             and (name_set is None or s.name in name_set)]
     for spec in specs:
         check_no_secret_in_spec(spec, secrets)
     state_dir = Path(state_dir)
@@ -783,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", required=True)
     s.add_argument("--state-dir", required=True)
     s.add_argument("--roles", type=_csv, default=None, help="comma-separated roles to start (default: all)")
+    s.add_argument("--names", type=_csv, default=None, help="comma-separated services to start (default: all)")
     s.add_argument("--timeout", type=_nonneg, default=DEFAULT_START_TIMEOUT_S)
     s.add_argument("--grace", type=_nonneg, default=DEFAULT_GRACE_S, help="SIGTERM grace when restarting")
     s.add_argument("--secrets-stdin", action="store_true", help="read a JSON object of secret env vars from stdin")
@@ -804,7 +811,7 @@ def run_command(args: argparse.Namespace, stdin_text: Callable[[], str]) -> dict
         plan = load_plan(args.plan)
         secrets = parse_secrets(stdin_text()) if args.secrets_stdin else {}
         return start_services(plan, args.state_dir, roles=args.roles, timeout=args.timeout,
-                              secrets=secrets, grace=args.grace)
+                              secrets=secrets, grace=args.grace, names=args.names)
     if args.command == "stop":
         return stop_services(args.state_dir, names=args.names, roles=args.roles, grace=args.grace)
     if args.command == "status":

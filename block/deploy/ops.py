@@ -308,15 +308,9 @@ def start(fleet: Fleet, run_id: str, plans: Mapping[str, Mapping[str, Any]],
         t0 = time.monotonic()
 
         def one(h: Host, c, stage=stage) -> dict[str, Any]:
-            doc = hostctl(fleet, h, ["start", "--plan", f"{run_dir_of(fleet, h, run_id)}/plan.json",
-                                     "--state-dir", _state_dir(fleet, h), "--roles", stage,
-                                     "--timeout", str(timeout_s)], secrets, timeout_s=timeout_s + 60)
-            if not doc.get("ok"):
-                bad = [s for s in doc.get("services", []) if not (s.get("alive") and s.get("healthy"))]
-                detail = "; ".join(f"{s['name']}: {s.get('error') or 'not healthy'}"
-                                   + ("\n" + _tail(s["log_tail"]) if s.get("log_tail") else "") for s in bad)
-                raise DeployError(detail or doc.get("message") or "start failed")
-            return doc
+            return _started(hostctl(fleet, h, ["start", "--plan", f"{run_dir_of(fleet, h, run_id)}/plan.json",
+                                               "--state-dir", _state_dir(fleet, h), "--roles", stage,
+                                               "--timeout", str(timeout_s)], secrets, timeout_s=timeout_s + 60))
 
         try:
             fleet.each(f"start {stage}s", one, hosts)
@@ -327,6 +321,34 @@ def start(fleet: Fleet, run_id: str, plans: Mapping[str, Mapping[str, Any]],
                               "with the same command line are kept)") from None
         log(f"{stage}s healthy on {len(hosts)} host(s) in {time.monotonic() - t0:.1f} s")
     return status(fleet, expected)
+
+
+def _started(doc: dict[str, Any]) -> dict[str, Any]:
+    """hostctl's answer to a start, or a DeployError naming every service that is not healthy (with its log)."""
+    if not doc.get("ok"):
+        bad = [s for s in doc.get("services", []) if not (s.get("alive") and s.get("healthy"))]
+        detail = "; ".join(f"{s['name']}: {s.get('error') or 'not healthy'}"
+                           + ("\n" + _tail(s["log_tail"]) if s.get("log_tail") else "") for s in bad)
+        raise DeployError(detail or doc.get("message") or "start failed")
+    return doc
+
+
+def start_named(fleet: Fleet, h: Host, run_id: str, plan_name: str, names: Sequence[str],
+                secrets: Optional[Mapping[str, str]] = None, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Start only ``names`` of the plan ``runs/<run_id>/<plan_name>`` on ``h`` and wait until they are healthy (a
+    back-pool slot started on demand: auto-provisioning in ``mode=deploy``); a DeployError if they are not."""
+    return _started(hostctl(fleet, h, ["start", "--plan", f"{run_dir_of(fleet, h, run_id)}/{plan_name}",
+                                       "--state-dir", _state_dir(fleet, h), "--names", ",".join(names),
+                                       "--timeout", str(timeout_s)], secrets, timeout_s=timeout_s + 60))
+
+
+def stop_named(fleet: Fleet, h: Host, names: Sequence[str], grace_s: float = 10.0) -> dict[str, Any]:
+    """Stop ``names`` on ``h`` (dependants first; a name not running is fine); a DeployError if one will not stop."""
+    doc = hostctl(fleet, h, ["stop", "--state-dir", _state_dir(fleet, h), "--names", ",".join(names),
+                             "--grace", str(grace_s)], timeout_s=grace_s + 60)
+    if not doc.get("ok"):
+        raise DeployError(f"stopping {', '.join(names)} on {h.name}: {doc.get('message') or 'failed'}")
+    return doc
 
 
 def stop(fleet: Fleet, roles: Optional[Sequence[str]] = None, grace_s: float = 10.0,
