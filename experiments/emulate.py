@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from block.engine.config import engine_flags
 from block.service import TOKEN_ENV
 from experiments import wiring
 from experiments.local_stack import LocalStack
@@ -47,16 +48,13 @@ def _write_yaml(path: Path, node: Any) -> str:
 
 
 def engine_args(cfg: DictConfig, conf_dir: Path) -> list[str]:
-    """The model/GPU/engine flags shared by the engine and predictor command lines (resolved config as YAML)."""
-    ec = wiring.engine_config(cfg)
+    """The model/GPU/engine options of the engine and predictor command lines: the resolved config as YAML files,
+    pinned by the override options to the run's engine config."""
     return [
         "--model-config", _write_yaml(conf_dir / "model.yaml", cfg.model),
         "--gpu", _write_yaml(conf_dir / "gpu.yaml", cfg.gpu),
         "--engine", _write_yaml(conf_dir / "engine.yaml", cfg.engine),
-        "--num-blocks", str(ec.num_blocks), "--max-num-seqs", str(ec.max_num_seqs),
-        "--chunk-size", str(ec.chunk_size), "--max-num-batched-tokens", str(ec.max_num_batched_tokens),
-        "--max-model-len", str(ec.max_model_len),
-        "--chunked-prefill" if ec.chunked_prefill else "--no-chunked-prefill",
+        *engine_flags(wiring.engine_config(cfg)),
     ]
 
 
@@ -149,7 +147,6 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     controller = wiring.provisioning(cfg, n)
     initial = n if controller is None else controller.cfg.initial_instances
     state_urls: dict[int, str] = {}  # /state URL per started instance (the sampler reads new ones as they appear)
-    services: dict[int, list] = {}  # the processes of each started instance (a scaled-down slot's are stopped)
     with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
 
         def start_instance(i: int, wait: bool = True) -> str:
@@ -162,18 +159,10 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if wait:
                 stack.wait_healthy([e, p])
             state_urls[i] = str((p if real else e).url)
-            services[i] = [p, e]
             return str(p.url)
 
-        def stop_instance(i: int) -> None:
-            """Scale-down (after the scheduler drained it): predictor, then engine; no longer part of the stack."""
-            state_urls.pop(i, None)
-            for svc in services.pop(i, []):
-                svc.stop()
-                stack.services.remove(svc)
-
         predictor_urls = [start_instance(i, wait=False) for i in range(initial)]
-        with ProvisionAgent(start_instance, range(initial, n), token, stop_slot=stop_instance) as agent:
+        with ProvisionAgent(start_instance, range(initial, n), token) as agent:
             schedulers = [stack.start(f"scheduler{j}", "block.scheduler",
                                       scheduler_args(cfg, predictor_urls, conf_dir / f"scheduler{j}.jsonl")
                                       + ([] if controller is None else
@@ -188,7 +177,7 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tables, extra = {}, {}
     if controller is not None:
         records.requests, tables["provisioning"], extra = provisioning_records(cfg, conf_dir, records.requests, m,
-                                                                               agent.starts, agent.stops)
+                                                                               agent.starts)
     return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0,
                          extra_tables=tables, **extra)
 

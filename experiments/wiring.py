@@ -5,14 +5,14 @@ Every check names the config keys involved, so a bad sweep point fails before it
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vidur.config import REPO_ROOT, EngineSetup, profile_root  # noqa: F401  (REPO_ROOT, profile_root: re-exported)
+from vidur.config import engine_setup as build_engine_setup
+from vidur.specs import GpuSpec, ModelSpec
 from vidur.types import EngineConfig, Request
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConfigError(ValueError):
@@ -24,68 +24,31 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return default if v is None else v
 
 
-def profile_root() -> Path:
-    """The bundled Vidur-format profiles (data/profiling)."""
-    from data import DATA_DIR
-
-    return Path(DATA_DIR) / "profiling"
-
-
-def model_spec(cfg: DictConfig):
-    from vidur.specs import ModelSpec
-
+def model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec.from_dict(cfg.model)
 
 
-def gpu_spec(cfg: DictConfig):
-    from vidur.specs import GpuSpec
-
+def gpu_spec(cfg: DictConfig) -> GpuSpec:
     return GpuSpec.from_dict(cfg.gpu)
 
 
-def engine_config(cfg: DictConfig) -> EngineConfig:
-    """The engine config with ``num_blocks`` resolved from GPU memory when it is null."""
-    e = cfg.engine
-    num_blocks = e.get("num_blocks")
-    if num_blocks is None:
-        from vidur.memory import kv_capacity_blocks
-
-        try:
-            num_blocks = kv_capacity_blocks(
-                model_spec(cfg), gpu_spec(cfg), gpu_memory_utilization=float(e.gpu_memory_utilization),
-                block_size=int(e.block_size), tp=int(e.tensor_parallel),
-                max_num_batched_tokens=int(e.chunk_size if e.chunked_prefill else e.max_num_batched_tokens),
-                max_num_seqs=int(e.max_num_seqs),
-            )
-        except ValueError as err:
-            raise ConfigError(f"model={cfg.model.name} gpu={cfg.gpu.name} engine.tensor_parallel="
-                              f"{e.tensor_parallel}: {err}") from err
-    max_len = int(e.max_model_len)
-    model_max = _get(cfg, "model.max_model_len")
-    if model_max is not None and max_len > int(model_max):
-        raise ConfigError(f"engine.max_model_len={max_len} exceeds model.max_model_len={model_max} ({cfg.model.name})")
-    ec = EngineConfig(
-        max_num_seqs=int(e.max_num_seqs), max_num_batched_tokens=int(e.max_num_batched_tokens),
-        chunked_prefill=bool(e.chunked_prefill), chunk_size=int(e.chunk_size), block_size=int(e.block_size),
-        num_blocks=int(num_blocks), watermark=float(e.watermark), max_model_len=max_len,
-        scheduler=str(e.get("scheduler", "v0")),
-        long_prefill_token_threshold=int(e.get("long_prefill_token_threshold", 0) or 0),
-    )
+def engine_setup(cfg: DictConfig) -> EngineSetup:
+    """The run's specs and engine config (``vidur.config.engine_setup``, the builder every launcher uses), with
+    ``num_blocks`` resolved from GPU memory when it is null; a ConfigError names the keys at fault."""
     try:
-        ec.validate()
+        return build_engine_setup(cfg.model, cfg.gpu, cfg.engine)
     except ValueError as err:
-        raise ConfigError(str(err).replace("invalid engine config: ", "invalid engine config (engine.*): ")) from err
-    return ec
+        raise ConfigError(str(err)) from err
+
+
+def engine_config(cfg: DictConfig) -> EngineConfig:
+    """The engine config of the run (see ``engine_setup``)."""
+    return engine_setup(cfg).engine
 
 
 def execution_model(cfg: DictConfig):
-    from vidur.execution_model import ExecutionModel
-
-    cache = _get(cfg, "cache_dir")
-    return ExecutionModel.fit(
-        model_spec(cfg), gpu_spec(cfg), tp=int(cfg.engine.tensor_parallel), profile_root=profile_root(),
-        cache_dir=cache, cpu_overhead_s=float(_get(cfg, "engine.cpu_overhead_s", 0.0)),
-    )
+    """The run's fitted execution model (cached under ``cache_dir`` or the user cache)."""
+    return engine_setup(cfg).execution_model(_get(cfg, "cache_dir"))
 
 
 def workload_config(cfg: DictConfig):

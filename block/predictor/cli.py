@@ -6,10 +6,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from block.engine.config import add_engine_args
 from block.service import add_common_args
 
 DEFAULT_PORT = 8100  # Block's predictor port
-TOKENIZERS = ("auto", "none", "llama2", "qwen2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,27 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="enable POST/DELETE /debug/state to replace the state with a given InstanceState "
                          "(benchmarks and debugging only; off by default)")
     g = ap.add_argument_group("execution model and engine config (as python -m block.engine)")
-    m = g.add_mutually_exclusive_group()
-    m.add_argument("--model", default=None, help="model config name under conf/model (default llama2_7b)")
-    m.add_argument("--model-config", default=None, help="path to a model YAML (conf/model format)")
-    g.add_argument("--gpu", default="a30", help="GPU config name under conf/gpu, or a YAML path (default a30)")
-    g.add_argument("--engine", default="vllm_chunked",
-                   help="engine config name under conf/engine, or a YAML path (default vllm_chunked)")
-    g.add_argument("--max-num-seqs", type=int, default=None, help="override engine.max_num_seqs")
-    g.add_argument("--chunk-size", type=int, default=None, help="override engine.chunk_size")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="override engine.max_num_batched_tokens")
-    g.add_argument("--num-blocks", type=int, default=None,
-                   help="total KV blocks (default: the engine's vllm:cache_config_info when it reports it, else "
-                        "from GPU memory as vLLM)")
-    g.add_argument("--max-model-len", type=int, default=None, help="override engine.max_model_len")
-    g.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
-                   help="override engine.chunked_prefill")
-    g.add_argument("--tensor-parallel", type=int, default=None, help="override engine.tensor_parallel")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="override engine.gpu_memory_utilization (when --num-blocks is not given)")
-    g.add_argument("--tokenizer", choices=TOKENIZERS, default="auto",
-                   help="how text prompts are counted until the engine reports usage (auto: the model's)")
-    g.add_argument("--cache-dir", default=None, help="execution-model cache directory")
+    add_engine_args(g, num_blocks_help="total KV blocks (default: the engine's vllm:cache_config_info when it "
+                                       "reports it, else from GPU memory as vLLM)",
+                    tokenizer_help="how text prompts are counted until the engine reports usage (auto: the model's)")
     return ap
 
 
