@@ -155,7 +155,10 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 stack.start(f"engine{i}", "block.engine", [*shared, "--time-scale", str(scale),
                                                            "--seed", str(int(cfg.seed) + i)])
             p = stack.start(f"predictor{i}", "block.predictor", [*shared, "--engine-url", e.url, "--instance-id",
-                                                                 str(i), "--state-source", str(cfg.mode.state_source)])
+                                                                 str(i), "--state-source", str(cfg.mode.state_source),
+                                                                 "--feedback-time-scale", str(scale),
+                                                                 *(["--residual-correction"]
+                                                                   if cfg.mode.get("residual_correction") else [])])
             if wait:
                 stack.wait_healthy([e, p])
             state_urls[i] = str((p if real else e).url)

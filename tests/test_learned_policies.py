@@ -12,7 +12,7 @@ import pytest
 
 from block.policies import learned, make_policy, residual
 from vidur.cluster import Cluster
-from vidur.learned import FEATURES, OnlineGBDT, error_summary, features
+from vidur.learned import FEATURES, OnlineGBDT, error_summary, features, save_samples
 from vidur.outcomes import OUTCOMES_KEY, Outcome, deliver, drain, open_outcomes, wants_outcomes
 from vidur.policy_contract import RoutingContext, RoutingPolicy
 from vidur.records import requests_frame
@@ -157,7 +157,7 @@ def test_learned_policy_warm_starts_from_saved_samples(tmp_path, toy_model):
     rng = np.random.default_rng(1)
     rows = [tuple(float(v) for v in rng.uniform(0, 100, len(FEATURES))) for _ in range(300)]
     path = tmp_path / "samples.npz"
-    learned.save_samples(str(path), rows, [i % 2 for i in range(300)], [0.1] * 300, [0.01] * 300, [1.0] * 300)
+    save_samples(str(path), rows, [i % 2 for i in range(300)], [0.1] * 300, [0.01] * 300, [1.0] * 300)
     ctx = _ctx(n=2)
     req = Request(0, 0.0, 100, 10)
     learned.routebalance(req, [_stats(0), _stats(1, running=3)], ctx, min_samples=200, warm_start=str(path))
@@ -177,7 +177,7 @@ def test_llmd_latency_draws_by_slo_headroom_as_llm_d_does(tmp_path):
             inst.append(i)
             ttft.append(0.1 * (q + 1))
     path = tmp_path / "s.npz"
-    learned.save_samples(str(path), rows, inst, ttft, [0.01] * len(rows), [1.0] * len(rows))
+    save_samples(str(path), rows, inst, ttft, [0.01] * len(rows), [1.0] * len(rows))
     req = Request(0, 0.0, 100, 10)
     cands = [_stats(0, waiting=0, running=1), _stats(1, waiting=5, running=1), _stats(2, waiting=40, running=1)]
     for c in cands:
@@ -222,3 +222,41 @@ def test_block_residual_corrects_a_wrong_profile_in_the_simulator(toy_model):
     (raw_on, used_on), (_, used_off) = errs[True], errs[False]
     assert raw_on["median_error"] > 0.1  # the what-if is 25 % slow ...
     assert used_on["median_error"] < 0.6 * used_off["median_error"]  # ... and the correction removes much of it
+
+
+# ---------------------------------------------------------------- training samples from run records
+
+def test_samples_rebuilt_from_run_records_match_what_the_router_saw(toy_model, tmp_path):
+    from vidur.learned_data import main as samples_main, samples_from_frames
+    from vidur.records import instances_frame, summarize, write_run
+
+    seen = {}
+
+    def choose(req, cands, ctx):  # least requests, remembering the exact figures of the pick
+        c = min(cands, key=lambda c: (c.stats.num_running + c.stats.num_waiting, c.instance_id))
+        seen[req.id] = c.stats
+        return c.instance_id
+
+    reqs = _requests(400, 10.0)
+    cl = Cluster.build(3, EngineConfig(num_blocks=600), toy_model, RoutingPolicy("probe", choose, signal="stats"),
+                       seed=0, sample_interval_s=0.5)
+    res = cl.run(reqs)
+    req_df = requests_frame(res.requests)
+    inst_df = instances_frame(res.instances)
+    s = samples_from_frames(req_df, inst_df, 600)
+    assert s["x"].shape == (400, len(FEATURES)) and (s["e2e"] > 0).all()
+    by_id = dict(zip(req_df.sort_values(["instance", "dispatch_s"])["id"], range(400)))
+    exact = np.array([seen[i].num_running + seen[i].num_waiting for i in by_id])
+    rebuilt = s["x"][list(by_id.values()), 3] + s["x"][list(by_id.values()), 4]
+    # requests in the instance at dispatch: the records tell it up to a request the engine finished within the
+    # step that straddles the dispatch (the simulator runs whole steps)
+    assert (np.abs(exact - rebuilt) <= 1).mean() > 0.98 and np.abs(exact - rebuilt).mean() < 0.2
+    # the command line writes what a learned policy warm-starts from
+    run = tmp_path / "run"
+    write_run(run, "{}", req_df, inst_df, summarize(req_df, num_blocks=600))
+    out = tmp_path / "samples.npz"
+    samples_main([str(run), "-o", str(out)])
+    ctx = _ctx(n=3)
+    learned.routebalance(Request(0, 0.0, 100, 10), [_stats(0), _stats(1), _stats(2)], ctx, min_samples=200,
+                         warm_start=str(out))
+    assert ctx.state["routebalance"].model("e2e").ready and ctx.state["routebalance"].decisions == 1

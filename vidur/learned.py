@@ -132,6 +132,24 @@ class OnlineGBDT:
         return np.expm1(self._booster.predict(x, num_threads=1))
 
 
+def save_samples(path: str, rows: Sequence[Sequence[float]], instance: Sequence[int], ttft: Sequence[float],
+                 tpot: Sequence[float], e2e: Sequence[float]) -> None:
+    """Training samples (one per finished request) as ``.npz``: ``x`` (n x len(FEATURES)), ``instance``,
+    ``ttft``, ``tpot``, ``e2e`` -- what the learned policies' ``warm_start`` reads (:func:`read_samples`)."""
+    np.savez(path, x=np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES)),
+             instance=np.asarray(instance, dtype=np.int64), ttft=np.asarray(ttft, dtype=np.float64),
+             tpot=np.asarray(tpot, dtype=np.float64), e2e=np.asarray(e2e, dtype=np.float64),
+             features=np.asarray(FEATURES))
+
+
+def read_samples(path: str) -> dict[str, np.ndarray]:
+    """A :func:`save_samples` file; ValueError when its features are not ``FEATURES``."""
+    with np.load(path) as z:
+        if tuple(str(f) for f in z["features"]) != FEATURES:
+            raise ValueError(f"{path}: features {list(z['features'])} are not {list(FEATURES)}")
+        return {k: z[k] for k in ("x", "instance", "ttft", "tpot", "e2e")}
+
+
 def relative_errors(predicted: Sequence[float], actual: Sequence[float]) -> np.ndarray:
     """|predicted - actual| / actual over the pairs with a finite prediction and a positive actual."""
     p = np.asarray(predicted, dtype=float)

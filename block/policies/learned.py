@@ -21,8 +21,9 @@
 The learned rules keep their models in the policy's memory (``RoutingContext.state``) and learn from the outcomes
 the harness hands back through ``vidur.outcomes`` (the simulator and the live scheduler both do): ``choose``
 remembers the feature row of every candidate, ``observe`` keeps the chosen one's under the request id, and the next
-``choose`` first drains the finished requests and trains on (row, actual latency). ``warm_start`` (a ``.npz`` from
-``save_samples``, e.g. written by ``benchmarks/learned_vs_whatif.py`` from an earlier run's records) seeds them.
+``choose`` first drains the finished requests and trains on (row, actual latency). ``warm_start`` (a ``.npz`` of
+``vidur.learned.save_samples``, e.g. ``python -m vidur.learned_data RUN_DIR -o samples.npz`` from earlier runs'
+records) seeds them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 
 from block.policies import heuristics, peers
 from block.policies.common import fallback, min_by, with_stats
-from vidur.learned import FEATURES, OnlineGBDT, features
+from vidur.learned import OnlineGBDT, features, read_samples, save_samples  # noqa: F401 - re-exported
 from vidur.outcomes import Outcome, drain, open_outcomes
 from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, Request
@@ -239,23 +240,10 @@ def routebalance(request: Request, candidates: list[Candidate], ctx: RoutingCont
 
 
 # ------------------------------------------------------------------------------------------------ warm start
-def save_samples(path: str, rows: list[tuple[float, ...]], instance: list[int], ttft: list[float],
-                 tpot: list[float], e2e: list[float]) -> None:
-    """Training samples (one per finished request) as ``.npz``: ``x`` (n x len(FEATURES)), ``instance``,
-    ``ttft``, ``tpot``, ``e2e`` -- what ``warm_start`` reads."""
-    np.savez(path, x=np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES)),
-             instance=np.asarray(instance, dtype=np.int64), ttft=np.asarray(ttft, dtype=np.float64),
-             tpot=np.asarray(tpot, dtype=np.float64), e2e=np.asarray(e2e, dtype=np.float64),
-             features=np.asarray(FEATURES))
-
-
 def load_samples(st: LearnedState, path: str) -> None:
     """Seed ``st``'s models from a ``save_samples`` file (the keys its rule uses: per instance or pooled)."""
-    with np.load(path) as z:
-        if tuple(str(f) for f in z["features"]) != FEATURES:
-            raise ValueError(f"{path}: features {list(z['features'])} are not {list(FEATURES)}")
-        x, inst, ttft, tpot, e2e = z["x"], z["instance"], z["ttft"], z["tpot"], z["e2e"]
-    _seed(st, x, inst, ttft, tpot, e2e)
+    z = read_samples(path)
+    _seed(st, z["x"], z["instance"], z["ttft"], z["tpot"], z["e2e"])
 
 
 def _seed(st: LearnedState, x: np.ndarray, inst: np.ndarray, ttft: np.ndarray, tpot: np.ndarray,
