@@ -198,4 +198,4 @@ def test_a_told_length_is_drawn_once_per_instance_and_at_least_one():
         return [Candidate(i) for i in ids]
 
     r = Router(pol, random.Random(0)).route(Request(1, 0.0, 10, 10), [0, 1, 2], 0.0, 0, gather)
-    assert (r.instance, r.told_tokens, r.turn.told(2), draws) == (0, 1, 7, [0, 1, 2])
+    assert (r.instance, r.told_tokens, r.told(2), draws) == (0, 1, 7, [0, 1, 2])

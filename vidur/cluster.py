@@ -21,7 +21,7 @@ from vidur.engine import Engine, Seq, StepTimeModel
 from vidur.migration import Migrator
 from vidur.outcomes import Outcome, deliver, wants_outcomes
 from vidur.policy_contract import RoutingContext, RoutingPolicy
-from vidur.routing import Routed, Router
+from vidur.routing import Router, Turn
 from vidur.types import Candidate, EngineConfig, Request
 from vidur.whatif import predict_engine
 
@@ -90,7 +90,7 @@ class Cluster:
         # id -> (instance, dispatch, predicted e2e, decision ms, active instances)
         self._meta: dict[int, tuple[int, float, float, float, int]] = {}
         self.router = Router(policy, self.rng, self.policy_state)
-        self._routed: Optional[Routed] = None  # the last decision (its told lengths serve Fig 5's duplicates)
+        self._routed: Optional[Turn] = None  # the last decision (its told lengths serve Fig 5's duplicates)
         self._dups: list[tuple[int, Request, int, float, bool, bool, Seq]] = []
         self._events: list[tuple[float, str, int, int]] = []
         if controller is not None:
@@ -175,7 +175,7 @@ class Cluster:
         """Fig 5: predict on every active instance and run a copy of ``req`` on each (the pick's copy is the request)."""
         t = req.arrival_s
         have = {c.instance_id: c.prediction for c in cands if c.prediction is not None}
-        told = self._routed.turn.told
+        told = self._routed.told
         preds = {i: have.get(i) or self._signal(req, i, t, "prediction", told(i)).prediction for i in self.active}
         best = min(preds.values(), key=lambda p: p.e2e_s).instance_id
         for i, p in preds.items():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
 from vidur.policy_contract import RoutingContext, RoutingPolicy
@@ -39,34 +38,32 @@ class InvalidChoice(ValueError):
     """A policy chose an instance that is not one of the routable ones (a bug in the policy, not in the request)."""
 
 
-@dataclass(slots=True)
-class Routed:
-    """The outcome of one decision."""
-
-    instance: int
-    candidates: list[Candidate]  # what the policy saw (the probes that answered)
-    probed: list[int]  # the sampled instances
-    told_tokens: int  # output length told to the chosen instance
-    predicted_e2e_s: float  # the chosen candidate's what-if e2e, NaN without one
-    fallback: bool  # nobody answered: the caller's fallback chose
-    forced: bool  # the caller's override chose
-    ctx: RoutingContext
-    turn: "Turn"  # the decision's told lengths, for instances asked after it (Fig 5's duplicates)
-
-
 class Turn:
-    """One decision in progress: its context, its sampled instances and the lengths told so far."""
+    """One decision: its context and sampled instances, the lengths told so far and, once decided, its outcome.
 
-    __slots__ = ("policy", "req", "ctx", "ids", "probe", "_told")
+    The outcome fields are set by :meth:`decide` (one object per decision: the simulator makes one per request).
+    """
+
+    __slots__ = ("policy", "req", "ctx", "ids", "probed", "_told", "instance", "candidates", "told_tokens",
+                 "predicted_e2e_s", "fallback", "forced")
 
     def __init__(self, policy: RoutingPolicy, req: Request, ctx: RoutingContext, ids: list[int],
-                 probe: list[int]) -> None:
+                 probed: list[int]) -> None:
         self.policy = policy
         self.req = req
         self.ctx = ctx
-        self.ids = ids
-        self.probe = probe
+        self.ids = ids  # the routable instances
+        self.probed = probed  # the sampled ones
         self._told: dict[int, int] = {}
+        # the outcome, set by decide: instance (chosen), candidates (what the policy saw: the probes that answered),
+        # told_tokens (told to the chosen instance), predicted_e2e_s (the chosen candidate's what-if e2e, NaN
+        # without one), fallback (nobody answered: the caller's fallback chose), forced (the caller's override chose)
+        self.instance: int
+        self.candidates: list[Candidate]
+        self.told_tokens: int
+        self.predicted_e2e_s: float
+        self.fallback: bool
+        self.forced: bool
 
     def told(self, instance: int) -> int:
         """The output length told to ``instance`` for this request: drawn once, at least 1."""
@@ -82,23 +79,24 @@ class Turn:
         """The lengths the probes carry: one per sampled instance, in sampling order, for a prediction signal."""
         if self.policy.signal != "prediction":
             return {}
-        return {i: self.told(i) for i in self.probe}
+        return {i: self.told(i) for i in self.probed}
 
     def bare(self) -> list[Candidate]:
         """The candidates of a policy that looks at no signal."""
-        return [Candidate(i) for i in self.probe]
+        return [Candidate(i) for i in self.probed]
 
     def decide(self, cands: list[Candidate], force: Optional[Force] = None,
-               fallback: Optional[Fallback] = None) -> Routed:
-        """Steps 3 and 4 of the module docstring."""
+               fallback: Optional[Fallback] = None) -> "Turn":
+        """Steps 3 and 4 of the module docstring; returns this turn, decided."""
         pol, req, ctx = self.policy, self.req, self.ctx
         forced = force(cands) if force is not None else None
-        used_fallback = False
+        self.forced = forced is not None
+        self.fallback = False
         if forced is not None:
             choice = forced
         elif not cands and fallback is not None:
-            choice = fallback(self.probe)
-            used_fallback = True
+            choice = fallback(self.probed)
+            self.fallback = True
         else:
             choice = pol.choose(req, cands, ctx)
             if choice not in self.ids:
@@ -109,8 +107,11 @@ class Turn:
         for c in cands:
             if c.instance_id == choice and c.prediction is not None:
                 pred = c.prediction.e2e_s
-        return Routed(choice, cands, list(self.probe), self.told(choice), pred, used_fallback, forced is not None,
-                      ctx, self)
+        self.predicted_e2e_s = pred
+        self.instance = choice
+        self.candidates = cands
+        self.told_tokens = self.told(choice)
+        return self
 
 
 class Router:
@@ -132,20 +133,20 @@ class Router:
         return Turn(self.policy, req, ctx, ids, probe)
 
     def route(self, req: Request, ids: list[int], now_s: float, index: int, gather: Gather, *,
-              force: Optional[Force] = None, fallback: Optional[Fallback] = None) -> Routed:
+              force: Optional[Force] = None, fallback: Optional[Fallback] = None) -> Turn:
         """A whole decision with a synchronous ``gather`` (the simulator)."""
         turn = self.open(req, ids, now_s, index)
         sig = self.policy.signal
-        cands = turn.bare() if sig == "none" else gather(sig, turn.probe, turn.lengths())
+        cands = turn.bare() if sig == "none" else gather(sig, turn.probed, turn.lengths())
         return turn.decide(cands, force, fallback)
 
     async def aroute(self, req: Request, ids: list[int], now_s: float, index: int, gather: AsyncGather, *,
-                     force: Optional[Force] = None, fallback: Optional[Fallback] = None) -> Routed:
+                     force: Optional[Force] = None, fallback: Optional[Fallback] = None) -> Turn:
         """A whole decision with an asynchronous ``gather`` (the live scheduler's concurrent probes)."""
         turn = self.open(req, ids, now_s, index)
         sig = self.policy.signal
-        cands = turn.bare() if sig == "none" else await gather(sig, turn.probe, turn.lengths())
+        cands = turn.bare() if sig == "none" else await gather(sig, turn.probed, turn.lengths())
         return turn.decide(cands, force, fallback)
 
 
-__all__ = ["AsyncGather", "Fallback", "Force", "Gather", "InvalidChoice", "Routed", "Router", "Turn"]
+__all__ = ["AsyncGather", "Fallback", "Force", "Gather", "InvalidChoice", "Router", "Turn"]

@@ -135,6 +135,6 @@ class RoutingMixin:
         ms = (time.perf_counter() - w0) * 1e3
         self.metrics.decision.observe(ms / 1e3)
         self.metrics.routed.inc(instance=str(r.instance))
-        return Decision(r.instance, r.told_tokens, r.predicted_e2e_s, probe_ms, ms, r.fallback, r.probed,
+        return Decision(r.instance, r.told_tokens, r.predicted_e2e_s, probe_ms, ms, r.fallback, list(r.probed),
                         [c.instance_id for c in r.candidates],
                         None if self.provisioning is None else self.provisioning.num_active())
