@@ -46,6 +46,10 @@ POLICY_LABELS: dict[str, str] = {
     "llmd": "llm-d",
     "sglang_least_load": "SGLang least_load",
     "dynamo_kv": "Dynamo KV",
+    "lmetric": "LMetric",
+    "llmd_latency": "llm-d predicted latency",
+    "routebalance": "RouteBalance-style",
+    "block_residual": "Block + residual",
 }
 POLICY_ORDER = list(POLICY_LABELS)
 
@@ -67,12 +71,17 @@ POLICY_COLORS: dict[str, Any] = {
     "llmd": _PALETTE[11],
     "sglang_least_load": _PALETTE[12],
     "dynamo_kv": _PALETTE[13],
+    "lmetric": _PALETTE[15],
+    "llmd_latency": _PALETTE[16],
+    "routebalance": _PALETTE[17],
+    "block_residual": sns.color_palette("pastel")[3],  # a light Block red
 }
 POLICY_MARKERS: dict[str, str] = {
     "block_oracle": "o", "block_star": "s", "llumnix": "^", "infaas": "v", "min_qpm": "D", "round_robin": "P",
     "random": "X", "block": "<", "block_noisy": ">", "block_nosim": "h", "least_requests": "p", "llmd": "*",
     "sglang_least_load": "d", "dynamo_kv": "H",
     "llumnix_full": "8",
+    "lmetric": "1", "llmd_latency": "2", "routebalance": "3", "block_residual": "4",
 }
 # Short names for policy parameters that tell apart runs of one policy (e.g. "Block (k=2)").
 _PARAM_NAMES = {"k": "k", "length_noise_pct": "len noise %", "latency_noise_pct": "lat noise %"}
