@@ -105,6 +105,19 @@ def test_a_sweep_under_joblib_routes_with_a_rule_from_outside(outside, tmp_path)
             assert (inst != 0).all() and inst.nunique() > 1
 
 
+def test_mode_emulate_hands_the_rule_to_its_live_schedulers(outside, tmp_path):
+    """policy=custom in mode=emulate: the run's policy config (target included) goes to the scheduler processes."""
+    cmd = [sys.executable, "-m", "experiments.run", "mode=emulate", f"output_root={tmp_path}", "progress=false",
+           "cluster.num_instances=3", "workload.num_requests=12", "workload.qps=3", "mode.time_scale=4",
+           f"hydra.run.dir={tmp_path}/run", "policy=custom", "policy.name=my_last",
+           "policy.target=my_pkg.my_rule:last"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_env(outside), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["mode"] == "emulate" and s["policy"] == "my_last" and s["completed"] == 12
+    assert set(pd.read_parquet(tmp_path / "run" / "requests.parquet")["instance"]) == {2}
+
+
 def test_a_rule_without_its_package_is_a_clear_config_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "experiments.run", "policy=custom", "policy.target=nowhere.rule:choose",
                         f"output_root={tmp_path}", "workload.num_requests=5", "progress=false"], cwd=ROOT,
