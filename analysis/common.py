@@ -550,25 +550,52 @@ def save_stamped(fig, runs: Sequence[Run], out: Path, stem: str, note: str = "")
 STEADY_TRIM = 0.1  # share of the arrivals dropped at each end: warm-up before, drain after
 
 
+def steady_window(req: pd.DataFrame, trim: float = STEADY_TRIM) -> tuple[float, float]:
+    """The steady-state window (s): from the arrival of the ``trim`` quantile request plus the median E2E latency
+    (the time a request takes to flow through) to the arrival of the ``1 - trim`` quantile request (no drain); when
+    the latency leaves no room, from the first quantile's arrival. (nan, nan) without usable rows."""
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim={trim} must be in [0, 0.5)")
+    if req.empty or "arrival_s" not in req.columns or "finish_s" not in req.columns:
+        return math.nan, math.nan
+    arr = np.sort(req["arrival_s"].to_numpy(float))
+    t0, t1 = float(np.quantile(arr, trim)), float(np.quantile(arr, 1 - trim))
+    ok = ok_requests(req)
+    e2e = (ok["finish_s"] - ok["arrival_s"]).to_numpy(float)
+    e2e = e2e[np.isfinite(e2e)]
+    lag = float(np.median(e2e)) if e2e.size else 0.0
+    if t1 > t0 + lag:
+        t0 += lag
+    return (t0, t1) if t1 > t0 else (math.nan, math.nan)
+
+
 def steady_throughput(req: pd.DataFrame, trim: float = STEADY_TRIM) -> float:
-    """Steady-state request throughput (req/s): requests finished while arrivals were in steady state, i.e. between
-    the arrival of the ``trim`` and the ``1 - trim`` quantile request, divided by that window's length.
+    """Steady-state request throughput (req/s): requests finished inside ``steady_window``, per second.
 
     Completions over the whole run (``request_throughput``) include the warm-up (an empty cluster) and the drain after
     the last arrival, so every curve sits below the offered load and an overloaded policy with a long drain seems to
     lose throughput as load rises; inside the window a cluster below capacity finishes what arrives (= the offered
     load) and one past capacity finishes at its service rate."""
-    if not 0 <= trim < 0.5:
-        raise ValueError(f"trim={trim} must be in [0, 0.5)")
-    if req.empty or "arrival_s" not in req.columns or "finish_s" not in req.columns:
-        return math.nan
-    arr = np.sort(req["arrival_s"].to_numpy(float))
-    t0, t1 = float(np.quantile(arr, trim)), float(np.quantile(arr, 1 - trim))
-    if not t1 > t0:
+    t0, t1 = steady_window(req, trim)
+    if not math.isfinite(t0):
         return math.nan
     fin = ok_requests(req)["finish_s"].to_numpy(float)
     return float(np.count_nonzero((fin >= t0) & (fin <= t1)) / (t1 - t0))
 
 
-STEADY_CAPTION = (f"steady state: requests finished between the arrivals of the {STEADY_TRIM:.0%} and "
-                  f"{1 - STEADY_TRIM:.0%} quantile requests, per second (warm-up and drain dropped)")
+STEADY_CAPTION = (f"steady state: requests finished per second from the {STEADY_TRIM:.0%} quantile arrival + the "
+                  f"median E2E to the {1 - STEADY_TRIM:.0%} quantile arrival (warm-up and drain dropped)")
+
+
+def main_qps(runs: Sequence[Run]) -> float:
+    """The QPS shared by the most configurations (policy, its parameters, arrivals): the QPS a preset sweeps its
+    configurations at. A capacity search leaves probes at many QPS in the same folder, each for a few configurations
+    only, so the most frequent QPS would pick a probe's."""
+    configs: dict[float, set] = {}
+    for r in runs:
+        key = (policy_name(r), tuple(sorted((k, repr(v)) for k, v in policy_params(r).items())),
+               r.get("workload.arrival"), r.get("workload.burstiness"))
+        configs.setdefault(run_qps(r), set()).add(key)
+    if not configs:
+        raise AnalysisError("no runs")
+    return max(configs, key=lambda q: (len(configs[q]), -q))

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import (
+    save_stamped,
     AnalysisError,
     add_common_args,
     base_label,
@@ -40,7 +41,7 @@ from analysis.common import (
     run_qps,
     theme,
 )
-from analysis.records import Run, save_csv, save_figure
+from analysis.records import Run, save_csv
 
 
 def engine_label(run: Run) -> str:
@@ -176,7 +177,7 @@ def fig5(args: argparse.Namespace) -> list[Path]:
             continue
         fig = plot_group(g, cols, args.max_samples)
         stem = "fig5" if len(groups) == 1 else f"fig5_{_slug(g)}"
-        paths += save_figure(fig, out, stem)
+        paths += save_stamped(fig, [r for r, _ in with_acc if engine_label(r) in g], out, stem)
         plt.close(fig)
     if not rows:
         raise AnalysisError("no accuracy samples with a finite actual latency (or none at the QPS asked for)")

@@ -7,8 +7,13 @@ over time and scheduler overhead.
 Writes under ``<dir>/figures/``:
 
 - ``fig6_qps.{png,pdf}``: 2x3 panels: average and P99 E2E latency, average and P99 TTFT (with the SLO line),
-  request throughput vs QPS, and the capacity bars (max QPS before the P99 TTFT crosses the SLO, linear
-  interpolation; hatched bars are bounds: the SLO was not crossed inside the measured QPS range);
+  steady-state request throughput vs QPS (requests finished per second from the arrival of the 10 % quantile
+  request plus the median E2E latency to the arrival of the 90 % quantile request: warm-up and drain dropped,
+  ``analysis.common.steady_throughput``; completions over the
+  whole run, ``request_throughput`` in the CSV, sit below the offered load because of the drain), and the capacity
+  bars (max QPS before the P99 TTFT crosses the SLO, linear interpolation per seed; with several seeds the bar is
+  their mean and the error bar its 95 % Student-t interval; hatched bars are bounds: the SLO was not crossed inside
+  the measured QPS range);
 - ``fig6_cdf.{png,pdf}``: TTFT and E2E CDFs at up to five QPS values (those present closest to 20/24/28/32/36);
 - ``fig6_load.{png,pdf}``: mean and variance of free KV blocks across instances, and cumulative preemptions, over
   time, Gaussian-smoothed, one line per policy at one QPS (default: the highest present);
@@ -16,6 +21,9 @@ Writes under ``<dir>/figures/``:
   request (smoothed) at the load-panel QPS;
 - ``fig6_summary.csv`` (one row per policy label and QPS), ``fig6_capacity.csv`` (one row per policy label),
   ``fig6_load.csv`` (the smoothed timelines).
+
+Every figure carries a line saying what it is (simulated or measured, device and profile, requests per point,
+seeds: ``analysis.common.stamp``).
 """
 
 from __future__ import annotations
@@ -38,22 +46,26 @@ from analysis.common import (
     label_sort_key,
     label_style,
     load_runs,
+    STEADY_CAPTION,
     ok_requests,
     out_dir,
     pick_qps,
     plain_log_axis,
     policy_labels,
     run_cli,
+    save_stamped,
     shared_legend,
     slo_from_runs,
+    steady_throughput,
     summary_table,
     theme,
 )
-from analysis.records import Run, save_csv, save_figure
+from analysis.capacity import mean_interval
+from analysis.records import Run, save_csv
 
 NUMERIC = ["achieved_qps", "completed", "failed", "mean_e2e_s", "p99_e2e_s", "mean_ttft_s", "p99_ttft_s",
-           "median_ttft_s", "request_throughput", "output_throughput", "num_preemptions", "mean_overhead_ms",
-           "p99_overhead_ms", "overhead_pct_e2e"]
+           "median_ttft_s", "request_throughput", "steady_throughput", "output_throughput", "num_preemptions",
+           "mean_overhead_ms", "p99_overhead_ms", "overhead_pct_e2e"]
 
 
 def _overhead_pct(req: pd.DataFrame) -> float:
@@ -66,11 +78,19 @@ def _overhead_pct(req: pd.DataFrame) -> float:
     return float(np.mean(d[m] / e2e_ms[m]) * 100) if m.any() else math.nan
 
 
-def per_point_table(runs: list[Run], labels: dict[Path, str]) -> pd.DataFrame:
-    """One row per (policy label, QPS); several runs at one point (e.g. seeds) are averaged (``runs`` counts them)."""
+def per_run_table(runs: list[Run], labels: dict[Path, str]) -> pd.DataFrame:
+    """One row per run (``summary_table``) plus the overhead share of E2E and the steady-state throughput."""
     per_run = summary_table(runs, labels)
-    per_run["overhead_pct_e2e"] = [_overhead_pct(r.requests()) for r in
-                                   (next(x for x in runs if str(x.path) == p) for p in per_run["run"])]
+    by_path = {str(r.path): r for r in runs}
+    reqs = [by_path[p].requests() for p in per_run["run"]]
+    per_run["overhead_pct_e2e"] = [_overhead_pct(q) for q in reqs]
+    per_run["steady_throughput"] = [steady_throughput(q) for q in reqs]
+    return per_run
+
+
+def per_point_table(runs: "list[Run] | pd.DataFrame", labels: dict[Path, str] | None = None) -> pd.DataFrame:
+    """One row per (policy label, QPS); several runs at one point (e.g. seeds) are averaged (``runs`` counts them)."""
+    per_run = runs.copy() if isinstance(runs, pd.DataFrame) else per_run_table(runs, labels)
     agg = {c: "mean" for c in NUMERIC if c in per_run.columns}
     agg.update({"policy": "first", "k": "first", "run": "count"})
     for c in NUMERIC:
@@ -81,12 +101,27 @@ def per_point_table(runs: list[Run], labels: dict[Path, str]) -> pd.DataFrame:
 
 
 def capacity_table(tab: pd.DataFrame, slo_s: float) -> pd.DataFrame:
+    """One row per policy label. ``tab``: one row per run (with ``seed``) or per point. Capacity is found per seed
+    (each seed's own P99-TTFT curve) and averaged; ``ci_low``/``ci_high`` are the 95 % Student-t interval over the
+    seeds (NaN with one seed)."""
     rows = []
     for lab, g in tab.groupby("label", sort=False):
-        c = capacity(g["qps"].to_numpy(), g["p99_ttft_s"].to_numpy(), slo_s)
-        rows.append({"label": lab, "policy": g["policy"].iloc[0], "capacity_qps": c.qps, "bound": c.bound,
-                     "capacity_text": c.text(), "slo_s": slo_s, "qps_min": c.qps_min, "qps_max": c.qps_max,
-                     "points": c.points, "crossings": c.crossings, "note": c.note})
+        seeds = g["seed"].astype(str) if "seed" in g.columns else pd.Series("0", index=g.index)
+        caps = [capacity(gs["qps"].to_numpy(), pd.to_numeric(gs["p99_ttft_s"], errors="coerce").to_numpy(), slo_s)
+                for _, gs in g.groupby(seeds, sort=True)]
+        ci = mean_interval([c.qps for c in caps])
+        bounds = {c.bound for c in caps}
+        bound = "exact" if bounds == {"exact"} else next(b for b in ("lower", "upper", "none", "exact") if b in bounds)
+        c0 = caps[0]
+        text = c0.text() if len(caps) == 1 else ci.text()
+        if len(caps) > 1 and bound in ("lower", "upper"):
+            text = {"lower": "≥", "upper": "<"}[bound] + text
+        rows.append({"label": lab, "policy": g["policy"].iloc[0], "capacity_qps": ci.mean if len(caps) > 1 else c0.qps,
+                     "ci_low": ci.low, "ci_high": ci.high, "seeds": len(caps), "bound": bound,
+                     "capacity_text": text, "slo_s": slo_s, "qps_min": min(c.qps_min for c in caps),
+                     "qps_max": max(c.qps_max for c in caps), "points": max(c.points for c in caps),
+                     "crossings": max(c.crossings for c in caps), "note": "; ".join(sorted({c.note for c in caps
+                                                                                          if c.note}))})
     return pd.DataFrame(rows)
 
 
@@ -98,7 +133,7 @@ def plot_qps(tab: pd.DataFrame, cap: pd.DataFrame, slo_s: float, styles: dict) -
         (axes[0, 1], "p99_e2e_s", "P99 E2E latency (s)", "P99 request latency"),
         (axes[0, 2], "mean_ttft_s", "Average TTFT (s)", "Average TTFT"),
         (axes[1, 0], "p99_ttft_s", "P99 TTFT (s)", "P99 TTFT"),
-        (axes[1, 1], "request_throughput", "Throughput (req/s)", "Request throughput"),
+        (axes[1, 1], "steady_throughput", "Steady-state throughput (req/s)", "Request throughput"),
     ]
     for ax, col, ylabel, title in panels:
         for lab, g in tab.groupby("label", sort=False):
@@ -111,6 +146,7 @@ def plot_qps(tab: pd.DataFrame, cap: pd.DataFrame, slo_s: float, styles: dict) -
     lo, hi = tab["qps"].min(), tab["qps"].max()
     axes[1, 1].plot([lo, hi], [lo, hi], color="0.6", ls=":", lw=1, label="_offered")
     axes[1, 1].text(hi, hi, " offered", color="0.4", fontsize=8, va="center")
+    axes[1, 1].set_xlabel("QPS (req/s)\n" + STEADY_CAPTION.replace(" to the", "\nto the"), fontsize=8)
 
     ax = axes[1, 2]
     x = np.arange(len(cap))
@@ -121,10 +157,19 @@ def plot_qps(tab: pd.DataFrame, cap: pd.DataFrame, slo_s: float, styles: dict) -
         bound = row["bound"]
         ax.bar(i, v, color=styles[row["label"]]["color"], edgecolor="black", lw=0.6,
                hatch={"lower": "//", "upper": "xx"}.get(bound))
-        ax.text(i, v, row["capacity_text"], ha="center", va="bottom", fontsize=9)
+        top = v
+        if math.isfinite(row.get("ci_low", math.nan)) and math.isfinite(row.get("ci_high", math.nan)):
+            ax.errorbar(i, v, yerr=[[v - row["ci_low"]], [row["ci_high"] - v]], color="black", capsize=4, lw=1.2)
+            top = row["ci_high"]
+        ax.text(i, top, row["capacity_text"], ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, cap["label"], rotation=30, ha="right")
-    ymax = np.nanmax(cap["capacity_qps"].to_numpy(float)) if cap["capacity_qps"].notna().any() else 1
+    tops = np.fmax(cap["capacity_qps"].to_numpy(float), cap["ci_high"].to_numpy(float))
+    ymax = np.nanmax(tops) if np.isfinite(tops).any() else 1
     ax.set_ylim(0, ymax * 1.15)
+    seeds = int(cap["seeds"].max()) if len(cap) else 1
+    if seeds > 1:
+        ax.text(0.01, 0.99, f"mean of {seeds} seeds' capacities, error bar: 95 % t-interval",
+                transform=ax.transAxes, fontsize=8, va="top", color="0.3")
     ax.set(ylabel="Capacity (req/s)", title=f"Max QPS before the SLO (P99 TTFT ≤ {slo_s:g} s)")
     if (cap["bound"].isin(["lower", "upper"])).any():
         ax.set_xlabel("hatched: a bound, the SLO is not crossed in the measured QPS range (// at least, xx below)",
@@ -238,13 +283,14 @@ def fig6(args: argparse.Namespace) -> list[Path]:
     labels = policy_labels(runs)
     styles = label_style(labels.values())
     out = out_dir(args)
-    tab = per_point_table(runs, labels)
-    cap = capacity_table(tab, slo_s)
+    per_run = per_run_table(runs, labels)
+    tab = per_point_table(per_run)
+    cap = capacity_table(per_run, slo_s)
     cap["_o"] = cap["label"].map(label_sort_key)
     cap = cap.sort_values("_o").drop(columns="_o").reset_index(drop=True)
     paths = []
     fig = plot_qps(tab, cap, slo_s, styles)
-    paths += save_figure(fig, out, "fig6_qps")
+    paths += save_stamped(fig, runs, out, "fig6_qps")
     plt.close(fig)
 
     # one run per (label, qps) for the per-request panels: the first by path when several (seeds)
@@ -255,18 +301,20 @@ def fig6(args: argparse.Namespace) -> list[Path]:
     cdf_qps = pick_qps(present, args.qps_list)
     runs_at = {q: [(lab, r) for (lab, qq), r in by_point.items() if qq == q] for q in cdf_qps}
     fig = plot_cdfs(runs_at, styles)
-    paths += save_figure(fig, out, "fig6_cdf")
+    paths += save_stamped(fig, [r for q in runs_at.values() for _, r in q], out, "fig6_cdf",
+                          "one run per policy and QPS (the first seed when several)")
     plt.close(fig)
 
     load_q = max(present) if args.load_qps is None else min(present, key=lambda p: abs(p - args.load_qps))
     runs_q = [(lab, r) for (lab, qq), r in by_point.items() if qq == load_q]
     tl = load_timelines(runs_q, args.smooth_s)
     fig = plot_load(tl, load_q, args.smooth_s, styles)
-    paths += save_figure(fig, out, "fig6_load")
+    paths += save_stamped(fig, [r for _, r in runs_q], out, "fig6_load")
     plt.close(fig)
 
     fig = plot_overhead(tab, runs_q, load_q, args.overhead_sigma, styles)
-    paths += save_figure(fig, out, "fig6_overhead")
+    paths += save_stamped(fig, runs, out, "fig6_overhead",
+                          "decision time = wall time of the scheduler's decision on the machine that ran the runs")
     plt.close(fig)
 
     paths.append(save_csv(tab, out, "fig6_summary"))

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import (
+    save_stamped,
     AnalysisError,
     add_common_args,
     base_label,
@@ -39,7 +40,7 @@ from analysis.common import (
     run_qps,
     theme,
 )
-from analysis.records import Run, save_csv, save_figure
+from analysis.records import Run, save_csv
 
 VARIANTS = {"static": "Full provisioned", "reactive": "Relief (reactive)", "predictive": "Preemptive (predictive)"}
 VARIANT_COLORS = {"static": "tab:blue", "reactive": "tab:orange", "predictive": "tab:red"}
@@ -214,7 +215,8 @@ def fig8(args: argparse.Namespace) -> list[Path]:
     qs = sorted(tab["qps"].unique())
     for q in qs:
         fig = plot_qps(q, tab, series, args.marker_size, args.window)
-        paths += save_figure(fig, out, "fig8" if len(qs) == 1 else f"fig8_qps{q:g}")
+        paths += save_stamped(fig, [r for r in runs if run_qps(r) == q], out,
+                              "fig8" if len(qs) == 1 else f"fig8_qps{q:g}")
         plt.close(fig)
     paths.append(save_csv(tab, out, "fig8"))
     return paths

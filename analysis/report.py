@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.records import figures_dir, find_runs, save_csv, save_figure, summaries_frame  # noqa: E402
+from analysis.common import save_stamped  # noqa: E402
+from analysis.records import figures_dir, find_runs, save_csv, summaries_frame  # noqa: E402
 
 SUMMARY_KEYS = ("policy", "qps", "num_instances", "completed", "failed", "request_throughput", "median_ttft_ms",
                 "p99_ttft_ms", "median_e2el_ms", "p99_e2el_ms", "median_tpot_ms", "num_preemptions")
@@ -58,7 +59,7 @@ def report(root: str | Path) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    paths = save_figure(fig, out, "report")
+    paths = save_stamped(fig, runs, out, "report")
     plt.close(fig)
     df = summaries_frame(runs)
     cols = ["run"] + [k for k in SUMMARY_KEYS if k in df.columns]

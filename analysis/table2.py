@@ -27,6 +27,7 @@ import pandas as pd
 from matplotlib.patches import Patch
 
 from analysis.common import (
+    save_stamped,
     AnalysisError,
     add_common_args,
     capacity,
@@ -42,7 +43,7 @@ from analysis.common import (
     slo_from_runs,
     theme,
 )
-from analysis.records import Run, save_csv, save_figure
+from analysis.records import Run, save_csv
 
 BASE_KEYS = ("model.name", "dataset.name", "engine.max_num_seqs", "engine.chunked_prefill", "engine.chunk_size")
 EXTRA_KEYS = ("gpu.name", "cluster.num_instances", "engine.tensor_parallel", "workload.arrival",
@@ -207,7 +208,7 @@ def table2(args: argparse.Namespace) -> list[Path]:
     out = out_dir(args)
     paths = [save_csv(df, out, "table2"), _write_text(out / "table2.md", markdown(df, slo_s))]
     fig = plot(df, slo_s)
-    paths += save_figure(fig, out, "table2")
+    paths += save_stamped(fig, runs, out, "table2")
     plt.close(fig)
     if args.print:
         print(markdown(df, slo_s))

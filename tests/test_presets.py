@@ -61,6 +61,23 @@ PRESETS = {
     "vllm_cpu_accuracy": ("vllm_cpu_accuracy", {},
                           {"cluster.num_instances": 2, "mode.name": "emulate", "mode.state_source": "proxy",
                            "engine.scheduler": "v1", "workload.num_requests": 40, "accuracy.sampling_rate": 0.3}),
+    # Block's artifact suite (issue 17): run sweeps at one QPS whose capacity keys serve python -m experiments.capacity
+    "capacity_refine": ("capacity_refine", {"policy": ["block_oracle", "block_star", "llumnix", "infaas", "round_robin",
+                                                       "min_qpm", "random"]},
+                        {"cluster.num_instances": 12, "workload.num_requests": 10000, "capacity.tol": 0.1,
+                         "capacity.seeds": 5, "dataset.name": "sharegpt_predicted"}),
+    "nablation": ("nablation", {"policy": ["block_star", "block_oracle"], "block_k": [2.0, 4.0, 6.0, 8.0, 12.0],
+                                "workload.qps": [30.0]},
+                  {"workload.num_requests": 10000, "slo.ttft_s": 10.0, "capacity.seeds": 5}),
+    "burstiness": ("burstiness", {"policy": ["block_star", "llumnix"], "workload.burstiness": [0.25, 0.5, 1.0, 2.0],
+                                  "workload.qps": [30.0]},
+                   {"workload.arrival": "gamma", "workload.num_requests": 10000, "slo.ttft_s": 10.0}),
+    "error_heatmap": ("error_heatmap", {"policy.length_noise_pct": [0.0, 25.0, 50.0, 100.0],
+                                        "policy.latency_noise_pct": [0.0, 25.0, 50.0, 100.0], "workload.qps": [30.0]},
+                      {"policy.name": "block_oracle", "policy.k": 2, "workload.num_requests": 10000}),
+    "overhead": ("overhead", {"policy": ["block_star"], "block_k": [2.0, 12.0],
+                              "workload.qps": [float(q) for q in range(20, 37, 2)]},
+                 {"workload.num_requests": 10000, "cluster.num_instances": 12}),
 }
 SELF_ORDER_MSG = ("conf/config.yaml must list `_self_` before `experiment` in its defaults list, otherwise the base "
                   "config's own keys (experiment_name, seed, accuracy, ...) override every preset")
@@ -168,7 +185,7 @@ def test_fig8_variants(composer):
         cfg = composer(["experiment=fig8", f"provisioning={strategy}"])
         p = cfg.provisioning
         assert (p.enabled, p.strategy, p.initial_instances, p.slo_s) == (True, strategy, 6, 70.0)
-        assert wiring.provisioning(cfg, cfg.cluster.num_instances) is not None
+        assert wiring.provisioning(cfg) is not None
 
 
 def test_sweep_run_dirs_follow_the_command_line(composer):

@@ -1,0 +1,117 @@
+"""Burstiness (Block's artifact): Gamma arrivals with burstiness b = 0.25, 0.5, 1 (Poisson), 2.
+
+    python -m experiments.run -m experiment=burstiness         # P99 TTFT at QPS 30 per b and policy
+    python -m experiments.capacity -m experiment=burstiness    # capacity per b and policy (several seeds)
+    python -m analysis.burstiness outputs/burstiness
+
+Writes ``<dir>/figures/burstiness.{png,pdf}``: P99 TTFT and mean E2E at the runs' QPS against b, one line per policy,
+and, when capacity searches exist, capacity per b with its 95 % t-interval and its change against b = 1 (published:
+about +-1 %); ``burstiness.csv`` and ``burstiness_capacity.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.capacity_refine import capacity_note, draw_capacity_bars, load_capacities
+from analysis.common import (
+    AnalysisError,
+    POLICY_COLORS,
+    add_common_args,
+    base_label,
+    comparable_runs,
+    load_runs,
+    main_qps,
+    out_dir,
+    policy_name,
+    run_cli,
+    run_qps,
+    save_stamped,
+    theme,
+)
+from analysis.records import save_csv
+
+
+def burstiness_of(run) -> float:
+    if str(run.get("workload.arrival")) != "gamma":
+        return 1.0 if str(run.get("workload.arrival")) == "poisson" else math.nan
+    return float(run.get("workload.burstiness", 1.0))
+
+
+def burstiness(args: argparse.Namespace) -> list[Path]:
+    runs = comparable_runs(load_runs(args.root, args.filter), "burstiness")
+    rows = [{"policy": policy_name(r), "burstiness": burstiness_of(r), "qps": run_qps(r), "seed": r.get("seed"),
+             "p99_ttft_s": (r.summary.get("p99_ttft_ms") or math.nan) / 1e3,
+             "mean_e2e_s": (r.summary.get("mean_e2el_ms") or math.nan) / 1e3} for r in runs]
+    lat = pd.DataFrame(rows).dropna(subset=["burstiness"])
+    if lat.empty:
+        raise AnalysisError(f"no run under {args.root} has workload.arrival=gamma or poisson")
+    q = args.qps if args.qps is not None else main_qps(runs)
+    lat = lat[np.isclose(lat["qps"], q)].groupby(["policy", "burstiness"], as_index=False).mean(numeric_only=True)
+    try:
+        cap = load_capacities(args.root)
+    except AnalysisError:
+        cap = None
+    theme()
+    ncol = 4 if cap is not None else 2
+    fig, axes = plt.subplots(1, ncol, figsize=(4.4 * ncol, 4.2))
+    for ax, (col, title) in zip(axes, [("p99_ttft_s", "P99 TTFT (s)"), ("mean_e2e_s", "Average E2E (s)")]):
+        for pol, g in lat.groupby("policy"):
+            ax.plot(g["burstiness"], g[col], marker="o", color=POLICY_COLORS.get(pol), label=base_label(pol))
+        ax.set(xscale="log", xlabel="burstiness b (Gamma shape; 1 = Poisson, < 1 burstier)",
+               title=f"{title} at QPS {q:g}")
+        ax.set_xticks(sorted(lat["burstiness"].unique()), [f"{b:g}" for b in sorted(lat["burstiness"].unique())])
+        ax.legend(fontsize=8)
+    out = out_dir(args)
+    paths: list[Path] = []
+    if cap is not None:
+        cap = cap.copy()
+        cap["burstiness"] = [1.0 if str(a) == "poisson" else float(b) for a, b in
+                             zip(cap.get("workload.arrival", "gamma"), cap.get("workload.burstiness", 1.0))]
+        bs = sorted(cap["burstiness"].unique())
+        pols = sorted(cap["policy.name"].unique())
+        width = 0.8 / len(pols)
+        for j, pol in enumerate(pols):
+            g = cap[cap["policy.name"] == pol].sort_values("burstiness")
+            xs = [bs.index(b) + (j - (len(pols) - 1) / 2) * width for b in g["burstiness"]]
+            draw_capacity_bars(axes[2], g, xs, width=width, label=base_label(pol), annotate=False)
+            base = g.loc[np.isclose(g["burstiness"], 1.0), "capacity"]
+            rel = (g["capacity"] / base.iloc[0] - 1) * 100 if len(base) else g["capacity"] * math.nan
+            cap.loc[g.index, "change_vs_b1_pct"] = rel
+            axes[3].plot(g["burstiness"], rel, marker="o", color=POLICY_COLORS.get(pol), label=base_label(pol))
+        axes[2].set_xticks(range(len(bs)), [f"{b:g}" for b in bs])
+        axes[2].set(xlabel="burstiness b", ylabel="Capacity (req/s)", title="Capacity per burstiness")
+        lo = np.nanmin(cap["ci_low"].fillna(cap["capacity"]).to_numpy(float))
+        axes[2].set_ylim(max(0.0, lo - 3), None)
+        axes[2].legend(fontsize=8, loc="lower right")
+        axes[3].axhspan(-1, 1, color="0.85", label="published: about ±1 %")
+        axes[3].axhline(0, color="0.4", lw=0.8)
+        axes[3].set(xscale="log", xlabel="burstiness b", ylabel="capacity change vs b = 1 (%)",
+                    title="Capacity change")
+        axes[3].set_xticks(bs, [f"{b:g}" for b in bs])
+        axes[3].legend(fontsize=8)
+        paths.append(save_csv(cap, out, "burstiness_capacity"))
+    fig.tight_layout()
+    paths = save_stamped(fig, runs, out, "burstiness", capacity_note(cap) if cap is not None else "") + paths
+    plt.close(fig)
+    paths.append(save_csv(lat, out, "burstiness"))
+    return paths
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    add_common_args(ap, slo=False)
+    ap.add_argument("--qps", type=float, default=None, help="QPS of the latency panels (default: the one most configurations share)")
+
+
+def main(argv=None) -> int:
+    return run_cli(__doc__, _args, burstiness, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Error heatmap (Block's artifact): Block with noise on the length it tells each instance (rows) and on each
+predicted latency (columns), each 0, 25, 50, 100 %.
+
+    python -m experiments.run -m experiment=error_heatmap          # 16 runs at QPS 30
+    python -m experiments.capacity -m experiment=error_heatmap     # capacity per cell (several seeds)
+    python -m analysis.error_heatmap outputs/error_heatmap
+
+Writes ``<dir>/figures/error_heatmap.{png,pdf}``: the P99 TTFT at the runs' QPS per cell and, when capacity
+searches exist, the capacity per cell (mean over seeds, the t-interval's half width below it) and its change against
+the noise-free cell (published: 100 % length noise costs under 3 %); ``error_heatmap.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.capacity_refine import capacity_note, load_capacities
+from analysis.common import (
+    AnalysisError,
+    add_common_args,
+    comparable_runs,
+    load_runs,
+    main_qps,
+    out_dir,
+    policy_params,
+    run_cli,
+    run_qps,
+    save_stamped,
+    theme,
+)
+from analysis.records import save_csv
+
+ROW, COL = "policy.length_noise_pct", "policy.latency_noise_pct"
+
+
+def _grid(df: pd.DataFrame, value: str) -> pd.DataFrame:
+    return df.pivot_table(index=ROW, columns=COL, values=value, aggfunc="mean").sort_index().sort_index(axis=1)
+
+
+def _heat(ax, grid: pd.DataFrame, title: str, fmt: str, cmap: str, sub: pd.DataFrame | None = None) -> None:
+    im = ax.imshow(grid.to_numpy(float), cmap=cmap, aspect="auto", origin="lower")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
+    ax.set(xlabel="latency error (%)", ylabel="length error (%)", title=title)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid.iat[i, j]
+            if math.isfinite(v):
+                t = format(v, fmt)
+                if sub is not None and math.isfinite(sub.iat[i, j]):
+                    t += f"\n±{sub.iat[i, j]:.1f}"
+                ax.text(j, i, t, ha="center", va="center", fontsize=8)
+
+
+def error_heatmap(args: argparse.Namespace) -> list[Path]:
+    runs = comparable_runs(load_runs(args.root, args.filter), "error_heatmap")
+    rows = []
+    for r in runs:
+        p = policy_params(r)
+        rows.append({ROW: float(p.get("length_noise_pct") or 0.0), COL: float(p.get("latency_noise_pct") or 0.0),
+                     "qps": run_qps(r), "p99_ttft_s": (r.summary.get("p99_ttft_ms") or math.nan) / 1e3,
+                     "mean_e2e_s": (r.summary.get("mean_e2el_ms") or math.nan) / 1e3})
+    lat = pd.DataFrame(rows)
+    q = args.qps if args.qps is not None else main_qps(runs)
+    lat = lat[np.isclose(lat["qps"], q)]
+    if lat.empty:
+        raise AnalysisError(f"no run at QPS {q:g}")
+    try:
+        cap = load_capacities(args.root)
+        for k in (ROW, COL):
+            cap[k] = pd.to_numeric(cap.get(k, 0.0), errors="coerce").fillna(0.0)
+    except AnalysisError:
+        cap = None
+    theme()
+    ncol = 3 if cap is not None else 1
+    fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol, 4.4), squeeze=False)
+    axes = axes[0]
+    _heat(axes[0], _grid(lat, "p99_ttft_s"), f"P99 TTFT (s) at QPS {q:g}", ".2f", "magma_r")
+    out = out_dir(args)
+    paths: list[Path] = []
+    table = lat.groupby([ROW, COL], as_index=False).mean(numeric_only=True)
+    if cap is not None:
+        cap["half"] = (cap["ci_high"] - cap["ci_low"]) / 2
+        base = cap.loc[(cap[ROW] == 0) & (cap[COL] == 0), "capacity"]
+        cap["change_pct"] = (cap["capacity"] / base.iloc[0] - 1) * 100 if len(base) else math.nan
+        _heat(axes[1], _grid(cap, "capacity"), "Capacity (req/s), ± 95 % t", ".1f", "viridis", _grid(cap, "half"))
+        _heat(axes[2], _grid(cap, "change_pct"), "Capacity change vs no error (%)", "+.1f", "RdBu")
+        table = table.merge(cap[[ROW, COL, "capacity", "ci_low", "ci_high", "seeds", "change_pct"]], on=[ROW, COL],
+                            how="outer")
+    fig.tight_layout()
+    paths = save_stamped(fig, runs, out, "error_heatmap", capacity_note(cap) if cap is not None else "") + paths
+    plt.close(fig)
+    paths.append(save_csv(table, out, "error_heatmap"))
+    return paths
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    add_common_args(ap, slo=False)
+    ap.add_argument("--qps", type=float, default=None, help="QPS of the latency panel (default: the one most configurations share)")
+
+
+def main(argv=None) -> int:
+    return run_cli(__doc__, _args, error_heatmap, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""N-ablation (Block's artifact): Block probing k instances per request, k = 2, 4, 6, 8 and all 12.
+
+    python -m experiments.run -m experiment=nablation          # every k at QPS 30
+    python -m experiments.capacity -m experiment=nablation     # capacity per k (several seeds)
+    python -m analysis.nablation outputs/nablation
+
+Writes under ``<dir>/figures/``: ``nablation.{png,pdf}``: mean and P99 E2E latency and TTFT at the runs' QPS
+(default: the one most configurations share) against k, one line per policy (Block* = estimated lengths, Block = true lengths), and,
+when capacity searches exist, capacity per k with its 95 % t-interval next to the published numbers (black marks);
+``nablation.csv`` (the latencies per k) and ``nablation_capacity.csv`` (ours beside the published capacity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.capacity_refine import capacity_note, draw_capacity_bars, load_capacities
+from analysis.common import (
+    AnalysisError,
+    POLICY_COLORS,
+    add_common_args,
+    base_label,
+    comparable_runs,
+    load_runs,
+    main_qps,
+    out_dir,
+    policy_name,
+    policy_params,
+    run_cli,
+    run_qps,
+    save_stamped,
+    shared_legend,
+    theme,
+)
+from analysis.records import save_csv
+
+# AE.md (systor-ae branch), 10 s P99 TTFT SLO, 12 A30s: capacity (QPS) per probing degree; 12 = query-all
+PUBLISHED = {("block_star", 2): 31.6, ("block_star", 4): 31.9, ("block_star", 8): 31.7, ("block_star", 12): 31.7,
+             ("block_oracle", 2): 32.4, ("block_oracle", 12): 32.6, ("llumnix", None): 31.5}
+PUBLISHED_SLO_S = 10.0
+
+
+def _k(v, n: int | None) -> int | None:
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return n  # null = every instance
+
+
+def latency_table(runs, qps: float | None) -> tuple[pd.DataFrame, float]:
+    q = qps if qps is not None else main_qps(runs)
+    rows = []
+    for r in runs:
+        if abs(run_qps(r) - q) > 1e-9:
+            continue
+        n = r.get("cluster.num_instances")
+        s = r.summary
+        rows.append({"policy": policy_name(r), "k": _k(policy_params(r).get("k"), n), "seed": r.get("seed"),
+                     **{c: (s.get(f"{c}_ms") or math.nan) / 1e3 for c in ("mean_e2el", "p99_e2el", "mean_ttft",
+                                                                         "p99_ttft")}})
+    if not rows:
+        raise AnalysisError(f"no run at QPS {q:g}")
+    df = pd.DataFrame(rows).groupby(["policy", "k"], as_index=False).mean(numeric_only=True)
+    return df.sort_values(["policy", "k"]), q
+
+
+def nablation(args: argparse.Namespace) -> list[Path]:
+    runs = comparable_runs(load_runs(args.root, args.filter), "nablation")
+    theme()
+    out = out_dir(args)
+    lat, q = latency_table(runs, args.qps)
+    try:
+        cap = load_capacities(args.root)
+    except AnalysisError:
+        cap = None
+    ncol = 5 if cap is not None else 4
+    fig, axes = plt.subplots(1, ncol, figsize=(4 * ncol, 4.2))
+    cols = [("mean_e2el", "Average E2E (s)"), ("p99_e2el", "P99 E2E (s)"), ("mean_ttft", "Average TTFT (s)"),
+            ("p99_ttft", "P99 TTFT (s)")]
+    for ax, (col, title) in zip(axes, cols):
+        for pol, g in lat.groupby("policy"):
+            ax.plot(g["k"], g[col], marker="o", color=POLICY_COLORS.get(pol), label=base_label(pol))
+        ax.set(xlabel="instances probed per request (k)", title=f"{title} at QPS {q:g}")
+        ax.set_xticks(sorted(lat["k"].dropna().unique()))
+    paths: list[Path] = []
+    if cap is not None:
+        ax = axes[-1]
+        cap = cap.copy()
+        n = runs[0].get("cluster.num_instances")
+        cap["k"] = [_k(v, n) for v in cap.get("policy.k", pd.Series([None] * len(cap)))]
+        pols = [p for p in ("block_star", "block_oracle") if p in set(cap["policy.name"])] + \
+            sorted(set(cap["policy.name"]) - {"block_star", "block_oracle"})
+        ks = sorted({k for k in cap["k"].dropna()})
+        width = 0.8 / max(len(pols), 1)
+        rows = []
+        for j, pol in enumerate(pols):
+            g = cap[cap["policy.name"] == pol].sort_values("k")
+            xs = [ks.index(k) + (j - (len(pols) - 1) / 2) * width if k in ks else len(ks) for k in g["k"]]
+            draw_capacity_bars(ax, g, xs, width=width, label=base_label(pol), annotate=False)
+            for x, (_, row) in zip(xs, g.iterrows()):
+                pub = PUBLISHED.get((pol, None if pol == "llumnix" else row["k"]))
+                if pub is not None:
+                    ax.scatter([x], [pub], marker="_", s=300, color="black", zorder=4,
+                               label=f"published ({PUBLISHED_SLO_S:g} s SLO)" if not rows else None)
+                rows.append({"policy": pol, "k": row["k"], "capacity": row["capacity"], "ci_low": row["ci_low"],
+                             "ci_high": row["ci_high"], "seeds": row["seeds"], "slo_s": row["slo_s"],
+                             "published": pub, "published_slo_s": PUBLISHED_SLO_S if pub is not None else None})
+        ax.set_xticks(range(len(ks)), [str(int(k)) for k in ks])
+        ax.set(xlabel="instances probed per request (k)", ylabel="Capacity (req/s)", title="Capacity per k")
+        lo = np.nanmin(cap["ci_low"].fillna(cap["capacity"]).to_numpy(float))
+        ax.set_ylim(max(0.0, lo - 3), None)
+        ax.legend(fontsize=7, loc="lower right")
+        paths.append(save_csv(pd.DataFrame(rows), out, "nablation_capacity"))
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    shared_legend(fig, axes[:4], y=0.9)
+    note = capacity_note(cap) if cap is not None else ""
+    paths = save_stamped(fig, runs, out, "nablation", note) + paths
+    plt.close(fig)
+    paths.append(save_csv(lat, out, "nablation"))
+    return paths
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    add_common_args(ap, slo=False)
+    ap.add_argument("--qps", type=float, default=None, help="QPS of the latency panels (default: the one most configurations share)")
+
+
+def main(argv=None) -> int:
+    return run_cli(__doc__, _args, nablation, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

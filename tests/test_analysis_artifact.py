@@ -1,0 +1,149 @@
+"""The artifact-suite analysis modules (nablation, burstiness, error_heatmap, overhead, capacity_refine), the figure
+stamp and steady-state throughput, on tiny real runs of the presets scaled down from the command line."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import burstiness, capacity_refine, error_heatmap, fig6, nablation, overhead
+from analysis.common import stamp_text, steady_throughput
+from analysis.records import find_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["cluster=local4", "workload.num_requests=150", "progress=false"]
+CAP = ["capacity.seeds=2", "capacity.lo=2", "capacity.hi=30", "capacity.tol=8"]
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"{args}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    o = tmp_path_factory.mktemp("artifact")
+    jobs = [
+        ("experiments.run", "-m", "experiment=nablation", "block_k=2,4", "workload.qps=6"),
+        ("experiments.capacity", "-m", "experiment=nablation", "block_k=2,4", "policy=block_star", *CAP),
+        ("experiments.run", "-m", "experiment=burstiness", "workload.burstiness=0.5,1", "policy=llumnix",
+         "workload.qps=6"),
+        ("experiments.capacity", "-m", "experiment=burstiness", "workload.burstiness=0.5,1", "policy=llumnix", *CAP),
+        ("experiments.run", "-m", "experiment=error_heatmap", "policy.length_noise_pct=0,100",
+         "policy.latency_noise_pct=0,100", "workload.qps=6"),
+        ("experiments.capacity", "-m", "experiment=error_heatmap", "policy.length_noise_pct=0,100",
+         "policy.latency_noise_pct=0", *CAP),
+        ("experiments.run", "-m", "experiment=overhead", "block_k=2", "workload.qps=4,8"),
+    ]
+    for job in jobs:
+        _run(*job, f"output_root={o}", *SMALL)
+    return o
+
+
+def _check_png(p: Path) -> None:
+    assert p.is_file() and p.stat().st_size > 10_000 and p.with_suffix(".pdf").is_file(), p
+
+
+def test_nablation_draws_latency_and_capacity_per_k_beside_the_published(out):
+    assert nablation.main([str(out / "nablation")]) == 0
+    fig = out / "nablation" / "figures"
+    _check_png(fig / "nablation.png")
+    lat = pd.read_csv(fig / "nablation.csv")
+    assert set(lat["k"]) == {2, 4} and set(lat["policy"]) == {"block_star", "block_oracle"}
+    cap = pd.read_csv(fig / "nablation_capacity.csv")
+    assert set(cap["k"]) == {2, 4} and (cap["seeds"] == 2).all()
+    assert cap.loc[cap["k"] == 2, "published"].iloc[0] == nablation.PUBLISHED[("block_star", 2)]
+    assert cap.loc[cap["k"] == 4, "published"].iloc[0] == nablation.PUBLISHED[("block_star", 4)]
+
+
+def test_burstiness_capacity_change_is_relative_to_poisson_like_b1(out):
+    assert burstiness.main([str(out / "burstiness")]) == 0
+    fig = out / "burstiness" / "figures"
+    _check_png(fig / "burstiness.png")
+    cap = pd.read_csv(fig / "burstiness_capacity.csv")
+    assert sorted(cap["burstiness"]) == [0.5, 1.0]
+    assert cap.loc[cap["burstiness"] == 1.0, "change_vs_b1_pct"].iloc[0] == pytest.approx(0.0)
+    lat = pd.read_csv(fig / "burstiness.csv")
+    assert sorted(lat["burstiness"]) == [0.5, 1.0]
+
+
+def test_error_heatmap_cells(out):
+    assert error_heatmap.main([str(out / "error_heatmap")]) == 0
+    fig = out / "error_heatmap" / "figures"
+    _check_png(fig / "error_heatmap.png")
+    t = pd.read_csv(fig / "error_heatmap.csv")
+    cells = set(zip(t["policy.length_noise_pct"], t["policy.latency_noise_pct"]))
+    assert cells == {(0, 0), (0, 100), (100, 0), (100, 100)}
+    base = t[(t["policy.length_noise_pct"] == 0) & (t["policy.latency_noise_pct"] == 0)].iloc[0]
+    assert base["change_pct"] == pytest.approx(0.0) and base["seeds"] == 2
+
+
+def test_overhead_reads_decision_times(out):
+    assert overhead.main([str(out / "overhead")]) == 0
+    fig = out / "overhead" / "figures"
+    _check_png(fig / "overhead.png")
+    t = pd.read_csv(fig / "overhead.csv")
+    assert sorted(t["qps"]) == [4, 8] and (t["mean_ms"] > 0).all() and (t["p99_ms"] >= t["median_ms"]).all()
+
+
+def test_capacity_refine_bars_with_intervals(out):
+    assert capacity_refine.main([str(out / "nablation")]) == 0
+    t = pd.read_csv(out / "nablation" / "figures" / "capacity_refine.csv")
+    assert len(t) == 2 and (t["seeds"] == 2).all()
+    assert sorted(t["label"]) == ["Block* (k=2)", "Block* (k=4)"]
+
+
+def test_no_capacity_search_is_a_clear_error(tmp_path, capsys):
+    assert capacity_refine.main([str(tmp_path)]) == 2
+    assert "python -m experiments.capacity" in capsys.readouterr().err
+
+
+def test_every_figure_says_what_it_is(out):
+    runs = find_runs(out / "overhead")
+    text = stamp_text(runs)
+    assert text.startswith("SIMULATED") and "4 x A30" in text and "Llama-2-7b-hf" in text
+    assert "150 requests per point" in text and "seed 0" in text and "2 runs" in text
+    # the analysis CLI wrote it into the PNG's figure: compare against the same figure without it
+    import matplotlib.pyplot as plt
+
+    from analysis.common import stamp
+
+    fig, _ = plt.subplots()
+    stamp(fig, runs, "note")
+    assert any("SIMULATED" in t.get_text() and "note" in t.get_text() for t in fig.texts)
+    plt.close(fig)
+
+
+def test_steady_throughput_drops_warm_up_and_drain():
+    # 1,000 arrivals at 10 req/s, each served in 30 s: completions over the whole run (drain included) are far below
+    # the offered load, the steady-state window sees exactly the arrival rate
+    arrival = np.arange(1000) / 10.0
+    req = pd.DataFrame({"arrival_s": arrival, "finish_s": arrival + 30.0, "status": "ok"})
+    whole = len(req) / (req["finish_s"].max() - req["arrival_s"].min())
+    assert whole < 8.0
+    assert steady_throughput(req) == pytest.approx(10.0, rel=0.02)
+    # past capacity: a server finishing 5 req/s whatever arrives
+    req2 = req.assign(finish_s=np.arange(1000) / 5.0 + 1.0)
+    assert steady_throughput(req2) == pytest.approx(5.0, rel=0.02)
+    assert math.isnan(steady_throughput(req.iloc[:0]))
+
+
+def test_fig6_draws_steady_throughput(out):
+    assert fig6.main([str(out / "overhead")]) == 0
+    s = pd.read_csv(out / "overhead" / "figures" / "fig6_summary.csv")
+    assert "steady_throughput" in s.columns
+    # below capacity the steady-state throughput is the offered load; the whole-run one sits below it
+    for _, row in s.iterrows():
+        assert row["steady_throughput"] == pytest.approx(row["achieved_qps"], rel=0.3)
+        assert row["request_throughput"] < row["steady_throughput"]
