@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
+
+from vidur.records import write_atomic
 
 from analysis.common import (
     save_stamped,
@@ -147,14 +147,6 @@ def markdown(df: pd.DataFrame, slo_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def _wrap(text: str, width: int) -> str:
     """Join the comma-separated parts of a setting label into lines of about ``width`` characters."""
     lines: list[str] = []
@@ -206,7 +198,7 @@ def table2(args: argparse.Namespace) -> list[Path]:
     slo_s = slo_from_runs(runs, args.slo)
     df = capacity_long(runs, slo_s)
     out = out_dir(args)
-    paths = [save_csv(df, out, "table2"), _write_text(out / "table2.md", markdown(df, slo_s))]
+    paths = [save_csv(df, out, "table2"), write_atomic(out / "table2.md", markdown(df, slo_s).encode())]
     fig = plot(df, slo_s)
     paths += save_stamped(fig, runs, out, "table2")
     plt.close(fig)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from length_estimation.serve import load_estimator
+from vidur.records import write_atomic
 
 log = logging.getLogger("length_estimation.effect")
 
@@ -66,10 +66,7 @@ def write_tagged_test_split(spec: str, path: Path, dataset: str = "sharegpt_text
     out = pd.DataFrame({"row": te["row"].to_numpy(), "prompt_tokens": te["prompt_tokens"].to_numpy(),
                         "output_tokens": te["output_tokens"].to_numpy(), "predicted_length": pred,
                         "prompt": te["prompt"].astype(str).to_numpy()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"tmp-{os.getpid()}-{path.name}")
-    out.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: out.to_parquet(tmp, index=False))
     m = length_metrics(out["output_tokens"], out["predicted_length"])
     m.update(estimator=getattr(est, "name", spec), rows=len(out), predict_s=round(dt, 2))
     return m

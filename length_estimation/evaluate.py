@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vidur.records import write_atomic, write_text
+
 from .dataset import DataConfig, load_splits, split_frame
 from .metrics import METRIC_COLUMNS, constant_baseline, error_cdf, format_table, length_metrics
 from .train import _plain
-from .transformer import TransformerEstimator, atomic_write_text, set_threads
+from .transformer import TransformerEstimator, set_threads
 
 log = logging.getLogger("length_estimation.evaluate")
 
@@ -100,9 +101,7 @@ def plot(out_dir: Path, ours: tuple[np.ndarray, np.ndarray], label: str, others:
     paths = []
     for ext in ("png", "pdf"):
         path = fig_dir / f"pred_vs_actual.{ext}"
-        tmp = path.with_name(f"tmp-{os.getpid()}-{path.name}")
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp, ext=ext: fig.savefig(tmp, dpi=150, format=ext))
         paths.append(path)
     plt.close(fig)
     return paths
@@ -164,19 +163,15 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "data_of_row": scope, "warnings": warnings,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"rows": rows, "info": info}, indent=2, default=str) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps({"rows": rows, "info": info}, indent=2, default=str) + "\n")
     table = pd.DataFrame([{"estimator": k, "data": scope.get(k, ""), **{m: v.get(m) for m in METRIC_COLUMNS}}
                           for k, v in rows.items()])
-    tmp = out_dir / f"metrics.csv.tmp-{os.getpid()}"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / "metrics.csv")
+    write_atomic(out_dir / "metrics.csv", lambda tmp: table.to_csv(tmp, index=False))
     md = format_table(rows) + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in scope.items()) + "\n"
-    atomic_write_text(out_dir / "metrics.md", md)
+    write_text(out_dir / "metrics.md", md)
     preds = pd.DataFrame({"row": test["row"].to_numpy(), "prompt_tokens": test["prompt_tokens"].to_numpy(),
                           "output_tokens": actual, "predicted_length": pred})
-    tmp = out_dir / f"predictions.csv.tmp-{os.getpid()}"
-    preds.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / "predictions.csv")
+    write_atomic(out_dir / "predictions.csv", lambda tmp: preds.to_csv(tmp, index=False))
     figs = plot(out_dir, (actual, pred), label, {k: (actual, v) for k, v in baselines.items()}, authors)
     info["figures"] = [str(p) for p in figs]
     info["out_dir"] = str(out_dir)

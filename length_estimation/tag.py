@@ -16,13 +16,14 @@ experiments: predictions on training rows are optimistic. ``tag.input`` tags ano
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from vidur.records import write_atomic
 
 from .dataset import FILTERED, DataConfig, load_splits, load_text_frame
 from .train import _plain
@@ -36,16 +37,14 @@ FRONT = ("row", "split", "prompt_tokens", "output_tokens", "predicted_length")
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write CSV (optionally .gz) or parquet by extension, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
-    tmp = path.with_name(f"tmp-{os.getpid()}-{path.name}")
     if name.endswith(".parquet"):
-        df.to_parquet(tmp, index=False)
+        write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
     elif name.endswith((".csv", ".csv.gz")):
-        df.to_csv(tmp, index=False, compression="gzip" if name.endswith(".gz") else None)
+        gz = "gzip" if name.endswith(".gz") else None
+        write_atomic(path, lambda tmp: df.to_csv(tmp, index=False, compression=gz))
     else:
         raise ValueError(f"{path}: use a .parquet or .csv[.gz] output file")
-    os.replace(tmp, path)
 
 
 def tag_frame(est: TransformerEstimator, df: pd.DataFrame, progress: bool = False) -> pd.DataFrame:

@@ -37,13 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from vidur.records import write_atomic, write_text
+
 from .dataset import DataConfig, load_splits, split_frame, split_summary
 from .metrics import mae as mae_metric
 from .transformer import (
     EstimatorMeta,
     TargetTransform,
     TransformerEstimator,
-    atomic_write_text,
     collate,
     effective_max_length,
     encode,
@@ -150,20 +151,20 @@ def save_checkpoint(run_dir: Path, estimator: TransformerEstimator, state: dict,
     estimator.write_into(tmp)
     torch.save(state, tmp / STATE_FILE)
     replace_dir(tmp, dst)
-    atomic_write_text(root / "latest", dst.name + "\n")
+    write_text(root / "latest", dst.name + "\n")
     _prune(root, keep_last)
     return dst
 
 
 def write_log(run_dir: Path, history: list[dict]) -> None:
-    path = Path(run_dir) / "train_log.csv"
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in history:
-            w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for row in history:
+                w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+    write_atomic(Path(run_dir) / "train_log.csv", write)
 
 
 def _check_compatible(saved: dict, now: dict) -> None:
@@ -405,7 +406,7 @@ def run_training(cfg) -> dict[str, Any]:
         "resumed_from": str(ckpt) if ckpt is not None else None, "target": asdict(transform),
         "max_length": meta.max_length,
     }
-    atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     log.info("done: step %d, %.0f s, model at %s", state["step"], state["elapsed_s"], run_dir / "model")
     return summary
 

@@ -205,13 +205,6 @@ def replace_dir(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def ensure_pad_token(tokenizer) -> None:
     """Give tokenizers without a padding token (e.g. Llama's) one: the EOS, UNK or a new [PAD]."""
     if tokenizer.pad_token is not None:

@@ -25,13 +25,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
+from vidur.records import write_atomic
 from vidur.specs import A30, GpuSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -752,11 +752,7 @@ class ExecutionModel:
             params = _fit_params(model, gpu, tp, root)
             params["key"] = key
             try:
-                cdir.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cdir)
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(params, fh)
-                os.replace(tmp, path)
+                write_atomic(path, json.dumps(params).encode())
             except OSError as e:  # read-only cache dir: keep going without a cache
                 log.warning("execution model cache not written to %s: %s", path, e)
         em = cls(params, cpu_overhead_s)

@@ -614,17 +614,10 @@ def render_cluster_config(config: dict) -> str:
 
 
 def write_cluster_config(config: dict, path: str | os.PathLike) -> Path:
-    """Write atomically (tmp + os.replace) so a concurrent composition never reads half a config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(render_cluster_config(config))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write atomically (``vidur.records.write_atomic``) so a concurrent composition never reads half a config."""
+    from vidur.records import write_atomic  # here: `fab --list` need not import pandas
+
+    return write_atomic(path, render_cluster_config(config).encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLI

@@ -251,9 +251,9 @@ def prepare_model_dir(model_cfg: Any, out_dir: os.PathLike | str) -> Path:
 def _write(path: Path, data: str | bytes) -> None:
     """Write through a temporary file and a rename: servers started together share one model directory, and
     vLLM must never read a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    from vidur.records import write_atomic
+
+    write_atomic(path, data.encode() if isinstance(data, str) else data)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -183,9 +183,9 @@ class SlotLease:
         """The slot's URL (or its error, or its draining) for the other schedulers; written atomically (rename)."""
         if self.dir is None:
             return
-        tmp = self.dir / f".slot{slot}.json.{os.getpid()}"
-        tmp.write_text(json.dumps(dict(info)))
-        os.replace(tmp, self.dir / f"slot{slot}.json")
+        from vidur.records import write_atomic
+
+        write_atomic(self.dir / f"slot{slot}.json", json.dumps(dict(info)).encode())
 
     def read(self, slot: int) -> Optional[dict[str, Any]]:
         if self.dir is None:

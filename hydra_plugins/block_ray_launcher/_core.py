@@ -55,9 +55,9 @@ def _node_record(run_dir: Path, started: float) -> None:
     record = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
               "hostname": socket.gethostname(), "pid": os.getpid(), "started_unix": started,
               "finished_unix": time.time()}
-    tmp = run_dir / f".{NODE_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, run_dir / NODE_RECORD)
+    from vidur.records import write_atomic
+
+    write_atomic(run_dir / NODE_RECORD, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def run_job_on_node(hydra_context: HydraContext, sweep_config: DictConfig, task_function: TaskFunction,
