@@ -91,9 +91,9 @@ def drain(state: MutableMapping[str, Any], now_s: float = math.inf) -> list[Outc
 def from_log_row(row: Mapping[str, Any], now_s: float) -> Optional[Outcome]:
     """The outcome of a request the live scheduler answered in full, from its log row (``block.scheduler``: id
     ``index``, ``instance``, wall-clock ``arrival_s`` / ``first_token_s`` / ``finish_s``, ``prompt_tokens``,
-    ``output_tokens`` when counted, else the length it told the instance, ``told_tokens``), on the routing clock: ``now_s``
-    is that clock's reading at the finish (the wall-clock times only give the durations). None when a field is
-    missing."""
+    ``output_tokens`` when counted, else the length it told the instance, ``told_tokens``), on the routing
+    clock: ``now_s`` is that clock's reading at the finish (the wall-clock times only give the durations). None
+    when a field is missing."""
     try:
         if row.get("status") != "ok":
             return None

@@ -37,7 +37,7 @@ import numpy as np
 
 from block.policies import heuristics, peers
 from block.policies.common import fallback, min_by, with_stats
-from vidur.learned import OnlineGBDT, features, read_samples, save_samples  # noqa: F401 - re-exported
+from vidur.learned import OnlineGBDT, features, lightgbm_module, read_samples, save_samples  # noqa: F401
 from vidur.outcomes import Outcome, drain, open_outcomes
 from vidur.policy_contract import RoutingContext
 from vidur.types import Candidate, Request
@@ -99,6 +99,7 @@ def learned_state(ctx: RoutingContext, key: str, **config: Any) -> LearnedState:
     """The rule's ``LearnedState`` in ``ctx.state`` (created on first use; opens the outcome channel)."""
     st = ctx.state.get(key)
     if st is None:
+        lightgbm_module()  # fail at the first decision, with how to install it, not at the first refit
         st = ctx.state[key] = LearnedState(config={"kind": key, **config})
         open_outcomes(ctx.state)
         ws = config.get("warm_start")
