@@ -23,8 +23,8 @@ import pandas as pd
 
 from analysis.capacity import capacity_results
 from analysis.common import (
-    AnalysisError,
     POLICY_COLORS,
+    AnalysisError,
     add_common_args,
     base_label,
     label_sort_key,

@@ -22,8 +22,8 @@ import pandas as pd
 
 from analysis.capacity_refine import capacity_note, draw_capacity_bars, load_capacities
 from analysis.common import (
-    AnalysisError,
     POLICY_COLORS,
+    AnalysisError,
     add_common_args,
     base_label,
     comparable_runs,

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -113,7 +113,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def runs_table(dirs: Sequence[Path]) -> Optional[str]:
+def runs_table(dirs: Sequence[Path]) -> str | None:
     """Summary metrics per finished run of the sweep, and capacity per configuration when it has several QPS."""
     import pandas as pd
 
@@ -160,7 +160,7 @@ def runs_table(dirs: Sequence[Path]) -> Optional[str]:
     return text
 
 
-def capacity_searches_table(dirs: Sequence[Path]) -> Optional[str]:
+def capacity_searches_table(dirs: Sequence[Path]) -> str | None:
     """Capacity per search of a ``python -m experiments.capacity -m`` sweep (its capacity.json files)."""
     import pandas as pd
 

@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import burstiness, capacity_refine, error_heatmap, fig6, nablation, overhead
+from analysis import (
+    burstiness,
+    capacity_refine,
+    error_heatmap,
+    fig6,
+    nablation,
+    overhead,
+)
 from analysis.common import stamp_text, steady_throughput
 from analysis.records import find_runs
 
