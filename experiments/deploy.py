@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 from experiments import wiring
 from experiments.emulate import engine_args, redacted_yaml, scheduler_args
 from experiments.wiring import ConfigError
+from vidur.types import EngineConfig
 
 log = logging.getLogger("experiments.deploy")
 
@@ -162,14 +163,15 @@ def _rel(args: list[str], local_dir: Path, remote_prefix: str = "services") -> l
 
 
 def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, remote_dirs: Mapping[str, str],
-               staging: Path) -> Plan:
-    """Per-host service lists (hostctl plans) and the files they read; ``staging`` gets the config files."""
+               staging: Path, ecfg: Optional[EngineConfig] = None) -> Plan:
+    """Per-host service lists (hostctl plans) and the files they read; ``staging`` gets the config files.
+    ``ecfg``: the validated engine config of a run (None: built from ``cfg``, as for the fab tasks)."""
     from block.deploy.inventory import engine_slots, scheduler_hosts
 
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     ports = cfg.mode.ports
-    shared = _rel(engine_args(cfg, staging), staging)
+    shared = _rel(engine_args(cfg, staging, ecfg), staging)
     engine_files = {f"services/{n}": (staging / n).read_bytes() for n in ENGINE_FILES}
     keep = bool(cfg.mode.get("keep_engines", False))
     engine_dir = "engines/" + hashlib.sha256(b"".join(engine_files.values())).hexdigest()[:16]
@@ -261,14 +263,14 @@ def prepare(cfg: DictConfig, fleet, hosts, setup: Optional[bool] = None, say=log
 
 
 def start_cluster(cfg: DictConfig, fleet, hosts, kinds: Mapping[str, str], run_dir: Path, say=log.info,
-                  back: Any = None) -> Plan:
+                  ecfg: Optional[EngineConfig] = None, back: Any = None) -> Plan:
     """Upload the plan and start every service (stopping leftovers first); a DeployError if it only half-starts.
     ``back``: auto-provisioning's ``DeployBackPool``, which keeps the back-pool slots out of the start."""
     from block.deploy import ops
 
     run_id = run_id_of(run_dir)
     remote = {h.name: ops.run_dir_of(fleet, h, run_id) for h in hosts}
-    plan = build_plan(cfg, hosts, kinds, run_id, remote, Path(run_dir) / "services")
+    plan = build_plan(cfg, hosts, kinds, run_id, remote, Path(run_dir) / "services", ecfg)
     if back is not None:
         back.split(plan, Path(run_dir) / "services")
     ops.push_run(fleet, run_id, plan.files)
@@ -290,12 +292,13 @@ def stop_after_run(cfg: DictConfig, fleet) -> None:
     ops.stop(fleet, roles=["scheduler", "predictor"] if cfg.mode.get("keep_engines", False) else None)
 
 
-def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_deploy(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = None) -> dict[str, Any]:
+    """Run a validated ``cfg`` (``experiments.run.run_one``, which passes the engine config it built) on the
+    cluster's hosts."""
     from block.deploy import ops
 
     t0 = time.perf_counter()
-    hosts = check(cfg)  # the config itself was validated by experiments.run.run_one
-    wiring.policy(cfg)
+    hosts = check(cfg)  # the deploy-specific checks (hosts, engines); the config itself was validated by run_one
     requests = wiring.workload(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -314,7 +317,7 @@ def run_deploy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         plan = None
         try:
             t = time.perf_counter()
-            plan = start_cluster(cfg, fleet, hosts, kinds, run_dir, back=back)
+            plan = start_cluster(cfg, fleet, hosts, kinds, run_dir, ecfg=ecfg, back=back)
             timed("start", t)
             t = time.perf_counter()
             bench = fleet.by_name[plan.bench_host]

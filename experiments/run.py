@@ -64,11 +64,11 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     if mode == "emulate":
         from experiments.emulate import run_emulate
 
-        return run_emulate(cfg, run_dir)
+        return run_emulate(cfg, run_dir, ecfg)
     if mode == "deploy":
         from experiments.deploy import run_deploy
 
-        return run_deploy(cfg, run_dir)
+        return run_deploy(cfg, run_dir, ecfg)
     raise ConfigError(f"mode={mode} is unknown (supported: sim, emulate, deploy)")
 
 

@@ -4,8 +4,11 @@ Hydra composes the YAML tree without types, so ``workload.num_requests=abc`` or 
 fine and would fail as a traceback halfway through a run. ``check(cfg)`` validates the composed config against the
 pydantic models below and raises one ``ConfigError`` whose message names every bad key (``workload.arrival='poison':
 Input should be 'poisson', 'gamma', 'constant' or 'trace'``). Only the keys modelled here are checked; every other
-key passes through (``extra="allow"``), so a group can grow keys without touching this file. The engine, model and
-GPU keys are checked where they are turned into objects (``wiring.engine_config``), policy parameters by the policy.
+key passes through (``extra="allow"``), so a group can grow keys without touching this file. Once every key has
+its type, ``RunConfig``'s last check tries the combinations by building what the run builds: the engine setup
+(``vidur.config.engine_setup``: KV blocks from GPU memory, max_model_len, the engine config's rules), the
+provisioning config and the policy (its own parameters). ``experiments.run.run_one`` calls this once per run
+(through ``wiring.validate``); the modes trust the result.
 
 Secrets: the bearer token comes from ``$BLOCK_API_TOKEN`` only. ``mode.token`` is refused in every mode, on the
 command line (``refuse_secret_arguments``, before Hydra writes ``.hydra/overrides.yaml``) and in a config
@@ -21,11 +24,13 @@ from typing import Any, Literal, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from data.arrivals import ARRIVALS
 from data.workload import PREDICTED_LENGTH_MODES
 from experiments.wiring import ConfigError
+from vidur.types import SCHEDULERS, EngineConfig
 
 SECRET_KEYS = ("mode.token",)
 SECRET_MESSAGE = ("{key} is refused: give the bearer token in $BLOCK_API_TOKEN (a command line or config keeps it "
@@ -118,6 +123,68 @@ class Mode(_Node):
 
 class Accuracy(_Node):
     sampling_rate: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_rounds: int = Field(2, ge=0)  # benchmarks/vllm_accuracy.py: warm-up rounds per real engine
+
+
+class Model(_Node):  # conf/model: vidur.specs.ModelSpec
+    name: str
+    profile_name: str
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_q_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    num_params: float = Field(gt=0)
+    dtype_bytes: int = Field(2, gt=0)
+    max_model_len: int = Field(4096, gt=0)
+    tokenizer: str = "llama2"
+
+
+class Gpu(_Node):  # conf/gpu: vidur.specs.GpuSpec
+    name: str
+    memory_gb: float = Field(gt=0)
+    fp16_tflops: float = Field(gt=0)
+    hbm_gbps: float = Field(gt=0)
+    profile_dir: Optional[str] = None
+    cuda_context_gb: float = Field(0.5, ge=0)
+    visible_memory_mib: Optional[float] = Field(None, gt=0)
+    network_profile_dir: Optional[str] = None
+    interconnect_gbps: Optional[float] = Field(None, gt=0)
+
+
+class Engine(_Node):  # conf/engine: vidur.types.EngineConfig and what sizes it (vidur.config.engine_setup)
+    chunked_prefill: bool
+    max_num_seqs: int = Field(gt=0)
+    chunk_size: int = Field(gt=0)
+    max_num_batched_tokens: int = Field(gt=0)
+    block_size: int = Field(gt=0)
+    num_blocks: Optional[int] = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    watermark: float = Field(0.01, ge=0.0, lt=1.0)
+    max_model_len: int = Field(gt=0)
+    tensor_parallel: int = Field(1, ge=1)
+    cpu_overhead_s: float = Field(0.0, ge=0.0)
+    scheduler: Literal[SCHEDULERS] = "v0"
+    long_prefill_token_threshold: int = Field(0, ge=0)
+    enable_prefix_caching: bool = False
+
+
+class Provisioning(_Node):  # conf/provisioning: block.provisioning.ProvisioningConfig
+    enabled: bool = False
+    strategy: Literal["reactive", "predictive"] = "reactive"
+    initial_instances: int = Field(6, ge=1)
+    slo_s: float = Field(70.0, gt=0)
+    metric: Literal["e2e", "ttft"] = "e2e"
+    cold_start_s: float = Field(0.0, ge=0)
+    cooldown_s: float = Field(0.0, ge=0)
+    scale_down: bool = False
+    scale_down_fraction: float = Field(0.5, gt=0, lt=1)
+    scale_down_window_s: float = Field(60.0, gt=0)
+
+
+PREDICTING_POLICIES = ("block", "block_star", "block_oracle", "block_noisy")  # what predictive provisioning needs
 
 
 class RunConfig(_Node):
@@ -132,6 +199,40 @@ class RunConfig(_Node):
     policy: Policy
     mode: Mode
     accuracy: Accuracy = Accuracy()
+    model: Model
+    gpu: Gpu
+    engine: Engine
+    provisioning: Optional[Provisioning] = None
+    _engine_config: Optional[EngineConfig] = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        """Build what the run builds from the typed keys; each failure names its keys."""
+        from vidur.config import engine_setup
+
+        self._engine_config = engine_setup(self.model.model_dump(), self.gpu.model_dump(),
+                                           self.engine.model_dump()).engine
+        p = self.provisioning
+        if p is not None and p.enabled:
+            if p.initial_instances > self.cluster.num_instances:
+                raise ValueError(f"provisioning.initial_instances={p.initial_instances} exceeds "
+                                 f"cluster.num_instances={self.cluster.num_instances}")
+            if p.strategy == "predictive" and self.policy.name not in PREDICTING_POLICIES:
+                raise ValueError(f"provisioning.strategy=predictive needs predicted latencies: policy.name="
+                                 f"{self.policy.name} predicts none (use the block family)")
+        from block.policies import policy_from_config
+
+        try:
+            policy_from_config(self.policy.model_dump())
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"policy.*: {err}") from err
+        return self
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The engine config the checks built (num_blocks resolved)."""
+        assert self._engine_config is not None
+        return self._engine_config
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     migrator = migrator_of(cfg)
     n = int(cfg.cluster.num_instances)
     engines = [Engine(ecfg, model, i) for i in range(n)]
-    controller = wiring.provisioning(cfg, n)
+    controller = wiring.provisioning(cfg)
     cluster = Cluster(engines, policy, seed=int(cfg.seed), sample_interval_s=float(cfg.mode.sample_interval_s),
                       accuracy_sampling_rate=float(OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0)),
                       controller=controller, migrator=migrator)

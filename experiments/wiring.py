@@ -92,41 +92,27 @@ def workload(cfg: DictConfig) -> list[Request]:
 
 
 def policy(cfg: DictConfig):
+    """The run's routing policy (its parameters were checked by ``validate``)."""
     from block.policies import policy_from_config
 
-    try:
-        return policy_from_config(OmegaConf.to_container(cfg.policy, resolve=True))
-    except ValueError as err:
-        raise ConfigError(f"policy.*: {err}") from err
+    return policy_from_config(OmegaConf.to_container(cfg.policy, resolve=True))
 
 
 def validate(cfg: DictConfig) -> EngineConfig:
     """All the checks that need no data, run once per run (``experiments.run.run_one``): the schema's types, choices
-    and ranges (``experiments.schema``), then the engine and provisioning combinations. Returns the engine config."""
+    and ranges, then the combinations -- engine, provisioning, policy (``experiments.schema``). Returns the engine
+    config the checks built, which the modes use as it is."""
     from experiments import schema
 
-    schema.check(cfg)
-    ec = engine_config(cfg)
-    provisioning(cfg, int(cfg.cluster.num_instances))
-    return ec
+    return schema.check(cfg).engine_config
 
 
-def provisioning(cfg: DictConfig, num_instances: int):
-    """The auto-provisioning controller, or None when ``provisioning.enabled`` is false."""
+def provisioning(cfg: DictConfig):
+    """The auto-provisioning controller, or None when ``provisioning.enabled`` is false (checked by ``validate``:
+    ``initial_instances`` within ``num_instances``, a predicting policy for the predictive strategy)."""
     p = cfg.get("provisioning")
     if p is None or not p.get("enabled", False):
         return None
     from block.provisioning import ProvisioningConfig, ProvisioningController
 
-    try:
-        pc = ProvisioningConfig.from_dict(OmegaConf.to_container(p, resolve=True))
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if pc.initial_instances > num_instances:
-        raise ConfigError(f"provisioning.initial_instances={pc.initial_instances} exceeds "
-                          f"cluster.num_instances={num_instances}")
-    if pc.strategy == "predictive" and str(cfg.policy.name) not in ("block", "block_star", "block_oracle",
-                                                                     "block_noisy"):
-        raise ConfigError(f"provisioning.strategy=predictive needs predicted latencies: policy.name="
-                          f"{cfg.policy.name} predicts none (use the block family)")
-    return ProvisioningController(pc)
+    return ProvisioningController(ProvisioningConfig.from_dict(OmegaConf.to_container(p, resolve=True)))

@@ -59,3 +59,53 @@ def test_overrides_reach_the_engine():
     assert s.engine.max_num_batched_tokens == 8192  # --chunk-size alone raises the batched-token cap with it
     with pytest.raises(TypeError, match="max_num_seq"):
         build_setup(max_num_seq=8)  # a misspelt override is an error, not ignored
+
+
+# ---------------------------------------------------------------------- validation
+def _config_error(*args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("configuration error:")]
+    assert len(lines) == 1, p.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides,key,says", [
+    (["engine.chunked_prefill=maybe"], "engine.chunked_prefill='maybe'", "boolean"),  # bool('maybe') was True
+    (["provisioning=reactive", "provisioning.initial_instances=abc"], "provisioning.initial_instances='abc'",
+     "integer"),  # was a TypeError traceback
+    (["engine.max_num_seqs=abc"], "engine.max_num_seqs='abc'", "integer"),  # was blamed on engine.tensor_parallel
+    (["policy=block", "+policy.foo=1"], "policy.*", "foo"),
+])
+def test_a_wrong_type_or_choice_is_one_line_naming_the_key(tmp_path, overrides, key, says):
+    line = _config_error(f"output_root={tmp_path}", "workload.num_requests=10", *overrides)
+    assert key in line and says in line, line
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_schema_names_every_bad_engine_and_model_key():
+    from experiments import schema
+    from experiments.wiring import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        schema.check(_compose("engine.tensor_parallel=0", "engine.watermark=2", "model.num_layers=1.5",
+                              "gpu.hbm_gbps=fast"))
+    for key in ("engine.tensor_parallel=0", "engine.watermark=2", "model.num_layers=1.5", "gpu.hbm_gbps='fast'"):
+        assert key in str(err.value)
+
+
+def test_an_emulate_run_checks_its_engine_config_once(tmp_path, monkeypatch):
+    """run_one validates; the emulate mode writes the services' flags and the summary from that result instead of
+    building and checking the engine config again (the services check their own in their own processes)."""
+    from experiments.run import run_one
+    from vidur.types import EngineConfig
+
+    calls = []
+    check = EngineConfig.validate
+    monkeypatch.setattr(EngineConfig, "validate", lambda self: (calls.append(self), check(self))[1])
+    cfg = _compose("mode=emulate", "cluster.num_instances=1", "workload.num_requests=3", "workload.qps=5",
+                   "mode.time_scale=8", "progress=false", f"output_root={tmp_path}")
+    summary = run_one(cfg, tmp_path / "run")
+    assert summary["completed"] == 3
+    assert len(calls) == 1
