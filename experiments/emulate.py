@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import httpx
 import numpy as np
@@ -38,6 +38,7 @@ from experiments.local_stack import LocalStack
 from experiments.provision_live import ProvisionAgent, provisioning_args, provisioning_records, settle
 from experiments.logger import interactive
 from vidur.records import instances_frame, summarize, write_run
+from vidur.types import EngineConfig
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /state sample otherwise
 
@@ -47,14 +48,15 @@ def _write_yaml(path: Path, node: Any) -> str:
     return str(path)
 
 
-def engine_args(cfg: DictConfig, conf_dir: Path) -> list[str]:
+def engine_args(cfg: DictConfig, conf_dir: Path, ecfg: Optional[EngineConfig] = None) -> list[str]:
     """The model/GPU/engine options of the engine and predictor command lines: the resolved config as YAML files,
-    pinned by the override options to the run's engine config."""
+    pinned by the override options to ``ecfg`` (the validated engine config; built from ``cfg`` when None)."""
+    ec = wiring.engine_config(cfg) if ecfg is None else ecfg
     return [
         "--model-config", _write_yaml(conf_dir / "model.yaml", cfg.model),
         "--gpu", _write_yaml(conf_dir / "gpu.yaml", cfg.gpu),
         "--engine", _write_yaml(conf_dir / "engine.yaml", cfg.engine),
-        *engine_flags(wiring.engine_config(cfg)),
+        *engine_flags(ec),
     ]
 
 
@@ -126,11 +128,12 @@ async def _replay(cfg: DictConfig, scheduler_urls: list[str], requests: list, to
     return await asyncio.gather(*jobs)
 
 
-def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run a validated ``cfg`` (``experiments.run.run_one``) on a local stack into ``run_dir``."""
+def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = None) -> dict[str, Any]:
+    """Run a validated ``cfg`` (``experiments.run.run_one``, which passes the engine config it built) on a local
+    stack into ``run_dir``."""
     t0 = time.perf_counter()
+    ecfg = wiring.engine_config(cfg) if ecfg is None else ecfg
     requests = wiring.workload(cfg)
-    wiring.policy(cfg)  # a bad policy config fails here, before any process starts
     n = int(cfg.cluster.num_instances)
     m = int(cfg.mode.num_schedulers)
     scale = float(cfg.mode.time_scale)
@@ -138,13 +141,13 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     conf_dir = run_dir / "services"
     conf_dir.mkdir(parents=True, exist_ok=True)
-    shared = engine_args(cfg, conf_dir)
+    shared = engine_args(cfg, conf_dir, ecfg)
     real = str(cfg.mode.get("engine", "emulated")) == "vllm"  # real vLLM servers (stock vLLM has no /state)
     if real and (scale != 1.0 or str(cfg.mode.state_source) != "proxy"):
         raise wiring.ConfigError("mode.engine=vllm runs in real time with predictors tracking what they proxy: set "
                                  "mode.time_scale=1 and mode.state_source=proxy")
     # auto-provisioning: the first initial_instances start now, the back pool when a scheduler asks the agent
-    controller = wiring.provisioning(cfg, n)
+    controller = wiring.provisioning(cfg)
     initial = n if controller is None else controller.cfg.initial_instances
     state_urls: dict[int, str] = {}  # /state URL per started instance (the sampler reads new ones as they appear)
     with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
@@ -182,7 +185,7 @@ def run_emulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         records.requests, tables["provisioning"], extra = provisioning_records(cfg, conf_dir, records.requests, m,
                                                                                agent.starts)
     return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0,
-                         extra_tables=tables, **extra)
+                         extra_tables=tables, ecfg=ecfg, **extra)
 
 
 def _start_vllm(stack: LocalStack, cfg: DictConfig, shared: list[str], i: int) -> Any:
@@ -219,9 +222,10 @@ def drive(cfg: DictConfig, requests: list, scheduler_urls: list[str], state_urls
     return DriveResult(req_df, itls, instances_frame(sampler.rows))
 
 
-def record_summary(cfg: DictConfig, requests: list, res: DriveResult, mode: str, **extra: Any) -> dict[str, Any]:
+def record_summary(cfg: DictConfig, requests: list, res: DriveResult, mode: str,
+                   ecfg: Optional[EngineConfig] = None, **extra: Any) -> dict[str, Any]:
     """The run summary (vllm-bench keys) of a live replay, with ITL percentiles and the engines' preemptions."""
-    ecfg = wiring.engine_config(cfg)
+    ecfg = wiring.engine_config(cfg) if ecfg is None else ecfg
     summary = summarize(
         res.requests, mode=mode, policy=str(cfg.policy.name), k=cfg.policy.get("k"), qps=cfg.workload.qps,
         num_instances=int(cfg.cluster.num_instances), num_schedulers=int(cfg.mode.num_schedulers),
@@ -241,8 +245,9 @@ def record_summary(cfg: DictConfig, requests: list, res: DriveResult, mode: str,
 
 
 def write_records(cfg: DictConfig, run_dir: Path, requests: list, res: DriveResult, mode: str,
-                  extra_tables: dict[str, pd.DataFrame] | None = None, **extra: Any) -> dict[str, Any]:
-    summary = record_summary(cfg, requests, res, mode, **extra)
+                  extra_tables: dict[str, pd.DataFrame] | None = None, ecfg: Optional[EngineConfig] = None,
+                  **extra: Any) -> dict[str, Any]:
+    summary = record_summary(cfg, requests, res, mode, ecfg, **extra)
     write_run(run_dir, redacted_yaml(cfg), res.requests, res.instances, summary, extra_tables)
     return summary
 
