@@ -132,16 +132,21 @@ def test_the_live_scheduler_routes_with_an_installed_plugin(outside, tmp_path):
     with FakeEngine("good") as a, FakeEngine("good") as b, FakeEngine("good") as c, \
             LocalStack(tmp_path / "logs", env={**dict.fromkeys(TOKEN_VARS), "PYTHONPATH": _env(outside)["PYTHONPATH"]},
                        startup_timeout_s=90) as local:
-        sched = local.start("scheduler", "block.scheduler",
-                            ["--instances", f"{a.url},{b.url},{c.url}", "--policy", "my_last", "--tokenizer", "none"])
-        sched.wait_healthy()
-        health = httpx.get(sched.url + "/health", timeout=30).json()
-        assert (health["policy"], health["signal"], health["k"]) == ("my_last", "none", None)
-        for _ in range(3):
-            r = httpx.post(sched.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3, "stream": True},
-                           timeout=30)
-            assert r.status_code == 200 and r.headers["x-block-instance"] == "2"
-        assert len(c.bodies) == 3 and not a.bodies and not b.bodies
+        urls = f"{a.url},{b.url},{c.url}"
+        by_entry_point = local.start("scheduler", "block.scheduler",
+                                     ["--instances", urls, "--policy", "my_last", "--tokenizer", "none"])
+        by_target = local.start("scheduler", "block.scheduler",
+                                ["--instances", urls, "--policy", "mine", "--policy-target", "my_pkg.my_rule:last",
+                                 "--tokenizer", "none"])
+        for sched, name in ((by_entry_point, "my_last"), (by_target, "mine")):
+            sched.wait_healthy()
+            health = httpx.get(sched.url + "/health", timeout=30).json()
+            assert (health["policy"], health["signal"], health["k"]) == (name, "none", None)
+            for _ in range(3):
+                r = httpx.post(sched.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3,
+                                                                    "stream": True}, timeout=30)
+                assert r.status_code == 200 and r.headers["x-block-instance"] == "2"
+        assert len(c.bodies) == 6 and not a.bodies and not b.bodies
 
 
 def test_make_policy_resolves_targets_and_refuses_what_it_cannot():
