@@ -8,6 +8,8 @@ engine is only simulated up to the moment somebody looks at it (see ``Engine.syn
 engines' own events, not the number of instances.
 
 The policy is passed in by the caller (``block.policies`` or a plain function): the simulator does not import it.
+The decision itself (sampling, told lengths, choose, observe) is ``vidur.routing``'s, the live scheduler's too; this
+module supplies the signals (``_signal``) and the provisioning controller's override.
 """
 
 from __future__ import annotations
