@@ -274,7 +274,7 @@ def synthetic_steps(n: int, seed: int = 0, max_batch: int = 48, chunk: int = 512
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
 
-    from block.engine.config import load_conf
+    from vidur.config import load_conf
 
     ap = argparse.ArgumentParser(prog="python -m vidur.profile_fit", description=__doc__.split("\n\n")[0])
     ap.add_argument("steps_csv")

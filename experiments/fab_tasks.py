@@ -14,8 +14,9 @@ Every task takes ``--cluster``: a cluster config name under ``conf/cluster`` (ma
     fab collect --cluster cl12 --run-id <id>                          # bring a run's records and logs back
     fab stop --cluster cl12 ; fab teardown --cluster cl12 --yes
 
-Why the config-heavy tasks import ``experiments.deploy`` (lazily): the plan of services is derived from the run's
-Hydra config, and there must be one derivation, used by ``mode=deploy`` and by these tasks alike.
+Why these tasks live in ``experiments`` and not in ``block/deploy``: the plan of services is derived from the run's
+Hydra config (``experiments.deploy``), and there must be one derivation, used by ``mode=deploy`` and by these tasks
+alike; ``block/deploy`` below holds what they drive (inventory, fleet, host operations) and imports nothing above.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from pathlib import Path
 from fabric import task
 from invoke.exceptions import Exit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from experiments.wiring import REPO_ROOT, ConfigError
+
 CLUSTER_HELP = "cluster config: a name under conf/cluster, or a YAML path (made by `fab inventory`)"
 OVERRIDES_HELP = "Hydra overrides of the run, space separated (quoted), e.g. \"policy=block workload.qps=20\""
 
 
 def _cfg(cluster: str, overrides: str = ""):
     from experiments.deploy import compose
-    from experiments.wiring import ConfigError
 
     try:
         return compose(cluster, shlex.split(overrides))
@@ -48,7 +49,6 @@ def _cfg(cluster: str, overrides: str = ""):
 
 def _fleet(cfg):
     from experiments.deploy import check, open_fleet
-    from experiments.wiring import ConfigError
 
     try:
         hosts = check(cfg)
@@ -179,7 +179,6 @@ def logs(c, cluster, lines=30, service="", overrides=""):
 def run(c, cluster, overrides="", multirun=False):
     """Run an experiment on the hosts: `python -m experiments.run mode=deploy cluster=<cluster> <overrides>`."""
     from experiments.deploy import cluster_overrides
-    from experiments.wiring import ConfigError
 
     argv = [sys.executable, "-m", "experiments.run"] + (["-m"] if multirun else []) + ["mode=deploy"]
     with tempfile.TemporaryDirectory() as tmp:
