@@ -58,6 +58,7 @@ POLICIES = [("round_robin", "round_robin", None, {}), ("llumnix", "llumnix", Non
             ("block k=all", "block", None, {}), ("lmetric", "lmetric", None, {}), ("llmd", "llmd", None, {}),
             ("llmd_latency", "llmd_latency", None, {}),
             ("llmd_latency most", "llmd_latency", None, {"selection": "most"}),
+            ("llmd_latency best", "llmd_latency", None, {"selection": "best"}),
             ("routebalance", "routebalance", None, {})]
 
 
@@ -193,6 +194,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", type=float, nargs="*", default=None, help="QPS points (default 8 9 10 11 12)")
     ap.add_argument("--accuracy-qps", type=float, default=None, help="default: the grid's second point")
     ap.add_argument("--slo", type=float, default=3.0, help="P99 TTFT SLO in seconds")
+    ap.add_argument("--policies", nargs="*", default=None, help="capacity table: only these labels (see POLICIES)")
     args = ap.parse_args(argv)
     n_req = args.requests or (1000 if args.quick else 3000)
     grid = args.grid or ([8.0, 10.0, 12.0] if args.quick else [8.0, 9.0, 10.0, 11.0, 12.0])
@@ -202,7 +204,8 @@ def main(argv=None) -> None:
     if args.only in (None, "accuracy"):
         accuracy(args.instances, n_req, args.accuracy_qps or grid[min(1, len(grid) - 1)], em, ecfg)
     if args.only in (None, "capacity"):
-        capacity(args.instances, n_req, grid, args.slo, em, ecfg)
+        chosen = [p for p in POLICIES if args.policies is None or p[0] in args.policies]
+        capacity(args.instances, n_req, grid, args.slo, em, ecfg, chosen)
     if args.only in (None, "residual"):
         residual(args.instances, n_req, grid, args.slo, em, ecfg)
     print(f"\n(wall {time.perf_counter() - t0:.0f} s)")

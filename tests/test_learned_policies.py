@@ -202,6 +202,7 @@ def test_llmd_latency_draws_by_slo_headroom_as_llm_d_does(tmp_path):
     assert least[2] == 0 and least[1] > 0.8 * 300  # "least" (llm-d's default) packs: weight 91 vs 11
     most = picks(slo_ttft_s=1.0, selection="most")
     assert most[2] == 0 and most[0] > 0.8 * 300
+    assert picks(n=20, slo_ttft_s=1.0, selection="best") == Counter({0: 20})  # ours: no draw
     # epsilon: the share of draws from the negative tier when both tiers exist
     assert picks(slo_ttft_s=1.0, epsilon=1.0) == Counter({2: 300})
     # nobody meets 50 ms: weights fall with the deficit (82, 74, 18 of 174)

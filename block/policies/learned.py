@@ -10,7 +10,8 @@
   the rest the negative one; with both tiers present the negative one is drawn with probability ``epsilon``
   (llm-d: 0.01), else the positive one. In the positive tier each headroom is normalised over the tier, blended
   0.8 TTFT / 0.2 TPOT, and a candidate drawn with weight ~ (1 - blend) (``selection="least"``, llm-d's default:
-  packing) or ~ blend (``"most"``: spreading). In the negative tier idle instances come first, then weights fall
+  packing) or ~ blend (``"most"``: spreading); ``"best"`` (ours, not llm-d's) takes the largest blended headroom
+  relative to the SLOs without a draw. In the negative tier idle instances come first, then weights fall
   with the blended deficit. Without a prefix cache llm-d's prefix-affinity gate never applies (so its epsilon
   only acts in the tier draw). Until an instance's models have ``min_samples`` outcomes, llm-d's static scorer
   (queue + KV, ``peers.llmd``) decides. Our reading of the upstream code: re-check it before citing a detail.
@@ -120,8 +121,8 @@ def llmd_latency(request: Request, candidates: list[Candidate], ctx: RoutingCont
                  epsilon: float = 0.01, selection: str = "least", min_samples: int = 100, refit_every: int = 200,
                  window: int = 5000, warm_start: Optional[str] = None) -> int:
     """llm-d predicted-latency routing (module docstring): per-instance TTFT/TPOT models, SLO headroom, epsilon."""
-    if selection not in ("least", "most"):
-        raise ValueError(f"llmd_latency: selection={selection!r} must be 'least' or 'most'")
+    if selection not in SELECTIONS:
+        raise ValueError(f"llmd_latency: selection={selection!r} must be one of {SELECTIONS}")
     st = learned_state(ctx, "llmd_latency", min_samples=min_samples, refit_every=refit_every, window=window,
                        warm_start=warm_start)
     for o, i, row in st.finished(ctx):
@@ -147,12 +148,19 @@ def llmd_latency(request: Request, candidates: list[Candidate], ctx: RoutingCont
     st.decisions += 1
     pos = [p for p in preds if p[1] > 0 and p[2] > 0]
     neg = [p for p in preds if not (p[1] > 0 and p[2] > 0)]
+    if selection == "best":  # not llm-d's: the largest blended headroom, no draw (isolates the learned model)
+        return min_by([p[0] for p in preds], [-_blend(p[1] / slo_ttft_s, p[2] / slo_tpot_s) for p in preds], ctx)
     if pos and (not neg or ctx.rng.random() >= epsilon):  # llm-d: 1 - epsilon to the positive tier
         return _weighted(pos, _positive_weights(pos, selection), ctx)
     return _negative_pick(neg, ctx)
 
 
 HEADROOM_TTFT_WEIGHT, HEADROOM_TPOT_WEIGHT = 0.8, 0.2  # llm-d's blend of the two headrooms (and deficits)
+SELECTIONS = ("least", "most", "best")
+
+
+def _blend(ttft: float, tpot: float) -> float:
+    return HEADROOM_TTFT_WEIGHT * ttft + HEADROOM_TPOT_WEIGHT * tpot
 
 
 def _norm(vals: list[float], default: float) -> list[float]:
