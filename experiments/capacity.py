@@ -160,7 +160,8 @@ class ViolationWatch:
 
     def __init__(self, slo_s: float, num_requests: int) -> None:
         self.slo_s = float(slo_s)
-        self.needed = violations_needed(int(num_requests))
+        self.num_requests = int(num_requests)
+        self.needed = violations_needed(self.num_requests)
         self.arrived = 0
         self._finished_seen: dict[int, int] = {}
         self._finished_over = 0
@@ -174,7 +175,7 @@ class ViolationWatch:
         return (ft - s.arrival > self.slo_s) if ft is not None else (t - s.arrival > self.slo_s)
 
     def __call__(self, cluster: Any) -> None:
-        self.arrived += 100
+        self.arrived = min(self.arrived + 100, self.num_requests)  # the run calls it every 100 arrivals, then at the end
         t = float(cluster.now)
         live = 0
         for e in cluster.engines:
