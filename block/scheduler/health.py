@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from block.http import Origin
+
+if TYPE_CHECKING:
+    from block.scheduler.config import SchedulerConfig
+    from block.scheduler.metrics import Metrics
+    from vidur.policy_contract import RoutingPolicy
 
 
 @dataclass
@@ -25,6 +30,14 @@ class Instance:
 
 class HealthMixin:
     """Instance health of the Scheduler (see the module docstring)."""
+
+    cfg: "SchedulerConfig"
+    instances: list[Instance]
+    provisioning: Any
+    metrics: "Metrics"
+    policy: "RoutingPolicy"
+    estimator: Any
+    n: int
 
     def eligible(self, exclude: Iterable[int] = ()) -> list[int]:
         """Instances to route to: not excluded and not marked down (all non-excluded ones if every one is down)."""

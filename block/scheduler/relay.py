@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
-from block.http import Response, UpstreamError
+from block.http import Pool, Response, UpstreamError
 from block.scheduler.errors import ERR_ENGINE_DOWN, ERR_ENGINE_FAILED, UpstreamFailure, UpstreamRefused, error_type
 from block.scheduler.jsonio import dumps
 from block.scheduler.request import HINT_FIELD, HINT_HEADER, Parsed
@@ -20,9 +20,22 @@ from block.scheduler.requestlog import ST_CLIENT_ERROR, ST_DISCONNECTED, ST_OK, 
 from block.scheduler.routing import Decision
 from block.sse import SSE_DONE, StreamView, client_error_status, error_event, error_message
 
+if TYPE_CHECKING:
+    from block.scheduler.config import SchedulerConfig
+    from block.scheduler.health import Instance
+    from block.scheduler.metrics import Metrics
+
 
 class RelayMixin:
     """Forward and relay of the Scheduler (see the module docstring)."""
+
+    cfg: "SchedulerConfig"
+    instances: list["Instance"]
+    pool: Optional[Pool]
+    metrics: "Metrics"
+    _auth: dict[str, str]
+
+    finish: Callable[..., None]  # the Scheduler's: ends a request's bookkeeping
 
     @staticmethod
     def block_headers(d: Optional[Decision], retries: int) -> dict[str, str]:

@@ -12,14 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from block.http import UpstreamError
+from block.http import Pool, UpstreamError
 from block.scheduler.errors import ERR_ENGINE_DOWN, UpstreamFailure, error_type
 from block.scheduler.jsonio import dumps, loads
+from vidur.routing import Router
 from vidur.types import Candidate, InstanceStats, Prediction, Request
+
+if TYPE_CHECKING:
+    from block.scheduler.config import SchedulerConfig
+    from block.scheduler.health import Instance
+    from block.scheduler.metrics import Metrics
 
 log = logging.getLogger("block.scheduler")
 
@@ -48,13 +55,30 @@ def _finite(x: Any) -> float:
 class RoutingMixin:
     """Probing and routing of the Scheduler (see the module docstring)."""
 
+    cfg: "SchedulerConfig"
+    instances: list["Instance"]
+    pool: Optional[Pool]
+    router: Router
+    rng: random.Random
+    metrics: "Metrics"
+    provisioning: Any
+    t0: float
+    _auth: dict[str, str]
+    _json_headers: dict[str, str]
+
+    eligible: Callable[[Iterable[int]], list[int]]  # HealthMixin's
+    mark_down: Callable[[int], None]  # HealthMixin's
+
     async def _probe_one(self, kind: str, i: int, req: Request, told: Optional[int], rid: str) -> Candidate:
         inst = self.instances[i]
         pool = self.pool
         assert pool is not None
         # no per-read timer: _probe bounds the whole probe (and cancels it) with asyncio.wait
         if kind == "prediction":
-            payload = dumps({"prompt_tokens": req.prompt_tokens, "expected_output_tokens": told, "id": rid})
+            body = {"prompt_tokens": req.prompt_tokens, "expected_output_tokens": told, "id": rid}
+            if "others_delay" in self.policy.needs:
+                body["others_delay"] = True
+            payload = dumps(body)
             r = await pool.request("POST", inst.origin, "/predict", payload, self._json_headers, None)
         else:
             r = await pool.request("GET", inst.origin, "/stats", b"", self._auth, None)
