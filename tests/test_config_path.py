@@ -109,3 +109,21 @@ def test_an_emulate_run_checks_its_engine_config_once(tmp_path, monkeypatch):
     summary = run_one(cfg, tmp_path / "run")
     assert summary["completed"] == 3
     assert len(calls) == 1
+
+
+def test_the_holdout_report_takes_its_model_spec_from_conf(monkeypatch):
+    """``python -m vidur.execution_model`` derives Llama-2-7B's attention from conf/model (no spec of its own):
+    a changed conf (8 KV heads instead of 32) changes the KV-width ratio to the Qwen2-7B donor (4 KV heads)."""
+    from vidur.config import PROFILE_ROOT, load_conf
+    from vidur.execution_model import report
+
+    if not (PROFILE_ROOT / "compute" / "a30" / "Qwen" / "Qwen-2-7B" / "attention.csv").exists():
+        pytest.skip("A30 profiles not bundled")
+
+    def gqa(group: str, name: str) -> dict:
+        d = load_conf(group, name)
+        return {**d, "num_kv_heads": 8} if group == "model" else d
+
+    assert report.evaluate_holdout(PROFILE_ROOT)["derived_llama2_7b_attention"]["r_kv"] == pytest.approx(8.0)
+    monkeypatch.setattr(report, "load_conf", gqa)
+    assert report.evaluate_holdout(PROFILE_ROOT)["derived_llama2_7b_attention"]["r_kv"] == pytest.approx(2.0)
