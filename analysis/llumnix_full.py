@@ -17,23 +17,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.common import (
-    AnalysisError,
-    add_common_args,
-    comparable_runs,
-    label_sort_key,
-    label_style,
-    load_runs,
-    out_dir,
-    plain_log_axis,
-    policy_labels,
-    policy_name,
-    run_cli,
-    run_qps,
-    shared_legend,
-    theme,
-)
-from analysis.records import save_csv, save_figure
+from analysis.common import (AnalysisError, add_common_args, comparable_runs, label_sort_key, label_style, load_runs,
+                             out_dir, plain_log_axis, policy_labels, policy_name, run_cli, run_qps, save_stamped,
+                             shared_legend, theme)
+from analysis.records import save_csv
 
 # Block's artifact (AE.md, systor-ae branch): mean latency in ms at QPS 36
 PUBLISHED = pd.DataFrame([
@@ -79,7 +66,7 @@ def plot(tab: pd.DataFrame) -> plt.Figure:
     for _, p in PUBLISHED.iterrows():
         labs = [lab for lab, pol in policy_of.items() if pol == p["policy"]]
         st = styles[labs[0]] if labs else {"color": "black", "marker": "o"}
-        name = (labs[0] if labs else p["policy"]) + " (published)"
+        name = "published: " + (labs[0] if labs else p["policy"])
         ax.scatter([p["qps"]], [p["mean_e2el_ms"] / 1e3], s=110, facecolors="none", edgecolors=st["color"],
                    marker=st["marker"], linewidths=2, zorder=5, label=name)
     ax.set_xlabel("QPS (whole cluster)")
@@ -89,8 +76,8 @@ def plot(tab: pd.DataFrame) -> plt.Figure:
     ax_m.set_xlabel("QPS (whole cluster)")
     ax_m.set_ylabel("migrations per run")
     ax_m.set_title("live migration")
-    shared_legend(fig, [ax, ax_m], ncol=3, y=1.0)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    shared_legend(fig, [ax, ax_m], ncol=3, y=0.86)
     return fig
 
 
@@ -103,7 +90,10 @@ def llumnix_full(args: argparse.Namespace) -> list[Path]:
     tab = summary_table(runs)
     out = out_dir(args)
     fig = plot(tab)
-    paths = save_figure(fig, out, "llumnix_full")
+    links = sorted({str(r.get("cluster.migration_gbps")) for r in runs if r.get("cluster.migration_gbps") is not None})
+    note = ("step times: roofline model (no profile for this GPU), published points: Block's artifact"
+            + (f" | migration link {', '.join(links)} GB/s per GPU (assumed)" if links else ""))
+    paths = save_stamped(fig, runs, out, "llumnix_full", note)
     plt.close(fig)
     paths.append(save_csv(tab, out, "llumnix_full"))
     return paths

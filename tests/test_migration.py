@@ -304,3 +304,22 @@ def test_live_modes_refuse_llumnix_full(composer, tmp_path):
     cfg = composer(["policy=llumnix_full", "mode=emulate"])
     with pytest.raises(wiring.ConfigError, match="only mode=sim"):
         run_one(cfg, tmp_path / "run")
+
+
+def test_analysis_draws_ours_beside_the_published_points(composer, tmp_path):
+    import pandas as pd
+
+    from analysis.llumnix_full import main
+    from experiments.run import run_one
+
+    root = tmp_path / "llumnix_full"
+    for pol in ("llumnix_full", "block_oracle"):
+        cfg = composer(["experiment=llumnix_full", f"policy={pol}", "workload.qps=36", "workload.num_requests=60",
+                        "progress=false"])
+        run_one(cfg, root / pol)
+    assert main([str(root)]) == 0
+    tab = pd.read_csv(root / "figures" / "llumnix_full.csv")
+    assert sorted(tab["policy"]) == ["block_oracle", "llumnix_full"] and (tab["qps"] == 36).all()
+    assert tab.set_index("policy").loc["llumnix_full", "num_migrations"] >= 0
+    assert tab.set_index("policy").loc["block_oracle", "num_migrations"] == 0
+    assert (root / "figures" / "llumnix_full.png").stat().st_size > 0
