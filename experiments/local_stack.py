@@ -25,8 +25,9 @@ from typing import IO, Callable, Mapping, Optional, Sequence
 
 import httpx
 
+from vidur.config import REPO_ROOT
+
 LISTEN_RE = re.compile(r"listening on (http://[^\s]+)")
-ROOT = Path(__file__).resolve().parents[1]
 # read by the services' --token / --upstream-token / --engine-token defaults; ``env=dict.fromkeys(TOKEN_VARS)``
 # starts the services without any of them
 TOKEN_VARS = ("BLOCK_API_TOKEN", "BLOCK_UPSTREAM_TOKEN", "BLOCK_ENGINE_TOKEN")
@@ -218,7 +219,7 @@ class LocalStack:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "w")
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=self.env, start_new_session=True,
-                                cwd=ROOT, preexec_fn=preexec_fn)
+                                cwd=REPO_ROOT, preexec_fn=preexec_fn)
         svc = Service(name, argv, proc, log_path, listens=listens, timeout_s=self.startup_timeout_s, _log=log)
         self.services.append(svc)
         if wait:

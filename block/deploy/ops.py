@@ -32,8 +32,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from block.deploy.fleet import Fleet, FleetError, HostOutcome, describe_error, resolve_workdir
 from block.deploy.inventory import Host
+from vidur.config import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("engine", "predictor", "scheduler")
 UNREACHABLE_ERRORS = ("NoValidConnectionsError", "SSHException", "AuthenticationException", "timed out", "socket",
                       "gaierror", "ConnectionRefused", "EOFError")  # start order; stop goes the other way
