@@ -323,3 +323,13 @@ def test_analysis_draws_ours_beside_the_published_points(composer, tmp_path):
     assert tab.set_index("policy").loc["llumnix_full", "num_migrations"] >= 0
     assert tab.set_index("policy").loc["block_oracle", "num_migrations"] == 0
     assert (root / "figures" / "llumnix_full.png").stat().st_size > 0
+
+
+def test_live_scheduler_refuses_llumnix_full():
+    from block.scheduler.cli import build_parser, make_policy_from_args
+
+    ap = build_parser()
+    with pytest.raises(ValueError, match="only the simulator"):
+        make_policy_from_args(ap.parse_args(["--instances", "http://a:1", "--policy", "llumnix_full"]))
+    pol, _ = make_policy_from_args(ap.parse_args(["--instances", "http://a:1", "--policy", "llumnix"]))
+    assert pol.name == "llumnix"

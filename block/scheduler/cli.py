@@ -209,6 +209,11 @@ def make_policy_from_args(args: argparse.Namespace):
             cfg[key] = getattr(args, f"policy_{key}")
     name = cfg["name"] = args.policy or cfg.get("name") or (CUSTOM if cfg.get("target") else "block")
     spec = policy_spec(name, cfg.get("target"), cfg.get("signal"))  # a clear error for an unknown or bad one
+    from block.policies.llumnix_full import MIGRATING_POLICIES
+
+    if name in MIGRATING_POLICIES:  # routing it here would silently be its dispatch rule alone
+        raise ValueError(f"--policy {name} migrates running requests' KV caches between engines, which only the "
+                         "simulator implements (mode=sim); live migration is not implemented")
     if args.k is not None:
         k = str(args.k).strip().lower()
         if k in ("all", "none", "null", "0"):
