@@ -204,7 +204,7 @@ def test_registry_table_and_errors():
     assert names == {"block", "block_star", "block_oracle", "block_noisy", "block_nosim", "llumnix", "infaas",
                      "llumnix_full",
                      "min_qpm", "least_requests", "llmd", "sglang_least_load", "dynamo_kv", "round_robin", "random",
-                     "lmetric", "llmd_latency", "routebalance", "block_residual"}
+                     "lmetric", "llmd_latency", "routebalance", "block_residual", "block_social", "block_ttft"}
     assert set(describe_policies()) == names and all(describe_policies().values())
     with pytest.raises(ValueError, match="block_oracle"):
         make_policy("nope")

@@ -146,7 +146,8 @@ class Cluster:
         eng.sync(t)
         if kind == "stats":
             return Candidate(i, stats=eng.stats())
-        p = predict_engine(eng, t, req, instance_id=i, expected_output_tokens=told)  # = predict(eng.snapshot(t))
+        p = predict_engine(eng, t, req, instance_id=i, expected_output_tokens=told,  # = predict(eng.snapshot(t))
+                           others_delay="others_delay" in self.policy.needs)
         return Candidate(i, stats=None, prediction=p)
 
     def route(self, req: Request, index: int) -> tuple[int, list[Candidate], RoutingContext]:

@@ -17,6 +17,9 @@ from typing import Any, Callable, Optional
 from vidur.types import Candidate, Request
 
 SIGNALS = ("none", "stats", "prediction")
+# what-if answers a prediction policy may ask for on top of the default ones (``RoutingPolicy.needs``):
+# "others_delay" fills Prediction.others_delay_s (vidur.whatif; live: /predict's body "others_delay": true)
+NEEDS = ("others_delay",)
 
 
 @dataclass
@@ -48,12 +51,18 @@ class RoutingPolicy:
     observe: Optional[ObserveFn] = None
     # maps a request to the output length the what-if should assume (noise injection, estimators); None = hint
     expected_length: Optional[LengthFn] = None
+    # optional what-if answers the rule reads beyond the default ones (NEEDS): they cost extra simulation
+    needs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
             raise ValueError(f"policy {self.name!r}: signal must be one of {SIGNALS}, got {self.signal!r}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"policy {self.name!r}: k must be >= 1 or None (all), got {self.k}")
+        bad = sorted(set(self.needs) - set(NEEDS))
+        if bad or (self.needs and self.signal != "prediction"):
+            raise ValueError(f"policy {self.name!r}: needs {list(self.needs)} must be among {NEEDS} and come with "
+                             f"signal 'prediction'")
 
 
-__all__ = ["SIGNALS", "ChooseFn", "LengthFn", "ObserveFn", "RoutingContext", "RoutingPolicy"]
+__all__ = ["NEEDS", "SIGNALS", "ChooseFn", "LengthFn", "ObserveFn", "RoutingContext", "RoutingPolicy"]

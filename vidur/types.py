@@ -253,6 +253,9 @@ class Prediction:
     num_waiting: int = 0
     num_preemptions: int = 0
     predict_ms: float = 0.0
+    # latency the request adds to the requests already on the instance (sum over them, s); filled only when asked
+    # (vidur.whatif's others_delay: a run to idle with and without it), else 0
+    others_delay_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

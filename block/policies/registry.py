@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from block.policies import basic, heuristics, learned, peers, predicted, residual
-from block.policies import llumnix_full
+from block.policies import llumnix_full, social
 from block.policies.common import check_pct, noisy_length
 from vidur.policy_contract import SIGNALS, ChooseFn, RoutingContext, RoutingPolicy
 from vidur.types import Request
@@ -47,6 +47,7 @@ class PolicySpec:
     observe: Optional[Callable[..., None]] = None
     default_length_noise_pct: float = 0.0
     default_k: Optional[int] = None  # what conf/policy/<name>.yaml sets
+    needs: tuple[str, ...] = ()  # extra what-if answers (vidur.policy_contract.NEEDS)
 
     @property
     def uses_length(self) -> bool:
@@ -108,6 +109,11 @@ POLICIES: dict[str, PolicySpec] = {
                                "over request x instance, lower wins", observe=learned.learned_observe),
     "block_residual": PolicySpec(residual.block_residual, "prediction", True, _B + "; what-if corrected by a "
                                  "learned residual", observe=residual.residual_observe, default_k=2),
+    "block_social": PolicySpec(social.block_social, "prediction", True, "predicted e2e + weight x the delay the "
+                               "request adds to the others on the instance (what-if with and without it), lower "
+                               "wins", default_k=2, needs=("others_delay",)),
+    "block_ttft": PolicySpec(social.block_ttft, "prediction", True, "predicted TTFT + e2e_weight x predicted e2e, "
+                             "lower wins (the SLO's quantity first)", default_k=2),
 }
 
 
@@ -276,7 +282,7 @@ def make_policy(name: str, k: Optional[int] = None, length_noise_pct: Optional[f
             obs(req, chosen, cands, ctx, **okw)
 
     return RoutingPolicy(name=name, choose=choose, signal=spec.signal, k=k if spec.probes else None,
-                         observe=observe, expected_length=expected_length)
+                         observe=observe, expected_length=expected_length, needs=spec.needs)
 
 
 def policy_from_config(cfg: Mapping[str, Any]) -> RoutingPolicy:

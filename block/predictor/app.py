@@ -33,7 +33,7 @@ from block.engine.tokens import TokenCounter
 from block.predictor.feedback import Feedback
 from block.predictor.liveness import Liveness
 from block.predictor.metrics import PredictorMetrics
-from block.predictor.predict import parse_predict, whatif
+from block.predictor.predict import parse_predict, parse_predict_options, whatif
 from block.predictor.proxy import Proxy, json_response
 from block.predictor.sources import StateView
 from block.predictor.tracker import Tracker
@@ -179,10 +179,11 @@ class PredictorService:
     # ------------------------------------------------------------------ /predict
     async def predict(self, raw: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
-        prompt, expected = parse_predict(raw)
+        prompt, expected, others = parse_predict_options(raw)
         self.check_available()
         st, _, _ = await self.current_state()
-        d = whatif(st, prompt, expected, self.model, instance_id=self.instance_id, overrun_tokens=self.overrun)
+        d = whatif(st, prompt, expected, self.model, instance_id=self.instance_id, overrun_tokens=self.overrun,
+                   others_delay=others)
         d = self.feedback.answer(d, prompt, min(expected, max(1, st.config.max_model_len - prompt)))
         dt = time.perf_counter() - t0
         d["predict_ms"] = dt * 1e3

@@ -32,7 +32,20 @@ def _pos_int(name: str, v: Any) -> int:
 
 def parse_predict(raw: bytes) -> tuple[int, int]:
     """(prompt tokens, expected output tokens) of a /predict body; ours or Block's field names. 400 on bad input."""
+    prompt, expected, _ = parse_predict_options(raw)
+    return prompt, expected
+
+
+def parse_predict_options(raw: bytes) -> tuple[int, int, bool]:
+    """``parse_predict`` plus the optional ``"others_delay": true`` (fill ``others_delay_s``; a boolean or 400)."""
     d = json_object(raw)  # bounded: block.service.loads_json
+    others = d.get("others_delay", False)
+    if not isinstance(others, bool):
+        raise ServiceError(400, f"others_delay must be a boolean, got {show(others)}")
+    return (*_lengths(d), others)
+
+
+def _lengths(d: dict[str, Any]) -> tuple[int, int]:
     p = d.get("prompt_tokens")
     name_p = "prompt_tokens"
     if p is None and "num_context_tokens" in d:
@@ -45,7 +58,7 @@ def parse_predict(raw: bytes) -> tuple[int, int]:
 
 
 def whatif(st: InstanceState, prompt: int, expected: int, model: StepTimeModel, *, instance_id: int,
-           overrun_tokens: int) -> dict[str, Any]:
+           overrun_tokens: int, others_delay: bool = False) -> dict[str, Any]:
     """The ``Prediction`` (as JSON) of a candidate with ``prompt`` / ``expected`` tokens joining ``st``.
 
     400 when the prompt cannot fit the model; the expected length is cut where the engine would stop; infinite
@@ -57,7 +70,7 @@ def whatif(st: InstanceState, prompt: int, expected: int, model: StepTimeModel, 
     expected = min(expected, lim - prompt)  # the engine would stop there
     try:
         p = predict(st, VRequest(CANDIDATE_ID, 0.0, prompt, expected), model, instance_id=instance_id,
-                    overrun_tokens=overrun_tokens, expected_output_tokens=expected)
+                    overrun_tokens=overrun_tokens, expected_output_tokens=expected, others_delay=others_delay)
     except Exception as err:  # noqa: BLE001 - e.g. an inconsistent injected or engine state
         log.exception("what-if failed")
         raise ServiceError(500, f"what-if failed: {type(err).__name__}: {err}", "server_error") from None
