@@ -116,6 +116,9 @@ def test_online_gbdt_learns_a_latency_surface_and_refits_on_schedule():
     test = rows[:200]
     s = error_summary(m.predict(test), [truth(r) for r in test])
     assert s["median_error"] < 0.1 and s["p90_error"] < 0.3
+    # monotone in every load feature, also past what it has seen (queues of 0-7 here)
+    along = m.predict([(0.5, 500.0, 100.0, float(q), 4.0, 0.0, 0.0) for q in range(0, 30)])
+    assert (np.diff(along) >= 0).all() and along[-1] > 2 * along[0]
     assert len(FEATURES) == len(features(InstanceStats(0, 1, 2, 3, 4), 5, 6))
 
 

@@ -67,6 +67,7 @@ class OnlineGBDT:
     num_leaves: int = 15
     learning_rate: float = 0.1
     seed: int = 0
+    monotone: bool = True  # latency never falls when a load feature grows (every feature in FEATURES is one)
     _x: deque = field(default_factory=deque, repr=False)
     _y: deque = field(default_factory=deque, repr=False)
     _booster: Any = field(default=None, repr=False)
@@ -117,6 +118,8 @@ class OnlineGBDT:
         params = {"objective": "regression", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
                   "min_data_in_leaf": max(5, min(20, len(y) // 20)), "verbose": -1, "num_threads": 1,
                   "deterministic": True, "force_row_wise": True, "seed": self.seed}
+        if self.monotone:
+            params["monotone_constraints"] = [1] * x.shape[1]
         self._booster = lgb.train(params, lgb.Dataset(x, y, free_raw_data=True), num_boost_round=self.num_trees)
         self._since_fit = 0
         self.fits += 1

@@ -14,7 +14,9 @@
   relative to the SLOs without a draw. In the negative tier idle instances come first, then weights fall
   with the blended deficit. Without a prefix cache llm-d's prefix-affinity gate never applies (so its epsilon
   only acts in the tier draw). Until an instance's models have ``min_samples`` outcomes, llm-d's static scorer
-  (queue + KV, ``peers.llmd``) decides. Our reading of the upstream code: re-check it before citing a detail.
+  (queue + KV, ``peers.llmd``) decides. Each instance's models see only that instance's outcomes, so they refit
+  every ``refit_every`` = 50 of them (a model refitted every 200 went stale for whole overload episodes). Our
+  reading of the upstream code: re-check it before citing a detail.
 * ``routebalance`` (RouteBalance, arXiv 2606.17949, Block's successor): one in-process learned predictor of E2E
   for the whole request x instance matrix (one batched model call per decision) instead of a simulation per
   instance; argmin. Until ``min_samples`` outcomes, Block-NoSim's unprocessed-token rule decides.
@@ -118,7 +120,7 @@ def _rows(request: Request, cands: list[Candidate], length_of: Optional[LengthOf
 # ------------------------------------------------------------------------------------------------ llm-d
 def llmd_latency(request: Request, candidates: list[Candidate], ctx: RoutingContext, *,
                  length_of: Optional[LengthOf] = None, slo_ttft_s: float = 3.0, slo_tpot_s: float = 0.1,
-                 epsilon: float = 0.01, selection: str = "least", min_samples: int = 100, refit_every: int = 200,
+                 epsilon: float = 0.01, selection: str = "least", min_samples: int = 50, refit_every: int = 50,
                  window: int = 5000, warm_start: Optional[str] = None) -> int:
     """llm-d predicted-latency routing (module docstring): per-instance TTFT/TPOT models, SLO headroom, epsilon."""
     if selection not in SELECTIONS:
