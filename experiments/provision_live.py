@@ -345,6 +345,9 @@ class DeployBackPool:
             if mine:
                 files[BACK_POOL_PLAN] = json.dumps({**hp, "services": mine}, indent=1).encode()
                 self.slot_hosts.update({back[svc["name"]]: host for svc in mine})
+        missing = sorted(set(range(self.initial, n)) - set(self.slot_hosts))
+        if missing:
+            raise ValueError(f"the plan has no services for back-pool slots {missing} (split twice?)")
         self.plan = plan
         self._planned.set()
 

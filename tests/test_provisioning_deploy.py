@@ -8,6 +8,7 @@ the run records, not the clock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -16,13 +17,15 @@ import pandas as pd
 import pytest
 
 from block.deploy.inventory import Host
+from block.scheduler.provisioning import AgentLease, AgentStarter
 from test_deploy import TOKEN, _cluster, _free_block, _overrides, _run, _run_dir, loopback  # noqa: F401 - fixture
+from test_provisioning_live import scale_down_twice
 
 pytestmark = pytest.mark.timeout(900)
 N, INITIAL = 3, 2
 
 
-def test_deploy_fig8_starts_a_slot_through_ssh_once_for_two_schedulers(tmp_path, loopback):  # noqa: F811
+def test_deploy_fig8_starts_a_slot_through_ssh_once_for_two_schedulers(tmp_path, loopback, monkeypatch):  # noqa: F811
     srv = loopback.servers[0]
     work = tmp_path / "hostwork"
     host = Host("solo", srv.address, user=loopback.user, port=srv.port, instances=N, roles=["engine", "scheduler"],
@@ -58,6 +61,7 @@ def test_deploy_fig8_starts_a_slot_through_ssh_once_for_two_schedulers(tmp_path,
     tab = pd.read_csv(next(run.rglob("fig8.csv")))
     assert tab["instances_added"].tolist() == [1]
 
+    monkeypatch.setenv("BLOCK_API_TOKEN", TOKEN)  # the services' secrets, as a run gives them (secrets_of)
     _agent_starts_and_stops_a_slot_through_the_tunnel(tmp_path, path, ov, loopback)
 
 
@@ -65,14 +69,14 @@ def _agent_starts_and_stops_a_slot_through_the_tunnel(tmp_path, path, ov, loopba
     """The pieces of the run in process: the host (set up by the run) calls the driver's agent on its own loopback
     through the ssh remote forward; the agent starts slot 2 on the host with hostctl over ssh, and stops it."""
     from block.deploy import ops
-    from experiments.deploy import build_plan, check, compose, open_fleet, run_id_of
+    from experiments.deploy import build_plan, check, compose, open_fleet, run_id_of, secrets_of
     from experiments.provision_live import DeployBackPool
 
     rest = [o for o in ov if o.split("=")[0] not in ("mode", "cluster", "hydra.searchpath")]
     cfg = compose(str(path), rest)
     hosts = check(cfg)
     run_id = run_id_of(tmp_path / "manual")
-    with open_fleet(cfg, hosts) as fleet, DeployBackPool(cfg, fleet, hosts, {"BLOCK_API_TOKEN": TOKEN},
+    with open_fleet(cfg, hosts) as fleet, DeployBackPool(cfg, fleet, hosts, secrets_of(cfg),
                                                          TOKEN) as back:
         remote = {h.name: ops.run_dir_of(fleet, h, run_id) for h in hosts}
         plan = build_plan(cfg, hosts, {"solo": "emulated"}, run_id, remote, tmp_path / "manual" / "services")
@@ -98,3 +102,18 @@ def _agent_starts_and_stops_a_slot_through_the_tunnel(tmp_path, path, ov, loopba
                 c.get(f"{url}/health")
         assert back.agent.starts == {2: 1} and back.agent.stops == {2: 1}
         assert ops.status(fleet).state == "stopped"
+    # scale-down on the hosts: two schedulers' pools with the agent's lease, through the tunnel; the slot drains a
+    # streamed answer, then one stop through hostctl over ssh (the same checks as mode=emulate's test)
+    with open_fleet(cfg, hosts) as fleet, DeployBackPool(cfg, fleet, hosts, secrets_of(cfg),
+                                                         TOKEN) as back:
+        plan = build_plan(cfg, hosts, {"solo": "emulated"}, run_id, remote, tmp_path / "manual" / "services")
+        back.split(plan, tmp_path / "manual" / "services")
+        ops.push_run(fleet, run_id, plan.files)
+        url = back.agent_urls["solo"]
+        try:
+            asyncio.run(scale_down_twice(tmp_path, back.agent, lambda: AgentStarter(url, TOKEN),
+                                         lambda: AgentLease(url, TOKEN), N, TOKEN))
+        finally:
+            ops.stop(fleet)
+    events = [e for j in range(2) for e in map(json.loads, (tmp_path / f"prov{j}.jsonl").read_text().splitlines())]
+    assert [e["event"] for e in events].count("stopped") == 1

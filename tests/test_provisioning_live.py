@@ -187,10 +187,11 @@ def _calm(ctl: ProvisioningController, pool: LivePool, t: float) -> None:
         ctl.on_finish(pool, Finished(t + dt, None, t + dt + 1.0), t + dt + 1.0)
 
 
-async def _until(cond, what: str, timeout_s: float = 300.0) -> None:
+async def _until(cond, what, timeout_s: float = 300.0) -> None:
+    """Wait until ``cond()``; ``what()`` says what was missing."""
     deadline = time.monotonic() + timeout_s
     while not cond():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what()
         await asyncio.sleep(0.05)
 
 
@@ -203,10 +204,11 @@ def test_scale_down_drains_the_slot_then_stops_it_once(tmp_path):
     from experiments.provision_live import provisioning_records
 
     with LocalStack(tmp_path / "logs", env=dict.fromkeys(TOKEN_VARS), startup_timeout_s=180) as local:
-        first = _instance(local, 0)
+        _instance(local, 0)
         slots = _Slots(local, time_scale=1.0)  # real time: a 300-token answer takes seconds, it is in flight
         with ProvisionAgent(slots.start, range(1, 2), stop_slot=slots.stop) as agent:
-            asyncio.run(_scale_down(tmp_path, first, agent, slots))
+            asyncio.run(scale_down_twice(tmp_path, agent, lambda: AgentStarter(agent.url),
+                                         lambda: SlotLease(str(tmp_path / "locks")), 2))
     events = [_events(tmp_path / f"prov{j}.jsonl") for j in range(2)]
     every = [(e["event"], e["instance"]) for ev in events for e in ev if e["instance"] == 1]
     assert every.count(("stopped", 1)) == 1 and every.count(("drain", 1)) == 1 and every.count(("start", 1)) == 2
@@ -219,30 +221,36 @@ def test_scale_down_drains_the_slot_then_stops_it_once(tmp_path):
     assert summary["instances_stopped"] == 1 and summary["provision_stops"] == {"1": 1}
 
 
-async def _scale_down(tmp: Path, first: str, agent: ProvisionAgent, slots: _Slots) -> None:
-    locks = tmp / "locks"
+async def scale_down_twice(tmp: Path, agent: ProvisionAgent, starter, lease, n: int, token: str | None = None) -> None:
+    """Two schedulers' pools over ``n`` slots, the last one the back pool, started through ``agent`` (``starter()``
+    and ``lease()`` make each pool's): the slot starts once, serves a long streamed answer while both pools scale it
+    down, the answer arrives whole, then exactly one stop; the slot is gone, back in both back pools, and starts
+    again when asked. Events go to ``tmp/prov<j>.jsonl``. Shared with the deploy test (the agent there is reached
+    through ssh and starts slots with hostctl)."""
+    slot = n - 1
     pools = []
     for j in range(2):
-        ctl = ProvisioningController(ProvisioningConfig(strategy="reactive", initial_instances=1, slo_s=10.0,
+        ctl = ProvisioningController(ProvisioningConfig(strategy="reactive", initial_instances=n - 1, slo_s=10.0,
                                                         scale_down=True, scale_down_window_s=5.0))
-        pool = LivePool(ctl, 2, AgentStarter(agent.url), SlotLease(str(locks)), event_log=str(tmp / f"prov{j}.jsonl"),
-                        poll_s=0.05, drain_grace_s=0.2)
+        pool = LivePool(ctl, n, starter(), lease(), event_log=str(tmp / f"prov{j}.jsonl"), poll_s=0.05,
+                        drain_grace_s=0.2)
         ctl.start(pool)
         await pool.start()
         pools.append((ctl, pool))
     (ca, a), (cb, b) = pools
-    ca.on_finish(a, Finished(0.0, None, 20.0), 20.0)  # 20 s > the 10 s SLO: slot 1 starts
-    await _until(lambda: a.active == [0, 1] and b.active == [0, 1], f"slot 1 not active: {a.events} {b.events}")
-    url = a.urls[1]
-    async with httpx.AsyncClient(timeout=300) as client:
+    ca.on_finish(a, Finished(0.0, None, 20.0), 20.0)  # 20 s > the 10 s SLO: the back slot starts
+    await _until(lambda: slot in a.active and slot in b.active, lambda: f"slot not active: {a.events} {b.events}")
+    url = a.urls[slot]
+    auth = {"authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(timeout=300, trust_env=False, headers=auth) as client:
         async with client.stream("POST", f"{url}/v1/completions", json={
                 "prompt": [7] * 16, "max_tokens": 300, "ignore_eos": True, "stream": True}) as r:
             assert r.status_code == 200
             chunks = r.aiter_lines()
-            got = [await chunks.__anext__()]  # the request is in flight on slot 1
-            _calm(ca, a, 30.0)  # both schedulers scale slot 1 down while it serves the request
+            got = [await chunks.__anext__()]  # the request is in flight on the slot
+            _calm(ca, a, 30.0)  # both schedulers scale the slot down while it serves the request
             _calm(cb, b, 30.0)
-            assert a.active == [0] and b.active == [0] and 1 in a.draining
+            assert slot not in a.active and slot not in b.active and slot in a.draining
             removed = time.time()
             got += [line async for line in chunks]
         done = time.time()
@@ -250,17 +258,18 @@ async def _scale_down(tmp: Path, first: str, agent: ProvisionAgent, slots: _Slot
     text = [json.loads(g[6:]) for g in got if g.startswith("data: {")]
     assert got[-1] == "data: [DONE]", got[-3:]
     assert text[-1]["choices"][0]["finish_reason"] == "length"  # served whole: not cut off by the stop
-    assert done - removed > 0.5  # it was in flight while the slot drained (300 real-time decode steps, seconds)
-    await _until(lambda: any(e["event"] == "stopped" for p in (a, b) for e in p.events), "slot 1 never stopped")
+    assert done - removed > 0.5  # it was in flight while the slot drained (300 decode steps, seconds)
+    await _until(lambda: any(e["event"] == "stopped" for p in (a, b) for e in p.events),
+                 lambda: f"slot never stopped: {a.events} {b.events}")
     stopped = next(e for p in (a, b) for e in p.events if e["event"] == "stopped")
-    assert stopped["in_flight_left"] == 0
-    assert agent.stops == {1: 1} and 1 not in slots.running and not os.listdir(locks)
+    assert stopped["in_flight_left"] == 0 and agent.stops == {slot: 1}
     with pytest.raises(httpx.ConnectError):  # the slot's predictor is gone
         httpx.get(f"{url}/health", timeout=5)
-    assert 1 in a.back_pool() and 1 in b.back_pool()
-    ca.on_finish(a, Finished(50.0, None, 70.0), 70.0)  # slow again: slot 1 starts anew
-    await _until(lambda: 1 in a.active, f"slot 1 not restarted: {a.events}")
-    assert agent.starts == {1: 2}
+    assert slot in a.back_pool() and slot in b.back_pool()
+    assert await asyncio.to_thread(lease().read, slot) is None  # the lease is released: nothing published
+    ca.on_finish(a, Finished(50.0, None, 70.0), 70.0)  # slow again: the slot starts anew
+    await _until(lambda: slot in a.active, lambda: f"slot not restarted: {a.events}")
+    assert agent.starts == {slot: 2}
     for p in (a, b):
         await p.close()
 
