@@ -232,15 +232,17 @@ class ProvisionAgent:
             self.leases.pop(i, None)
 
     def wait_settled(self, timeout_s: float) -> bool:
-        """At the end of a run: until no slot is starting or stopping here and every claimed start has its outcome
-        published and every claimed stop is released (False if not within ``timeout_s``)."""
+        """At the end of a run: until no slot is starting or stopping here, every claimed start has its outcome
+        published and every drain is over (released, or published as stop_failed); False if not within
+        ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         if not self.wait_idle(timeout_s):
             return False
         while time.monotonic() < deadline:
             with self._lease_lock:
-                open_ = [i for i, lease in self.leases.items()
-                         if "stop" in lease or ("start" in lease and "info" not in lease)]
+                open_ = [i for i, lease in self.leases.items()  # a start without outcome, a drain not over
+                         if ("start" in lease and "info" not in lease)
+                         or ("stop" in lease and lease.get("info", {}).get("state") == "draining")]
             if not open_:
                 return True
             time.sleep(0.1)

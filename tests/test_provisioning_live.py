@@ -181,6 +181,35 @@ async def _calm_drains_the_last_added() -> None:
     await pool.close()
 
 
+def test_agent_lease_endpoints_validate_and_settle():
+    """The agent's slot leases (mode=deploy's AgentLease) over real HTTP: first claimant wins, publish/read/release,
+    every bad request an OpenAI-style 4xx, and wait_settled until the start has its outcome and the drain is over."""
+    from block.scheduler.provisioning import AgentLease
+
+    with ProvisionAgent(lambda i: "http://127.0.0.1:9", range(2, 4), token="tok-abcdefgh") as agent:
+        a, b = AgentLease(agent.url, "tok-abcdefgh", who="a"), AgentLease(agent.url, "tok-abcdefgh", who="b")
+        assert a.claim(2) and not b.claim(2) and not a.claim(2) and b.claim(2, "stop")
+        assert b.read(2) is None and not agent.wait_settled(0.3)  # a start without its outcome
+        a.publish(2, {"url": "http://127.0.0.1:9"})
+        assert b.read(2) == {"url": "http://127.0.0.1:9"} and agent.wait_settled(5.0)  # the start's outcome
+        b.publish(2, {"url": "http://127.0.0.1:9", "state": "draining"})
+        assert not agent.wait_settled(0.3)  # a drain not over
+        b.release(2)
+        assert a.read(2) is None and agent.wait_settled(5.0) and a.claim(2)
+        auth = {"authorization": "Bearer tok-abcdefgh"}
+        with httpx.Client(base_url=agent.url, timeout=10) as c:
+            bad = [c.post("/leases/2/start", json={"by": "x"}),  # no token
+                   c.post("/leases/9/start", headers=auth, json={}),  # not a back-pool slot
+                   c.post("/leases/2/steal", headers=auth, json={}),
+                   c.put("/leases/2", headers=auth, content=b"[1]"),  # not an object
+                   c.put("/leases/2", headers=auth, content=b"{"),
+                   c.put("/leases/2", headers=auth, content=b"x" * 70_000),
+                   c.delete("/slots/2", headers=auth)]  # this agent cannot stop slots
+            assert [r.status_code for r in bad] == [401, 404, 404, 400, 400, 413, 501]
+            assert all(set(r.json()["error"]) == {"message", "type", "code"} for r in bad)
+            assert c.get("/health").status_code == 200  # open, as every service's
+
+
 def _calm(ctl: ProvisioningController, pool: LivePool, t: float) -> None:
     """Latencies far under half the SLO for longer than the scale-down window: the last added slot is removed."""
     for dt in (0.0, 2.0, 10.0):

@@ -530,10 +530,14 @@ class LivePool:
                 await self._lease(self.lease.publish, i, {"url": url, "by": self.who})
             self._event("kept_running", i, reason=str(err)[:300], drain_s=drained * self.time_scale)
             return
-        except Exception as err:  # noqa: BLE001 - recorded; the slot is left out of every pool (it may still run)
+        except Exception as err:  # noqa: BLE001 - recorded; the slot is left out of this pool (it may still run)
+            msg = f"{type(err).__name__}: {err}"[:300]
             self.draining.pop(i, None)
             self.failed.add(i)
-            self._event("stop_failed", i, error=f"{type(err).__name__}: {err}"[:300])
+            with contextlib.suppress(Exception):  # the drain is over: peers may adopt it again (it may still run)
+                await self._lease(self.lease.publish, i, {"url": url, "state": "stop_failed", "error": msg,
+                                                          "by": self.who})
+            self._event("stop_failed", i, error=msg)
             return
         self.urls.pop(i, None)
         inst = self.sched.instances[i] if self.sched is not None else None
