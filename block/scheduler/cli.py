@@ -102,7 +102,7 @@ def add_provisioning_args(ap: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--provision-agent", default=None,
                      help="URL of a provisioning agent: POST <agent>/slots/<i> starts slot i and answers its "
-                          "predictor URL (mode=emulate's driver runs one)")
+                          "predictor URL, DELETE stops it (the driver of mode=emulate and mode=deploy runs one)")
     src.add_argument("--provision-command", default=None,
                      help="shell command run to start slot {slot}; its last stdout line is the predictor URL")
     g.add_argument("--provision-stop-command", default=None,
