@@ -141,6 +141,24 @@ class CommandStarter:
             raise RuntimeError(f"stop command of slot {slot} exited {code}: {err[-300:]}")
 
 
+class Lease(Protocol):
+    """Who starts and who stops each slot, over every scheduler sharing it: :class:`SlotLease` (lock files) or
+    :class:`AgentLease` (the provisioning agent). Blocking calls: :class:`LivePool` runs them off its event loop."""
+
+    @property
+    def shared(self) -> bool: ...
+
+    def claim(self, slot: int, what: str = "start") -> bool:
+        """True for exactly one claimant of (``slot``, ``what``: start | stop) until the slot is released."""
+        ...
+
+    def publish(self, slot: int, info: Mapping[str, Any]) -> None: ...
+
+    def read(self, slot: int) -> Optional[dict[str, Any]]: ...
+
+    def release(self, slot: int) -> None: ...
+
+
 class SlotLease:
     """Who starts and who stops a slot: ``O_EXCL`` lock files in ``lock_dir`` (None: this process owns every slot).
 
@@ -257,7 +275,7 @@ class LivePool:
     controller: ProvisioningController
     slots: int
     starter: SlotStarter
-    lease: Any  # SlotLease | AgentLease
+    lease: Lease
     time_scale: float = 1.0
     event_log: Optional[str] = None
     poll_s: float = 0.2
