@@ -158,7 +158,8 @@ def run_live(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from block.benchmark.client import BenchmarkConfig, benchmark
     from block.engine.vllm import vllm_executable
     from experiments import wiring
-    from experiments.emulate import DriveResult, _Sampler, _start_vllm, engine_args, scheduler_args, write_records
+    from experiments.emulate import (DriveResult, _Sampler, _start_vllm, engine_args, scheduler_args, vllm_sized,
+                                     write_records)
     from experiments.local_stack import LocalStack
 
     vllm_executable()  # the install hint before anything starts
@@ -172,7 +173,7 @@ def run_live(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     conf_dir = run_dir / "services"
     conf_dir.mkdir(exist_ok=True)
-    shared = engine_args(cfg, conf_dir)
+    shared = vllm_sized(cfg, engine_args(cfg, conf_dir))
     load_before = os.getloadavg()
     with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
         t_start = time.perf_counter()

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import DictConfig
 
 from experiments import wiring
-from experiments.emulate import engine_args, redacted_yaml, scheduler_args
+from experiments.emulate import engine_args, redacted_yaml, scheduler_args, vllm_sized
 from experiments.wiring import ConfigError
 from vidur.types import EngineConfig
 
@@ -184,11 +184,12 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
 
     for i, (h, j) in enumerate(engine_slots(hosts, int(cfg.cluster.num_instances))):
         kind = kinds[h.name]
+        host_flags = vllm_sized(cfg, shared) if kind == "vllm" else shared
         eport, pport = base(h, "engine") + j, base(h, "predictor") + j
         engine_url = f"http://127.0.0.1:{eport}"
         # the same engine flags for both engines (block.engine.vllm takes the emulated engine's command line)
         eargv = ["python", "-m", "block.engine.vllm" if kind == "vllm" else "block.engine", "--host", "127.0.0.1",
-                 "--port", str(eport), *shared]
+                 "--port", str(eport), *host_flags]
         if kind == "vllm":
             eargv += ["--load-format", str(cfg.mode.vllm_load_format)]
         else:
@@ -197,7 +198,7 @@ def build_plan(cfg: DictConfig, hosts, kinds: Mapping[str, str], run_id: str, re
         if source == "auto":
             source = "proxy" if kind == "vllm" else "engine"
         purl = f"http://{h.ip}:{pport}"
-        pargv = ["python", "-m", "block.predictor", "--host", h.ip, "--port", str(pport), *shared,
+        pargv = ["python", "-m", "block.predictor", "--host", h.ip, "--port", str(pport), *host_flags,
                  "--engine-url", engine_url, "--instance-id", str(i), "--state-source", source]
         services[h.name] += [
             {"name": f"engine{i}", "role": "engine", "argv": eargv, "url": engine_url, "health": "/health", "env": {},

@@ -60,6 +60,17 @@ def engine_args(cfg: DictConfig, conf_dir: Path, ecfg: Optional[EngineConfig] = 
     ]
 
 
+def vllm_sized(cfg: DictConfig, flags: list[str]) -> list[str]:
+    """The flags for a real vLLM engine and its predictor: with ``engine.num_blocks`` unset, no ``--num-blocks``,
+    so vLLM sizes its KV cache from the memory it finds and each predictor adopts that count from the engine's
+    ``vllm:cache_config_info``. (The count the simulator derives from conf/gpu would be forced on vLLM through
+    ``--num-gpu-blocks-override``: wrong on a CPU, or on any host whose free memory differs from the spec.)"""
+    if cfg.engine.get("num_blocks") is not None or "--num-blocks" not in flags:
+        return list(flags)
+    i = flags.index("--num-blocks")
+    return flags[:i] + flags[i + 2:]
+
+
 def scheduler_args(cfg: DictConfig, predictor_urls: list[str], log_file: Path) -> list[str]:
     """The scheduler's command line: the resolved policy config as a file, k explicit (null = all instances)."""
     policy_file = log_file.with_name("policy.yaml")
@@ -143,6 +154,8 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
     conf_dir.mkdir(parents=True, exist_ok=True)
     shared = engine_args(cfg, conf_dir, ecfg)
     real = str(cfg.mode.get("engine", "emulated")) == "vllm"  # real vLLM servers (stock vLLM has no /state)
+    if real:
+        shared = vllm_sized(cfg, shared)
     if real and (scale != 1.0 or str(cfg.mode.state_source) != "proxy"):
         raise wiring.ConfigError("mode.engine=vllm runs in real time with predictors tracking what they proxy: set "
                                  "mode.time_scale=1 and mode.state_source=proxy")

@@ -450,6 +450,15 @@ def test_cloudlab_manifest_to_a_deploy_plan(tmp_path):
     assert plan.scheduler_urls == ["http://10.10.1.1:8200"] and plan.bench_host == "node0"
     assert all(s["argv"][2] == "block.engine.vllm" for p in plan.plans.values() for s in p["services"]
                if s["role"] == "engine")
+    # engine.num_blocks unset: vLLM sizes its KV cache and the predictors adopt its count (no --num-blocks for
+    # either); set, both are pinned to it
+    argvs = [s["argv"] for p in plan.plans.values() for s in p["services"] if s["role"] in ("engine", "predictor")]
+    assert len(argvs) == 6 and cfg.engine.num_blocks is None and not any("--num-blocks" in a for a in argvs)
+    pinned = compose(str(out), ["policy=block", "engine.num_blocks=900"])
+    plan = build_plan(pinned, hosts, kinds, "r2", {h.name: "/home/alice/block-deploy/runs/r2" for h in hosts},
+                      tmp_path / "st2")
+    argvs = [s["argv"] for p in plan.plans.values() for s in p["services"] if s["role"] in ("engine", "predictor")]
+    assert all(a[a.index("--num-blocks") + 1] == "900" for a in argvs)
     with pytest.raises(Exception, match="time_scale"):
         engine_kinds(compose(str(out), ["mode.time_scale=10"]), hosts, {h.name: 1 for h in hosts})
 

@@ -30,7 +30,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from block.engine.config import ENGINE_OVERRIDES as SHARED_OVERRIDES
+from vidur.config import REPO_ROOT
+
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizers"
 CHAT_TEMPLATE_DIR = REPO_ROOT / "data" / "chat_templates"  # <tokenizer name>.jinja, for tokenizers without one
 TOKENIZER_DIRS = {"llama2": TOKENIZER_DIR / "llama2", "qwen2": TOKENIZER_DIR / "qwen2_compatible_qwen3"}
@@ -299,13 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="conf/engine name or YAML path (vllm_cpu: the CPU build, block size 32, eager)")
     ap.add_argument("--model-dir", default=None, help="where to write config.json + tokenizer (default: a cache dir)")
     ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--num-blocks", type=int, default=None)
+    for key, typ, text in SHARED_OVERRIDES:  # the emulated engine's override options, same names and types
+        flag = "--" + key.replace("_", "-")
+        if typ is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            ap.add_argument(flag, type=typ, default=None, help=text)
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV block size in tokens (the CPU attention backend needs a multiple of 32)")
-    ap.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction,
                     default=None, help="vLLM's automatic prefix caching (default: the engine config's "
                                        "enable_prefix_caching, off when absent, as in Block's runs)")
@@ -314,9 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default=None, help="vLLM's --dtype (default: the engine config, else the model's)")
     ap.add_argument("--kv-cache-gib", dest="cpu_kvcache_gib", type=float, default=None,
                     help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE; default: the engine config's cpu_kvcache_gib)")
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--tensor-parallel", type=int, default=None)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                     help="one more `vllm serve` argument (repeatable; --vllm-arg=--seed=1), same as after `--`")
@@ -325,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# command-line options that override a key of the engine config
-ENGINE_OVERRIDES = ("max_num_seqs", "chunk_size", "max_num_batched_tokens", "num_blocks", "block_size",
-                    "chunked_prefill", "enable_prefix_caching", "enforce_eager", "dtype", "cpu_kvcache_gib",
-                    "max_model_len", "tensor_parallel", "gpu_memory_utilization")
+# command-line options that override a key of the engine config: the emulated engine's set (block.engine.config)
+# plus the vLLM-only ones
+VLLM_OVERRIDES = ("block_size", "enable_prefix_caching", "enforce_eager", "dtype", "cpu_kvcache_gib")
+ENGINE_OVERRIDES = (*(k for k, _, _ in SHARED_OVERRIDES), *VLLM_OVERRIDES)
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -370,6 +370,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except VllmNotInstalled as err:
+    except (VllmNotInstalled, ValueError) as err:  # a bad config or flag: one line, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
