@@ -333,3 +333,36 @@ def test_live_scheduler_refuses_llumnix_full():
         make_policy_from_args(ap.parse_args(["--instances", "http://a:1", "--policy", "llumnix_full"]))
     pol, _ = make_policy_from_args(ap.parse_args(["--instances", "http://a:1", "--policy", "llumnix"]))
     assert pol.name == "llumnix"
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: f"{c.scheduler}-chunked{c.chunked_prefill}-{c.num_blocks}")
+def test_migration_under_pressure_keeps_every_request_and_block(cfg, toy_model):
+    """Many migrations, with tight memory (preemptions, destinations out of blocks) or roomy, V0 and V1 rules, a
+    slow link: every request finishes once with its exact length, the engines end with all their blocks (nothing
+    left pre-allocated), and each migration switched or was aborted for one of the known reasons."""
+    tight = cfg.num_blocks <= 300
+    # tight: preemptions everywhere, destinations out of blocks; roomy: a threshold between the instances' freeness
+    rate, gbps, thr = (25.0, 0.01, 5.0) if tight else (7.0, 0.05, 400.0)
+    rng = random.Random(cfg.num_blocks + 7)
+    t, reqs = 0.0, []
+    for i in range(300):
+        t += rng.expovariate(rate)
+        reqs.append(Request(i, t, rng.randint(20, 700), rng.randint(5, 300)))
+    engines = [Engine(cfg, toy_model, i) for i in range(3)]
+    mig = make_migrator({"migrate_out_threshold": thr, "migration_interval_s": 0.02, "last_stage_max_blocks": 2,
+                         "request_migration_policy": "LJF"}, kv_bytes_per_token=1000.0, bandwidth_gbps=gbps)
+    res = Cluster(engines, make_policy("llumnix_full"), seed=2, migrator=mig).run(reqs)
+    assert (res.requests["status"] == "ok").all() and len(res.requests) == len(reqs)
+    finished = [s for e in engines for s in e.finished]
+    assert sorted(s.id for s in finished) == [r.id for r in reqs]
+    assert all(s.generated == s.out for s in finished)
+    assert all(e.free == e.total_blocks for e in engines)
+    assert not mig.busy and not mig.in_progress
+    done = [r for r in mig.records if r.status == "done"]
+    assert len(done) >= 5
+    if tight:
+        assert sum(e.num_preemptions for e in engines) > 0
+    assert {r.status for r in mig.records} <= {"done", "aborted: finished", "aborted: preempted on the source",
+                                               "aborted: destination out of KV blocks"}
+    for r in done:
+        assert r.start_s < r.end_s and r.stages >= 1 and r.bytes == r.blocks * cfg.block_size * 1000.0
