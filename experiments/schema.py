@@ -184,7 +184,6 @@ class Provisioning(_Node):  # conf/provisioning: block.provisioning.Provisioning
     scale_down_window_s: float = Field(60.0, gt=0)
 
 
-PREDICTING_POLICIES = ("block", "block_star", "block_oracle", "block_noisy")  # what predictive provisioning needs
 
 
 class RunConfig(_Node):
@@ -212,20 +211,20 @@ class RunConfig(_Node):
 
         self._engine_config = engine_setup(self.model.model_dump(), self.gpu.model_dump(),
                                            self.engine.model_dump()).engine
+        from block.policies import policy_from_config
+
+        try:
+            policy = policy_from_config(self.policy.model_dump())
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"policy.*: {err}") from err
         p = self.provisioning
         if p is not None and p.enabled:
             if p.initial_instances > self.cluster.num_instances:
                 raise ValueError(f"provisioning.initial_instances={p.initial_instances} exceeds "
                                  f"cluster.num_instances={self.cluster.num_instances}")
-            if p.strategy == "predictive" and self.policy.name not in PREDICTING_POLICIES:
+            if p.strategy == "predictive" and policy.signal != "prediction":
                 raise ValueError(f"provisioning.strategy=predictive needs predicted latencies: policy.name="
-                                 f"{self.policy.name} predicts none (use the block family)")
-        from block.policies import policy_from_config
-
-        try:
-            policy_from_config(self.policy.model_dump())
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"policy.*: {err}") from err
+                                 f"{self.policy.name} asks for none (a policy with signal 'prediction', e.g. block)")
         return self
 
     @property

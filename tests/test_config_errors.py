@@ -172,3 +172,19 @@ def test_a_long_run_name_is_capped_with_a_hash():
     a, b = run_dirname(many), run_dirname(many[:-1] + ["workload.qps=5"])
     assert len(a.encode()) <= 200 and len(b.encode()) <= 200 and a != b  # one path component, still unique
     assert run_dirname(["workload.qps=4", "policy=random"]) == "policy=random,workload.qps=4"  # Hydra's names
+
+
+def test_predictive_provisioning_asks_the_policy_for_its_signal():
+    """Predictive provisioning needs a policy that asks for predictions: decided by the policy's ``signal``, not by a
+    list of names, so a plug-in rule with ``signal: prediction`` (policy=custom) is accepted and round robin is not."""
+    from experiments import schema
+
+    base = ["provisioning=predictive", "cluster.num_instances=4",
+            "provisioning.initial_instances=2"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        ok = compose("config", overrides=[*base, "policy=custom", "policy.name=mine", "policy.signal=prediction",
+                                          "policy.target=block.policies.predicted:block"])
+        bad = compose("config", overrides=[*base, "policy=round_robin"])
+    assert schema.check(ok).provisioning.strategy == "predictive"
+    with pytest.raises(ConfigError, match="predictive needs predicted latencies: policy.name=round_robin"):
+        schema.check(bad)
