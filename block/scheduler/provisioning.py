@@ -6,11 +6,11 @@ through :class:`LivePool`, which gives it the pool interface of ``vidur.cluster.
 * slots ``0 .. initial-1`` are the scheduler's ``--instances`` and route from the start; slots ``initial .. N-1``
   are the back pool: no URL, not routable, usually not even running;
 * ``add_instance(slot)`` (the controller's reactive or predictive trigger) takes the slot's lease and starts its
-  services through a :class:`SlotStarter` -- :class:`AgentStarter` (``POST <agent>/slots/<slot>``: ``mode=emulate``'s
-  driver starts engine + predictor with ``experiments.local_stack``) or :class:`CommandStarter` (a shell command per
-  slot printing the predictor URL, e.g. an ssh to the slot's host). The slot becomes routable once its predictor
-  answers ``/health``; the cold start recorded is the time that took (measured, never assumed: the controller's
-  ``cold_start_s`` is unused live);
+  services through a :class:`SlotStarter` -- :class:`AgentStarter` (``POST <agent>/slots/<slot>``: the run's driver
+  starts engine + predictor, ``mode=emulate`` with ``experiments.local_stack``, ``mode=deploy`` with hostctl on the
+  slot's host over ssh) or :class:`CommandStarter` (a shell command per slot printing the predictor URL). The slot
+  becomes routable once its predictor answers ``/health``; the cold start recorded is the time that took (measured,
+  never assumed: the controller's ``cold_start_s`` is unused live);
 * scale-down (``remove_instance``) takes the slot out of routing at once, then drains it -- waits until its predictor
   serves no request (``/health`` ``tracked_requests``, every scheduler's requests), at most ``drain_timeout_s`` --
   and stops it (``SlotStarter.stop``: the agent's ``DELETE /slots/<i>``, or ``--provision-stop-command``); events
