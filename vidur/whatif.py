@@ -61,6 +61,7 @@ class Trajectory:
         self.k: Engine | None = None  # reach checkpoint: the engine at the start of the step that reaches the back
         # a request that can never fit is rejected without taking a seat: the rule's seat count would be wrong
         self.unsure = any(_never_fits(eng, s) for s in eng.waiting if s is not self.back)
+        self._base: tuple[Engine, float] | None = None  # (reach checkpoint, its finish-time sum): ``base``
 
     def _step(self, until: float) -> bool:
         """Commit the next step (or run); True if its admission reached the back (the sentinel is put back)."""
@@ -99,19 +100,6 @@ class Trajectory:
             else:
                 self._step(INF)
 
-    def idle_finish_sum(self, t: float) -> float:
-        """Sum of the finish times of the requests at the reach checkpoint for ``t`` when nothing more arrives
-        (the ``others_delay`` baseline; once per checkpoint). Requests finished before it finish alike with or
-        without the candidate, so they are left out of both sums."""
-        k = self.reach(t)
-        total = getattr(k, "idle_finish_sum", None)
-        if total is None:
-            e = k.fork()
-            e.waiting.pop()
-            total = _finish_sum(e)
-            k.idle_finish_sum = total
-        return total
-
     def candidate(self, t: float, seq: Seq) -> Engine:
         """A fork of the reach checkpoint for ``t`` with ``seq`` queued last, ready to run."""
         e = self.reach(t).fork()
@@ -120,6 +108,20 @@ class Trajectory:
             e.time = t  # an idle engine starts its next step when the request arrives (Engine.add)
         e.waiting.append(seq)
         return e
+
+    def base(self, t: float) -> float:
+        """The sum of the finish times of the requests in the reach checkpoint for ``t`` when no candidate joins
+        (``_run_with_delay``'s reference; computed once per checkpoint)."""
+        k = self.reach(t)
+        cached = self._base
+        if cached is not None and cached[0] is k:
+            return cached[1]
+        e = k.fork()
+        e.waiting.pop()  # the sentinel
+        acc = e.on_finish = _FinishSum(None)
+        e.run_until_idle()
+        self._base = (k, acc.total)
+        return acc.total
 
     def add(self, seq: Seq, t: float) -> None:
         """Queue ``seq`` at ``t`` for good (the engine this trajectory follows received it): it goes in front of the
@@ -134,30 +136,42 @@ class Trajectory:
         self.unsure = self.unsure or _never_fits(s, seq)
 
 
-def _finish_sum(e: Engine) -> float:
-    """Run ``e`` to idle; the sum of the finish times of its requests but the candidate."""
-    total = [0.0]
-
-    def on_finish(s: Seq) -> None:
-        if s.id != TARGET_ID:
-            total[0] += s.finish
-
-    e.on_finish = on_finish
-    e.run_until_idle()
-    return total[0]
-
-
-def _run(e: Engine, target: Seq, t: float, traj: Trajectory | None = None) -> tuple[float, float, float, float]:
-    """Run ``e`` until ``target`` finishes; (e2e, ttft, queueing) from ``t``, inf if it was rejected, and with
-    ``traj`` the delay it adds to the others (Prediction.others_delay_s: both runs to idle), else 0."""
-    others = 0.0
-    if traj is None:
-        e.run_until_finished(target)
-    else:
-        others = _finish_sum(e) - traj.idle_finish_sum(t)
+def _run(e: Engine, target: Seq, t: float) -> tuple[float, float, float]:
+    """Run ``e`` until ``target`` finishes; (e2e, ttft, queueing) from ``t``, inf if it was rejected."""
+    e.run_until_finished(target)
     if target.finish is None:  # rejected: it can never fit on this instance
-        return INF, INF, INF, others
-    return target.finish - t, target.first_token - t, target.first_sched - t, others
+        return INF, INF, INF
+    return target.finish - t, target.first_token - t, target.first_sched - t
+
+
+class _FinishSum:
+    """``Engine.on_finish`` hook: the sum of the finish times of the requests the engine finishes, but ``skip``'s."""
+
+    __slots__ = ("skip", "total")
+
+    def __init__(self, skip: Seq | None) -> None:
+        self.skip = skip
+        self.total = 0.0
+
+    def __call__(self, s: Seq) -> None:
+        if s is not self.skip:
+            self.total += s.finish
+
+
+def _run_with_delay(e: Engine, target: Seq, t: float, base: float) -> tuple[float, float, float, float]:
+    """``_run`` plus the delay the candidate causes the others: the engine is then run until idle and the sum of the
+    other requests' finish times is compared with ``base``, the same sum without the candidate (``Trajectory.base``).
+
+    Both runs start from the same reach checkpoint, so they hold the same requests: the difference is the latency
+    the candidate adds to the requests already on the instance (longer steps, preemptions, seats and KV it takes),
+    under the what-if's own assumption that nothing else arrives.
+    """
+    acc = e.on_finish = _FinishSum(target)
+    out = _run(e, target, t)
+    if out[0] == INF:
+        return (*out, 0.0)
+    e.run_until_idle()
+    return (*out, max(0.0, acc.total - base))
 
 
 def _target(request: Request, expected_output_tokens: int | None) -> Seq:
@@ -174,20 +188,29 @@ class WhatIf:
         self.overrun_tokens = overrun_tokens
         self._traj: Trajectory | None = None
 
-    def predict(self, request: Request, *, instance_id: int = 0, expected_output_tokens: int | None = None,
-                others_delay: bool = False) -> Prediction:
+    def predict(self, request: Request, *, instance_id: int = 0,
+                expected_output_tokens: int | None = None, others_delay: bool = False) -> Prediction:
         t0 = time.perf_counter()
         traj = self._traj
         if traj is None:
             traj = self._traj = Trajectory(Engine.from_state(self.state, self.model, self.overrun_tokens))
         target = _target(request, expected_output_tokens)
-        e2e, ttft, queue, others = _run(traj.candidate(0.0, target), target, 0.0, traj if others_delay else None)
+        e2e, ttft, queue, delay = _answer(traj, target, 0.0, others_delay)
         st = self.state
         return Prediction(
             instance_id=instance_id, e2e_s=e2e, ttft_s=ttft, queue_s=queue, free_blocks=st.free_blocks,
             num_requests=st.num_requests, num_running=len(st.running), num_waiting=len(st.waiting),
-            num_preemptions=st.num_preemptions, predict_ms=(time.perf_counter() - t0) * 1e3, others_delay_s=others,
+            num_preemptions=st.num_preemptions, predict_ms=(time.perf_counter() - t0) * 1e3,
+            others_delay_s=delay,
         )
+
+
+def _answer(traj: Trajectory, target: Seq, t: float, others_delay: bool) -> tuple[float, float, float, float]:
+    """(e2e, ttft, queueing, delay caused to the others -- 0 unless ``others_delay``) of ``target`` joining at ``t``."""
+    e = traj.candidate(t, target)
+    if not others_delay:
+        return (*_run(e, target, t), 0.0)
+    return _run_with_delay(e, target, t, traj.base(t))
 
 
 def predict(state: InstanceState, request: Request, model: StepTimeModel, *, instance_id: int = 0,
@@ -196,10 +219,10 @@ def predict(state: InstanceState, request: Request, model: StepTimeModel, *, ins
     """Predicted e2e, TTFT and queueing delay (seconds from now) of ``request`` on the instance in ``state``.
 
     ``expected_output_tokens`` overrides the request's own hint (``predicted_output_tokens`` or, failing that,
-    its true length): this is how a policy injects noise or uses an estimator's answer. ``others_delay`` also
-    fills ``others_delay_s``: how much later, summed over them, the requests already there finish because of this
-    one (both runs go on to idle, so it costs more). Several queries on one state: ``WhatIf`` shares the queue's
-    simulation between them.
+    its true length): this is how a policy injects noise or uses an estimator's answer. Several queries on one
+    state: ``WhatIf`` shares the queue's simulation between them. ``others_delay`` also fills
+    ``Prediction.others_delay_s`` (the latency the request adds to the others on the instance; costs a run to idle
+    with and without it).
     """
     return WhatIf(state, model, overrun_tokens=overrun_tokens).predict(
         request, instance_id=instance_id, expected_output_tokens=expected_output_tokens, others_delay=others_delay)
@@ -269,11 +292,10 @@ def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int 
     if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t):
         w = eng.whatif = EngineWhatIf(eng, t, overrun_tokens)
     target = _target(request, expected_output_tokens)
-    traj = w.traj
-    e2e, ttft, queue, others = _run(traj.candidate(t, target), target, t, traj if others_delay else None)
+    e2e, ttft, queue, delay = _answer(w.traj, target, t, others_delay)
     nr, nw = len(eng.running), len(eng.waiting)
     return Prediction(
         instance_id=instance_id, e2e_s=e2e, ttft_s=ttft, queue_s=queue, free_blocks=eng.free,
         num_requests=nr + nw, num_running=nr, num_waiting=nw, num_preemptions=eng.num_preemptions,
-        predict_ms=(time.perf_counter() - t0) * 1e3, others_delay_s=others,
+        predict_ms=(time.perf_counter() - t0) * 1e3, others_delay_s=delay,
     )
