@@ -243,7 +243,8 @@ def run_probe(cfg: DictConfig, qps: float, seed: Optional[int] = None) -> dict[s
 
 
 def _snap(x: float, grid: float) -> float:
-    return round(x / grid) * grid if grid > 0 else x
+    """``x`` rounded to a multiple of ``grid`` (28.7, not 28.700000000000003: the value names folders and results)."""
+    return round(round(x / grid) * grid, 9) if grid > 0 else x
 
 
 def bisect(probe, slo_s: float, lo: float, hi: float, tol: float, grid: Optional[float] = None,

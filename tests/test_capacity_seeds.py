@@ -173,3 +173,11 @@ def test_dry_run_lists_runs_and_skips_and_writes_nothing(tmp_path):
     assert "119 of 119 run(s) would run" in p.stdout
     p = _run("experiments.run", "nosuchkey=1", "--dry-run", check=False)
     assert p.returncode == 2 and "configuration error" in p.stderr
+
+
+def test_bisection_on_a_decimal_grid_gives_clean_numbers():
+    from experiments.capacity import bisect
+
+    r = bisect(lambda q: {"p99_ttft_ms": 1000.0 * q / 28.73 * 3.0}, 3.0, 16, 40, 0.1)  # crosses 3 s at 28.73
+    assert r["capacity"] == 28.7 and r["bracket"] == [28.7, 28.8]  # not 28.700000000000003
+    assert all(p["qps"] == round(p["qps"], 9) for p in r["probes"])
