@@ -283,7 +283,8 @@ def bisect(probe, slo_s: float, lo: float, hi: float, tol: float, grid: Optional
                       note=f"within the SLO at capacity.hi={hi:g}: capacity >= {hi:g} (a lower bound)")
         return result
     a, b = lo, hi
-    while b - a > tol and len(probes) < max_probes:
+    eps = 1e-9 * max(1.0, tol)  # 28.8 - 28.7 > 0.1 in floats: a bracket one grid step wide is done
+    while b - a > tol + eps and len(probes) < max_probes:
         mid = _snap((a + b) / 2, grid)
         if not a < mid < b:  # the grid is too coarse for this bracket
             mid = (a + b) / 2
@@ -296,7 +297,7 @@ def bisect(probe, slo_s: float, lo: float, hi: float, tol: float, grid: Optional
     interp = None
     if pa["p99_ttft_s"] is not None and pb["p99_ttft_s"] is not None and pb["p99_ttft_s"] != pa["p99_ttft_s"]:
         interp = a + (slo_s - pa["p99_ttft_s"]) * (b - a) / (pb["p99_ttft_s"] - pa["p99_ttft_s"])
-    status = "converged" if b - a <= tol else "max_probes"
+    status = "converged" if b - a <= tol + eps else "max_probes"
     result.update(capacity=a, capacity_interpolated=interp, bracket=[a, b], status=status,
                   note=f"capacity in [{a:g}, {b:g}): highest QPS probed within the SLO = {a:g}")
     return result
