@@ -387,6 +387,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run_logger.check(cfg)
+        schema.check(cfg)  # the search's own keys (num_requests, ...) are read before any run validates them
         result = search(cfg)
     except (ConfigError, run_logger.LoggerError) as err:
         log.error("configuration error: %s", err)
