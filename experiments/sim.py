@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from experiments import wiring
 from experiments.logger import interactive
+from experiments.pools import describe as describe_pools, engines as pool_engines, run_pools
 from vidur.cluster import Cluster
 from vidur.engine import Engine
 from vidur.records import instances_frame, requests_frame, summarize, write_run
@@ -32,7 +33,9 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     requests = wiring.workload(cfg)
     migrator = migrator_of(cfg)
     n = int(cfg.cluster.num_instances)
-    engines = [Engine(ecfg, model, i) for i in range(n)]
+    pools = run_pools(cfg)  # mixed pools: each instance its own GPU, engine config and execution model
+    engines = ([Engine(ecfg, model, i) for i in range(n)] if pools is None
+               else pool_engines(pools, OmegaConf.select(cfg, "cache_dir", default=None)))
     controller = wiring.provisioning(cfg)
     cluster = Cluster(engines, policy, seed=int(cfg.seed), sample_interval_s=float(cfg.mode.sample_interval_s),
                       accuracy_sampling_rate=float(OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0)),
@@ -60,6 +63,8 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     )
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     extra = {}
+    if pools is not None:
+        summary["pools"] = describe_pools(pools)
     if migrator is not None:  # llumnix_full: what migration did (counts, bytes per GPU, downtime)
         summary.update(migrator.summary())
         extra["migrations"] = pd.DataFrame(result.migrations)
