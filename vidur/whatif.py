@@ -11,19 +11,18 @@ In-flight requests run to their expected output length; one that has already dec
 offset: the step in flight must end before anything new is scheduled.
 
 Why it does not slow down with the queue (``Trajectory``): admission is FCFS and the candidate is queued last, so
-until the step whose admission loop would *reach* the back of the queue, the candidate changes nothing -- every step
-before it is the instance's own, whatever the candidate is. That step does not depend on the candidate either, so
-the engine is simulated once up to it (a fork is kept there, the *reach checkpoint*) and every candidate runs from a
-fork of the checkpoint: the queue ahead is already admitted there, and what is left to simulate per candidate is the
-candidate's own life among at most ``max_num_seqs`` running requests. Steps before the reach are found with a
-sentinel request at the back of the queue that can never fit: the rule rejects it exactly when its admission loop
-reaches it, and rejecting it changes nothing else in the step. A fork is taken before a step only when the rule
-says the step may reach the back (``SchedulingRule.may_reach_back``), so a deep queue costs no forks.
+every step whose admission loop stops before the back of the queue is the instance's own, whatever the candidate is.
+The trajectory simulates the engine without the candidate up to the first step that may reach the back (the rule's
+``may_reach_back``: False only when the seats or the head of the queue surely stop admission first) and every
+candidate runs from a fork of it: what is left to simulate per candidate is at most ``max_num_seqs`` requests ahead
+and the candidate's own life among the running ones. A sentinel that can never fit sits at the back of the
+trajectory's queue so that the steps see the queue length they would with the candidate (V1's long-prefill
+threshold counts it); the rule rejects it when admission reaches it, which changes nothing else, and it is put back.
 
 ``EngineWhatIf`` keeps that trajectory with a live simulated engine (``predict_engine``, used by ``vidur.cluster``):
 when every request's assumed length is its true one (oracle lengths) the engine's own future *is* the trajectory,
-so it stays valid as time passes, and a request added at the back only extends it from the reach checkpoint --
-a prediction costs the same at 10 or 10,000 waiting requests. Otherwise (estimated lengths, an abort, a rule whose
+so it stays valid as time passes, and a request the engine receives is queued into it where it stands -- a
+prediction costs the same at 10 or 10,000 waiting requests. Otherwise (estimated lengths, an abort, a rule whose
 steps depend on the queue length) it is rebuilt when the engine has moved on.
 """
 
@@ -48,7 +47,7 @@ def _never_fits(e: Engine, s: Seq) -> bool:
 
 
 class Trajectory:
-    """An engine's future without the candidate, paused where a request queued last would first be reached.
+    """An engine's future without the candidate, paused where a request queued last may first be reached.
 
     ``eng`` becomes the trajectory's own (a fork or a rebuilt engine): its requests run to their assumed lengths.
     """
@@ -58,47 +57,38 @@ class Trajectory:
         self.rule = make_rule(eng.cfg)
         self.back = Seq(BACK_ID, _NEVER_FITS, 1)
         eng.waiting.append(self.back)
-        self.k: Engine | None = None  # reach checkpoint: the engine at the start of the step that reaches the back
         # a request that can never fit is rejected without taking a seat: the rule's seat count would be wrong
         self.unsure = any(_never_fits(eng, s) for s in eng.waiting if s is not self.back)
-        self._base: tuple[Engine, float] | None = None  # (reach checkpoint, its finish-time sum): ``base``
+        self.version = 0  # bumped by ``add``: with the engine's step count it names the point ``base`` is for
+        self._base: tuple[tuple[int, int, float], float] | None = None  # (point, its finish-time sum): ``base``
 
-    def _step(self, until: float) -> bool:
-        """Commit the next step (or run); True if its admission reached the back (the sentinel is put back)."""
+    def _step(self, until: float) -> None:
+        """Commit the next step (or run); if its admission reached the back, put the rejected sentinel back."""
         s = self.s
         s._advance(until)
         back = self.back
-        if back.status != "rejected":
-            return False
-        s.rejected.pop()
-        back.status = "waiting"
-        s.waiting.append(back)  # admission went through the whole queue: nothing is left in front of it
-        return True
+        if back.status == "rejected":
+            s.rejected.pop()
+            back.status = "waiting"
+            s.waiting.append(back)  # admission went through the whole queue: nothing is left in front of it
 
     def reach(self, t: float) -> Engine:
-        """The engine at the start of the first step that starts at ``t`` or later and reaches the back.
+        """The trajectory's engine at the first step boundary at or after ``t`` from which a request queued last
+        may be reached soon: every step before it is the same with or without such a request.
 
-        ``t`` never goes back between calls. A candidate added at ``t`` joins exactly there: every step before it
-        is the same with or without the candidate (it sits behind the whole queue and is never looked at).
+        ``t`` never goes back between calls. Steps starting before ``t`` are the engine's own (a request arriving at
+        ``t`` is not there yet); after them, steps whose admission surely stops before the back
+        (``may_reach_back`` False) are skipped too -- the candidate, queued behind the whole queue, is never looked
+        at in them. The engine returned is the trajectory's own: fork it before running anything on it.
         """
-        k = self.k
-        if k is not None:
-            if k.time >= t:
-                return k
-            # the reach step's run may go past t with the back reachable at every step: resume from its start
-            self.s, self.back, self.k = k, k.waiting[-1], None
         s = self.s
         while s.time < t and (s.running or len(s.waiting) > 1):
-            self._step(t)  # steps starting before t: a candidate arriving at t is not there yet
-        may = self.rule.may_reach_back
-        while True:
-            if self.unsure or may(s):
-                k = s.fork()
-                if self._step(INF):
-                    self.k = k
-                    return k
-            else:
+            self._step(t)
+        if not self.unsure:
+            may = self.rule.may_reach_back
+            while not may(s):
                 self._step(INF)
+        return s
 
     def candidate(self, t: float, seq: Seq) -> Engine:
         """A fork of the reach checkpoint for ``t`` with ``seq`` queued last, ready to run."""
@@ -113,21 +103,22 @@ class Trajectory:
         """The sum of the finish times of the requests in the reach checkpoint for ``t`` when no candidate joins
         (``_run_with_delay``'s reference; computed once per checkpoint)."""
         k = self.reach(t)
+        point = (self.version, k.num_steps, k.time)
         cached = self._base
-        if cached is not None and cached[0] is k:
+        if cached is not None and cached[0] == point:
             return cached[1]
         e = k.fork()
         e.waiting.pop()  # the sentinel
         acc = e.on_finish = _FinishSum(None)
         e.run_until_idle()
-        self._base = (k, acc.total)
+        self._base = (point, acc.total)
         return acc.total
 
     def add(self, seq: Seq, t: float) -> None:
         """Queue ``seq`` at ``t`` for good (the engine this trajectory follows received it): it goes in front of the
-        sentinel at the reach checkpoint for ``t``, which becomes the trajectory's engine."""
-        s = self.s = self.reach(t)
-        self.k = None
+        sentinel at ``reach(t)`` (the steps skipped after ``t`` there never looked at the back either)."""
+        s = self.reach(t)
+        self.version += 1
         s.waiting.pop()
         if not s.running and not s.waiting and s.time < t:
             s.time = t
