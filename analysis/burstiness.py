@@ -32,7 +32,7 @@ from analysis.common import (
     policy_name,
     run_cli,
     run_qps,
-    save_stamped,
+    save_figure_and_table,
     theme,
 )
 from analysis.records import save_csv
@@ -98,15 +98,12 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
         axes[3].legend(fontsize=8)
         paths.append(save_csv(cap, out, "burstiness_capacity"))
     fig.tight_layout()
-    paths = save_stamped(fig, runs, out, "burstiness", capacity_note(cap) if cap is not None else "") + paths
-    plt.close(fig)
-    paths.append(save_csv(lat, out, "burstiness"))
-    return paths
+    return save_figure_and_table(fig, runs, out, "burstiness", lat, capacity_note(cap) if cap is not None else "",
+                                 extra=paths)
 
 
 def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False)
-    ap.add_argument("--qps", type=float, default=None, help="QPS of the latency panels (default: the one most configurations share)")
+    add_common_args(ap, slo=False, qps_for="the latency panels")
 
 
 def main(argv=None) -> int:

@@ -30,10 +30,10 @@ from analysis.common import (
     label_sort_key,
     out_dir,
     run_cli,
-    save_stamped,
+    save_figure_and_table,
     theme,
 )
-from analysis.records import Run, find_runs, save_csv
+from analysis.records import Run, find_runs
 
 # keys of capacity.json's config/overrides that tell searches apart (policy first), with short legend names
 LABEL_KEYS = {"policy.name": "", "policy.k": "k", "block_k": "k", "workload.burstiness": "b",
@@ -127,10 +127,7 @@ def capacity_refine(args: argparse.Namespace) -> list[Path]:
     ax.set(ylabel="Capacity (req/s)", title="Max QPS within the P99 TTFT SLO")
     fig.tight_layout()
     out = out_dir(args)
-    paths = save_stamped(fig, probe_runs(args.root), out, "capacity_refine", capacity_note(df))
-    plt.close(fig)
-    paths.append(save_csv(df, out, "capacity_refine"))
-    return paths
+    return save_figure_and_table(fig, probe_runs(args.root), out, "capacity_refine", df, capacity_note(df))
 
 
 def _args(ap: argparse.ArgumentParser) -> None:

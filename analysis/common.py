@@ -404,7 +404,9 @@ def run_cli(description: str, add_args: Callable[[argparse.ArgumentParser], None
     return 0
 
 
-def add_common_args(ap: argparse.ArgumentParser, slo: bool = True) -> None:
+def add_common_args(ap: argparse.ArgumentParser, slo: bool = True, qps_for: str | None = None) -> None:
+    """The arguments every figure module takes; ``qps_for`` (e.g. "the latency panels") adds ``--qps``, the QPS those
+    panels show."""
     if slo:
         ap.add_argument("--slo", type=float, default=None,
                         help="P99 TTFT SLO in seconds (default: the runs' slo.ttft_s, else 3)")
@@ -412,6 +414,9 @@ def add_common_args(ap: argparse.ArgumentParser, slo: bool = True) -> None:
                     help="keep only runs whose config has this value at this dotted key, e.g. engine.max_num_seqs=48 "
                          "(repeatable)")
     ap.add_argument("--out", default=None, help="output directory (default: <root>/figures)")
+    if qps_for:
+        ap.add_argument("--qps", type=float, default=None,
+                        help=f"QPS of {qps_for} (default: the one most configurations share)")
 
 
 def out_dir(args: argparse.Namespace) -> Path:
@@ -544,6 +549,28 @@ def save_stamped(fig, runs: Sequence[Run], out: Path, stem: str, note: str = "")
 
     stamp(fig, runs, note)
     return save_figure(fig, out, stem)
+
+
+def save_figure_and_table(fig, runs: Sequence[Run], out: Path, stem: str, table: pd.DataFrame, note: str = "",
+                          extra: Sequence[Path] = ()) -> list[Path]:
+    """The ending of a one-figure module: the stamped figure (``save_stamped``), then the ``extra`` files the module
+    already wrote, then ``table`` as ``<stem>.csv``, in that order; the figure is closed. One place so that every
+    module writes its figure and its numbers alike."""
+    from analysis.records import save_csv
+
+    paths = save_stamped(fig, runs, out, stem, note) + list(extra)
+    plt.close(fig)
+    paths.append(save_csv(table, out, stem))
+    return paths
+
+
+def runs_with_summary(args: argparse.Namespace, what: str, key: str, desc: str) -> list[Run]:
+    """The comparable runs (``comparable_runs``) under ``args.root``, kept by ``args.filter``, whose summary has
+    ``key``; ``AnalysisError`` naming ``desc`` (what ``key`` is) when none has."""
+    runs = [r for r in comparable_runs(load_runs(args.root, args.filter), what) if key in r.summary]
+    if not runs:
+        raise AnalysisError(f"no run under {args.root} has {desc} in its summary")
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------ throughput

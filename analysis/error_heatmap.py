@@ -31,10 +31,9 @@ from analysis.common import (
     policy_params,
     run_cli,
     run_qps,
-    save_stamped,
+    save_figure_and_table,
     theme,
 )
-from analysis.records import save_csv
 
 ROW, COL = "policy.length_noise_pct", "policy.latency_noise_pct"
 
@@ -95,15 +94,12 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
         table = table.merge(cap[[ROW, COL, "capacity", "ci_low", "ci_high", "seeds", "change_pct"]], on=[ROW, COL],
                             how="outer")
     fig.tight_layout()
-    paths = save_stamped(fig, runs, out, "error_heatmap", capacity_note(cap) if cap is not None else "") + paths
-    plt.close(fig)
-    paths.append(save_csv(table, out, "error_heatmap"))
-    return paths
+    return save_figure_and_table(fig, runs, out, "error_heatmap", table,
+                                 capacity_note(cap) if cap is not None else "", extra=paths)
 
 
 def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False)
-    ap.add_argument("--qps", type=float, default=None, help="QPS of the latency panel (default: the one most configurations share)")
+    add_common_args(ap, slo=False, qps_for="the latency panel")
 
 
 def main(argv=None) -> int:

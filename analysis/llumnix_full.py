@@ -17,10 +17,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.common import (AnalysisError, add_common_args, comparable_runs, label_sort_key, label_style, load_runs,
-                             out_dir, plain_log_axis, policy_labels, policy_name, run_cli, run_qps, save_stamped,
-                             shared_legend, theme)
-from analysis.records import save_csv
+from analysis.common import (
+    add_common_args,
+    label_sort_key,
+    label_style,
+    out_dir,
+    plain_log_axis,
+    policy_labels,
+    policy_name,
+    run_cli,
+    run_qps,
+    runs_with_summary,
+    save_figure_and_table,
+    shared_legend,
+    theme,
+)
 
 # Block's artifact (AE.md, systor-ae branch): mean latency in ms at QPS 36
 PUBLISHED = pd.DataFrame([
@@ -82,10 +93,7 @@ def plot(tab: pd.DataFrame) -> plt.Figure:
 
 
 def llumnix_full(args: argparse.Namespace) -> list[Path]:
-    runs = comparable_runs(load_runs(args.root, args.filter), "llumnix_full")
-    runs = [r for r in runs if "mean_e2el_ms" in r.summary]
-    if not runs:
-        raise AnalysisError(f"no run under {args.root} has a mean latency (mean_e2el_ms) in its summary")
+    runs = runs_with_summary(args, "llumnix_full", "mean_e2el_ms", "a mean latency (mean_e2el_ms)")
     theme()
     tab = summary_table(runs)
     out = out_dir(args)
@@ -93,10 +101,7 @@ def llumnix_full(args: argparse.Namespace) -> list[Path]:
     links = sorted({str(r.get("cluster.migration_gbps")) for r in runs if r.get("cluster.migration_gbps") is not None})
     note = ("step times: roofline model (no profile for this GPU), published points: Block's artifact"
             + (f" | migration link {', '.join(links)} GB/s per GPU (assumed)" if links else ""))
-    paths = save_stamped(fig, runs, out, "llumnix_full", note)
-    plt.close(fig)
-    paths.append(save_csv(tab, out, "llumnix_full"))
-    return paths
+    return save_figure_and_table(fig, runs, out, "llumnix_full", tab, note)
 
 
 def _args(ap: argparse.ArgumentParser) -> None:

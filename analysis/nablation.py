@@ -34,7 +34,7 @@ from analysis.common import (
     policy_params,
     run_cli,
     run_qps,
-    save_stamped,
+    save_figure_and_table,
     shared_legend,
     theme,
 )
@@ -120,15 +120,11 @@ def nablation(args: argparse.Namespace) -> list[Path]:
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     shared_legend(fig, axes[:4], y=0.9)
     note = capacity_note(cap) if cap is not None else ""
-    paths = save_stamped(fig, runs, out, "nablation", note) + paths
-    plt.close(fig)
-    paths.append(save_csv(lat, out, "nablation"))
-    return paths
+    return save_figure_and_table(fig, runs, out, "nablation", lat, note, extra=paths)
 
 
 def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False)
-    ap.add_argument("--qps", type=float, default=None, help="QPS of the latency panels (default: the one most configurations share)")
+    add_common_args(ap, slo=False, qps_for="the latency panels")
 
 
 def main(argv=None) -> int:

@@ -32,10 +32,9 @@ from analysis.common import (
     policy_labels,
     run_cli,
     run_qps,
-    save_stamped,
+    save_figure_and_table,
     theme,
 )
-from analysis.records import save_csv
 
 
 def overhead_table(runs) -> pd.DataFrame:
@@ -83,11 +82,9 @@ def overhead(args: argparse.Namespace) -> list[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = out_dir(args)
-    paths = save_stamped(fig, runs, out, "overhead",
-                         "decision time: wall time of the scheduler's decision per request on the machine that ran it")
-    plt.close(fig)
-    paths.append(save_csv(tab, out, "overhead"))
-    return paths
+    return save_figure_and_table(
+        fig, runs, out, "overhead", tab,
+        "decision time: wall time of the scheduler's decision per request on the machine that ran it")
 
 
 def _args(ap: argparse.ArgumentParser) -> None:

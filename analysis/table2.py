@@ -24,26 +24,23 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from vidur.records import write_atomic
-
 from analysis.common import (
-    save_stamped,
-    AnalysisError,
     add_common_args,
     capacity,
-    comparable_runs,
     label_sort_key,
     label_style,
-    load_runs,
     out_dir,
     policy_labels,
     policy_name,
     run_cli,
     run_qps,
+    runs_with_summary,
+    save_stamped,
     slo_from_runs,
     theme,
 )
 from analysis.records import Run, save_csv
+from vidur.records import write_atomic
 
 BASE_KEYS = ("model.name", "dataset.name", "engine.max_num_seqs", "engine.chunked_prefill", "engine.chunk_size")
 EXTRA_KEYS = ("gpu.name", "cluster.num_instances", "engine.tensor_parallel", "workload.arrival",
@@ -190,10 +187,7 @@ def plot(df: pd.DataFrame, slo_s: float) -> plt.Figure:
 
 
 def table2(args: argparse.Namespace) -> list[Path]:
-    runs = comparable_runs(load_runs(args.root, args.filter), "table2")
-    runs = [r for r in runs if "p99_ttft_ms" in r.summary]
-    if not runs:
-        raise AnalysisError(f"no run under {args.root} has a P99 TTFT in its summary")
+    runs = runs_with_summary(args, "table2", "p99_ttft_ms", "a P99 TTFT")
     theme()
     slo_s = slo_from_runs(runs, args.slo)
     df = capacity_long(runs, slo_s)
