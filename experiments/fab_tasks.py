@@ -25,6 +25,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fabric import task
@@ -41,24 +43,29 @@ def _cfg(cluster: str, overrides: str = ""):
 
     try:
         return compose(cluster, shlex.split(overrides))
-    except ConfigError as err:
-        raise Exit(f"configuration error: {err}", code=2)
-    except Exception as err:  # Hydra's own errors (unknown group option, bad override) are readable as they are
+    except Exception as err:  # noqa: BLE001 - ConfigError, and Hydra's own (unknown group option, bad override)
         raise Exit(f"configuration error: {err}", code=2)
 
 
-def _fleet(cfg):
+def _open(cluster: str, overrides: str = ""):
+    """The run's config, its checked hosts and their fleet (not yet entered); a configuration error exits 2."""
     from experiments.deploy import check, open_fleet
 
+    cfg = _cfg(cluster, overrides)
     try:
         hosts = check(cfg)
-        return hosts, open_fleet(cfg, hosts)
+        return cfg, hosts, open_fleet(cfg, hosts)
     except ConfigError as err:
         raise Exit(f"configuration error: {err}", code=2)
 
 
-def _fail(err: Exception) -> Exit:
-    return Exit(f"error: {err}", code=1)
+@contextmanager
+def _failure_exits() -> Iterator[None]:
+    """A failure inside is one ``error: ...`` line and exit code 1 (a FleetError names every failing host)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001
+        raise Exit(f"error: {err}", code=1)
 
 
 @task(help={"name": "name of the cluster config to write", "manifest": "CloudLab manifest.xml",
@@ -90,13 +97,9 @@ def setup(c, cluster, overrides=""):
     """Create a venv on every host and install this project (vllm extra on GPU hosts); a no-op when up to date."""
     from experiments.deploy import prepare
 
-    cfg = _cfg(cluster, overrides)
-    hosts, fleet = _fleet(cfg)
-    with fleet:
-        try:
-            kinds = prepare(cfg, fleet, hosts, setup=True, say=print)
-        except Exception as err:  # noqa: BLE001 - FleetError names every failing host
-            raise _fail(err)
+    cfg, hosts, fleet = _open(cluster, overrides)
+    with fleet, _failure_exits():
+        kinds = prepare(cfg, fleet, hosts, setup=True, say=print)
     for h in hosts:
         print(f"{h.name}: engine={kinds[h.name]}")
 
@@ -107,14 +110,10 @@ def start(c, cluster, overrides="", run_dir="outputs/deploy/manual"):
     """Start engines, predictors and schedulers on every host and wait until all are healthy."""
     from experiments.deploy import prepare, start_cluster
 
-    cfg = _cfg(cluster, overrides)
-    hosts, fleet = _fleet(cfg)
-    with fleet:
-        try:
-            kinds = prepare(cfg, fleet, hosts, say=print)
-            plan = start_cluster(cfg, fleet, hosts, kinds, REPO_ROOT / run_dir, say=print)
-        except Exception as err:  # noqa: BLE001
-            raise _fail(err)
+    cfg, hosts, fleet = _open(cluster, overrides)
+    with fleet, _failure_exits():
+        kinds = prepare(cfg, fleet, hosts, say=print)
+        plan = start_cluster(cfg, fleet, hosts, kinds, REPO_ROOT / run_dir, say=print)
     print(f"run id {plan.run_id}; schedulers: {' '.join(plan.scheduler_urls)}")
 
 
@@ -124,8 +123,7 @@ def stop(c, cluster, roles="", overrides=""):
     """Stop the services on every host (schedulers first, engines last)."""
     from block.deploy import ops
 
-    cfg = _cfg(cluster, overrides)
-    _, fleet = _fleet(cfg)
+    _, _, fleet = _open(cluster, overrides)
     with fleet:
         outs = ops.stop(fleet, [r for r in roles.split(",") if r] or None)
     bad = False
@@ -145,8 +143,7 @@ def status(c, cluster, overrides=""):
     """Show what runs where; exit code 1 when the cluster is half-started or a host is unreachable."""
     from block.deploy import ops
 
-    cfg = _cfg(cluster, overrides)
-    _, fleet = _fleet(cfg)
+    _, _, fleet = _open(cluster, overrides)
     with fleet:
         st = ops.status(fleet)
     print(st.describe())
@@ -160,8 +157,7 @@ def logs(c, cluster, lines=30, service="", overrides=""):
     """Show the end of every running service's log on every host (after a run: `fab collect`)."""
     from block.deploy import ops
 
-    cfg = _cfg(cluster, overrides)
-    _, fleet = _fleet(cfg)
+    _, _, fleet = _open(cluster, overrides)
     with fleet:
         outs = ops.logs(fleet, int(lines))
     for name, o in outs.items():
@@ -197,15 +193,11 @@ def collect(c, cluster, run_id, dest="", overrides=""):
     """Bring a run's records, configs and logs from every host into outputs/ (hosts/<host>/...)."""
     from block.deploy import ops
 
-    cfg = _cfg(cluster, overrides)
-    _, fleet = _fleet(cfg)
+    _, _, fleet = _open(cluster, overrides)
     out = Path(dest) if dest else REPO_ROOT / "outputs" / "deploy" / "collected" / run_id
     out.mkdir(parents=True, exist_ok=True)
-    with fleet:
-        try:
-            got = ops.collect(fleet, run_id, out)
-        except Exception as err:  # noqa: BLE001
-            raise _fail(err)
+    with fleet, _failure_exits():
+        got = ops.collect(fleet, run_id, out)
     for name, path in got.items():
         print(f"{name}: {path}")
 
@@ -215,8 +207,7 @@ def teardown(c, cluster, yes=False, overrides=""):
     """Stop everything and delete each host's work directory (venv, project, runs). Needs --yes."""
     from block.deploy import ops
 
-    cfg = _cfg(cluster, overrides)
-    _, fleet = _fleet(cfg)
+    _, _, fleet = _open(cluster, overrides)
     if not yes:
         raise Exit("teardown deletes " + ", ".join(f"{h.name}:{h.workdir}" for h in fleet.hosts)
                    + "; run again with --yes", code=2)
