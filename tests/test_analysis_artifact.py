@@ -4,14 +4,12 @@ stamp and steady-state throughput, on tiny real runs of the presets scaled down 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from subprocess_run import run_module
 
 from analysis import (
     burstiness,
@@ -30,12 +28,7 @@ CAP = ["capacity.seeds=2", "capacity.lo=2", "capacity.hi=30", "capacity.tol=8"]
 
 
 def _run(*args, timeout=600):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{args}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p
+    return run_module(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from subprocess_run import run_module
 
 from analysis.capacity import capacity_table, crossings, interpolate_capacity
 from experiments.capacity import bisect, fmt_qps
@@ -22,12 +20,7 @@ SLO = 3.0
 
 
 def _run(*args, timeout=120):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{args}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p
+    return run_module(*args, timeout=timeout)
 
 
 # ---------------------------------------------------------------------- interpolation rule

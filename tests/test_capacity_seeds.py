@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from subprocess_run import run_module
 
 from analysis.capacity import capacity_results, capacity_table, mean_interval
 from experiments.capacity import violations_needed
@@ -24,13 +22,7 @@ SLO = 3.0
 
 
 def _run(*args, timeout=300, check=True):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    if check:
-        assert p.returncode == 0, f"{args}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p
+    return run_module(*args, timeout=timeout, check=check)
 
 
 # ---------------------------------------------------------------------- the numbers
