@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -102,12 +103,8 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
                                  extra=paths)
 
 
-def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False, qps_for="the latency panels")
-
-
 def main(argv=None) -> int:
-    return run_cli(__doc__, _args, burstiness, argv)
+    return run_cli(__doc__, partial(add_common_args, slo=False, qps_for="the latency panels"), burstiness, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -130,12 +131,8 @@ def capacity_refine(args: argparse.Namespace) -> list[Path]:
     return save_figure_and_table(fig, probe_runs(args.root), out, "capacity_refine", df, capacity_note(df))
 
 
-def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False)
-
-
 def main(argv=None) -> int:
-    return run_cli(__doc__, _args, capacity_refine, argv)
+    return run_cli(__doc__, partial(add_common_args, slo=False), capacity_refine, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -98,12 +99,8 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
                                  capacity_note(cap) if cap is not None else "", extra=paths)
 
 
-def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False, qps_for="the latency panel")
-
-
 def main(argv=None) -> int:
-    return run_cli(__doc__, _args, error_heatmap, argv)
+    return run_cli(__doc__, partial(add_common_args, slo=False, qps_for="the latency panel"), error_heatmap, argv)
 
 
 if __name__ == "__main__":

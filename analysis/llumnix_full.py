@@ -12,6 +12,7 @@ and ``llumnix_full.csv`` (one row per policy and QPS, the mean over seeds) under
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -104,12 +105,8 @@ def llumnix_full(args: argparse.Namespace) -> list[Path]:
     return save_figure_and_table(fig, runs, out, "llumnix_full", tab, note)
 
 
-def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False)
-
-
 def main(argv=None) -> int:
-    return run_cli(__doc__, _args, llumnix_full, argv)
+    return run_cli(__doc__, partial(add_common_args, slo=False), llumnix_full, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -123,12 +124,8 @@ def nablation(args: argparse.Namespace) -> list[Path]:
     return save_figure_and_table(fig, runs, out, "nablation", lat, note, extra=paths)
 
 
-def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False, qps_for="the latency panels")
-
-
 def main(argv=None) -> int:
-    return run_cli(__doc__, _args, nablation, argv)
+    return run_cli(__doc__, partial(add_common_args, slo=False, qps_for="the latency panels"), nablation, argv)
 
 
 if __name__ == "__main__":

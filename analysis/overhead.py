@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -87,12 +88,8 @@ def overhead(args: argparse.Namespace) -> list[Path]:
         "decision time: wall time of the scheduler's decision per request on the machine that ran it")
 
 
-def _args(ap: argparse.ArgumentParser) -> None:
-    add_common_args(ap, slo=False)
-
-
 def main(argv=None) -> int:
-    return run_cli(__doc__, _args, overhead, argv)
+    return run_cli(__doc__, partial(add_common_args, slo=False), overhead, argv)
 
 
 if __name__ == "__main__":
