@@ -118,6 +118,11 @@ def instance_kinds(cfg: DictConfig) -> list[str]:
     pools = run_pools(cfg)
     if pools is None:
         return [str(cfg.gpu.name)] * int(cfg.cluster.num_instances)
+    return kinds(pools)
+
+
+def kinds(pools: Sequence[Pool]) -> list[str]:
+    """Each instance's pool name, by instance id (what a run's summary records as ``instance_kinds``)."""
     return [p.name for p in pools for _ in range(p.count)]
 
 

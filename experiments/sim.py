@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from experiments import wiring
 from experiments.logger import interactive
-from experiments.pools import describe as describe_pools, engines as pool_engines, run_pools
+from experiments.pools import describe as describe_pools, engines as pool_engines, kinds as pool_kinds, run_pools
 from vidur.cluster import Cluster
 from vidur.engine import Engine
 from vidur.records import instances_frame, requests_frame, summarize, write_run
@@ -65,6 +65,7 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     extra = {}
     if pools is not None:
         summary["pools"] = describe_pools(pools)
+        summary["instance_kinds"] = pool_kinds(pools)  # by instance id: analysis.mixed_pool reads it
     if migrator is not None:  # llumnix_full: what migration did (counts, bytes per GPU, downtime)
         summary.update(migrator.summary())
         extra["migrations"] = pd.DataFrame(result.migrations)

@@ -77,14 +77,26 @@ def test_each_instance_is_predicted_with_its_own_model():
     assert seen[7].e2e_s < 0.8 * seen[0].e2e_s  # the A100's step times, not the A30's
 
 
-def test_sim_run_routes_over_the_pool(tmp_path):
-    """A real run (python -m experiments.run): the records carry the pools and Block sends the faster kind more."""
+def test_sim_runs_and_figure_over_the_pool(tmp_path):
+    """Real runs (python -m experiments.run -m): the records carry the pools, Block sends the faster kind more work
+    than round robin does, and analysis.mixed_pool draws capacity and work per kind from them."""
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "cluster=mixed_a30x6_a100x2", "dataset=sharegpt_predicted",
-         "policy=block", "policy.k=null", "workload.num_requests=300", "workload.qps=16", f"output_root={tmp_path}",
-         "progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "experiments.run", "-m", "cluster=mixed_a30x6_a100x2", "dataset=sharegpt_predicted",
+         "policy=round_robin,block", "policy.k=null", "workload.num_requests=300", "workload.qps=8,40",
+         f"output_root={tmp_path}", "experiment_name=mix", "progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    run = next(tmp_path.rglob("summary.json")).parent
-    assert json.loads((run / "summary.json").read_text())["pools"] == "6xa30+2xa100_80gb"
-    per = pd.read_parquet(run / "requests.parquet").groupby("instance").size().reindex(range(8), fill_value=0)
-    assert per[[6, 7]].mean() > per[list(range(6))].mean()
+    runs = sorted(tmp_path.rglob("summary.json"))
+    assert len(runs) == 4
+    summary = json.loads(runs[0].read_text())
+    assert summary["pools"] == "6xa30+2xa100_80gb" and summary["instance_kinds"] == ["a30"] * 6 + ["a100_80gb"] * 2
+    from analysis.mixed_pool import main
+
+    assert main([str(tmp_path / "mix"), "--qps", "8", "--slo", "3"]) == 0
+    tab = pd.read_csv(tmp_path / "mix" / "figures" / "mixed_pool.csv").set_index("label")
+    assert (tmp_path / "mix" / "figures" / "mixed_pool.png").is_file()
+    share = tab["tokens_share_a100_80gb"]
+    assert ((share + tab["tokens_share_a30"] - 1).abs() < 1e-9).all()
+    block = [lab for lab in tab.index if lab.lower().startswith("block")][0]
+    rr = [lab for lab in tab.index if lab not in (block,)][0]
+    assert share[block] > share[rr] + 0.1  # round robin gives the A100s a quarter of the requests, Block more

@@ -78,6 +78,12 @@ PRESETS = {
     "overhead": ("overhead", {"policy": ["block_star"], "block_k": [2.0, 12.0],
                               "workload.qps": [float(q) for q in range(20, 37, 2)]},
                  {"workload.num_requests": 10000, "cluster.num_instances": 12}),
+    # mixed pools (docs/beyond_block.md): 6 A30 + 2 A100-80GB
+    "mixed_pool": ("mixed_pool", {"policy": ["round_robin", "least_requests", "llumnix", "lmetric", "block_nosim",
+                                             "block", "block_ttft"],
+                                  "workload.qps": [12.0, 14.0, 16.0, 18.0, 20.0, 22.0]},
+                   {"cluster.num_instances": 8, "cluster.name": "mixed_a30x6_a100x2", "workload.num_requests": 1000,
+                    "dataset.name": "sharegpt_predicted"}),
 }
 SELF_ORDER_MSG = ("conf/config.yaml must list `_self_` before `experiment` in its defaults list, otherwise the base "
                   "config's own keys (experiment_name, seed, accuracy, ...) override every preset")
