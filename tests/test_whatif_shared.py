@@ -185,10 +185,10 @@ def test_estimated_lengths_are_not_carried_across_time(toy_model):
     e = Engine(cfg, toy_model)
     e.add(Seq(0, 100, 400, 0.0, expected=50), 0.0)
     req = Request(1, 0.0, 100, 50)
-    predict_engine(e, 0.0, req)
-    w = e.whatif
-    assert isinstance(w, EngineWhatIf) and not w.faithful
+    assert not EngineWhatIf(e, 0.0, 10).faithful
+    p0 = predict_engine(e, 0.0, req)
+    assert e.whatif is None  # nothing kept: the engine will leave the assumed trajectory
+    assert _close(p0.e2e_s, predict(e.snapshot(0.0), req, toy_model).e2e_s)
     e.sync(2.0)
     p = predict_engine(e, 2.0, req)
-    assert e.whatif is not w
     assert _close(p.e2e_s, predict(e.snapshot(2.0), req, toy_model).e2e_s)

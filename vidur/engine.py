@@ -322,6 +322,10 @@ class Engine:
         candidate on its own fork. A stale decode-heap entry keeps pointing at the original request: its version
         never comes back, so it stays stale in the fork too, and the heap's order is kept without re-heapifying.
         """
+        heap = self.dg_heap
+        if len(heap) > 2 * self.dg_count + 16:  # mostly stale entries (a long-lived trajectory): drop them first
+            heap = self.dg_heap = [x for x in heap if x[2] == x[3].ver and x[3].in_decode]
+            heapq.heapify(heap)
         e = Engine.__new__(Engine)
         e.__dict__.update(self.__dict__)
         m: dict[Seq, Seq] = {}
@@ -334,7 +338,7 @@ class Engine:
         e.waiting = deque([s.clone() for s in self.waiting])
         e.dg_hist = self.dg_hist.copy()
         get = m.get
-        e.dg_heap = [(a, b, v, get(s, s)) for a, b, v, s in self.dg_heap]
+        e.dg_heap = [(a, b, v, get(s, s)) for a, b, v, s in heap]
         e.finished = []
         e.rejected = []
         e.keep_finished = False

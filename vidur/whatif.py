@@ -245,8 +245,16 @@ class EngineWhatIf:
         if not faithful:
             heapq.heapify(s.dg_heap)
         self.faithful = faithful and not (eng.cfg.scheduler == "v1" and eng.cfg.long_prefill_token_threshold)
-        self.traj = Trajectory(s)
+        self.s = s
+        self._traj: Trajectory | None = None
         self.pending: list[tuple[Seq, float]] = []
+
+    @property
+    def traj(self) -> Trajectory:
+        """The trajectory, built on first use (an unfaithful what-if answering one query runs on ``s`` directly)."""
+        if self._traj is None:
+            self._traj = Trajectory(self.s)
+        return self._traj
 
     def _assumed(self, e: Engine, q: Seq) -> int:
         """The length a predictor assumes: the expected one, or 10 tokens more once it has been overrun (Block)."""
@@ -279,11 +287,23 @@ def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int 
     by floating-point rounding of the time origin).
     """
     t0 = time.perf_counter()
+    target = _target(request, expected_output_tokens)
     w = eng.whatif
     if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t):
         w = eng.whatif = EngineWhatIf(eng, t, overrun_tokens)
-    target = _target(request, expected_output_tokens)
-    e2e, ttft, queue, delay = _answer(w.traj, target, t, others_delay)
+        if not w.faithful and not others_delay:
+            # it will not outlive this moment (estimated lengths): one simulation on the fork, no trajectory
+            eng.whatif = None
+            e = w.s
+            if not e.running and not e.waiting and e.time < t:
+                e.time = t
+            e.waiting.append(target)
+            w = None
+    if w is None:
+        e2e, ttft, queue = _run(e, target, t)
+        delay = 0.0
+    else:
+        e2e, ttft, queue, delay = _answer(w.traj, target, t, others_delay)
     nr, nw = len(eng.running), len(eng.waiting)
     return Prediction(
         instance_id=instance_id, e2e_s=e2e, ttft_s=ttft, queue_s=queue, free_blocks=eng.free,
