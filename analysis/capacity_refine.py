@@ -39,7 +39,8 @@ from analysis.records import Run, find_runs
 # keys of capacity.json's config/overrides that tell searches apart (policy first), with short legend names
 LABEL_KEYS = {"policy.name": "", "policy.k": "k", "block_k": "k", "workload.burstiness": "b",
               "policy.length_noise_pct": "len err %", "policy.latency_noise_pct": "lat err %",
-              "engine.max_num_seqs": "batch", "engine.chunk_size": "chunk", "workload.num_requests": "requests"}
+              "engine.max_num_seqs": "batch", "engine.chunk_size": "chunk", "workload.num_requests": "requests",
+              "slo_s": "SLO"}
 
 
 def load_capacities(root: str | Path, filters: Sequence[str] = ()) -> pd.DataFrame:
@@ -53,13 +54,15 @@ def load_capacities(root: str | Path, filters: Sequence[str] = ()) -> pd.DataFra
         raise AnalysisError(f"no capacity.json under {root}: run python -m experiments.capacity first "
                             "(e.g. python -m experiments.capacity -m experiment=capacity_refine)")
     df = df.copy()
-    varying = [k for k in LABEL_KEYS if k in df.columns and df[k].astype(str).nunique() > 1]
+    # map(str), not astype(str): pandas' string dtype keeps NaN (k = null, all instances) as missing, not "nan"
+    varying = [k for k in LABEL_KEYS if k in df.columns and df[k].map(str).nunique() > 1]
     if "block_k" in varying and "policy.k" in varying:
         varying.remove("block_k")
 
     def label(row: pd.Series) -> str:
         name = base_label(str(row.get("policy.name", "?")))
-        extra = [f"{LABEL_KEYS[k]}={_num(row[k])}" for k in varying if k != "policy.name"]
+        extra = [f"{LABEL_KEYS[k]}={'all' if k == 'policy.k' and pd.isna(row[k]) else _num(row[k])}"
+                 for k in varying if k != "policy.name"]
         return name + (f" ({', '.join(extra)})" if extra else "")
 
     df["label"] = df.apply(label, axis=1)

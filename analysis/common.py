@@ -50,6 +50,8 @@ POLICY_LABELS: dict[str, str] = {
     "llmd_latency": "llm-d predicted latency",
     "routebalance": "RouteBalance-style",
     "block_residual": "Block + residual",
+    "block_ttft": "Block-TTFT (ours)",
+    "block_social": "Block-social (ours)",
 }
 POLICY_ORDER = list(POLICY_LABELS)
 
@@ -75,13 +77,16 @@ POLICY_COLORS: dict[str, Any] = {
     "llmd_latency": _PALETTE[16],
     "routebalance": _PALETTE[17],
     "block_residual": sns.color_palette("pastel")[3],  # a light Block red
+    "block_ttft": sns.color_palette("dark")[3],  # a dark Block red
+    "block_social": sns.color_palette("dark")[4],
 }
 POLICY_MARKERS: dict[str, str] = {
     "block_oracle": "o", "block_star": "s", "llumnix": "^", "infaas": "v", "min_qpm": "D", "round_robin": "P",
     "random": "X", "block": "<", "block_noisy": ">", "block_nosim": "h", "least_requests": "p", "llmd": "*",
     "sglang_least_load": "d", "dynamo_kv": "H",
     "llumnix_full": "8",
-    "lmetric": "1", "llmd_latency": "2", "routebalance": "3", "block_residual": "4",
+    "lmetric": "1", "llmd_latency": "2", "routebalance": "3", "block_residual": "4", "block_ttft": "<",
+    "block_social": ">",
 }
 # Short names for policy parameters that tell apart runs of one policy (e.g. "Block (k=2)").
 _PARAM_NAMES = {"k": "k", "length_noise_pct": "len noise %", "latency_noise_pct": "lat noise %"}

@@ -81,7 +81,7 @@ PRESETS = {
     # mixed pools (docs/beyond_block.md): 6 A30 + 2 A100-80GB
     "mixed_pool": ("mixed_pool", {"policy": ["round_robin", "least_requests", "llumnix", "lmetric", "block_nosim",
                                              "block", "block_ttft"],
-                                  "workload.qps": [12.0, 14.0, 16.0, 18.0, 20.0, 22.0]},
+                                  "workload.qps": [12.0, 16.0, 20.0, 24.0, 28.0, 32.0, 36.0, 40.0, 44.0, 48.0]},
                    {"cluster.num_instances": 8, "cluster.name": "mixed_a30x6_a100x2", "workload.num_requests": 1000,
                     "dataset.name": "sharegpt_predicted"}),
 }
