@@ -114,7 +114,9 @@ def test_plan_places_services_by_host_and_keeps_secrets_out(tmp_path, monkeypatc
     from block.engine.vllm import build_parser  # the vLLM engine takes the emulated engine's flags as they are
 
     a = build_parser().parse_args(by["node1"]["engine2"]["argv"][3:])
-    assert (a.model, a.num_blocks, a.port, a.load_format) == ("services/model.yaml", 1036, 8000, "dummy")
+    # engine.num_blocks unset: vLLM sizes its own KV cache (no --num-blocks), the emulated engine gets the count
+    assert (a.model, a.num_blocks, a.port, a.load_format) == ("services/model.yaml", None, 8000, "dummy")
+    assert by["node0"]["engine0"]["argv"][by["node0"]["engine0"]["argv"].index("--num-blocks") + 1] == "1036"
     assert by["node0"]["engine0"]["argv"][:3] == ["python", "-m", "block.engine"]
     assert "proxy" in by["node1"]["predictor2"]["argv"] and "engine" in by["node0"]["predictor0"]["argv"]
     sargv = by["node0"]["scheduler0"]["argv"]
