@@ -192,3 +192,13 @@ def test_estimated_lengths_are_not_carried_across_time(toy_model):
     e.sync(2.0)
     p = predict_engine(e, 2.0, req)
     assert _close(p.e2e_s, predict(e.snapshot(2.0), req, toy_model).e2e_s)
+
+
+def test_fork_copies_every_engine_attribute(toy_model):
+    """``Engine.fork`` spells the attributes out (for speed): one added to ``Engine.__init__`` must be added there."""
+    e = Engine(_cfg("v0", True, 1052), toy_model)
+    e.add(Seq(0, 100, 20, 0.0), 0.0)
+    e.sync(0.05)
+    f = e.fork()
+    assert set(vars(f)) == set(vars(e))
+    assert f.running[0] is not e.running[0] and f.free == e.free and f.time == e.time

@@ -327,7 +327,18 @@ class Engine:
             heap = self.dg_heap = [x for x in heap if x[2] == x[3].ver and x[3].in_decode]
             heapq.heapify(heap)
         e = Engine.__new__(Engine)
-        e.__dict__.update(self.__dict__)
+        # attribute by attribute in __init__'s order, never through __dict__: an instance whose dict was touched
+        # loses CPython's fast attribute access, and every step of the fork would pay for it
+        e.cfg = self.cfg
+        e.model = self.model
+        e.instance_id = self.instance_id
+        e.bs = self.bs
+        e.total_blocks = self.total_blocks
+        e.free = self.free
+        e.watermark_blocks = self.watermark_blocks
+        e.budget = self.budget
+        e.max_seqs = self.max_seqs
+        e.time = self.time
         m: dict[Seq, Seq] = {}
         running: dict[int, Seq] = {}
         for sid, s in self.running.items():
@@ -336,14 +347,22 @@ class Engine:
         e.running = running
         e.prefilling = [m[s] for s in self.prefilling]
         e.waiting = deque([s.clone() for s in self.waiting])
+        e.num_preemptions = self.num_preemptions
+        e.num_steps = self.num_steps
+        e.busy_s = self.busy_s
+        e.keep_finished = False
+        e.finished = []
+        e.rejected = []
+        e.dclock = self.dclock
+        e.dg_count = self.dg_count
+        e.dg_sum = self.dg_sum
         e.dg_hist = self.dg_hist.copy()
         get = m.get
         e.dg_heap = [(a, b, v, get(s, s)) for a, b, v, s in heap]
-        e.finished = []
-        e.rejected = []
-        e.keep_finished = False
         e.on_finish = None
         e.whatif = None
+        e._rule_advance = self._rule_advance
+        e._prefill_holds_known = self._prefill_holds_known
         return e
 
     # ------------------------------------------------------------------ decode group bookkeeping
