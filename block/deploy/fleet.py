@@ -162,7 +162,11 @@ class Fleet:
         if key and not os.path.exists(os.path.expanduser(key)):
             raise ValueError(f"ssh key {key!r} (from {'key_filename' if key_filename else '$' + SSH_KEY_ENV}) "
                              "does not exist")
-        self.connect_kwargs: dict[str, Any] = {"look_for_keys": True, "allow_agent": True}
+        # banner and auth waits well above paramiko's 15 s / 30 s: a host (or a test machine) under load can take
+        # that long to answer the key exchange, which paramiko reports as a failed authentication
+        self.connect_kwargs: dict[str, Any] = {"look_for_keys": True, "allow_agent": True,
+                                               "banner_timeout": max(60.0, 4 * connect_timeout_s),
+                                               "auth_timeout": max(60.0, 4 * connect_timeout_s)}
         if key:
             self.connect_kwargs["key_filename"] = [os.path.expanduser(key)]
         self.connect_timeout_s = connect_timeout_s
