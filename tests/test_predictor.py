@@ -468,6 +468,13 @@ def test_bearer_token_and_state_injection(servers, exec_model):
         want = predict(st, Request(0, 0, 500, 120), exec_model).to_dict()
         got.pop("predict_ms"), want.pop("predict_ms")
         assert got == want and got["num_running"] == 48 and got["num_waiting"] == 16
+        # "others_delay": true (block_social): the delay the request adds to the others, the same what-if's
+        body = {"prompt_tokens": 500, "expected_output_tokens": 120, "others_delay": True}
+        got = c.post("/predict", json=body, headers=auth).json()
+        want = predict(st, Request(0, 0, 500, 120), exec_model, others_delay=True)
+        assert got["others_delay_s"] > 0 and got["others_delay_s"] == pytest.approx(want.others_delay_s, rel=1e-9)
+        r = c.post("/predict", json={**body, "others_delay": 1}, headers=auth)
+        assert r.status_code == 400 and "others_delay" in r.json()["error"]["message"]
         stats = c.get("/stats", headers=auth).json()
         assert stats == Engine.from_state(st, exec_model).stats().to_dict()
         assert c.get("/state", headers=auth).json()["source"] == "injected"
