@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Optional
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -71,7 +70,7 @@ def work_shares(runs: list[Run], qps: float) -> pd.DataFrame:
         kinds = list(r.summary["instance_kinds"])
         req = r.requests()
         req = req[req["instance"] >= 0]
-        kind = req["instance"].map(lambda i: kinds[int(i)])
+        kind = req["instance"].astype(int).map(dict(enumerate(kinds)))
         tokens = req["prompt_tokens"] + req["output_tokens"]
         for k in sorted(set(kinds)):
             m = kind == k
@@ -86,7 +85,7 @@ def work_shares(runs: list[Run], qps: float) -> pd.DataFrame:
     return df
 
 
-def pick_qps(runs: list[Run], caps: pd.DataFrame, qps: Optional[float]) -> float:
+def pick_qps(runs: list[Run], caps: pd.DataFrame, qps: float | None) -> float:
     grid = sorted({run_qps(r) for r in runs})
     if qps is not None:
         return float(qps)

@@ -21,8 +21,9 @@ execution model and engine config.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,7 +60,7 @@ def gpu_config(name: str) -> dict[str, Any]:
 
 
 def build_pools(model: Mapping[str, Any], gpu: Mapping[str, Any], engine: Mapping[str, Any],
-                pools: Sequence[Mapping[str, Any]], num_instances: Optional[int] = None) -> list[Pool]:
+                pools: Sequence[Mapping[str, Any]], num_instances: int | None = None) -> list[Pool]:
     """The pools of a run from its model, GPU and engine mappings; ValueError naming ``cluster.pools[i]`` keys."""
     model, gpu, engine = _plain(model), _plain(gpu), _plain(engine)
     if not pools:
@@ -68,7 +69,7 @@ def build_pools(model: Mapping[str, Any], gpu: Mapping[str, Any], engine: Mappin
     for i, raw in enumerate(_plain(pools)):
         key = f"cluster.pools[{i}]"
         if not isinstance(raw, Mapping):
-            raise ValueError(f"{key}: a mapping {{count, gpu, engine, name}}, got {raw!r}")
+            raise ValueError(f"{key}: a mapping {{count, gpu, engine, name}}, got {raw!r}")  # noqa: TRY004 (a config error)
         extra = sorted(set(raw) - POOL_KEYS)
         if extra:
             raise ValueError(f"{key}: unknown key(s) {extra}; a pool has {sorted(POOL_KEYS)}")
@@ -105,7 +106,7 @@ def build_pools(model: Mapping[str, Any], gpu: Mapping[str, Any], engine: Mappin
     return out
 
 
-def run_pools(cfg: DictConfig) -> Optional[list[Pool]]:
+def run_pools(cfg: DictConfig) -> list[Pool] | None:
     """The run's pools, or None for a uniform cluster (``cluster.pools`` unset or null)."""
     pools = OmegaConf.select(cfg, "cluster.pools", default=None)
     if pools is None:
@@ -126,7 +127,7 @@ def kinds(pools: Sequence[Pool]) -> list[str]:
     return [p.name for p in pools for _ in range(p.count)]
 
 
-def engines(pools: Sequence[Pool], cache_dir: Optional[str] = None) -> list:
+def engines(pools: Sequence[Pool], cache_dir: str | None = None) -> list:
     """One simulated engine per instance, pool by pool, each with its pool's config and execution model (fitted
     once per pool)."""
     from vidur.engine import Engine

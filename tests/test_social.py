@@ -21,7 +21,7 @@ from vidur.whatif import predict, predict_engine
 
 SCHEDULERS = {
     "v0": {},
-    "v1": dict(scheduler="v1", max_num_batched_tokens=512, watermark=0.0),
+    "v1": {"scheduler": "v1", "max_num_batched_tokens": 512, "watermark": 0.0},
 }
 
 
