@@ -37,6 +37,7 @@ from experiments import wiring
 from experiments.local_stack import LocalStack
 from experiments.provision_live import ProvisionAgent, provisioning_args, provisioning_records, settle
 from experiments.logger import interactive
+from experiments.pools import describe as describe_pools, kinds as pool_kinds, run_pools
 from vidur.records import instances_frame, summarize, write_run
 from vidur.types import EngineConfig
 
@@ -58,6 +59,20 @@ def engine_args(cfg: DictConfig, conf_dir: Path, ecfg: Optional[EngineConfig] = 
         "--engine", _write_yaml(conf_dir / "engine.yaml", cfg.engine),
         *engine_flags(ec),
     ]
+
+
+def pool_engine_args(cfg: DictConfig, conf_dir: Path, pools: list) -> list[list[str]]:
+    """Mixed pools (``experiments.pools``): per instance, ``engine_args`` of its pool -- the model, the pool's GPU and
+    merged engine config as YAML files in ``conf_dir/pool<j>/``, pinned to the pool's validated engine config."""
+    out: list[list[str]] = []
+    for j, pool in enumerate(pools):
+        d = conf_dir / f"pool{j}"
+        d.mkdir(parents=True, exist_ok=True)
+        args = ["--model-config", _write_yaml(d / "model.yaml", cfg.model),
+                "--gpu", _write_yaml(d / "gpu.yaml", pool.gpu_config),
+                "--engine", _write_yaml(d / "engine.yaml", pool.engine_config), *engine_flags(pool.setup.engine)]
+        out.extend([args] * pool.count)
+    return out
 
 
 def vllm_sized(cfg: DictConfig, flags: list[str]) -> list[str]:
@@ -154,6 +169,10 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
     conf_dir.mkdir(parents=True, exist_ok=True)
     shared = engine_args(cfg, conf_dir, ecfg)
     real = str(cfg.mode.get("engine", "emulated")) == "vllm"  # real vLLM servers (stock vLLM has no /state)
+    pools = run_pools(cfg)  # mixed pools: instance i's engine and predictor get its pool's files and flags
+    if pools is not None and real:
+        raise wiring.ConfigError("cluster.pools: mixed pools run on emulated engines (mode.engine=emulated)")
+    args_of = [shared] * n if pools is None else pool_engine_args(cfg, conf_dir, pools)
     if real:
         shared = vllm_sized(cfg, shared)
     if real and (scale != 1.0 or str(cfg.mode.state_source) != "proxy"):
@@ -168,9 +187,9 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
         def start_instance(i: int, wait: bool = True) -> str:
             """Engine + predictor of instance ``i``; returns the predictor's URL."""
             e = _start_vllm(stack, cfg, shared, i) if real else \
-                stack.start(f"engine{i}", "block.engine", [*shared, "--time-scale", str(scale),
+                stack.start(f"engine{i}", "block.engine", [*args_of[i], "--time-scale", str(scale),
                                                            "--seed", str(int(cfg.seed) + i)])
-            p = stack.start(f"predictor{i}", "block.predictor", [*shared, "--engine-url", e.url, "--instance-id",
+            p = stack.start(f"predictor{i}", "block.predictor", [*args_of[i], "--engine-url", e.url, "--instance-id",
                                                                  str(i), "--state-source", str(cfg.mode.state_source),
                                                                  "--feedback-time-scale", str(scale),
                                                                  *(["--residual-correction"]
@@ -197,6 +216,8 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
     if controller is not None:
         records.requests, tables["provisioning"], extra = provisioning_records(cfg, conf_dir, records.requests, m,
                                                                                agent.starts)
+    if pools is not None:
+        extra = {**extra, "pools": describe_pools(pools), "instance_kinds": pool_kinds(pools)}
     return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0,
                          extra_tables=tables, ecfg=ecfg, **extra)
 

@@ -41,6 +41,8 @@ class Pool:
     count: int
     gpu: str
     setup: EngineSetup
+    gpu_config: dict  # the GPU mapping and the (merged) engine mapping: what mode=emulate writes for its services
+    engine_config: dict
 
 
 def _plain(node: Any) -> Any:
@@ -95,7 +97,7 @@ def build_pools(model: Mapping[str, Any], gpu: Mapping[str, Any], engine: Mappin
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from None
         label = str(gname) if gname is not None else str(gpu.get("name", "gpu"))
-        out.append(Pool(str(raw.get("name") or label), count, label, setup))
+        out.append(Pool(str(raw.get("name") or label), count, label, setup, gd, ed))
     names = [p.name for p in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

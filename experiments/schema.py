@@ -215,8 +215,8 @@ class RunConfig(_Node):
         if pools is not None:  # mixed pools (experiments.pools): every pool's engine is built here once
             from experiments.pools import build_pools
 
-            if self.mode.name != "sim":
-                raise ValueError(f"cluster.pools: mixed pools run in mode=sim only so far, not mode={self.mode.name}")
+            if self.mode.name == "deploy":
+                raise ValueError("cluster.pools: mixed pools run in mode=sim and mode=emulate, not yet mode=deploy")
             build_pools(self.model.model_dump(), self.gpu.model_dump(), self.engine.model_dump(), pools,
                         self.cluster.num_instances)
         from block.policies import policy_from_config

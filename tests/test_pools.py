@@ -48,7 +48,7 @@ def test_preset_pools_build_each_kind():
     ("cluster.pools.0.count=0", "cluster.pools[0].count=0"),
     ("+cluster.pools.1.engine.max_num_sequences=3", "cluster.pools[1].engine: unknown key(s) ['max_num_sequences']"),
     ("cluster.pools.1.name=a30", "share a name"),
-    ("mode=emulate", "mode=sim only"),
+    ("mode=deploy", "not yet mode=deploy"),
 ])
 def test_bad_pools_are_config_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -100,3 +100,21 @@ def test_sim_runs_and_figure_over_the_pool(tmp_path):
     block = next(lab for lab in tab.index if lab.lower().startswith("block"))
     rr = next(lab for lab in tab.index if lab != block)
     assert share[block] > share[rr] + 0.1  # round robin gives the A100s a quarter of the requests, Block more
+
+
+def test_emulate_gives_each_instance_its_pool(tmp_path):
+    """mode=emulate: instance i's engine and predictor run with its pool's GPU and engine config (real services)."""
+    pools = "[{count:1,gpu:a30},{count:1,gpu:a100_80gb,engine:{max_num_seqs:64}}]"
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "mode=emulate", "cluster.num_instances=2", f"+cluster.pools={pools}",
+         "policy=block", "policy.k=null", "workload.num_requests=16", "workload.qps=3", "mode.time_scale=4",
+         f"output_root={tmp_path}", f"hydra.run.dir={tmp_path}/run", "progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run = tmp_path / "run"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["completed"] == 16 and s["instance_kinds"] == ["a30", "a100_80gb"]
+    free = pd.read_parquet(run / "instances.parquet").groupby("instance")["free_blocks"].max()
+    assert free[1] > 5 * free[0]  # the A100 engine holds its own GPU's KV cache
+    assert "max_num_seqs: 64" in (run / "services" / "pool1" / "engine.yaml").read_text()
+    assert pd.read_parquet(run / "requests.parquet")["predicted_e2e_s"].notna().all()
