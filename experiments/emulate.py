@@ -182,6 +182,7 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
     controller = wiring.provisioning(cfg)
     initial = n if controller is None else controller.cfg.initial_instances
     state_urls: dict[int, str] = {}  # /state URL per started instance (the sampler reads new ones as they appear)
+    services: dict[int, list] = {}  # the processes of each started instance (a scaled-down slot's are stopped)
     with LocalStack(run_dir / "logs", token=token, startup_timeout_s=float(cfg.mode.startup_timeout_s)) as stack:
 
         def start_instance(i: int, wait: bool = True) -> str:
@@ -197,10 +198,18 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
             if wait:
                 stack.wait_healthy([e, p])
             state_urls[i] = str((p if real else e).url)
+            services[i] = [p, e]
             return str(p.url)
 
+        def stop_instance(i: int) -> None:
+            """Scale-down (after the scheduler drained it): predictor, then engine; no longer part of the stack."""
+            state_urls.pop(i, None)
+            for svc in services.pop(i, []):
+                svc.stop()
+                stack.services.remove(svc)
+
         predictor_urls = [start_instance(i, wait=False) for i in range(initial)]
-        with ProvisionAgent(start_instance, range(initial, n), token) as agent:
+        with ProvisionAgent(start_instance, range(initial, n), token, stop_slot=stop_instance) as agent:
             schedulers = [stack.start(f"scheduler{j}", "block.scheduler",
                                       scheduler_args(cfg, predictor_urls, conf_dir / f"scheduler{j}.jsonl")
                                       + ([] if controller is None else
@@ -215,7 +224,7 @@ def run_emulate(cfg: DictConfig, run_dir: Path, ecfg: Optional[EngineConfig] = N
     tables, extra = {}, {}
     if controller is not None:
         records.requests, tables["provisioning"], extra = provisioning_records(cfg, conf_dir, records.requests, m,
-                                                                               agent.starts)
+                                                                               agent.starts, agent.stops)
     if pools is not None:
         extra = {**extra, "pools": describe_pools(pools), "instance_kinds": pool_kinds(pools)}
     return write_records(cfg, run_dir, requests, records, mode="emulate", wall_s=time.perf_counter() - t0,
