@@ -342,7 +342,7 @@ def fit_and_save(steps_csv: Path, model_cfg: Any, gpu_cfg: Any, out_json: Path, 
     em = ExecutionModel(params)
     served = None
     if serving is not None:
-        from block.engine.vllm_serve_calibration import overhead, served_steps, steady_window
+        from block.engine.vllm_serve_calibration import overhead, served_steps
 
         ov = overhead(serving, em)
         times = served_steps(steps, times, ov)
@@ -354,8 +354,7 @@ def fit_and_save(steps_csv: Path, model_cfg: Any, gpu_cfg: Any, out_json: Path, 
         served = {"calibration": serving.to_json(), "per_step_ms": ov.per_step_s * 1e3,
                   "per_seq_ms": ov.per_seq_s * 1e3, "first_token_ms": ov.first_s * 1e3,
                   "residual_ms": {str(k): v for k, v in ov.residual_ms.items()},
-                  "served_itl_vs_model_ms": {str(b): [cal * 1e3, em.step_time([], b, b * (
-                      serving.prompt_tokens + sum(steady_window(serving.out_tokens)) // 2)) * 1e3]
+                  "served_itl_vs_model_ms": {str(b): [cal * 1e3, em.step_time([], b, b * serving.steady_kv_each) * 1e3]
                                              for b, cal in serving.itl_s.items()}}
     pred = np.array([em.step_time(*steps[i]) for i in test_idx])
     err = np.abs(pred - times[test_idx]) / times[test_idx]

@@ -53,6 +53,11 @@ class ServeCalibration:
     loadavg: Sequence[float] = field(default_factory=tuple)
     seconds: float = 0.0
 
+    @property
+    def steady_kv_each(self) -> int:
+        """KV tokens each stream holds in the middle of the steady window: what a decode step there is modelled at."""
+        return self.prompt_tokens + sum(steady_window(self.out_tokens)) // 2
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["itl_s"] = {str(k): v for k, v in self.itl_s.items()}
@@ -204,7 +209,7 @@ def overhead(cal: ServeCalibration, em: Any) -> Overhead:
     from scipy.optimize import nnls
 
     bs = sorted(cal.itl_s)
-    kv_each = cal.prompt_tokens + sum(steady_window(cal.out_tokens)) // 2
+    kv_each = cal.steady_kv_each
     model = np.array([em.step_time([], b, b * kv_each) for b in bs])
     gap = np.array([cal.itl_s[b] for b in bs]) - model
     A = np.column_stack([np.ones(len(bs)), np.array(bs, dtype=float)])
