@@ -99,10 +99,41 @@ def main(cfg: DictConfig) -> Optional[float]:
     return None
 
 
+# Arguments after which the composed config might set ``hydra.mode`` (a preset, another config file or folder, the
+# key itself): Hydra must then compose once more to read it.
+_MODE_SOURCES = ("experiment=", "+experiment=", "++experiment=", "hydra.mode", "+hydra.mode", "++hydra.mode",
+                 "hydra/", "--config-dir", "--config-name", "--config-path", "-cd", "-cn", "-cp")
+
+
+def mode_probe_needed(argv: list[str]) -> bool:
+    """Whether ``hydra.mode`` can be anything but unset (None) for this command line.
+
+    Hydra 1.3's ``@hydra.main`` composes the whole config twice: once (``Hydra.get_mode``) only to read
+    ``hydra.mode``, then for the run. Neither ``conf/config.yaml`` nor the groups it selects by default set that key
+    (``tests/test_startup.py`` checks it), so only an argument in ``_MODE_SOURCES`` can; without one the first
+    composition would return None, which is what :func:`skip_mode_probe` returns without composing.
+    """
+    return any(a.lstrip().startswith(_MODE_SOURCES) for a in argv)
+
+
+def skip_mode_probe() -> None:
+    """Let Hydra take ``hydra.mode`` as unset without composing the config for it (about 0.1 s of a run's start).
+
+    With the mode unset Hydra runs ``-m`` as a sweep and anything else as one run, as it does after probing;
+    ``Hydra.get_mode`` is Hydra's own (private) method, so an absent one is left alone.
+    """
+    from hydra._internal.hydra import Hydra
+
+    if hasattr(Hydra, "get_mode"):
+        Hydra.get_mode = lambda self, *args, **kwargs: None
+
+
 if __name__ == "__main__":
     schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
     if "--dry-run" in sys.argv[1:]:  # list the runs that would run / be skipped; runs and writes nothing
         from experiments.sweep_report import dry_run
 
         raise SystemExit(dry_run(sys.argv[1:]))
+    if not mode_probe_needed(sys.argv[1:]):
+        skip_mode_probe()
     main()

@@ -1,0 +1,70 @@
+"""A run's start-up: ``python -m experiments.run`` composes its config once, and its records do not depend on that.
+
+Hydra 1.3 composes the whole config a second time only to read ``hydra.mode``; ``experiments.run`` skips that probe
+where the key cannot be set (see ``experiments.run.mode_probe_needed``). The run is a real subprocess; a small
+wrapper counts Hydra's compositions in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from experiments.run import mode_probe_needed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs experiments.run as `python -m` does, counting Hydra.compose_config calls (printed at exit).
+COUNTING_RUN = """
+import atexit, runpy, sys
+from hydra._internal.hydra import Hydra
+calls = []
+compose_config = Hydra.compose_config
+def counted(self, *args, **kwargs):
+    calls.append(kwargs.get("run_mode"))
+    return compose_config(self, *args, **kwargs)
+Hydra.compose_config = counted
+atexit.register(lambda: print(f"COMPOSITIONS={len(calls)}", flush=True))
+sys.argv = ["experiments/run.py", *sys.argv[1:]]
+runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
+    run_dir = tmp_path / "run"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", COUNTING_RUN, f"output_root={tmp_path}", "workload.num_requests=30",
+                        "workload.qps=8", "cluster.num_instances=2", "policy=round_robin", "progress=false",
+                        f"hydra.run.dir={run_dir}", *overrides],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    counts = [line for line in p.stdout.splitlines() if line.startswith("COMPOSITIONS=")]
+    assert counts, p.stdout[-2000:]
+    return int(counts[-1].split("=")[1]), run_dir
+
+
+def test_a_run_composes_its_config_once(tmp_path):
+    n, run_dir = _run(tmp_path)
+    assert n == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] == 30 and summary["num_instances"] == 2
+
+
+def test_the_default_config_leaves_hydra_mode_unset():
+    """What the skipped probe would have read: conf/config.yaml and its default groups never set hydra.mode."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    assert cfg.hydra.mode is None
+
+
+def test_arguments_that_can_set_the_mode_keep_the_probe():
+    assert not mode_probe_needed(["policy=block", "workload.qps=24", "-m", "hydra.run.dir=/tmp/x"])
+    for arg in ("experiment=fig6", "+experiment=mine", "hydra.mode=MULTIRUN", "++hydra.mode=RUN",
+                "hydra/launcher=ray_cluster", "--config-dir=/mine", "-cd", "--config-name=capacity_search"):
+        assert mode_probe_needed(["policy=block", arg]), arg
