@@ -202,3 +202,32 @@ def test_fork_copies_every_engine_attribute(toy_model):
     f = e.fork()
     assert set(vars(f)) == set(vars(e))
     assert f.running[0] is not e.running[0] and f.free == e.free and f.time == e.time
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_v0_may_reach_back_is_exact_under_kv_pressure(chunked, toy_model):
+    """V0's ``may_reach_back`` (after ``settle``) says True exactly when the next step's admission reaches a request
+    queued last: the whole queue ahead fits (seats, blocks above the watermark, budget), not just its head. Checked
+    at every step of an overloaded engine whose KV pool forces preemptions; a looser test (the head only) would
+    checkpoint the shared trajectory early and make every candidate simulate the queue ahead of it."""
+    from vidur.engine import INF
+    from vidur.sched import make_rule
+    from vidur.whatif import BACK_ID, _NEVER_FITS
+
+    cfg = _cfg("v0", chunked, 600)
+    rule = make_rule(cfg)
+    e = Engine(cfg, toy_model)
+    arr = _arrivals(400, 8.0, seed=11)
+    said = {True: 0, False: 0}
+    for i, (ta, p, o, x) in enumerate(arr):
+        e.sync(ta)
+        e.add(Seq(i, p, x, ta), ta)
+        f = e.fork()
+        back = Seq(BACK_ID, _NEVER_FITS, 1)
+        f.waiting.append(back)
+        rule.settle(f)
+        may = rule.may_reach_back(f)
+        f._advance(INF)
+        assert may == (back.status == "rejected"), (i, len(e.running), len(e.waiting), f.free)
+        said[may] += 1
+    assert e.num_preemptions > 0 and said[True] > 20 and said[False] > 20, (e.num_preemptions, said)

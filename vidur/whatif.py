@@ -86,8 +86,11 @@ class Trajectory:
             self._step(t)
         if not self.unsure:
             may = self.rule.may_reach_back
+            settle = self.rule.settle
+            settle(s)
             while not may(s):
                 self._step(INF)
+                settle(s)
         return s
 
     def candidate(self, t: float, seq: Seq) -> Engine:

@@ -39,6 +39,11 @@ class SchedulingRule(Protocol):
         """False only if the next step's admission loop surely stops before the last waiting request."""
         ...
 
+    def settle(self, e: "Engine") -> None:
+        """Commit the part of the next step that comes before its admission loop and never looks at the waiting
+        queue (V0 chunked: the decodes' preemptions), so that ``may_reach_back`` judges the queue admission sees."""
+        ...
+
 
 RULES: dict[str, type] = {"v0": V0Rule, "v1": V1Rule}
 

@@ -29,16 +29,33 @@ class V0Rule:
         # a plain function, not a bound method: one call per step less on the what-if's hot path, and no cycle
         self.advance = V0Rule._advance_chunked if config.chunked_prefill else V0Rule._advance_prefill_first
         self.chunked = config.chunked_prefill
+        # chunked: a step first preempts until the decodes' new blocks fit, whatever waits (see ``settle``)
+        self.settle = V0Rule._settle_chunked if config.chunked_prefill else V0Rule._settle_nothing
+
+    @staticmethod
+    def _settle_chunked(e: "Engine") -> None:
+        """The step's preemptions (``_advance_chunked`` does them first, from the running set alone): committing
+        them early changes nothing, and the victims then sit at the head of the queue, where ``may_reach_back`` sees
+        that they block it (a victim never fits back in the step that evicted it)."""
+        if e.dg_count:
+            e.ensure_decode_blocks()
+
+    @staticmethod
+    def _settle_nothing(e: "Engine") -> None:
+        """Prefill-first steps admit before they preempt: nothing comes before the admission loop."""
 
     def may_reach_back(self, e: "Engine") -> bool:
         """False only if the next step's admission surely stops before the last waiting request (the what-if's
         shared trajectory checkpoints the engine before a step only when this is True; see ``vidur.whatif``).
 
-        Every request ahead of the last one must be admitted (a seat each: a preemption moves one from running to
-        waiting, same sum) and the head must fit above the watermark, after the decodes' reservation when chunked.
-        A head that can never fit is rejected, not blocking: then say True. A step that must preempt: True.
+        Every request ahead of the last one must be admitted: a seat each (a preemption moves one from running to
+        waiting, same sum), its blocks above the watermark in turn (after the decodes' reservation when chunked)
+        and its tokens with budget to spare (the loop stops when the budget is spent; prefill-first admits whole
+        prompts). A request that can never fit is rejected, not blocking: then say True (unsure). A step that must
+        still preempt: True (``settle`` first: then its victims are at the head, and they never fit back at once).
         """
-        ahead = len(e.waiting) - 1
+        waiting = e.waiting
+        ahead = len(waiting) - 1
         if len(e.running) + ahead >= e.max_seqs:
             return False
         free = e.free
@@ -52,12 +69,21 @@ class V0Rule:
                 left -= s.known - s.computed
                 if left <= 0:
                     return False
-        if ahead > 0:
-            h = e.waiting[0]
-            need = -(-(h.prompt + h.generated) // e.bs)
-            if need > e.total_blocks - e.watermark_blocks or h.prompt > e.cfg.max_model_len:
+        else:
+            left = e.budget
+        bs = e.bs
+        wm = e.watermark_blocks
+        never = e.total_blocks - wm
+        max_len = e.cfg.max_model_len
+        for i in range(ahead):
+            h = waiting[i]
+            known = h.prompt + h.generated
+            need = -(-known // bs)
+            if need > never or h.prompt > max_len:
                 return True
-            if free - need < e.watermark_blocks:
+            free -= need
+            left -= known
+            if free < wm or left <= 0:
                 return False
         return True
 

@@ -94,6 +94,10 @@ class V1Rule:
             e.stalled()
 
     @staticmethod
+    def settle(e: "Engine") -> None:
+        """Nothing: V1 preempts inside its running loop, on the chunks' allocations (``SchedulingRule.settle``)."""
+
+    @staticmethod
     def may_reach_back(e: "Engine") -> bool:
         """False only if the next step's admission surely stops before the last waiting request (see V0's).
 
