@@ -68,3 +68,18 @@ def test_arguments_that_can_set_the_mode_keep_the_probe():
     for arg in ("experiment=fig6", "+experiment=mine", "hydra.mode=MULTIRUN", "++hydra.mode=RUN",
                 "hydra/launcher=ray_cluster", "--config-dir=/mine", "-cd", "--config-name=capacity_search"):
         assert mode_probe_needed(["policy=block", arg]), arg
+
+
+def test_writing_a_file_whole_imports_no_pandas(tmp_path):
+    """The services, launchers and caches import ``vidur.records`` for ``write_atomic``: that costs them no pandas,
+    numpy or yaml (a few hundred milliseconds of start-up); the run records' functions still import what they use."""
+    code = ("import sys; from pathlib import Path; from vidur.records import write_atomic, is_complete, write_text;"
+            f"write_atomic(Path({str(tmp_path)!r}) / 'a.bin', b'x'); write_text(Path({str(tmp_path)!r}) / 's.json', '{{}}');"
+            "print(sorted(m for m in ('pandas', 'numpy', 'yaml', 'pyarrow') if m in sys.modules));"
+            "from vidur.records import requests_frame, summarize;"
+            "print(summarize(requests_frame([]))['completed'])")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["[]", "0"]
+    assert (tmp_path / "a.bin").read_bytes() == b"x" and (tmp_path / "s.json").read_text() == "{}"

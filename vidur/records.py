@@ -9,6 +9,10 @@ can take its presence as "this run is complete"; a directory of runs (a sweep) h
 Writers (the simulator's runs, the benchmark client, the experiments) call :func:`write_run`; analysis reads through
 :func:`find_runs` / :func:`load_run` (re-exported by ``analysis.records``), so it never imports the simulator or the
 services. Every file of ours that must appear whole is written by :func:`write_atomic`.
+
+pandas, numpy and yaml are imported by the functions that need them: many modules (the services, the launchers, the
+execution model's cache) import this one only for :func:`write_atomic`, and pandas alone adds a few hundred
+milliseconds to their start-up.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
 
-import numpy as np
-import pandas as pd
-import yaml
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ PERCENTILES = (50, 90, 99)
 
 def requests_frame(rows: "Iterable[Mapping[str, Any]] | pd.DataFrame") -> pd.DataFrame:
     """One row per request, DESIGN's columns first (extra columns, e.g. ``queue_s``, follow)."""
+    import pandas as pd
+
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if df.empty:
         df = pd.DataFrame(columns=REQUEST_RECORD_COLUMNS)
@@ -60,10 +66,14 @@ def requests_frame(rows: "Iterable[Mapping[str, Any]] | pd.DataFrame") -> pd.Dat
 
 
 def instances_frame(samples: Iterable[tuple]) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(list(samples), columns=INSTANCE_RECORD_COLUMNS)
 
 
 def _stats_ms(values: np.ndarray, name: str) -> dict[str, Optional[float]]:
+    import numpy as np
+
     v = values[np.isfinite(values)] * 1e3
     if v.size == 0:
         return {f"mean_{name}_ms": None, f"median_{name}_ms": None, **{f"p{p}_{name}_ms": None for p in (90, 99)}}
@@ -79,6 +89,8 @@ def summarize(requests: pd.DataFrame, duration_s: Optional[float] = None, **extr
     ``duration`` is from the first arrival to the last finish. TTFT/TPOT/E2E come from the request rows; ITL is only
     known where per-token times were measured (emulate/deploy): a simulated run leaves it None.
     """
+    import numpy as np
+
     ok = requests[requests["status"] == "ok"] if len(requests) else requests
     if duration_s is None:
         duration_s = float(ok["finish_s"].max() - requests["arrival_s"].min()) if len(ok) else 0.0
@@ -212,9 +224,13 @@ class Run:
         return self.path.name
 
     def requests(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_parquet(self.path / REQUESTS_FILE)
 
     def instances(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_parquet(self.path / INSTANCES_FILE)
 
     def get(self, dotted: str, default: Any = None) -> Any:
@@ -229,6 +245,8 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     """The run at ``path``; FileNotFoundError unless it is complete (has its summary)."""
+    import yaml
+
     path = Path(path)
     summary_file = path / SUMMARY_FILE
     if not summary_file.is_file():
@@ -262,6 +280,8 @@ def find_runs(root: str | Path) -> list[Run]:
 
 def summaries_frame(runs: list[Run], keys: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per run: its summary plus selected config keys (dotted)."""
+    import pandas as pd
+
     rows = []
     for r in runs:
         row = {"run": str(r.path)}
