@@ -1,8 +1,9 @@
-"""A run's start-up: ``python -m experiments.run`` composes its config once, and its records do not depend on that.
+"""A run's start and end: ``python -m experiments.run`` composes its config once and ends without the interpreter's
+teardown, and what it writes and prints does not depend on either.
 
 Hydra 1.3 composes the whole config a second time only to read ``hydra.mode``; ``experiments.run`` skips that probe
 where the key cannot be set (see ``experiments.run.mode_probe_needed``). The run is a real subprocess; a small
-wrapper counts Hydra's compositions in it.
+wrapper counts Hydra's compositions in it and holds an object that says when the interpreter tears it down.
 """
 
 from __future__ import annotations
@@ -11,17 +12,25 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from experiments.run import mode_probe_needed
+from experiments.run import may_exit_now, mode_probe_needed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs experiments.run as `python -m` does, counting Hydra.compose_config calls (printed at exit).
 COUNTING_RUN = """
-import atexit, runpy, sys
+import atexit, runpy, sys, types
+class Teardown:
+    def __del__(self):
+        sys.__stdout__.write("TEARDOWN\\n")
+        sys.__stdout__.flush()
+marker = types.ModuleType("teardown_marker")
+marker.obj = Teardown()
+sys.modules["teardown_marker"] = marker
 from hydra._internal.hydra import Hydra
 calls = []
 compose_config = Hydra.compose_config
@@ -35,7 +44,7 @@ runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
 """
 
 
-def _run(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
+def _run(tmp_path: Path, *overrides: str) -> tuple[int, Path, str]:
     run_dir = tmp_path / "run"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -46,14 +55,36 @@ def _run(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     counts = [line for line in p.stdout.splitlines() if line.startswith("COMPOSITIONS=")]
     assert counts, p.stdout[-2000:]
-    return int(counts[-1].split("=")[1]), run_dir
+    return int(counts[-1].split("=")[1]), run_dir, p.stdout
 
 
-def test_a_run_composes_its_config_once(tmp_path):
-    n, run_dir = _run(tmp_path)
+def test_a_run_composes_its_config_once_and_ends_without_teardown(tmp_path):
+    n, run_dir, out = _run(tmp_path)
     assert n == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] == 30 and summary["num_instances"] == 2
+    assert "completed=30 failed=0" in out  # the summary line reached the pipe (flushed before the exit)
+    assert "TEARDOWN" not in out  # the process ended after its exit handlers, before the module teardown
+
+
+def test_a_live_thread_keeps_the_normal_exit():
+    """Python's exit waits for non-daemon threads; ``exit_now`` must not cut one short."""
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        assert not may_exit_now()
+    finally:
+        release.set()
+        worker.join()
+    idle = threading.Event()
+    daemon = threading.Thread(target=idle.wait, daemon=True)
+    daemon.start()
+    try:
+        assert may_exit_now()
+    finally:
+        idle.set()
+        daemon.join()
 
 
 def test_the_default_config_leaves_hydra_mode_unset():
