@@ -231,3 +231,39 @@ def test_v0_may_reach_back_is_exact_under_kv_pressure(chunked, toy_model):
         assert may == (back.status == "rejected"), (i, len(e.running), len(e.waiting), f.free)
         said[may] += 1
     assert e.num_preemptions > 0 and said[True] > 20 and said[False] > 20, (e.num_preemptions, said)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("blocks", [250, 600])
+def test_closed_form_life_is_the_simulation_preemptions_included(blocks, seed, toy_model):
+    """``vidur.candidate``: the candidate's life walked over the trajectory's recorded steps equals simulating it
+    on a fork (1e-9) -- admission behind the queue, prefill in the budget the others leave, decode runs one sequence
+    wider, and evictions (it is the first victim when its blocks run the pool dry, then re-queued and recomputed)
+    -- and it answers nearly every probe of an overloaded instance with tight KV, evicted candidates included."""
+    from vidur.whatif import TARGET_ID
+
+    cfg = _cfg("v0", True, blocks)
+    rng = random.Random(seed)
+    cluster = _arrivals(300, (8.0, 30.0)[seed % 2], seed=200 + seed)
+    e = Engine(cfg, toy_model)
+    answered = evicted = falls = 0
+    for i, (ta, p, o, x) in enumerate(cluster):
+        e.sync(ta)
+        for _ in range(2):
+            cand = (rng.randint(4, 700), rng.randint(1, 300))
+            predict_engine(e, ta, Request(id=10**6, arrival_s=ta, prompt_tokens=cand[0], output_tokens=cand[1]))
+            got = e.whatif.traj.closed(ta, Seq(TARGET_ID, cand[0], cand[1]))
+            ref = _forked(e, ta, cand)
+            if got is None:
+                falls += 1
+                continue
+            assert _close(got[0], ref.finish - ta), (i, got, ref.finish - ta)
+            assert _close(got[1], ref.first_token - ta), (i, got, ref.first_token - ta)
+            assert _close(got[2], ref.first_sched - ta), (i, got, ref.first_sched - ta)
+            answered += 1
+            evicted += ref.preemptions > 0
+        if rng.random() < 0.5:
+            e.add(Seq(i, p, o, ta), ta)
+    assert falls <= 0.02 * (answered + falls), (answered, falls)
+    if blocks == 250 or seed % 2:  # the pool is tight or the instance overloaded: candidates get evicted
+        assert evicted >= 5, (answered, evicted)

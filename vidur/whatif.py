@@ -19,6 +19,10 @@ and the candidate's own life among the running ones. A sentinel that can never f
 trajectory's queue so that the steps see the queue length they would with the candidate (V1's long-prefill
 threshold counts it); the rule rejects it when admission reaches it, which changes nothing else, and it is put back.
 
+What is left per candidate -- its own life among the running requests -- is walked in closed form over the
+trajectory's recorded future when the rule allows (``vidur.candidate``: V0 with chunked prefill, where a candidate
+queued last changes only the steps' durations, or is evicted first): no fork, no step simulated per candidate.
+
 ``EngineWhatIf`` keeps that trajectory with a live simulated engine (``predict_engine``, used by ``vidur.cluster``):
 when every request's assumed length is its true one (oracle lengths) the engine's own future *is* the trajectory,
 so it stays valid as time passes, and a request the engine receives is queued into it where it stands -- a
@@ -31,6 +35,7 @@ from __future__ import annotations
 import heapq
 import time
 
+from vidur.candidate import Future
 from vidur.engine import INF, Engine, Seq, StepTimeModel
 from vidur.sched import make_rule
 from vidur.types import InstanceState, Prediction, Request
@@ -61,6 +66,7 @@ class Trajectory:
         self.unsure = any(_never_fits(eng, s) for s in eng.waiting if s is not self.back)
         self.version = 0  # bumped by ``add``: with the engine's step count it names the point ``base`` is for
         self._base: tuple[tuple[int, int, float], float] | None = None  # (point, its finish-time sum): ``base``
+        self.future: Future | None = None  # the steps past the checkpoint, recorded for this version (``closed``)
 
     def _step(self, until: float) -> None:
         """Commit the next step (or run); if its admission reached the back, put the rejected sentinel back."""
@@ -101,6 +107,17 @@ class Trajectory:
             e.time = t  # an idle engine starts its next step when the request arrives (Engine.add)
         e.waiting.append(seq)
         return e
+
+    def closed(self, t: float, seq: Seq) -> tuple[float, float, float] | None:
+        """(e2e, ttft, queueing) from ``t`` of ``seq`` queued last at ``t``, walked in closed form over the recorded
+        future (``vidur.candidate``), or None where only a fork's simulation can tell."""
+        if self.unsure or not self.rule.closed_form:
+            return None
+        k = self.reach(t)
+        f = self.future
+        if f is None or f.version != self.version:
+            f = self.future = Future(k, self.rule, self.version)
+        return f.life(k.num_steps, k.time, t, seq.prompt, seq.out)
 
     def base(self, t: float) -> float:
         """The sum of the finish times of the requests in the reach checkpoint for ``t`` when no candidate joins
@@ -201,9 +218,12 @@ class WhatIf:
 
 def _answer(traj: Trajectory, target: Seq, t: float, others_delay: bool) -> tuple[float, float, float, float]:
     """(e2e, ttft, queueing, delay caused to the others -- 0 unless ``others_delay``) of ``target`` joining at ``t``."""
-    e = traj.candidate(t, target)
     if not others_delay:
-        return (*_run(e, target, t), 0.0)
+        r = traj.closed(t, target)
+        if r is not None:
+            return (*r, 0.0)
+        return (*_run(traj.candidate(t, target), target, t), 0.0)
+    e = traj.candidate(t, target)
     return _run_with_delay(e, target, t, traj.base(t))
 
 

@@ -30,6 +30,8 @@ class SchedulingRule(Protocol):
 
     # whether a running prefill holds blocks for all its known tokens (V0) or only for those computed so far (V1)
     prefill_holds_known: bool
+    # whether ``vidur.candidate`` may walk a candidate's life over the recorded steps (needs ``back_room``)
+    closed_form: bool
 
     def advance(self, e: "Engine", until: float) -> None:
         """Form the next step of ``e`` at ``e.time`` and commit it (or the part of a decode run starting < until)."""

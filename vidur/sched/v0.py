@@ -29,6 +29,8 @@ class V0Rule:
         # a plain function, not a bound method: one call per step less on the what-if's hot path, and no cycle
         self.advance = V0Rule._advance_chunked if config.chunked_prefill else V0Rule._advance_prefill_first
         self.chunked = config.chunked_prefill
+        # a candidate's life can be walked over the recorded steps (``vidur.candidate``): chunked only
+        self.closed_form = config.chunked_prefill
         # chunked: a step first preempts until the decodes' new blocks fit, whatever waits (see ``settle``)
         self.settle = V0Rule._settle_chunked if config.chunked_prefill else V0Rule._settle_nothing
 
@@ -46,18 +48,24 @@ class V0Rule:
 
     def may_reach_back(self, e: "Engine") -> bool:
         """False only if the next step's admission surely stops before the last waiting request (the what-if's
-        shared trajectory checkpoints the engine before a step only when this is True; see ``vidur.whatif``).
+        shared trajectory checkpoints the engine before a step only when this is True; see ``vidur.whatif``)."""
+        return self.back_room(e) is not None
 
-        Every request ahead of the last one must be admitted: a seat each (a preemption moves one from running to
-        waiting, same sum), its blocks above the watermark in turn (after the decodes' reservation when chunked)
-        and its tokens with budget to spare (the loop stops when the budget is spent; prefill-first admits whole
-        prompts). A request that can never fit is rejected, not blocking: then say True (unsure). A step that must
-        still preempt: True (``settle`` first: then its victims are at the head, and they never fit back at once).
+    def back_room(self, e: "Engine") -> "tuple[int, int, int] | bool | None":
+        """What the next step's admission leaves for a request queued behind the last waiting one: (budget, seats,
+        blocks free) -- exact --, None when the loop surely stops before the back, True when unsure.
+
+        Every request waiting ahead must be admitted: a seat each (a preemption moves one from running to waiting,
+        same sum), its blocks above the watermark in turn (after the decodes' reservation when chunked) and its
+        tokens with budget to spare (the loop stops when the budget is spent; prefill-first admits whole prompts).
+        A request that can never fit is rejected, not blocking: then unsure (True). A step that must still preempt:
+        unsure (``settle`` first: then its victims are at the head, and they never fit back at once).
         """
         waiting = e.waiting
         ahead = len(waiting) - 1
-        if len(e.running) + ahead >= e.max_seqs:
-            return False
+        seats = e.max_seqs - len(e.running) - ahead
+        if seats <= 0:
+            return None
         free = e.free
         if self.chunked:
             dn = e.decode_need() if e.dg_count else 0
@@ -68,7 +76,7 @@ class V0Rule:
             for s in e.prefilling:
                 left -= s.known - s.computed
                 if left <= 0:
-                    return False
+                    return None
         else:
             left = e.budget
         bs = e.bs
@@ -84,8 +92,8 @@ class V0Rule:
             free -= need
             left -= known
             if free < wm or left <= 0:
-                return False
-        return True
+                return None
+        return left, seats, free
 
     @staticmethod
     def _admit(e: "Engine", budget: int, seqs_room: int, whole: bool) -> list[tuple["Seq", int]]:

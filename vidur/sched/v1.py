@@ -62,6 +62,7 @@ class V1Rule:
     """vLLM V1: one token budget per step, running requests first, then waiting ones if nobody was preempted."""
 
     prefill_holds_known = False
+    closed_form = False  # ``vidur.candidate`` follows V0 chunked steps only: V1 candidates take the simulation
 
     def __init__(self, config: "EngineConfig") -> None:
         self.threshold = config.long_prefill_token_threshold

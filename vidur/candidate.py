@@ -1,0 +1,313 @@
+"""The candidate's own life in closed form, over the trajectory's recorded future (the what-if's fast path).
+
+Why: once the shared trajectory (``vidur.whatif.Trajectory``) has simulated the queue ahead of the candidate, what is
+left per candidate is its own life among the running requests -- a dozen decode runs and a prefill step or two,
+each re-simulated on a fork for every probe. But under vLLM V0 with chunked prefill, a candidate queued last changes
+nothing in the *composition* of the instance's steps until it is preempted:
+
+* it is admitted in the first step whose admission loop reaches the back with a seat, budget and blocks above the
+  watermark to spare (the rule's ``back_room``, exact) -- every step before is the instance's own;
+* it is last in running order, so its prefill chunks take only the budget the others leave, and nobody is admitted
+  after it (nothing else arrives in a what-if), so once its prefill is done every step is decode-only;
+* the others finish after the same number of steps with or without it (lengths are in tokens); only the steps'
+  *durations* change: a chunk more in a mixed step, one more decode sequence (``decode_coeffs(B + 1)``) and its KV
+  tokens in a decode run -- a closed-form sum per run.
+
+So the future *without* the candidate is recorded once per trajectory version (``Future``: lazily, as far as the
+longest candidate asked; shared by every probe and by later queries until the instance receives a request), and
+each candidate is a walk over its segments. The walk gives up (returns None: the caller forks and simulates, as
+before) where the composition would change: a preemption while the candidate holds blocks (it would be the first
+victim), blocks it takes that would force one, a prefill after its own, or an engine with no room to run it alone.
+Other rules (V0 prefill-first, V1) always take the simulation; so does ``others_delay``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Optional
+
+from vidur.engine import INF, Engine, Seq
+
+MIXED, RUN = 0, 1
+
+
+class _LastStep:
+    """The recording engine's step-time model: forwards to the real one and remembers the last step's shape."""
+
+    __slots__ = ("model", "last")
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.last: tuple = ()
+
+    def step_time(self, prefill_chunks, num_decode: int, decode_kv_sum: int) -> float:
+        self.last = (MIXED, prefill_chunks, num_decode, decode_kv_sum)
+        return self.model.step_time(prefill_chunks, num_decode, decode_kv_sum)
+
+    def decode_coeffs(self, batch: int) -> tuple[float, float]:
+        self.last = (RUN, batch)
+        return self.model.decode_coeffs(batch)
+
+
+class Future:
+    """The steps of a trajectory past its reach checkpoint, without the candidate, recorded on demand.
+
+    Segments (tuples, for speed), indexed by the engine's step count at their first step:
+
+    * ``(MIXED, n0, t0, t1, chunks, B, kv, room, free_after, preempted)``: one step with prefill chunks
+      [(tokens, cached)], ``B`` decodes holding ``kv`` KV tokens, from ``t0`` to ``t1``;
+    * ``(RUN, n0, t0, m, B, S1, c, k, a, b, room, free0, cum, preempted)``: ``m`` decode-only steps of ``B``
+      sequences, the first holding ``S1`` KV tokens; step ``j`` starts at ``t0 + b j + a j^2`` and lasts
+      ``c + k (S1 + B j)``; after it ``free0 - (j + 1) // bs * B - cum[(j + 1) % bs]`` blocks are free.
+
+    ``room`` is the rule's ``back_room`` at the segment's first step (what admission leaves for a request queued
+    last: (budget, seats, blocks), or None); ``preempted`` whether that step began by preempting (``settle``).
+    """
+
+    def __init__(self, checkpoint: Engine, rule, version: int) -> None:
+        e = self.e = checkpoint.fork()  # keeps the trajectory's sentinel at the back (``back_room`` counts on it)
+        self.back = e.waiting[-1]
+        self.model = checkpoint.model
+        self.rec = e.model = _LastStep(checkpoint.model)
+        self.rule = rule
+        self.version = version
+        self.segs: list[tuple] = []
+        self.starts: list[int] = []
+        self.end = e.num_steps  # first step not recorded yet
+        self.done = False  # the engine went idle: every later step is the candidate's alone
+        self.broken = False  # a step the rule was unsure of (a request that can never fit): no closed form
+        cfg = e.cfg
+        self.bs = e.bs
+        self.budget = e.budget
+        self.total = e.total_blocks
+        self.wm = e.watermark_blocks
+        self.max_len = cfg.max_model_len
+        self.hits = 0  # candidates answered in closed form, and those handed back to the simulation
+        self.falls = 0
+
+    def extend(self) -> bool:
+        """Record one more segment; False when there is none (idle, or a step the closed form cannot follow)."""
+        if self.done or self.broken:
+            return False
+        e = self.e
+        if not e.running and len(e.waiting) <= 1:
+            self.done = True
+            return False
+        rule = self.rule
+        p0 = e.num_preemptions
+        rule.settle(e)
+        preempted = e.num_preemptions != p0
+        room = rule.back_room(e)
+        if room is True:
+            self.broken = True
+            return False
+        n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
+        S1 = e.dg_sum + B * d0 + B
+        cum = None
+        if B:
+            bs, hist = self.bs, e.dg_hist
+            cum = [0] * bs
+            acc = 0
+            for i in range(1, bs):
+                acc += hist[(-(d0 + i - 1)) % bs]
+                cum[i] = acc
+        e._advance(INF)
+        back = self.back
+        if back.status == "rejected":  # admission reached the sentinel: put it back, as the trajectory does
+            e.rejected.pop()
+            back.status = "waiting"
+            e.waiting.append(back)
+        last = self.rec.last
+        if last[0] == MIXED:
+            seg = (MIXED, n0, t0, e.time, last[1], last[2], last[3], room, e.free, preempted)
+        else:
+            c, k = self.model.decode_coeffs(B)
+            a = 0.5 * k * B
+            seg = (RUN, n0, t0, e.num_steps - n0, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted)
+        self.segs.append(seg)
+        self.starts.append(n0)
+        self.end = e.num_steps
+        return True
+
+    def _free_after(self, seg: tuple, j: int) -> int:
+        """Blocks free after step ``j`` of a run (its decodes' new blocks taken)."""
+        x = j + 1
+        q, r = divmod(x, self.bs)
+        return seg[11] - q * seg[4] - seg[12][r]
+
+    def life(self, n: int, t_n: float, t: float, prompt: int, out: int) -> Optional[tuple[float, float, float]]:
+        """(e2e, ttft, queueing) from ``t`` of a candidate queued last before step ``n`` (which starts at ``t_n``,
+        the trajectory's reach checkpoint for ``t``), or None where only the simulation can tell."""
+        r = self._life(n, t_n, t, prompt, out)
+        if r is None:
+            self.falls += 1
+        else:
+            self.hits += 1
+        return r
+
+    def _life(self, n: int, t_n: float, t: float, prompt: int, out: int) -> Optional[tuple[float, float, float]]:
+        bs, wm, budget = self.bs, self.wm, self.budget
+        if -(-prompt // bs) > self.total - wm or prompt > self.max_len:
+            return INF, INF, INF  # rejected: it can never fit on this instance
+        segs = self.segs
+        while self.end <= n and self.extend():
+            pass
+        if self.broken:
+            return None
+        if self.end <= n:  # the engine is idle from step n on
+            now = max(t_n, t)
+            return self._alone(now, t, now, None, 0, prompt, out)
+        k = bisect_right(self.starts, n) - 1
+        j = n - segs[k][1]
+        model = self.model
+        now = t_n
+        g = 0  # tokens generated so far (a preemption keeps them: the re-prefill recomputes prompt + g)
+        t_adm = ttft = None
+        while True:
+            known = prompt + g
+            need = -(-known // bs)
+            # phase 1: queued last, until a step's admission reaches it with room (the others' steps, unchanged)
+            while True:
+                if k == len(segs) and not self.extend():
+                    if self.broken:
+                        return None
+                    now = max(now, t)
+                    return self._alone(now, t, now if t_adm is None else t_adm, ttft, g, prompt, out)
+                seg = segs[k]
+                if seg[0] == MIXED:
+                    room = seg[7]
+                    if room is not None and room[2] - need >= wm:
+                        break
+                    now += seg[3] - seg[2]
+                    k += 1
+                else:
+                    room = seg[10]
+                    if room is not None:
+                        x = j + 1
+                        if seg[11] - x // bs * seg[4] - seg[12][x % bs] - need >= wm:
+                            break
+                    m = seg[3]
+                    now += seg[9] * (m - j) + seg[8] * (m * m - j * j)
+                    k += 1
+                    j = 0
+            if t_adm is None:
+                t_adm = now
+            # phase 2: its (re-)prefill, in the budget the others leave; evicted first if the pool runs dry
+            comp = 0
+            left = room[0]
+            first = True
+            evicted = False
+            while comp < known:
+                if k == len(segs) and not self.extend():
+                    if self.broken:
+                        return None
+                    return self._alone(now, t, t_adm, ttft, g, prompt, out, comp)
+                seg = segs[k]
+                if seg[0] == MIXED:
+                    chunks, B, kv = seg[4], seg[5], seg[6]
+                    if not first:
+                        if seg[9] or seg[8] < need:
+                            evicted = True
+                            break
+                        left = budget - B - sum(c for c, _ in chunks)
+                    nc = min(known - comp, left)
+                    now += model.step_time([*chunks, (nc, comp)], B, kv) if nc > 0 else seg[3] - seg[2]
+                    k += 1
+                else:
+                    B = seg[4]
+                    if not first:
+                        x = j + 1
+                        if (j == 0 and seg[13]) or seg[11] - x // bs * B - seg[12][x % bs] < need:
+                            evicted = True
+                            break
+                        left = budget - B
+                    kv = seg[5] + B * j
+                    nc = min(known - comp, left)
+                    now += model.step_time([(nc, comp)], B, kv) if nc > 0 else seg[6] + seg[7] * kv
+                    j += 1
+                    if j == seg[3]:
+                        k += 1
+                        j = 0
+                comp += nc
+                first = False
+            if evicted:
+                continue  # back to the queue (its only request, or behind the others evicted with it)
+            g += 1  # the step that completes a prefill emits the next token
+            if ttft is None:
+                ttft = now - t
+            # phase 3: decode steps, one more sequence in the others' runs, until it finishes or is evicted
+            while g < out:
+                if k == len(segs) and not self.extend():
+                    if self.broken:
+                        return None
+                    return self._alone(now, t, t_adm, ttft, g, prompt, out, prompt + g)
+                seg = segs[k]
+                if seg[0] == MIXED:
+                    if seg[9]:
+                        evicted = True
+                        break
+                    return None  # someone else prefills after its own prefill: not a shape the walk follows
+                if j == 0 and seg[13]:
+                    evicted = True
+                    break
+                B, m, free0, cum = seg[4], seg[3], seg[11], seg[12]
+                steps = min(m - j, out - g)
+                # steps s = 0 .. steps-1 (run step j + s): it holds ceil((prompt + g + s) / bs) blocks after step s,
+                # the others leave free0 - cum(j + s + 1): it is evicted at the first s where that is short
+                x = j + steps
+                if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + steps - 1) // bs):
+                    lo, hi = 0, steps - 1  # the last step is short, so the first short one is in [lo, hi]
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        x = j + mid + 1
+                        if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + mid) // bs):
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    steps = lo
+                    evicted = True
+                if steps:
+                    c1, k1 = model.decode_coeffs(B + 1)
+                    # steps hold S1 + B i KV tokens of the others (i = j ..) and prompt + g + s of its own
+                    si = steps * j + steps * (steps - 1) // 2
+                    sd = steps * (prompt + g) + steps * (steps - 1) // 2
+                    now += steps * c1 + k1 * (steps * seg[5] + B * si + sd)
+                    g += steps
+                    j += steps
+                    if j == m:
+                        k += 1
+                        j = 0
+                if evicted:
+                    break
+            if not evicted:
+                return now - t, ttft, t_adm - t
+
+    def _alone(self, now: float, t: float, t_adm: float, ttft: Optional[float], g: int, prompt: int, out: int,
+               comp: int = 0) -> Optional[tuple[float, float, float]]:
+        """The rest of the candidate's life on an engine nobody else is left on: the rest of its (re-)prefill of
+        ``prompt + g`` tokens from ``comp`` (none when ``comp`` is that already), then its decode steps."""
+        if -(-(prompt + out) // self.bs) > self.total:
+            return None  # it would preempt itself: leave it to the simulation
+        model, budget = self.model, self.budget
+        known = prompt + g
+        if comp < known:
+            while comp < known:
+                nc = min(known - comp, budget)
+                now += model.step_time([(nc, comp)], 0, 0)
+                comp += nc
+            g += 1
+            if ttft is None:
+                ttft = now - t
+        steps = out - g
+        if steps > 0:
+            c1, k1 = model.decode_coeffs(1)
+            now += steps * c1 + k1 * (steps * (prompt + g) + steps * (steps - 1) // 2)
+        return now - t, ttft, t_adm - t
+
+
+def closed_form_rule(rule) -> bool:
+    """Whether the rule's steps can be followed in closed form (V0 with chunked prefill)."""
+    return getattr(rule, "closed_form", False)
+
+
+__all__ = ["Future", "closed_form_rule"]
