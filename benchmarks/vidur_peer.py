@@ -250,6 +250,7 @@ def run_vidur(
 
     Returns a dict: wall_s (whole process, from spawn to exit: import, config, request generation, predictor load,
     event loop, writing outputs), requests_per_wall_s, max_rss_mb (peak RSS of the Vidur process, from os.wait4),
+    cpu_s (its user + system CPU time, from os.wait4: steadier than wall time on a busy machine),
     e2e/ttft/tpot/sched_delay _p50/_p90/_p99_s (seconds; TPOT = Vidur's
     decode_time_execution_plus_preemption_normalized), simulated_time_s (Vidur's "Simulation ended at" log line,
     None if absent), metrics_csv, log, argv.
@@ -309,6 +310,7 @@ def run_vidur(
         "wall_s": wall,
         "requests_per_wall_s": num_requests / wall,
         "max_rss_mb": ru.ru_maxrss / 1024.0,  # Linux: kilobytes
+        "cpu_s": ru.ru_utime + ru.ru_stime,  # user + system CPU of the process and the children it waited for
         "simulated_time_s": float(m.group(1)) if m else None,
         "metrics_csv": csv_path,
         "log": log_path,

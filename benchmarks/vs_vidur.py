@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -59,8 +61,8 @@ def vidur_requests(metrics_csv: str) -> pd.DataFrame:
     })
 
 
-def run_ours(case: dict, requests_csv: Path, out: Path) -> tuple[float, Path]:
-    """Replay the requests with ``python -m experiments.run`` in a fresh process; return (wall s, run dir)."""
+def ours_argv(case: dict, requests_csv: Path, out: Path) -> list[str]:
+    """The command line (after the interpreter) that replays ``requests_csv`` as ``case`` into ``out / "ours_run"``."""
     engine = "vllm" if case["scheduler"] == "vllm" else "vllm_chunked"
     overrides = [
         f"output_root={out}", "experiment_name=ours", "model=qwen2_7b", "gpu=a30", f"engine={engine}",
@@ -72,13 +74,22 @@ def run_ours(case: dict, requests_csv: Path, out: Path) -> tuple[float, Path]:
         "workload.arrival=trace", "workload.qps=null", f"workload.num_requests={case['n']}", "workload.shuffle=false",
         "workload.min_prompt_tokens=1", "progress=false", "force=true", "hydra.run.dir=" + str(out / "ours_run"),
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=ROOT, capture_output=True,
-                          text=True)
-    wall = time.perf_counter() - t0
+    return ["-m", "experiments.run", *overrides]
+
+
+def run_ours(case: dict, requests_csv: Path, out: Path) -> tuple[float, float, Path]:
+    """Replay the requests with ``python -m experiments.run`` in a fresh process; return (wall s, CPU s, run dir)."""
+    log = out / "ours.log"
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, *ours_argv(case, requests_csv, out)], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, tell Popen
     if proc.returncode != 0:
-        raise RuntimeError(f"our run failed:\n{proc.stdout}\n{proc.stderr}")
-    return wall, out / "ours_run"
+        raise RuntimeError(f"our run failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return wall, ru.ru_utime + ru.ru_stime, out / "ours_run"
 
 
 def q(v: np.ndarray, p: float) -> float:
@@ -92,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "outputs" / "vs_vidur"))
     ap.add_argument("--reuse", action="store_true", help="reuse Vidur results saved under --out")
     ap.add_argument("--only", nargs="*", choices=sorted(CASES), help="cases to run (default: all)")
+    ap.add_argument("--repeat", type=int, default=1, help="our runs per case; the median wall and CPU time count")
     args = ap.parse_args(argv)
     out_root = Path(args.out)
     rows = []
@@ -109,27 +121,33 @@ def main(argv=None) -> int:
         reqs = vidur_requests(vid["metrics_csv"])
         csv = out / "requests.csv"
         reqs[["arrival_s", "prompt_tokens", "output_tokens"]].to_csv(csv, index=False)
-        wall, run_dir = run_ours(case, csv, out)
+        runs = [run_ours(case, csv, out) for _ in range(args.repeat)]
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        run_dir = runs[-1][2]
         ours = pd.read_parquet(run_dir / "requests.parquet").sort_values("id")
         assert len(ours) == len(reqs), f"{name}: we simulated {len(ours)} requests, Vidur {len(reqs)}"
         summary = json.loads((run_dir / "summary.json").read_text())
         row = {"case": name, "vidur_wall_s": vid["wall_s"], "ours_wall_s": wall,
                "vidur_req_per_s": case["n"] / vid["wall_s"], "ours_req_per_s": case["n"] / wall,
-               "speedup": vid["wall_s"] / wall, "ours_loop_req_per_s": summary.get("sim_requests_per_wall_s")}
+               "speedup": vid["wall_s"] / wall, "ours_loop_req_per_s": summary.get("sim_requests_per_wall_s"),
+               "vidur_cpu_s": vid.get("cpu_s"), "ours_cpu_s": cpu,
+               "cpu_speedup": vid["cpu_s"] / cpu if vid.get("cpu_s") else None, "load_avg_1min": os.getloadavg()[0]}
         for metric, ocol, vcol in (("ttft", "ttft_s", "vidur_ttft_s"), ("e2e", "e2e_s", "vidur_e2e_s")):
             for p in (50, 99):
                 a, b = q(ours[ocol].to_numpy(float), p), q(reqs[vcol].to_numpy(float), p)
                 row[f"{metric}_p{p}_ours"], row[f"{metric}_p{p}_vidur"] = a, b
                 row[f"{metric}_p{p}_diff_pct"] = 100 * (a - b) / b
         rows.append(row)
-        print(f"{name}: Vidur {vid['wall_s']:.1f} s, ours {wall:.2f} s -> {row['speedup']:.0f}x; "
+        print(f"{name}: Vidur {vid['wall_s']:.1f} s, ours {wall:.2f} s -> {row['speedup']:.0f}x "
+              f"(CPU {row['cpu_speedup'] or float('nan'):.0f}x, load {row['load_avg_1min']:.1f}); "
               f"TTFT p50 {row['ttft_p50_ours']:.3f}/{row['ttft_p50_vidur']:.3f} s, "
               f"p99 {row['ttft_p99_ours']:.3f}/{row['ttft_p99_vidur']:.3f} s; "
               f"E2E p50 {row['e2e_p50_ours']:.2f}/{row['e2e_p50_vidur']:.2f} s, "
               f"p99 {row['e2e_p99_ours']:.2f}/{row['e2e_p99_vidur']:.2f} s (ours/Vidur)", flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(out_root / "vs_vidur.csv", index=False)
-    cols = ["case", "vidur_req_per_s", "ours_req_per_s", "speedup", "ttft_p50_diff_pct", "ttft_p99_diff_pct",
+    cols = ["case", "vidur_wall_s", "ours_wall_s", "speedup", "cpu_speedup", "ttft_p50_diff_pct", "ttft_p99_diff_pct",
             "e2e_p50_diff_pct", "e2e_p99_diff_pct"]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.1f}"))
     print(f"written {out_root / 'vs_vidur.csv'}")
