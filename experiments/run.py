@@ -129,12 +129,21 @@ def skip_mode_probe() -> None:
         Hydra.get_mode = lambda self, *args, **kwargs: None
 
 
+def started_by_python_m() -> bool:
+    """Whether this process is ``python [options] -m experiments.run`` itself, not a tool that runs the module and has
+    work left when it returns (``python -m cProfile -m experiments.run`` writes its profile then)."""
+    argv = list(getattr(sys, "orig_argv", []))
+    return "-m" in argv and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["experiments.run"]
+
+
 def may_exit_now() -> bool:
-    """Whether :func:`exit_now` may end the process: no thread but daemons is left (Python's own exit would wait)."""
+    """Whether :func:`exit_now` may end the process: started by ``python -m experiments.run`` and no thread but
+    daemons left (Python's own exit would wait for one)."""
     import threading
 
     main_thread = threading.main_thread()
-    return not any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not main_thread)
+    return started_by_python_m() and not any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                                             if t is not main_thread)
 
 
 def exit_now() -> None:
@@ -143,8 +152,8 @@ def exit_now() -> None:
     Tearing down what a run imported (pandas, pyarrow, Hydra, the simulator) and collecting its objects takes about
     0.1-0.3 s, a tenth of a short run's process. By the time ``main`` returns every file of the run is closed
     (``vidur.records.write_atomic`` fsyncs them); the exit handlers still run here (logging's flush, multiprocessing's
-    children, a logger's finish), then the standard streams are flushed. While a non-daemon thread is alive this
-    returns and the normal exit waits for it.
+    children, a logger's finish), then the standard streams are flushed. A tool running the module (a profiler)
+    and a live non-daemon thread keep the normal exit: this returns.
     """
     import atexit
 

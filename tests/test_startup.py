@@ -40,6 +40,7 @@ def counted(self, *args, **kwargs):
 Hydra.compose_config = counted
 atexit.register(lambda: print(f"COMPOSITIONS={len(calls)}", flush=True))
 sys.argv = ["experiments/run.py", *sys.argv[1:]]
+sys.orig_argv = [sys.executable, "-m", "experiments.run", *sys.argv[1:]]  # what `python -m experiments.run` has
 runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
 """
 
@@ -67,8 +68,23 @@ def test_a_run_composes_its_config_once_and_ends_without_teardown(tmp_path):
     assert "TEARDOWN" not in out  # the process ended after its exit handlers, before the module teardown
 
 
-def test_a_live_thread_keeps_the_normal_exit():
+def test_a_profiler_running_the_module_still_writes_its_profile(tmp_path):
+    """``python -m cProfile -m experiments.run`` has work after the run (writing the profile): no early exit there."""
+    prof = tmp_path / "run.prof"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "experiments.run",
+                        f"output_root={tmp_path}", "workload.num_requests=10", "progress=false",
+                        f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert prof.is_file() and prof.stat().st_size > 0
+
+
+def test_a_live_thread_keeps_the_normal_exit(monkeypatch):
     """Python's exit waits for non-daemon threads; ``exit_now`` must not cut one short."""
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "experiments.run", "policy=random"])
     release = threading.Event()
     worker = threading.Thread(target=release.wait)
     worker.start()
