@@ -52,10 +52,11 @@ this project (never copy Vidur's code into this project: run it beside it):
 4. Create a virtual environment for it: ``python3 -m venv vidur_venv && vidur_venv/bin/pip install -r
    vidur_src/requirements.txt``. Pass that venv's python as ``python`` below, never this project's interpreter
    (``vidur`` is a namespace package and this project also has a ``vidur/`` folder; the run uses cwd = the Vidur
-   source and PYTHONPATH = the Vidur source only).
+   source and PYTHONPATH = the Vidur source only). The requirements are unpinned; Python 3.11 with numpy 2.4.6,
+   pandas 3.1.1 and scikit-learn 1.9.1 (2026-12) runs it unchanged.
 5. The first simulation for a (model, device, TP, predictor config) trains the random-forest execution-time
-   predictor: about 14.5 minutes on 2 cores; it is cached under ``<vidur_src>/cache`` (about 190 MB), later runs
-   start in about 1.5 s.
+   predictor: about 14.5 minutes on 2 cores (20.7 on a busy 2-core box); it is cached under ``<vidur_src>/cache``
+   (about 190 MB), later runs start in about 1.5 s.
 
 Flags passed (names verified against vidur/config/config.py of upstream 7d47513; the CLI is a flattened dataclass,
 nested poly-configs are prefixed by the snake-cased class name, booleans use ``--x`` / ``--no-x``)::
