@@ -34,6 +34,8 @@ from analysis.common import (
     run_cli,
     run_qps,
     save_figure_and_table,
+    seeds_text,
+    shared_seeds,
     theme,
 )
 from analysis.records import save_csv
@@ -54,7 +56,9 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
     if lat.empty:
         raise AnalysisError(f"no run under {args.root} has workload.arrival=gamma or poisson")
     q = args.qps if args.qps is not None else main_qps(runs)
-    lat = lat[np.isclose(lat["qps"], q)].groupby(["policy", "burstiness"], as_index=False).mean(numeric_only=True)
+    lat, seeds = shared_seeds(lat[np.isclose(lat["qps"], q)], ["policy", "burstiness"])
+    lat = lat.drop(columns="seed").groupby(["policy", "burstiness"], as_index=False).mean(numeric_only=True)
+    lat["seeds"] = seeds_text(seeds)
     try:
         cap = load_capacities(args.root)
     except AnalysisError:
@@ -66,7 +70,7 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
         for pol, g in lat.groupby("policy"):
             ax.plot(g["burstiness"], g[col], marker="o", color=POLICY_COLORS.get(pol), label=base_label(pol))
         ax.set(xscale="log", xlabel="burstiness b (Gamma shape; 1 = Poisson, < 1 burstier)",
-               title=f"{title} at QPS {q:g}")
+               title=f"{title} at QPS {q:g}, {seeds_text(seeds)}")
         ax.set_xticks(sorted(lat["burstiness"].unique()), [f"{b:g}" for b in sorted(lat["burstiness"].unique())])
         ax.legend(fontsize=8)
     out = out_dir(args)

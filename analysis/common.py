@@ -631,3 +631,30 @@ def main_qps(runs: Sequence[Run]) -> float:
     if not configs:
         raise AnalysisError("no runs")
     return max(configs, key=lambda q: (len(configs[q]), -q))
+
+
+def shared_seeds(df: pd.DataFrame, by: Sequence[str], seed: str = "seed") -> tuple[pd.DataFrame, list[int]]:
+    """The rows of ``df`` of the seeds the most configurations (groups of ``by``) share, and those seeds.
+
+    A capacity search leaves probes of its other seeds at the sweep's QPS for some configurations only (wherever its
+    bisection happened to land), and a sweep runs seed 0 for all: averaging whatever is there would set one
+    configuration's seed-4 request sample beside another's seed 0. A configuration without those seeds is left out
+    (with a warning naming it) rather than drawn from another request sample."""
+    if df.empty:
+        return df, []
+    seeds = pd.to_numeric(df[seed], errors="coerce").fillna(0).astype(int)
+    groups = {key: set(s) for key, s in seeds.groupby([df[b] for b in by], dropna=False)}
+    count = Counter(s for g in groups.values() for s in g)
+    best = min(count, key=lambda s: (-count[s], s))  # the seed the most configurations have (the lowest on a tie)
+    common = sorted(set.intersection(*[g for g in groups.values() if best in g]))
+    left_out = [key for key, g in groups.items() if not set(common) <= g]
+    if left_out:
+        log.warning("left out %s: no run with seed(s) %s, which the other configurations share", left_out, common)
+    return df[seeds.isin(common)], common
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """'seed 0' or 'seeds 0, 1' for a panel title ('no runs' for none)."""
+    if not seeds:
+        return "no runs"
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))

@@ -33,6 +33,8 @@ from analysis.common import (
     run_cli,
     run_qps,
     save_figure_and_table,
+    seeds_text,
+    shared_seeds,
     theme,
 )
 
@@ -43,8 +45,13 @@ def _grid(df: pd.DataFrame, value: str) -> pd.DataFrame:
     return df.pivot_table(index=ROW, columns=COL, values=value, aggfunc="mean").sort_index().sort_index(axis=1)
 
 
-def _heat(ax, grid: pd.DataFrame, title: str, fmt: str, cmap: str, sub: pd.DataFrame | None = None) -> None:
-    im = ax.imshow(grid.to_numpy(float), cmap=cmap, aspect="auto", origin="lower")
+def _heat(ax, grid: pd.DataFrame, title: str, fmt: str, cmap: str, sub: pd.DataFrame | None = None,
+          centred: bool = False) -> None:
+    """One heatmap with its values written in the cells; ``centred``: colour limits symmetric about 0, so that a
+    diverging map shows a loss in one colour and a gain in the other whatever the range."""
+    a = grid.to_numpy(float)
+    lim = float(np.nanmax(np.abs(a))) if centred and np.isfinite(a).any() else None
+    im = ax.imshow(a, cmap=cmap, aspect="auto", origin="lower", vmin=-lim if lim else None, vmax=lim or None)
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
@@ -65,13 +72,15 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
     for r in runs:
         p = policy_params(r)
         rows.append({ROW: float(p.get("length_noise_pct") or 0.0), COL: float(p.get("latency_noise_pct") or 0.0),
-                     "qps": run_qps(r), "p99_ttft_s": (r.summary.get("p99_ttft_ms") or math.nan) / 1e3,
+                     "qps": run_qps(r), "seed": r.get("seed"), "p99_ttft_s": (r.summary.get("p99_ttft_ms") or math.nan) / 1e3,
                      "mean_e2e_s": (r.summary.get("mean_e2el_ms") or math.nan) / 1e3})
     lat = pd.DataFrame(rows)
     q = args.qps if args.qps is not None else main_qps(runs)
     lat = lat[np.isclose(lat["qps"], q)]
     if lat.empty:
         raise AnalysisError(f"no run at QPS {q:g}")
+    lat, seeds = shared_seeds(lat, [ROW, COL])
+    lat = lat.drop(columns="seed")
     try:
         cap = load_capacities(args.root)
         for k in (ROW, COL):
@@ -82,7 +91,7 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
     ncol = 3 if cap is not None else 1
     fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol, 4.4), squeeze=False)
     axes = axes[0]
-    _heat(axes[0], _grid(lat, "p99_ttft_s"), f"P99 TTFT (s) at QPS {q:g}", ".2f", "magma_r")
+    _heat(axes[0], _grid(lat, "p99_ttft_s"), f"P99 TTFT (s) at QPS {q:g}, {seeds_text(seeds)}", ".2f", "magma_r")
     out = out_dir(args)
     paths: list[Path] = []
     table = lat.groupby([ROW, COL], as_index=False).mean(numeric_only=True)
@@ -91,7 +100,7 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
         base = cap.loc[(cap[ROW] == 0) & (cap[COL] == 0), "capacity"]
         cap["change_pct"] = (cap["capacity"] / base.iloc[0] - 1) * 100 if len(base) else math.nan
         _heat(axes[1], _grid(cap, "capacity"), "Capacity (req/s), ± 95 % t", ".1f", "viridis", _grid(cap, "half"))
-        _heat(axes[2], _grid(cap, "change_pct"), "Capacity change vs no error (%)", "+.1f", "RdBu")
+        _heat(axes[2], _grid(cap, "change_pct"), "Capacity change vs no error (%)", "+.1f", "RdBu", centred=True)
         table = table.merge(cap[[ROW, COL, "capacity", "ci_low", "ci_high", "seeds", "change_pct"]], on=[ROW, COL],
                             how="outer")
     fig.tight_layout()

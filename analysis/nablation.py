@@ -36,7 +36,9 @@ from analysis.common import (
     run_cli,
     run_qps,
     save_figure_and_table,
+    seeds_text,
     shared_legend,
+    shared_seeds,
     theme,
 )
 from analysis.records import save_csv
@@ -54,7 +56,9 @@ def _k(v, n: int | None) -> int | None:
         return n  # null = every instance
 
 
-def latency_table(runs, qps: float | None) -> tuple[pd.DataFrame, float]:
+def latency_table(runs, qps: float | None) -> tuple[pd.DataFrame, float, list[int]]:
+    """Latencies per (policy, k) at QPS ``qps`` (default: the sweep's), over the seeds every configuration has
+    (``shared_seeds``), and those seeds."""
     q = qps if qps is not None else main_qps(runs)
     rows = []
     for r in runs:
@@ -67,15 +71,17 @@ def latency_table(runs, qps: float | None) -> tuple[pd.DataFrame, float]:
                                                                          "p99_ttft")}})
     if not rows:
         raise AnalysisError(f"no run at QPS {q:g}")
-    df = pd.DataFrame(rows).groupby(["policy", "k"], as_index=False).mean(numeric_only=True)
-    return df.sort_values(["policy", "k"]), q
+    df, seeds = shared_seeds(pd.DataFrame(rows), ["policy", "k"])
+    df = df.drop(columns="seed").groupby(["policy", "k"], as_index=False, dropna=False).mean(numeric_only=True)
+    df["seeds"] = seeds_text(seeds)
+    return df.sort_values(["policy", "k"]), q, seeds
 
 
 def nablation(args: argparse.Namespace) -> list[Path]:
     runs = comparable_runs(load_runs(args.root, args.filter), "nablation")
     theme()
     out = out_dir(args)
-    lat, q = latency_table(runs, args.qps)
+    lat, q, seeds = latency_table(runs, args.qps)
     try:
         cap = load_capacities(args.root)
     except AnalysisError:
@@ -87,7 +93,7 @@ def nablation(args: argparse.Namespace) -> list[Path]:
     for ax, (col, title) in zip(axes, cols):
         for pol, g in lat.groupby("policy"):
             ax.plot(g["k"], g[col], marker="o", color=POLICY_COLORS.get(pol), label=base_label(pol))
-        ax.set(xlabel="instances probed per request (k)", title=f"{title} at QPS {q:g}")
+        ax.set(xlabel="instances probed per request (k)", title=f"{title} at QPS {q:g}, {seeds_text(seeds)}")
         ax.set_xticks(sorted(lat["k"].dropna().unique()))
     paths: list[Path] = []
     if cap is not None:
@@ -95,24 +101,28 @@ def nablation(args: argparse.Namespace) -> list[Path]:
         cap = cap.copy()
         n = runs[0].get("cluster.num_instances")
         cap["k"] = [_k(v, n) for v in cap.get("policy.k", pd.Series([None] * len(cap)))]
-        pols = [p for p in ("block_star", "block_oracle") if p in set(cap["policy.name"])] + \
-            sorted(set(cap["policy.name"]) - {"block_star", "block_oracle"})
-        ks = sorted({k for k in cap["k"].dropna()})
-        width = 0.8 / max(len(pols), 1)
+        probing = [p for p in ("block_star", "block_oracle") if p in set(cap["policy.name"])]
+        others = sorted(set(cap["policy.name"]) - set(probing))  # no k to vary (Llumnix-): a slot each, after the ks
+        ks = sorted({k for k, p in zip(cap["k"], cap["policy.name"]) if p in probing and pd.notna(k)})
+        width = 0.8 / max(len(probing), 1)
         rows = []
-        for j, pol in enumerate(pols):
+        for j, pol in enumerate(probing + others):
             g = cap[cap["policy.name"] == pol].sort_values("k")
-            xs = [ks.index(k) + (j - (len(pols) - 1) / 2) * width if k in ks else len(ks) for k in g["k"]]
+            if pol in probing:
+                xs = [ks.index(k) + (j - (len(probing) - 1) / 2) * width for k in g["k"]]
+            else:
+                xs = [len(ks) + others.index(pol)] * len(g)
             draw_capacity_bars(ax, g, xs, width=width, label=base_label(pol), annotate=False)
             for x, (_, row) in zip(xs, g.iterrows()):
-                pub = PUBLISHED.get((pol, None if pol == "llumnix" else row["k"]))
+                pub = PUBLISHED.get((pol, row["k"] if pol in probing else None))
                 if pub is not None:
+                    first = not any(r["published"] is not None for r in rows)
                     ax.scatter([x], [pub], marker="_", s=300, color="black", zorder=4,
-                               label=f"published ({PUBLISHED_SLO_S:g} s SLO)" if not rows else None)
-                rows.append({"policy": pol, "k": row["k"], "capacity": row["capacity"], "ci_low": row["ci_low"],
+                               label=f"published ({PUBLISHED_SLO_S:g} s SLO)" if first else None)
+                rows.append({"policy": pol, "k": row["k"] if pol in probing else None, "capacity": row["capacity"], "ci_low": row["ci_low"],
                              "ci_high": row["ci_high"], "seeds": row["seeds"], "slo_s": row["slo_s"],
                              "published": pub, "published_slo_s": PUBLISHED_SLO_S if pub is not None else None})
-        ax.set_xticks(range(len(ks)), [str(int(k)) for k in ks])
+        ax.set_xticks(range(len(ks) + len(others)), [str(int(k)) for k in ks] + [base_label(p) for p in others])
         ax.set(xlabel="instances probed per request (k)", ylabel="Capacity (req/s)", title="Capacity per k")
         lo = np.nanmin(cap["ci_low"].fillna(cap["capacity"]).to_numpy(float))
         ax.set_ylim(max(0.0, lo - 3), None)

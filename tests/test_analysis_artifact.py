@@ -19,7 +19,7 @@ from analysis import (
     nablation,
     overhead,
 )
-from analysis.common import stamp_text, steady_throughput
+from analysis.common import seeds_text, shared_seeds, stamp_text, steady_throughput
 from analysis.records import find_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,29 @@ def test_nablation_draws_latency_and_capacity_per_k_beside_the_published(out):
     assert set(cap["k"]) == {2, 4} and (cap["seeds"] == 2).all()
     assert cap.loc[cap["k"] == 2, "published"].iloc[0] == nablation.PUBLISHED[("block_star", 2)]
     assert cap.loc[cap["k"] == 4, "published"].iloc[0] == nablation.PUBLISHED[("block_star", 4)]
+
+
+def test_latency_panels_compare_the_same_request_sample(tmp_path):
+    # Block at seeds 0 and 1, Llumnix- at seed 1 only (as a capacity search's probe leaves it): the panels must set
+    # seed 1 beside seed 1, not Block's mean over two request samples beside Llumnix-'s one
+    _run("experiments.run", "-m", "experiment=nablation", "block_k=2", "policy=block_oracle", "seed=0,1",
+         "workload.qps=6", f"output_root={tmp_path}", *SMALL)
+    _run("experiments.run", "experiment=nablation", "policy=llumnix", "seed=1", "workload.qps=6",
+         f"output_root={tmp_path}", *SMALL)
+    assert nablation.main([str(tmp_path / "nablation")]) == 0
+    lat = pd.read_csv(tmp_path / "nablation" / "figures" / "nablation.csv").set_index("policy")
+    assert set(lat.index) == {"block_oracle", "llumnix"} and set(lat["seeds"]) == {"seed 1"}
+    by_seed = {(r.config["policy"]["name"], r.get("seed")): r.summary["p99_ttft_ms"] / 1e3
+               for r in find_runs(tmp_path / "nablation")}
+    assert by_seed[("block_oracle", 0)] != by_seed[("block_oracle", 1)]  # else the test proves nothing
+    assert lat.loc["block_oracle", "p99_ttft"] == pytest.approx(by_seed[("block_oracle", 1)])
+
+
+def test_shared_seeds_leaves_out_a_configuration_of_another_sample():
+    df = pd.DataFrame({"policy": ["a", "a", "b", "c"], "seed": [0, 1, 0, 4], "v": [1.0, 2.0, 3.0, 4.0]})
+    kept, seeds = shared_seeds(df, ["policy"])
+    assert seeds == [0] and list(kept["policy"]) == ["a", "b"] and list(kept["v"]) == [1.0, 3.0]
+    assert seeds_text(seeds) == "seed 0" and seeds_text([0, 1]) == "seeds 0, 1"
 
 
 def test_burstiness_capacity_change_is_relative_to_poisson_like_b1(out):
