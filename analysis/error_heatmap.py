@@ -56,6 +56,7 @@ def _heat(ax, grid: pd.DataFrame, title: str, fmt: str, cmap: str, sub: pd.DataF
     ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
     ax.set(xlabel="latency error (%)", ylabel="length error (%)", title=title)
+    ax.grid(False)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             v = grid.iat[i, j]
@@ -63,7 +64,9 @@ def _heat(ax, grid: pd.DataFrame, title: str, fmt: str, cmap: str, sub: pd.DataF
                 t = format(v, fmt)
                 if sub is not None and math.isfinite(sub.iat[i, j]):
                     t += f"\n±{sub.iat[i, j]:.1f}"
-                ax.text(j, i, t, ha="center", va="center", fontsize=8)
+                r, g, b, _ = im.cmap(im.norm(v))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on dark cells
+                ax.text(j, i, t, ha="center", va="center", fontsize=8, color=ink)
 
 
 def error_heatmap(args: argparse.Namespace) -> list[Path]:
