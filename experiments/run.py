@@ -13,6 +13,11 @@ Each run writes ``config.yaml``, ``requests.parquet``, ``instances.parquet`` and
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # the command's imports collect no garbage: see settle_imports
+    gc.disable()
+
 import logging
 import os
 import sys
@@ -136,6 +141,18 @@ def started_by_python_m() -> bool:
     return "-m" in argv and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["experiments.run"]
 
 
+def settle_imports() -> None:
+    """Take what start-up imported out of the garbage collector's way, and collect from here on.
+
+    ``python -m experiments.run`` imports with the cyclic collector off (the top of this module): pandas, Hydra,
+    pydantic and the simulator allocate hundreds of thousands of long-lived objects, whose allocation would trigger
+    collections that find next to nothing; ``gc.freeze`` then keeps them out of the full collections the run's own
+    allocations trigger. About 5-8% of a run's CPU time; the run itself collects as before.
+    """
+    gc.freeze()
+    gc.enable()
+
+
 def may_exit_now() -> bool:
     """Whether :func:`exit_now` may end the process: started by ``python -m experiments.run`` and no thread but
     daemons left (Python's own exit would wait for one)."""
@@ -173,5 +190,6 @@ if __name__ == "__main__":
         raise SystemExit(dry_run(sys.argv[1:]))
     if not mode_probe_needed(sys.argv[1:]):
         skip_mode_probe()
+    settle_imports()
     main()
     exit_now()

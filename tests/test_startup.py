@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs experiments.run as `python -m` does, counting Hydra.compose_config calls (printed at exit).
 COUNTING_RUN = """
-import atexit, runpy, sys, types
+import atexit, gc, runpy, sys, types
 class Teardown:
     def __del__(self):
         sys.__stdout__.write("TEARDOWN\\n")
@@ -34,18 +34,21 @@ sys.modules["teardown_marker"] = marker
 from hydra._internal.hydra import Hydra
 calls = []
 compose_config = Hydra.compose_config
+gc_at_compose = []
 def counted(self, *args, **kwargs):
     calls.append(kwargs.get("run_mode"))
+    gc_at_compose.append((gc.isenabled(), gc.get_freeze_count()))
     return compose_config(self, *args, **kwargs)
 Hydra.compose_config = counted
-atexit.register(lambda: print(f"COMPOSITIONS={len(calls)}", flush=True))
+atexit.register(lambda: print(f"COMPOSITIONS={len(calls)} GC={gc_at_compose[0][0]} FROZEN={gc_at_compose[0][1]}",
+                              flush=True))
 sys.argv = ["experiments/run.py", *sys.argv[1:]]
 sys.orig_argv = [sys.executable, "-m", "experiments.run", *sys.argv[1:]]  # what `python -m experiments.run` has
 runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
 """
 
 
-def _run(tmp_path: Path, *overrides: str) -> tuple[int, Path, str]:
+def _run(tmp_path: Path, *overrides: str) -> tuple[dict[str, str], Path, str]:
     run_dir = tmp_path / "run"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -56,12 +59,14 @@ def _run(tmp_path: Path, *overrides: str) -> tuple[int, Path, str]:
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     counts = [line for line in p.stdout.splitlines() if line.startswith("COMPOSITIONS=")]
     assert counts, p.stdout[-2000:]
-    return int(counts[-1].split("=")[1]), run_dir, p.stdout
+    return dict(kv.split("=") for kv in counts[-1].split()), run_dir, p.stdout
 
 
 def test_a_run_composes_its_config_once_and_ends_without_teardown(tmp_path):
-    n, run_dir, out = _run(tmp_path)
-    assert n == 1
+    seen, run_dir, out = _run(tmp_path)
+    assert seen["COMPOSITIONS"] == "1"
+    # the run collects garbage as usual; what start-up imported is frozen out of the collections
+    assert seen["GC"] == "True" and int(seen["FROZEN"]) > 100_000
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] == 30 and summary["num_instances"] == 2
     assert "completed=30 failed=0" in out  # the summary line reached the pipe (flushed before the exit)
