@@ -178,20 +178,32 @@ def test_engine_whatif_follows_the_engine(rule, chunked, seed, toy_model):
         assert kept > 1.5 * len(cluster)  # kept across time and arrivals, not only between probes at one moment
 
 
-def test_estimated_lengths_are_not_carried_across_time(toy_model):
-    """With a length estimate that differs from the true one, the engine leaves the assumed trajectory: the
-    kept one must not be reused at a later time."""
+def test_estimated_lengths_are_carried_until_the_engine_parts(toy_model):
+    """With a length estimate that differs from the true one (50 assumed, 400 true), the engine's own steps are the
+    kept trajectory's until the request could reach 50 tokens: the trajectory is reused before that step and
+    rebuilt after it, and every prediction is the snapshot's."""
     cfg = _cfg("v0", True, 2000)
     e = Engine(cfg, toy_model)
     e.add(Seq(0, 100, 400, 0.0, expected=50), 0.0)
     req = Request(1, 0.0, 100, 50)
     assert not EngineWhatIf(e, 0.0, 10).faithful
-    p0 = predict_engine(e, 0.0, req)
-    assert e.whatif is None  # nothing kept: the engine will leave the assumed trajectory
-    assert _close(p0.e2e_s, predict(e.snapshot(0.0), req, toy_model).e2e_s)
-    e.sync(2.0)
-    p = predict_engine(e, 2.0, req)
-    assert _close(p.e2e_s, predict(e.snapshot(2.0), req, toy_model).e2e_s)
+    predict_engine(e, 0.0, req)
+    first = e.whatif
+    assert first is not None and first.n_div == 50
+    reused = rebuilt = 0
+    t = 0.0
+    while e.num_steps < 70:
+        t += 0.004
+        e.sync(t)
+        before = e.whatif
+        p = predict_engine(e, t, req)
+        assert _close(p.e2e_s, predict(e.snapshot(t), req, toy_model).e2e_s), (t, e.num_steps)
+        if e.num_steps < 50:
+            reused += e.whatif is first
+        else:
+            rebuilt += e.whatif is not before or before is not first
+    assert reused > 5 and rebuilt > 5, (reused, rebuilt)
+    assert e.whatif is not first
 
 
 def test_fork_copies_every_engine_attribute(toy_model):

@@ -165,7 +165,7 @@ class Engine:
         seq.status = "waiting"
         self.waiting.append(seq)
         if self.whatif is not None:
-            self.whatif.added(seq, now)
+            self.whatif.added(seq, now, self.num_steps)
         return seq
 
     def abort(self, request_id: int) -> Optional[Seq]:

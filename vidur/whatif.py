@@ -24,10 +24,11 @@ trajectory's recorded future when the rule allows (``vidur.candidate``: V0 with 
 queued last changes only the steps' durations, or is evicted first): no fork, no step simulated per candidate.
 
 ``EngineWhatIf`` keeps that trajectory with a live simulated engine (``predict_engine``, used by ``vidur.cluster``):
-when every request's assumed length is its true one (oracle lengths) the engine's own future *is* the trajectory,
-so it stays valid as time passes, and a request the engine receives is queued into it where it stands -- a
-prediction costs the same at 10 or 10,000 waiting requests. Otherwise (estimated lengths, an abort, a rule whose
-steps depend on the queue length) it is rebuilt when the engine has moved on.
+as long as the engine's own steps are the trajectory's -- for good with oracle lengths, with estimated lengths until
+the first step in which a request could reach the shorter of its assumed and true length, or an overrun request
+could decode (``EngineWhatIf.n_div``) -- it stays valid as time passes, and a request the engine receives is queued
+into it where it stands: a prediction costs the same at 10 or 10,000 waiting requests. A trajectory that would part
+from its engine at the next step (an overrun request is running) is not kept: one simulation on a fork answers.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ class Trajectory:
     ``eng`` becomes the trajectory's own (a fork or a rebuilt engine): its requests run to their assumed lengths.
     """
 
-    def __init__(self, eng: Engine) -> None:
+    def __init__(self, eng: Engine, eager: bool = True) -> None:
         self.s = eng
+        # ``closed`` records the future on a version's first query (``eager``: it will be asked again, as a faithful
+        # engine's trajectory is), else on its second: recording costs more than simulating one candidate on a fork
+        self.eager = eager
+        self._asked = -1  # the version whose first query went to a fork (not eager)
         self.rule = make_rule(eng.cfg)
         self.back = Seq(BACK_ID, _NEVER_FITS, 1)
         eng.waiting.append(self.back)
@@ -113,10 +118,13 @@ class Trajectory:
         future (``vidur.candidate``), or None where only a fork's simulation can tell."""
         if self.unsure or not self.rule.closed_form:
             return None
-        k = self.reach(t)
         f = self.future
         if f is None or f.version != self.version:
-            f = self.future = Future(k, self.rule, self.version)
+            if not self.eager and self._asked != self.version:
+                self._asked = self.version
+                return None
+            f = self.future = Future(self.reach(t), self.rule, self.version)
+        k = self.reach(t)
         return f.life(k.num_steps, k.time, t, seq.prompt, seq.out)
 
     def base(self, t: float) -> float:
@@ -204,7 +212,8 @@ class WhatIf:
         t0 = time.perf_counter()
         traj = self._traj
         if traj is None:
-            traj = self._traj = Trajectory(Engine.from_state(self.state, self.model, self.overrun_tokens))
+            traj = self._traj = Trajectory(Engine.from_state(self.state, self.model, self.overrun_tokens),
+                                           eager=False)
         target = _target(request, expected_output_tokens)
         e2e, ttft, queue, delay = _answer(traj, target, 0.0, others_delay)
         st = self.state
@@ -246,60 +255,85 @@ class EngineWhatIf:
     """The what-if trajectory of a live simulated engine (``Engine.whatif``), kept across queries and arrivals.
 
     Built from a fork of the engine at ``t`` whose requests run to their assumed lengths (``Engine.from_state``'s
-    rule). It follows the engine as time passes only if it is *faithful*: every assumed length is the true one and
-    the rule's steps do not depend on how many requests wait (V1's long-prefill threshold does: the sentinel counts).
-    Then a request the engine receives is added to the trajectory too (``Engine.add`` calls ``added``), and a query
-    at a later time simply finds the next reach checkpoint. Otherwise it serves only queries at the same ``t``.
+    rule). It follows the engine as time passes as long as the engine's own steps are the trajectory's: always when
+    every assumed length is the true one (oracle lengths); with estimated lengths until ``n_div``, the first step
+    in which a request could reach the shorter of its assumed and its true length (there the engine and the
+    trajectory part: one finishes it, the other does not) or an overrun request (assumed 10 tokens past what it has,
+    which moves with every token) could decode. A request the engine receives is added to the trajectory too
+    (``Engine.add`` calls ``added``), and a query at a later time simply finds the next reach checkpoint. Under V1's
+    long-prefill threshold the rule's steps depend on how many requests wait (the sentinel counts), so the trajectory
+    serves only queries at the same ``t`` with nothing received.
     """
 
     def __init__(self, eng: Engine, t: float, overrun_tokens: int) -> None:
         self.t = t
         self.overrun_tokens = overrun_tokens
         s = eng.fork()
-        faithful = True
+        steps = s.num_steps
+        n_div = _NEVER
+        moved = False
         for q in (*s.running.values(), *s.waiting):
-            out = self._assumed(s, q)
+            g = s.generated_of(q)
+            if g < q.expected:
+                out = q.expected
+                if out != q.out:  # the trajectory and the engine part when it reaches the shorter length
+                    n_div = min(n_div, steps + min(out, q.out) - g)
+            else:
+                out = g + overrun_tokens
+                n_div = min(n_div, steps + 1)  # assumed 10 tokens ahead of wherever it is: moves with its next
             if out != q.out:
-                faithful = False
+                moved = True
                 q.out = out
                 if q.in_decode:  # its finish moves: a new heap entry, the old one goes stale
                     q.ver += 1
                     s.dg_heap.append((q.d0 + out - q.g0, q.id, q.ver, q))
-        if not faithful:
+        if moved:
             heapq.heapify(s.dg_heap)
-        self.faithful = faithful and not (eng.cfg.scheduler == "v1" and eng.cfg.long_prefill_token_threshold)
+        self.n_div = n_div
+        self.same_moment_only = eng.cfg.scheduler == "v1" and bool(eng.cfg.long_prefill_token_threshold)
         self.s = s
         self._traj: Trajectory | None = None
         self.pending: list[tuple[Seq, float]] = []
 
     @property
+    def faithful(self) -> bool:
+        """Whether it follows the engine for good (every assumed length the true one, no queue-length rule)."""
+        return self.n_div == _NEVER and not self.same_moment_only
+
+    @property
     def traj(self) -> Trajectory:
-        """The trajectory, built on first use (an unfaithful what-if answering one query runs on ``s`` directly)."""
+        """The trajectory, built on first use."""
         if self._traj is None:
             self._traj = Trajectory(self.s)
         return self._traj
 
-    def _assumed(self, e: Engine, q: Seq) -> int:
-        """The length a predictor assumes: the expected one, or 10 tokens more once it has been overrun (Block)."""
-        g = e.generated_of(q)
-        return q.expected if g < q.expected else g + self.overrun_tokens
-
-    def added(self, seq: Seq, t: float) -> None:
-        """``Engine.add`` tells us: the engine received ``seq`` at ``t`` (copied now: the engine will move it on)."""
+    def added(self, seq: Seq, t: float, steps: int) -> None:
+        """``Engine.add`` tells us: the engine received ``seq`` at ``t`` after ``steps`` steps (copied now: the
+        engine will move it on)."""
         q = seq.clone()
-        q.out = q.expected if q.generated < q.expected else q.generated + self.overrun_tokens
-        if q.out != seq.out:
-            self.faithful = False
+        g = q.generated
+        if g < q.expected:
+            q.out = q.expected
+            if q.out != seq.out:
+                self.n_div = min(self.n_div, steps + min(q.out, seq.out) - g)
+        else:
+            q.out = g + self.overrun_tokens
+            self.n_div = min(self.n_div, steps + 1)
         self.pending.append((q, t))
 
-    def usable(self, t: float) -> bool:
-        """Whether the trajectory still stands for the engine at ``t`` (after taking in what it received)."""
-        if not self.faithful:
+    def usable(self, t: float, eng: Engine) -> bool:
+        """Whether the trajectory still stands for ``eng`` at ``t`` (after taking in what it received)."""
+        if self.same_moment_only:
             return t == self.t and not self.pending
+        if eng.num_steps >= self.n_div:
+            return False
         for q, ta in self.pending:
             self.traj.add(q, ta)
         self.pending.clear()
         return True
+
+
+_NEVER = 1 << 62  # ``EngineWhatIf.n_div`` of a trajectory that never parts from its engine
 
 
 def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int = 0, overrun_tokens: int = 10,
@@ -312,10 +346,11 @@ def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int 
     t0 = time.perf_counter()
     target = _target(request, expected_output_tokens)
     w = eng.whatif
-    if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t):
+    if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t, eng):
         w = eng.whatif = EngineWhatIf(eng, t, overrun_tokens)
-        if not w.faithful and not others_delay:
-            # it will not outlive this moment (estimated lengths): one simulation on the fork, no trajectory
+        if not others_delay and (w.same_moment_only or w.n_div <= eng.num_steps + 1):
+            # it parts from the engine at its next step (an overrun request): rarely asked again before that, and a
+            # trajectory with its recorded future costs more than one simulation on the fork
             eng.whatif = None
             e = w.s
             if not e.running and not e.waiting and e.time < t:
