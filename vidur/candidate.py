@@ -24,6 +24,7 @@ Other rules (V0 prefill-first, V1) always take the simulation; so does ``others_
 from __future__ import annotations
 
 from bisect import bisect_right
+from itertools import accumulate
 from typing import Optional
 
 from vidur.engine import INF, Engine, Seq
@@ -56,9 +57,10 @@ class Future:
 
     * ``(MIXED, n0, t0, t1, chunks, B, kv, room, free_after, preempted)``: one step with prefill chunks
       [(tokens, cached)], ``B`` decodes holding ``kv`` KV tokens, from ``t0`` to ``t1``;
-    * ``(RUN, n0, t0, m, B, S1, c, k, a, b, room, free0, cum, preempted)``: ``m`` decode-only steps of ``B``
-      sequences, the first holding ``S1`` KV tokens; step ``j`` starts at ``t0 + b j + a j^2`` and lasts
-      ``c + k (S1 + B j)``; after it ``free0 - (j + 1) // bs * B - cum[(j + 1) % bs]`` blocks are free.
+    * ``(RUN, n0, t0, m, B, S1, c, k, a, b, room, free0, cum, preempted, c1, k1)``: ``m`` decode-only steps of
+      ``B`` sequences, the first holding ``S1`` KV tokens; step ``j`` starts at ``t0 + b j + a j^2`` and lasts
+      ``c + k (S1 + B j)`` (``c1 + k1 (...)`` with one sequence more); after it ``free0 - (j + 1) // bs * B -
+      cum[(j + 1) % bs]`` blocks are free.
 
     ``room`` is the rule's ``back_room`` at the segment's first step (what admission leaves for a request queued
     last: (budget, seats, blocks), or None); ``preempted`` whether that step began by preempting (``settle``).
@@ -104,13 +106,10 @@ class Future:
         n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
         S1 = e.dg_sum + B * d0 + B
         cum = None
-        if B:
-            bs, hist = self.bs, e.dg_hist
-            cum = [0] * bs
-            acc = 0
-            for i in range(1, bs):
-                acc += hist[(-(d0 + i - 1)) % bs]
-                cum[i] = acc
+        if B:  # cum[r]: new blocks over the first r steps of a block period (the members' needs, step by step)
+            hist = e.dg_hist
+            r0 = (-d0) % self.bs
+            cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]
         e._advance(INF)
         back = self.back
         if back.status == "rejected":  # admission reached the sentinel: put it back, as the trajectory does
@@ -121,19 +120,15 @@ class Future:
         if last[0] == MIXED:
             seg = (MIXED, n0, t0, e.time, last[1], last[2], last[3], room, e.free, preempted)
         else:
-            c, k = self.model.decode_coeffs(B)
+            model = self.model
+            c, k = model.decode_coeffs(B)
             a = 0.5 * k * B
-            seg = (RUN, n0, t0, e.num_steps - n0, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted)
+            c1, k1 = model.decode_coeffs(B + 1)  # the same steps with the candidate decoding too
+            seg = (RUN, n0, t0, e.num_steps - n0, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted, c1, k1)
         self.segs.append(seg)
         self.starts.append(n0)
         self.end = e.num_steps
         return True
-
-    def _free_after(self, seg: tuple, j: int) -> int:
-        """Blocks free after step ``j`` of a run (its decodes' new blocks taken)."""
-        x = j + 1
-        q, r = divmod(x, self.bs)
-        return seg[11] - q * seg[4] - seg[12][r]
 
     def life(self, n: int, t_n: float, t: float, prompt: int, out: int) -> Optional[tuple[float, float, float]]:
         """(e2e, ttft, queueing) from ``t`` of a candidate queued last before step ``n`` (which starts at ``t_n``,
@@ -267,7 +262,7 @@ class Future:
                     steps = lo
                     evicted = True
                 if steps:
-                    c1, k1 = model.decode_coeffs(B + 1)
+                    c1, k1 = seg[14], seg[15]
                     # steps hold S1 + B i KV tokens of the others (i = j ..) and prompt + g + s of its own
                     si = steps * j + steps * (steps - 1) // 2
                     sd = steps * (prompt + g) + steps * (steps - 1) // 2
