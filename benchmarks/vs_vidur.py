@@ -19,15 +19,15 @@ cores). With ``--reuse`` a case whose Vidur metrics already exist under --out is
 back from the saved JSON). Both sides' CPU time (user + system, ``os.wait4``) is reported beside the wall time:
 on a busy machine it moves less.
 
-Measured 2026-12-05 on the 2-core box (load average 1.5-2.3, other work running; Vidur 7d47513 in a Python 3.11
-venv with pandas 3.1.1 / scikit-learn 1.9.1; ours the median of ``--repeat 3``), whole processes, wall time:
+Measured 2026-12-05 on the 2-core box (load average 2.0, other work running; Vidur 7d47513 in a Python 3.11 venv
+with pandas 3.1.1 / scikit-learn 1.9.1; ours the median of ``--repeat 3``), whole processes, wall time:
 
     case            Vidur     ours     speed-up (CPU)   E2E p50 / p99 diff   before the start-up work (578c545)
-    vllm-r1-10k     22.4 s    0.96 s   23x (23x)        +0.3% / +0.6%        17x (1.29 s)
-    vllm-r4-10k     23.0 s    1.02 s   23x (23x)        -0.1% / -0.3%        17x (1.33 s)
-    sarathi-r1-10k  23.4 s    1.15 s   20x (21x)        -4.6% / -5.4%        20x (1.20 s)
-    sarathi-r4-10k  24.0 s    1.04 s   23x (23x)        -4.7% / -5.4%        19x (1.26 s)
-    vllm-r4-100k    214.0 s   2.87 s   75x (75x)        -4.4% / -2.2%        68x (3.14 s)
+    vllm-r1-10k     22.4 s    0.91 s   25x (25x)        +0.3% / +0.6%        17x (1.29 s)
+    vllm-r4-10k     23.0 s    0.92 s   25x (25x)        -0.1% / -0.3%        17x (1.33 s)
+    sarathi-r1-10k  23.4 s    0.95 s   25x (25x)        -4.6% / -5.4%        20x (1.20 s)
+    sarathi-r4-10k  24.0 s    1.00 s   24x (24x)        -4.7% / -5.4%        19x (1.26 s)
+    vllm-r4-100k    214.0 s   2.78 s   77x (77x)        -4.4% / -2.2%        68x (3.14 s)
 
 Issue 17's goals (50x at 10k, 200x at 100k) are not met: at 10k our process would have to end in 0.46 s and the
 imports alone (pandas + pyarrow, Hydra, numpy) take 0.4-0.6 s; at 100k the event loop alone (1.6 s) is over the
