@@ -235,6 +235,7 @@ def capacity_results(root: "str | Path") -> pd.DataFrame:
         ci = mean_interval([c for c in caps if c is not None], float(r.get("confidence", 0.95)))
         row.update(capacity=ci.mean, ci_low=ci.low, ci_high=ci.high, seeds=ci.n, sd=ci.sd,
                    per_seed=";".join("none" if c is None else f"{c:g}" for c in caps),
+                   seed_ids=";".join(str(s.get("seed")) for s in per_seed),
                    statuses=";".join(sorted({str(s.get("status")) for s in per_seed})),
                    slo_s=r.get("slo_ttft_s"), tol=r.get("tol"), num_requests=(r.get("config") or {}).get(
                        "workload.num_requests"))

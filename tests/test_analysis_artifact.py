@@ -90,6 +90,16 @@ def test_shared_seeds_leaves_out_a_configuration_of_another_sample():
     assert seeds_text(seeds) == "seed 0" and seeds_text([0, 1]) == "seeds 0, 1"
 
 
+def test_nablation_gain_over_llumnix_pairs_the_same_seeds():
+    # Llumnix- searched seeds 0-4, Block seeds 0-1: the gain is over seeds 0 and 1 only (0.5 and 0.5), not against
+    # Llumnix-'s 5-seed mean (29.43), which would mix request samples: 29.85 - 29.43 = 0.42
+    block = pd.Series({"per_seed": "29.4;30.3", "seed_ids": "0;1"})
+    llumnix = pd.Series({"per_seed": "28.9;29.8;30.3;28.7;30.05", "seed_ids": "0;1;2;3;4"})
+    gain, n = nablation.gain_over(block, llumnix)
+    assert n == 2 and gain == pytest.approx(0.5)
+    assert math.isnan(nablation.gain_over(block, None)[0])
+
+
 def test_burstiness_capacity_change_is_relative_to_poisson_like_b1(out):
     assert burstiness.main([str(out / "burstiness")]) == 0
     fig = out / "burstiness" / "figures"
