@@ -351,6 +351,71 @@ def capacity(qps: Sequence[float], p99_ttft_s: Sequence[float], slo_s: float) ->
                     c.max_qps if c.max_qps is not None else nan, c.crossings, c.note)
 
 
+@dataclass
+class SeedsCapacity:
+    """One configuration's capacity over its seeds (one ``Capacity`` each), as the figures and tables report it.
+
+    A seed whose SLO held up to the highest QPS has only a lower bound, so the mean with it is a lower bound too and a
+    t-interval over censored values would look like a measurement it is not: ``bound`` is then "lower" and there is
+    no interval ("upper" alike); seeds bounded both ways ("mixed") have no mean at all. ``seeds`` counts the seeds
+    with a usable point; ``low``/``high`` (the 95 % Student-t interval, ``analysis.capacity.mean_interval``) are NaN
+    unless at least two seeds all crossed the SLO."""
+
+    qps: float
+    low: float
+    high: float
+    seeds: int
+    bound: str                 # exact | lower | upper | mixed | none
+    bound_seeds: int           # seeds whose capacity is a bound
+    per_seed: list[Capacity]
+
+    def text(self, digits: int = 1) -> str:
+        if len(self.per_seed) == 1:
+            return self.per_seed[0].text(digits)
+        if self.bound == "mixed":
+            return " / ".join(c.text(digits) for c in self.per_seed if math.isfinite(c.qps))
+        if not math.isfinite(self.qps):
+            return "n/a"
+        v = f"{self.qps:.{digits}f}"
+        if self.bound in ("lower", "upper"):
+            return {"lower": "≥", "upper": "<"}[self.bound] + v
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            return f"{v} ± {(self.high - self.low) / 2:.{digits}f}"
+        return v
+
+    @property
+    def note(self) -> str:
+        notes = sorted({c.note for c in self.per_seed if c.note})
+        n = len(self.per_seed)
+        if n > 1 and self.bound in ("lower", "upper", "mixed"):
+            what = {"lower": "the mean is a lower bound", "upper": "the mean is an upper bound",
+                    "mixed": "bounds both ways, no mean"}[self.bound]
+            notes.insert(0, f"{self.bound_seeds} of {n} seeds are bounds: {what}, no interval")
+        if self.seeds < n:
+            notes.append(f"{n - self.seeds} of {n} seeds without a usable point")
+        return "; ".join(notes)
+
+
+def seeds_capacity(per_seed: Sequence[Capacity], confidence: float = 0.95) -> SeedsCapacity:
+    """Combine the seeds' capacities (``SeedsCapacity``): mean and t-interval when every usable seed crossed the SLO,
+    else the bound they share (or "mixed"). One seed is reported as it is."""
+    from analysis.capacity import mean_interval
+
+    caps = list(per_seed)
+    usable = [c for c in caps if c.bound != "none" and math.isfinite(c.qps)]
+    kinds = {c.bound for c in usable}
+    nb = sum(c.bound in ("lower", "upper") for c in usable)
+    if not usable:
+        return SeedsCapacity(math.nan, math.nan, math.nan, 0, "none", 0, caps)
+    if {"lower", "upper"} <= kinds:
+        return SeedsCapacity(math.nan, math.nan, math.nan, len(usable), "mixed", nb, caps)
+    ci = mean_interval([c.qps for c in usable], confidence)
+    bound = next((b for b in ("lower", "upper") if b in kinds), "exact")
+    if bound != "exact":
+        return SeedsCapacity(ci.mean, math.nan, math.nan, ci.n, bound, nb, caps)
+    return SeedsCapacity(ci.mean, ci.low, ci.high, ci.n, bound, nb, caps)
+
+
 # ------------------------------------------------------------------------------------------------ per-run table
 def summary_table(runs: Sequence[Run], labels: dict[Path, str] | None = None) -> pd.DataFrame:
     """One row per run: label, policy, QPS and the latency/throughput figures in seconds (from summary.json, with

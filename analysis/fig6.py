@@ -54,13 +54,13 @@ from analysis.common import (
     policy_labels,
     run_cli,
     save_stamped,
+    seeds_capacity,
     shared_legend,
     slo_from_runs,
     steady_throughput,
     summary_table,
     theme,
 )
-from analysis.capacity import mean_interval
 from analysis.records import Run, save_csv
 
 NUMERIC = ["achieved_qps", "completed", "failed", "mean_e2e_s", "p99_e2e_s", "mean_ttft_s", "p99_ttft_s",
@@ -103,25 +103,18 @@ def per_point_table(runs: "list[Run] | pd.DataFrame", labels: dict[Path, str] | 
 def capacity_table(tab: pd.DataFrame, slo_s: float) -> pd.DataFrame:
     """One row per policy label. ``tab``: one row per run (with ``seed``) or per point. Capacity is found per seed
     (each seed's own P99-TTFT curve) and averaged; ``ci_low``/``ci_high`` are the 95 % Student-t interval over the
-    seeds (NaN with one seed)."""
+    seeds (NaN with one seed, or when a seed is a bound: ``analysis.common.seeds_capacity``)."""
     rows = []
     for lab, g in tab.groupby("label", sort=False):
         seeds = g["seed"].astype(str) if "seed" in g.columns else pd.Series("0", index=g.index)
         caps = [capacity(gs["qps"].to_numpy(), pd.to_numeric(gs["p99_ttft_s"], errors="coerce").to_numpy(), slo_s)
                 for _, gs in g.groupby(seeds, sort=True)]
-        ci = mean_interval([c.qps for c in caps])
-        bounds = {c.bound for c in caps}
-        bound = "exact" if bounds == {"exact"} else next(b for b in ("lower", "upper", "none", "exact") if b in bounds)
-        c0 = caps[0]
-        text = c0.text() if len(caps) == 1 else ci.text()
-        if len(caps) > 1 and bound in ("lower", "upper"):
-            text = {"lower": "≥", "upper": "<"}[bound] + text
-        rows.append({"label": lab, "policy": g["policy"].iloc[0], "capacity_qps": ci.mean if len(caps) > 1 else c0.qps,
-                     "ci_low": ci.low, "ci_high": ci.high, "seeds": len(caps), "bound": bound,
-                     "capacity_text": text, "slo_s": slo_s, "qps_min": min(c.qps_min for c in caps),
+        sc = seeds_capacity(caps)
+        rows.append({"label": lab, "policy": g["policy"].iloc[0], "capacity_qps": sc.qps,
+                     "ci_low": sc.low, "ci_high": sc.high, "seeds": len(caps), "bound": sc.bound,
+                     "capacity_text": sc.text(), "slo_s": slo_s, "qps_min": min(c.qps_min for c in caps),
                      "qps_max": max(c.qps_max for c in caps), "points": max(c.points for c in caps),
-                     "crossings": max(c.crossings for c in caps), "note": "; ".join(sorted({c.note for c in caps
-                                                                                          if c.note}))})
+                     "crossings": max(c.crossings for c in caps), "note": sc.note})
     return pd.DataFrame(rows)
 
 

@@ -178,8 +178,9 @@ def test_table2_outputs(records):
     assert (tab["slo_s"] == 3.0).all()
     assert set(tab["bound"]) <= {"exact", "lower", "upper"}
     assert (tab["lower_bound"] == (tab["bound"] == "lower")).all()
+    assert (tab["seeds"] == 1).all() and tab["ci_low"].isna().all() and tab["ci_high"].isna().all()
     md = (figs / "table2.md").read_text()
-    assert "| Setting | Block | Round Robin |" in md and "3 s" in md
+    assert "| Setting | Block | Round Robin |" in md and "3 s" in md and "1 seed" in md and "±" not in md
     assert md.count("\n| Llama-2-7b") == 1
 
 
@@ -191,6 +192,97 @@ def test_table2_whole_tree_separates_settings(records, tmp_path):
     assert set(tab["setting"].str.extract(r"(\d+) instances")[0].astype(int)) == {4, 6}
     assert "Random" not in set(tab["label"])
 
+
+
+@pytest.fixture(scope="module")
+def seed_records(tmp_path_factory) -> Path:
+    """A policy sweep run with two seeds (2 policies x 3 QPS x seeds 0, 1), as ``seed=0,1`` on a preset would."""
+    out = tmp_path_factory.mktemp("seed_runs")
+    cmd = _sim(f"output_root={out}", "experiment_name=seeds", "policy=block_oracle,round_robin",
+               "workload.qps=8,24,48", "seed=0,1", multirun=True)
+    p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
+                       check=False)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}"
+    assert len(_summaries(out / "seeds")) == 12
+    return out / "seeds"
+
+
+def _t_interval(v: list[float]) -> tuple[float, float, float]:
+    from scipy import stats
+
+    m, half = float(np.mean(v)), float(stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def test_table2_seeds_mean_interval_and_dots(seed_records, tmp_path):
+    runs = _summaries(seed_records)
+    curve: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for s in runs:
+        curve.setdefault((s["policy"], s["seed"]), []).append((s["qps"], s["p99_ttft_ms"] / 1e3))
+    curve = {k: sorted(v) for k, v in curve.items()}
+    rr = [curve[("round_robin", sd)] for sd in (0, 1)]
+    lo, hi = max(c[0][1] for c in rr), min(c[-1][1] for c in rr)
+    assert lo < hi, rr  # the SLO between them: both seeds of round robin cross it, each at its own QPS
+    slo = (lo + hi) / 2
+    assert table2.main([str(seed_records), "--slo", str(slo), "--out", str(tmp_path)]) == 0
+    _check_png(tmp_path / "table2.png")
+    tab = pd.read_csv(tmp_path / "table2.csv").set_index("policy")
+    per_seed = pd.read_csv(tmp_path / "table2_seeds.csv")
+    assert len(tab) == 2 and len(per_seed) == 4 and (tab["seeds"] == 2).all()
+    for pol in ("block_oracle", "round_robin"):
+        want = [_interp(*zip(*curve[(pol, sd)]), slo) for sd in (0, 1)]
+        got = per_seed[per_seed["policy"] == pol].sort_values("seed")
+        assert got["capacity_qps"].tolist() == pytest.approx([w[0] for w in want])
+        assert got["bound"].tolist() == [w[1] for w in want]
+        row = tab.loc[pol]
+        assert row["capacity_qps"] == pytest.approx(np.mean([w[0] for w in want]))
+        if {w[1] for w in want} == {"exact"}:
+            _, cl, ch = _t_interval([w[0] for w in want])
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx((cl, ch))
+            assert row["bound"] == "exact" and "±" in row["capacity_text"]
+        else:  # a seed that held the SLO throughout: the mean is a lower bound, not a number with an interval
+            assert row["bound"] == "lower" and row["capacity_text"].startswith("≥")
+            assert math.isnan(row["ci_low"]) and "lower bound" in row["note"]
+    assert tab.loc["round_robin", "bound"] == "exact"
+    md = (tmp_path / "table2.md").read_text()
+    assert "2 seeds" in md and tab.loc["round_robin", "capacity_text"] in md
+
+    # an SLO no point reaches: every seed is a lower bound, so is the mean, and no interval is claimed
+    assert table2.main([str(seed_records), "--slo", "1000", "--out", str(tmp_path)]) == 0
+    tab = pd.read_csv(tmp_path / "table2.csv")
+    assert (tab["bound"] == "lower").all() and (tab["bound_seeds"] == 2).all() and tab["ci_low"].isna().all()
+    assert (tab["capacity_text"] == "≥48.0").all()
+    assert "| ≥ 48.0 | ≥ 48.0 |" in (tmp_path / "table2.md").read_text()
+
+
+def test_seeds_capacity_keeps_bounds():
+    from analysis.common import Capacity, seeds_capacity
+
+    ex = [Capacity(30.0, "exact", 3), Capacity(34.0, "exact", 3), Capacity(35.0, "exact", 3)]
+    sc = seeds_capacity(ex)
+    m, lo, hi = _t_interval([30.0, 34.0, 35.0])
+    assert (sc.qps, sc.low, sc.high, sc.seeds, sc.bound) == pytest.approx((m, lo, hi, 3, "exact"))
+    assert sc.text() == f"{m:.1f} ± {(hi - lo) / 2:.1f}"
+    low = seeds_capacity([ex[0], Capacity(36.0, "lower", 3)])
+    assert low.bound == "lower" and low.qps == 33.0 and math.isnan(low.low) and low.text() == "≥33.0"
+    assert low.bound_seeds == 1 and "1 of 2 seeds are bounds: the mean is a lower bound" in low.note
+    up = seeds_capacity([ex[0], Capacity(20.0, "upper", 3)])
+    assert up.bound == "upper" and up.text() == "<25.0" and math.isnan(up.high)
+    mixed = seeds_capacity([Capacity(36.0, "lower", 3), ex[0], Capacity(20.0, "upper", 3)])
+    assert mixed.bound == "mixed" and math.isnan(mixed.qps) and mixed.text() == "≥36.0 / 30.0 / <20.0"
+    one = seeds_capacity([Capacity(36.0, "lower", 3)])
+    assert one.text() == "≥36.0" and one.bound == "lower" and one.note == ""
+    none = seeds_capacity([Capacity(math.nan, "none", 0), ex[1]])
+    assert none.bound == "exact" and none.qps == 34.0 and none.seeds == 1 and "1 of 2 seeds without" in none.note
+
+
+def test_fig6_capacity_bounded_seed_has_no_interval():
+    # Fig 6 combines its seeds the same way: seed 1 never crossed the SLO (lower bound), so no t-interval
+    tab = pd.DataFrame({"label": "Block", "policy": "block_oracle", "seed": [0, 0, 1, 1], "qps": [10, 20] * 2,
+                        "p99_ttft_s": [1.0, 5.0, 1.0, 2.0]})
+    cap = fig6.capacity_table(tab, 3.0).iloc[0]
+    assert cap["bound"] == "lower" and cap["capacity_qps"] == pytest.approx((15.0 + 20.0) / 2)
+    assert math.isnan(cap["ci_low"]) and cap["capacity_text"] == "≥17.5"
 
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("module", [fig5, fig6, fig8, table2])
