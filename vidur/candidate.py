@@ -6,7 +6,8 @@ each re-simulated on a fork for every probe. But under vLLM V0 with chunked pref
 nothing in the *composition* of the instance's steps until it is preempted:
 
 * it is admitted in the first step whose admission loop reaches the back with a seat, budget and blocks above the
-  watermark to spare (the rule's ``back_room``, exact) -- every step before is the instance's own;
+  watermark to spare (what the loop had left when it reached the trajectory's sentinel) -- every step before is the
+  instance's own;
 * it is last in running order, so its prefill chunks take only the budget the others leave, and nobody is admitted
   after it (nothing else arrives in a what-if), so once its prefill is done every step is decode-only;
 * the others finish after the same number of steps with or without it (lengths are in tokens); only the steps'
@@ -62,12 +63,13 @@ class Future:
       ``c + k (S1 + B j)`` (``c1 + k1 (...)`` with one sequence more); after it ``free0 - (j + 1) // bs * B -
       cum[(j + 1) % bs]`` blocks are free.
 
-    ``room`` is the rule's ``back_room`` at the segment's first step (what admission leaves for a request queued
-    last: (budget, seats, blocks), or None); ``preempted`` whether that step began by preempting (``settle``).
+    ``room`` is what the admission loop of the segment's first step had left when it reached the sentinel at the back
+    of the queue, i.e. what a request queued last would find -- (budget, seats, blocks free; ``Engine.room_at_reject``)
+    -- or None when the loop stopped before the back; ``preempted`` whether that step began by preempting.
     """
 
     def __init__(self, checkpoint: Engine, rule, version: int) -> None:
-        e = self.e = checkpoint.fork()  # keeps the trajectory's sentinel at the back (``back_room`` counts on it)
+        e = self.e = checkpoint.fork()  # keeps the trajectory's sentinel at the back: its rejection gives the room
         self.back = e.waiting[-1]
         self.model = checkpoint.model
         self.rec = e.model = _LastStep(checkpoint.model)
@@ -77,7 +79,6 @@ class Future:
         self.starts: list[int] = []
         self.end = e.num_steps  # first step not recorded yet
         self.done = False  # the engine went idle: every later step is the candidate's alone
-        self.broken = False  # a step the rule was unsure of (a request that can never fit): no closed form
         cfg = e.cfg
         self.bs = e.bs
         self.budget = e.budget
@@ -88,21 +89,16 @@ class Future:
         self.falls = 0
 
     def extend(self) -> bool:
-        """Record one more segment; False when there is none (idle, or a step the closed form cannot follow)."""
-        if self.done or self.broken:
+        """Record one more segment; False when there is none (the engine went idle)."""
+        if self.done:
             return False
         e = self.e
         if not e.running and len(e.waiting) <= 1:
             self.done = True
             return False
-        rule = self.rule
         p0 = e.num_preemptions
-        rule.settle(e)
+        self.rule.settle(e)
         preempted = e.num_preemptions != p0
-        room = rule.back_room(e)
-        if room is True:
-            self.broken = True
-            return False
         n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
         S1 = e.dg_sum + B * d0 + B
         cum = None
@@ -112,7 +108,9 @@ class Future:
             cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]
         e._advance(INF)
         back = self.back
-        if back.status == "rejected":  # admission reached the sentinel: put it back, as the trajectory does
+        room = None
+        if back.status == "rejected":  # admission reached the sentinel: what it had left, then put it back
+            room = e.room_at_reject
             e.rejected.pop()
             back.status = "waiting"
             e.waiting.append(back)
@@ -147,8 +145,6 @@ class Future:
         segs = self.segs
         while self.end <= n and self.extend():
             pass
-        if self.broken:
-            return None
         if self.end <= n:  # the engine is idle from step n on
             now = max(t_n, t)
             return self._alone(now, t, now, None, 0, prompt, out)
@@ -164,8 +160,6 @@ class Future:
             # phase 1: queued last, until a step's admission reaches it with room (the others' steps, unchanged)
             while True:
                 if k == len(segs) and not self.extend():
-                    if self.broken:
-                        return None
                     now = max(now, t)
                     return self._alone(now, t, now if t_adm is None else t_adm, ttft, g, prompt, out)
                 seg = segs[k]
@@ -194,8 +188,6 @@ class Future:
             evicted = False
             while comp < known:
                 if k == len(segs) and not self.extend():
-                    if self.broken:
-                        return None
                     return self._alone(now, t, t_adm, ttft, g, prompt, out, comp)
                 seg = segs[k]
                 if seg[0] == MIXED:
@@ -233,8 +225,6 @@ class Future:
             # phase 3: decode steps, one more sequence in the others' runs, until it finishes or is evicted
             while g < out:
                 if k == len(segs) and not self.extend():
-                    if self.broken:
-                        return None
                     return self._alone(now, t, t_adm, ttft, g, prompt, out, prompt + g)
                 seg = segs[k]
                 if seg[0] == MIXED:

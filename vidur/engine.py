@@ -128,6 +128,9 @@ class Engine:
         self.keep_finished = keep_finished
         self.finished: list[Seq] = []
         self.rejected: list[Seq] = []
+        # (budget, seats, free blocks) the admission loop had left when it last rejected a request (V0): what a request
+        # queued behind it would find -- the what-if's recorded future reads it off its sentinel's rejection
+        self.room_at_reject: Optional[tuple[int, int, int]] = None
         # lazy decode group
         self.dclock = 0
         self.dg_count = 0
@@ -353,6 +356,7 @@ class Engine:
         e.keep_finished = False
         e.finished = []
         e.rejected = []
+        e.room_at_reject = None
         e.dclock = self.dclock
         e.dg_count = self.dg_count
         e.dg_sum = self.dg_sum

@@ -106,6 +106,7 @@ class V0Rule:
             known = s.prompt + s.generated
             need = -(-known // bs)
             if need > e.total_blocks - e.watermark_blocks or s.prompt > e.cfg.max_model_len:
+                e.room_at_reject = (budget, seqs_room, e.free)
                 e.reject(s)  # can never fit
                 continue
             if e.free - need < e.watermark_blocks:
