@@ -147,8 +147,9 @@ def nablation(args: argparse.Namespace) -> list[Path]:
         ax.set_xticks(range(len(ks) + len(others)), [str(int(k)) for k in ks] + [base_label(p) for p in others])
         ax.set(xlabel="instances probed per request (k)", ylabel="Capacity (req/s)", title="Capacity per k")
         lo = np.nanmin(cap["ci_low"].fillna(cap["capacity"]).to_numpy(float))
-        ax.set_ylim(max(0.0, lo - 3), None)
-        ax.legend(fontsize=7, loc="lower right")
+        hi = np.nanmax(cap["ci_high"].fillna(cap["capacity"]).to_numpy(float))
+        ax.set_ylim(max(0.0, lo - 3), hi + 0.3 * (hi - lo + 3))  # room above the bars for the legend
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
         paths.append(save_csv(pd.DataFrame(rows), out, "nablation_capacity"))
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     shared_legend(fig, axes[:4], y=0.9)
