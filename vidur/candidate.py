@@ -31,6 +31,7 @@ from typing import Optional
 from vidur.engine import INF, Engine, Seq
 
 MIXED, RUN = 0, 1
+_STOP = float("inf")  # ``Future.hold`` of a segment the prefix-sum walk must not cross
 
 
 class _LastStep:
@@ -87,6 +88,14 @@ class Future:
         self.max_len = cfg.max_model_len
         self.hits = 0  # candidates answered in closed form, and those handed back to the simulation
         self.falls = 0
+        # prefix sums over the segments for walking whole decode runs at once (``_skip_runs``): a candidate decoding
+        # through full run i from step P_i (relative to the first) with g tokens costs A_i + K_i (prompt + g);
+        # ``hold[i]`` is large unless its blocks fit through run i whenever P_i - prompt - g_i >= hold[i] - m_i + 1
+        self.p0 = e.num_steps
+        self.sa = [0.0]
+        self.sk = [0.0]
+        self.skp = [0.0]
+        self.hold: list[float] = []
 
     def extend(self) -> bool:
         """Record one more segment; False when there is none (the engine went idle)."""
@@ -117,12 +126,24 @@ class Future:
         last = self.rec.last
         if last[0] == MIXED:
             seg = (MIXED, n0, t0, e.time, last[1], last[2], last[3], room, e.free, preempted)
+            A = K = 0.0
+            hold = _STOP
         else:
             model = self.model
             c, k = model.decode_coeffs(B)
             a = 0.5 * k * B
             c1, k1 = model.decode_coeffs(B + 1)  # the same steps with the candidate decoding too
-            seg = (RUN, n0, t0, e.num_steps - n0, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted, c1, k1)
+            m = e.num_steps - n0
+            seg = (RUN, n0, t0, m, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted, c1, k1)
+            A = m * c1 + k1 * (m * S1 + (B + 1) * (m * (m - 1) // 2))
+            K = k1 * m
+            # its blocks after the run's last step, ceil((prompt + g + m - 1) / bs), must not exceed what is free then
+            free_last = free0 - m // self.bs * B - cum[m % self.bs]
+            hold = _STOP if preempted else (n0 - self.p0) + m - 1 - free_last * self.bs
+        self.sa.append(self.sa[-1] + A)
+        self.sk.append(self.sk[-1] + K)
+        self.skp.append(self.skp[-1] + K * (n0 - self.p0))
+        self.hold.append(hold)
         self.segs.append(seg)
         self.starts.append(n0)
         self.end = e.num_steps
@@ -224,6 +245,10 @@ class Future:
                 ttft = now - t
             # phase 3: decode steps, one more sequence in the others' runs, until it finishes or is evicted
             while g < out:
+                if j == 0 and out - g > 1:
+                    k, g, now = self._skip_runs(k, g, now, prompt, out)
+                    if g >= out:
+                        break
                 if k == len(segs) and not self.extend():
                     return self._alone(now, t, t_adm, ttft, g, prompt, out, prompt + g)
                 seg = segs[k]
@@ -266,6 +291,24 @@ class Future:
                     break
             if not evicted:
                 return now - t, ttft, t_adm - t
+
+    def _skip_runs(self, k: int, g: int, now: float, prompt: int, out: int) -> tuple[int, int, float]:
+        """Walk the whole decode runs from segment ``k`` the candidate decodes through with ``g`` tokens, as far as it
+        needs, in one go (prefix sums); stop before a run it does not finish whole, or one where something else
+        happens (a prefill, a preemption, its blocks running short): the caller walks those step by step."""
+        starts = self.starts
+        target = starts[k] + (out - g) if k < len(starts) else 0
+        while self.end < target and self.extend():
+            pass
+        e = bisect_right(starts, target, k) - 1  # segments k .. e-1 end by the candidate's last step
+        if e <= k:
+            return k, g, now
+        theta = (starts[k] - self.p0) - prompt - g
+        if max(self.hold[k:e]) > theta:
+            return k, g, now
+        sk = self.sk[e] - self.sk[k]
+        now += (self.sa[e] - self.sa[k]) + (prompt + g - (starts[k] - self.p0)) * sk + (self.skp[e] - self.skp[k])
+        return e, g + starts[e] - starts[k], now
 
     def _alone(self, now: float, t: float, t_adm: float, ttft: Optional[float], g: int, prompt: int, out: int,
                comp: int = 0) -> Optional[tuple[float, float, float]]:
