@@ -226,19 +226,22 @@ class Engine:
 
     def sync(self, t: float) -> None:
         """Commit every step that starts before ``t`` (the step in flight at ``t`` included)."""
+        advance = self._rule_advance  # (the loops call the rule directly: one call per step less)
         while self.time < t and (self.running or self.waiting):
-            self._advance(t)
+            advance(self, t)
 
     def run_until_idle(self) -> None:
+        advance = self._rule_advance
         while self.running or self.waiting:
-            self._advance(INF)
+            advance(self, INF)
 
     def run_until_finished(self, seq: Seq) -> None:
         """Advance until ``seq`` has finished (or was rejected)."""
+        advance = self._rule_advance
         while seq.finish is None and seq.status != "rejected":
             if not (self.running or self.waiting):
                 raise RuntimeError("engine went idle before the request finished")
-            self._advance(INF)
+            advance(self, INF)
 
     def computed_of(self, s: Seq) -> int:
         return s.c0 + self.dclock - s.d0 if s.in_decode else s.computed
@@ -461,10 +464,11 @@ class Engine:
         time, in running order, preempting the tail when one does not fit) arrive at: the fewest victims from the
         tail such that the survivors' new blocks fit.
         """
-        need = self.decode_need()
+        hist, bs = self.dg_hist, self.bs
+        need = hist[(-self.dclock) % bs]
         while need > self.free:
             self.preempt_last()
-            need = self.decode_need()
+            need = hist[(-self.dclock) % bs]
         return need
 
     # ------------------------------------------------------------------ stepping (composed by the rules)
@@ -552,11 +556,13 @@ class Engine:
         bs = self.bs
         q, r = divmod(m, bs)
         total = q * self.dg_count
-        if r:
+        if r:  # the members' needs at clocks d, d+1, ..: the histogram read backwards from (-d) mod bs
             hist = self.dg_hist
-            d = self.dclock
-            for i in range(r):
-                total += hist[(-(d + i)) % bs]
+            r0 = (-self.dclock) % bs
+            if r <= r0 + 1:
+                total += sum(hist[r0 - r + 1:r0 + 1])
+            else:
+                total += sum(hist[:r0 + 1]) + sum(hist[bs - (r - r0 - 1):])
         return total
 
     def _steps_until_blocks_run_out(self) -> int:
