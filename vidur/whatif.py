@@ -334,6 +334,9 @@ class EngineWhatIf:
 
 
 _NEVER = 1 << 62  # ``EngineWhatIf.n_div`` of a trajectory that never parts from its engine
+# a trajectory that lasts one step is kept only from this many waiting requests on: its queue ahead, simulated once,
+# then serves every probe within the step (a speed trade-off only: answers are the same either way)
+KEEP_ONE_STEP_QUEUE = 8
 
 
 def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int = 0, overrun_tokens: int = 10,
@@ -348,9 +351,10 @@ def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int 
     w = eng.whatif
     if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t, eng):
         w = eng.whatif = EngineWhatIf(eng, t, overrun_tokens)
-        if not others_delay and (w.same_moment_only or w.n_div <= eng.num_steps + 1):
-            # it parts from the engine at its next step (an overrun request): rarely asked again before that, and a
-            # trajectory with its recorded future costs more than one simulation on the fork
+        if not others_delay and (w.same_moment_only or (w.n_div <= eng.num_steps + 1
+                                                         and len(eng.waiting) < KEEP_ONE_STEP_QUEUE)):
+            # it parts from the engine at its next step (an overrun request): with a short queue a trajectory with its
+            # recorded future costs more than one simulation on the fork, and it is seldom asked again within the step
             eng.whatif = None
             e = w.s
             if not e.running and not e.waiting and e.time < t:
