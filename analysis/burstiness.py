@@ -21,7 +21,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import NullLocator
 
-from analysis.capacity_refine import capacity_note, draw_capacity_bars, load_capacities
+from analysis.capacity_refine import (
+    capacity_note,
+    draw_capacity_bars,
+    load_capacities,
+    sweep_qps,
+)
 from analysis.common import (
     POLICY_COLORS,
     AnalysisError,
@@ -29,7 +34,6 @@ from analysis.common import (
     base_label,
     comparable_runs,
     load_runs,
-    main_qps,
     out_dir,
     policy_name,
     run_cli,
@@ -62,7 +66,7 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
     lat = pd.DataFrame(rows).dropna(subset=["burstiness"])
     if lat.empty:
         raise AnalysisError(f"no run under {args.root} has workload.arrival=gamma or poisson")
-    q = args.qps if args.qps is not None else main_qps(runs)
+    q = args.qps if args.qps is not None else sweep_qps(runs, args.root)
     lat, seeds = shared_seeds(lat[np.isclose(lat["qps"], q)], ["policy", "burstiness"])
     lat = lat.drop(columns="seed").groupby(["policy", "burstiness"], as_index=False).mean(numeric_only=True)
     lat["seeds"] = seeds_text(seeds)

@@ -13,6 +13,7 @@ capacity_results`` plus the label). The other artifact modules (nablation, burst
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -29,6 +30,7 @@ from analysis.common import (
     add_common_args,
     base_label,
     label_sort_key,
+    main_qps,
     out_dir,
     run_cli,
     save_figure_and_table,
@@ -110,6 +112,28 @@ def capacity_note(df: pd.DataFrame) -> str:
     return (f"capacity: bisection to {', '.join(f'{t:g}' for t in tol) or '?'} QPS, P99 TTFT SLO "
             f"{', '.join(f'{s:g}' for s in slo)} s, mean of {'/'.join(map(str, seeds))} seeds, "
             "error bar: 95 % Student-t interval, dots: seeds")
+
+
+def probe_dir_names(root: str | Path) -> set[str]:
+    """The folder names of the runs that capacity searches under ``root`` probed (their ``capacity.json``)."""
+    names: set[str] = set()
+    for f in Path(root).rglob("capacity.json"):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for seed in r.get("seeds") or []:
+            names.update(Path(str(p.get("run_dir"))).name for p in seed.get("probes") or [] if p.get("run_dir"))
+    return names
+
+
+def sweep_qps(runs: Sequence[Run], root: str | Path) -> float:
+    """``main_qps`` over the runs no capacity search probed (all runs when every one is a probe).
+
+    A full search probes every configuration at its bracket (16 and 40 QPS) and its first midpoints at seed 0, so the
+    probes' QPS tie with (or outnumber) the sweep's own QPS 30, and the latency panels would show QPS 16."""
+    probes = probe_dir_names(root)
+    return main_qps([r for r in runs if Path(r.path).name not in probes] or runs)
 
 
 def probe_runs(root: str | Path) -> list[Run]:

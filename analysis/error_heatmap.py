@@ -21,13 +21,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.capacity_refine import capacity_note, load_capacities
+from analysis.capacity_refine import capacity_note, load_capacities, sweep_qps
 from analysis.common import (
     AnalysisError,
     add_common_args,
     comparable_runs,
     load_runs,
-    main_qps,
     out_dir,
     policy_params,
     run_cli,
@@ -78,7 +77,7 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
                      "qps": run_qps(r), "seed": r.get("seed"), "p99_ttft_s": (r.summary.get("p99_ttft_ms") or math.nan) / 1e3,
                      "mean_e2e_s": (r.summary.get("mean_e2el_ms") or math.nan) / 1e3})
     lat = pd.DataFrame(rows)
-    q = args.qps if args.qps is not None else main_qps(runs)
+    q = args.qps if args.qps is not None else sweep_qps(runs, args.root)
     lat = lat[np.isclose(lat["qps"], q)]
     if lat.empty:
         raise AnalysisError(f"no run at QPS {q:g}")

@@ -21,7 +21,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.capacity_refine import capacity_note, draw_capacity_bars, load_capacities
+from analysis.capacity_refine import (
+    capacity_note,
+    draw_capacity_bars,
+    load_capacities,
+    sweep_qps,
+)
 from analysis.common import (
     POLICY_COLORS,
     AnalysisError,
@@ -29,7 +34,6 @@ from analysis.common import (
     base_label,
     comparable_runs,
     load_runs,
-    main_qps,
     out_dir,
     policy_name,
     policy_params,
@@ -56,10 +60,10 @@ def _k(v, n: int | None) -> int | None:
         return n  # null = every instance
 
 
-def latency_table(runs, qps: float | None) -> tuple[pd.DataFrame, float, list[int]]:
+def latency_table(runs, qps: float | None, root: str | Path = "") -> tuple[pd.DataFrame, float, list[int]]:
     """Latencies per (policy, k) at QPS ``qps`` (default: the sweep's), over the seeds every configuration has
     (``shared_seeds``), and those seeds."""
-    q = qps if qps is not None else main_qps(runs)
+    q = qps if qps is not None else sweep_qps(runs, root)
     rows = []
     for r in runs:
         if abs(run_qps(r) - q) > 1e-9:
@@ -98,7 +102,7 @@ def nablation(args: argparse.Namespace) -> list[Path]:
     runs = comparable_runs(load_runs(args.root, args.filter), "nablation")
     theme()
     out = out_dir(args)
-    lat, q, seeds = latency_table(runs, args.qps)
+    lat, q, seeds = latency_table(runs, args.qps, args.root)
     try:
         cap = load_capacities(args.root)
     except AnalysisError:

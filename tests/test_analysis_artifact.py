@@ -3,6 +3,7 @@ stamp and steady-state throughput, on tiny real runs of the presets scaled down 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -98,6 +99,22 @@ def test_nablation_gain_over_llumnix_pairs_the_same_seeds():
     gain, n = nablation.gain_over(block, llumnix)
     assert n == 2 and gain == pytest.approx(0.5)
     assert math.isnan(nablation.gain_over(block, None)[0])
+
+
+def test_latency_panels_take_the_sweeps_qps_not_a_capacity_probes(tmp_path):
+    # a full search probes every configuration at its bracket end (16) at seed 0, as many configurations as the sweep
+    # runs at 30: without the searches' probe list the tie picks 16 (the panels then show an idle cluster)
+    from analysis.capacity_refine import sweep_qps
+    from analysis.records import Run
+
+    runs = [Run(tmp_path / f"policy={p},workload.qps={q}", {"qps": q}, {"policy": {"name": p}})
+            for p in ("block_oracle", "llumnix") for q in (16, 30)]
+    cap = tmp_path / "capacity" / "x"
+    cap.mkdir(parents=True)
+    probes = [{"qps": 16, "run_dir": f"outputs/nablation/policy={p},workload.qps=16"} for p in ("block_oracle", "llumnix")]
+    (cap / "capacity.json").write_text(json.dumps({"seeds": [{"seed": 0, "probes": probes}]}))
+    assert sweep_qps(runs, tmp_path) == 30
+    assert sweep_qps(runs[::2], tmp_path / "capacity" / "x") == 16  # nothing but probes: fall back to all runs
 
 
 def test_burstiness_capacity_change_is_relative_to_poisson_like_b1(out):
