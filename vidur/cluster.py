@@ -178,7 +178,7 @@ class Cluster:
         """Fig 5: predict on every active instance and run a copy of ``req`` on each (the pick's copy is the request)."""
         t = req.arrival_s
         have = {c.instance_id: c.prediction for c in cands if c.prediction is not None}
-        told = self._routed.told
+        told, kept = self._routed.told, self._routed.kept
         preds = {i: have.get(i) or self._signal(req, i, t, "prediction", told(i)).prediction for i in self.active}
         best = min(preds.values(), key=lambda p: p.e2e_s).instance_id
         for i, p in preds.items():
@@ -187,7 +187,7 @@ class Cluster:
             if i == choice:
                 seq = self._dispatched_seq
             else:
-                seq = Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=told(i), tag=("dup", req))
+                seq = Seq(req.id, req.prompt_tokens, req.output_tokens, t, expected=kept(i), tag=("dup", req))
                 eng.add(seq, t)
             self._dups.append((sample, req, i, p.e2e_s, i == best, i == choice, seq))
 

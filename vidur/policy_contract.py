@@ -51,6 +51,9 @@ class RoutingPolicy:
     observe: Optional[ObserveFn] = None
     # maps a request to the output length the what-if should assume (noise injection, estimators); None = hint
     expected_length: Optional[LengthFn] = None
+    # the length the chosen instance keeps for the request when it is not the one its what-if was told: Block draws
+    # length noise per probe but forwards the un-noised length to the engine (``num_predicted_tokens``); None = told
+    kept_length: Optional[Callable[[Request], int]] = None
     # optional what-if answers the rule reads beyond the default ones (NEEDS): they cost extra simulation
     needs: tuple[str, ...] = ()
 

@@ -11,8 +11,10 @@ optional override (auto-provisioning) and, live, the fallback when no probe answ
    ``none`` gathers nothing (bare candidates), ``stats`` gathers load figures;
 3. the caller's override, if any, takes the request; else no candidate at all -> the caller's fallback; else the
    policy's ``choose``, whose answer must be one of the routable instances (:class:`InvalidChoice` otherwise);
-4. the policy's ``observe`` hook, the chosen candidate's predicted e2e (NaN without a prediction) and the length told
-   to the chosen instance, which it keeps as the request's expected length (Block's ``num_predicted_tokens``).
+4. the policy's ``observe`` hook, the chosen candidate's predicted e2e (NaN without a prediction) and the length the
+   chosen instance keeps as the request's expected length (Block's ``num_predicted_tokens``): the one it was told,
+   or, when the policy draws length noise per probe, the un-noised one (``RoutingPolicy.kept_length``), as Block
+   forwards the client's length to the engine whatever noise its probes carried.
 
 A told length is drawn once per (decision, instance) -- the what-if and the chosen engine see the same number -- and
 is at least 1 token: an engine cannot be told to expect an empty answer.
@@ -56,7 +58,7 @@ class Turn:
         self.probed = probed  # the sampled ones
         self._told: dict[int, int] = {}
         # the outcome, set by decide: instance (chosen), candidates (what the policy saw: the probes that answered),
-        # told_tokens (told to the chosen instance), predicted_e2e_s (the chosen candidate's what-if e2e, NaN
+        # told_tokens (the length the chosen instance keeps: ``kept``), predicted_e2e_s (the chosen candidate's what-if e2e, NaN
         # without one), fallback (nobody answered: the caller's fallback chose), forced (the caller's override chose)
         self.instance: int
         self.candidates: list[Candidate]
@@ -74,6 +76,12 @@ class Turn:
                 else self.req.expected_output_tokens()
             exp = self._told[instance] = max(1, exp)
         return exp
+
+    def kept(self, instance: int) -> int:
+        """The output length ``instance`` keeps as the request's expected one if it runs it: the policy's un-noised
+        length when it draws noise per probe (as Block forwards ``num_predicted_tokens``), else the told one."""
+        keep = self.policy.kept_length
+        return max(1, int(keep(self.req))) if keep is not None else self.told(instance)
 
     def lengths(self) -> dict[int, int]:
         """The lengths the probes carry: one per sampled instance, in sampling order, for a prediction signal."""
@@ -110,7 +118,7 @@ class Turn:
         self.predicted_e2e_s = pred
         self.instance = choice
         self.candidates = cands
-        self.told_tokens = self.told(choice)
+        self.told_tokens = self.kept(choice)
         return self
 
 

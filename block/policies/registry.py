@@ -11,9 +11,9 @@ under every Hydra launcher (its workers import the target themselves).
 * ``length_noise_pct``: the output length the scheduler tells each probed instance (and its what-if) is drawn
   independently per (request, instance) as ``noisy_length(L, pct)``, L being the policy's base length (hint,
   prediction or truth). It goes through ``RoutingPolicy.expected_length``; draws are cached per decision in
-  ``ctx.state`` so the rule and the cluster see the same number, and the chosen instance keeps its draw as the
-  request's in-flight expected length (the cluster does that). Block itself forwards the un-noised hint to the
-  engine; here the engine keeps the noisy one it was told -- a deliberate small difference.
+  ``ctx.state`` so the rule and the cluster see the same number. The chosen instance keeps the *un-noised* length
+  as the request's in-flight expected length (``RoutingPolicy.kept_length``), as Block forwards the client's
+  length to the engine: keeping the noisy draw instead doubled the P99 TTFT damage of the error heatmap's noise.
 * ``latency_noise_pct`` (prediction policies only): each candidate's predicted e2e is scaled by Block's noise
   before the argmin. The recorded ``predicted_e2e_s`` stays the un-noised what-if.
 """
@@ -282,7 +282,8 @@ def make_policy(name: str, k: Optional[int] = None, length_noise_pct: Optional[f
             obs(req, chosen, cands, ctx, **okw)
 
     return RoutingPolicy(name=name, choose=choose, signal=spec.signal, k=k if spec.probes else None,
-                         observe=observe, expected_length=expected_length, needs=spec.needs)
+                         observe=observe, expected_length=expected_length, needs=spec.needs,
+                         kept_length=base if len_pct > 0 else None)
 
 
 def policy_from_config(cfg: Mapping[str, Any]) -> RoutingPolicy:

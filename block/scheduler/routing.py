@@ -34,7 +34,7 @@ log = logging.getLogger("block.scheduler")
 @dataclass
 class Decision:
     instance: int
-    told_tokens: int  # output length told to the chosen instance (hint header)
+    told_tokens: int  # output length the chosen instance keeps (the hint header; un-noised, as Block forwards it)
     predicted_e2e_s: float
     probe_ms: float
     decision_ms: float
