@@ -123,8 +123,9 @@ class Trajectory:
             if not self.eager and self._asked != self.version:
                 self._asked = self.version
                 return None
-            f = self.future = Future(self.reach(t), self.rule, self.version)
         k = self.reach(t)
+        if f is None or f.version != self.version:
+            f = self.future = Future(k, self.rule, self.version)
         return f.life(k.num_steps, k.time, t, seq.prompt, seq.out)
 
     def base(self, t: float) -> float:
@@ -273,14 +274,8 @@ class EngineWhatIf:
         n_div = _NEVER
         moved = False
         for q in (*s.running.values(), *s.waiting):
-            g = s.generated_of(q)
-            if g < q.expected:
-                out = q.expected
-                if out != q.out:  # the trajectory and the engine part when it reaches the shorter length
-                    n_div = min(n_div, steps + min(out, q.out) - g)
-            else:
-                out = g + overrun_tokens
-                n_div = min(n_div, steps + 1)  # assumed 10 tokens ahead of wherever it is: moves with its next
+            out, div = self._assumed(q, s.generated_of(q), steps)
+            n_div = min(n_div, div)
             if out != q.out:
                 moved = True
                 q.out = out
@@ -311,15 +306,19 @@ class EngineWhatIf:
         """``Engine.add`` tells us: the engine received ``seq`` at ``t`` after ``steps`` steps (copied now: the
         engine will move it on)."""
         q = seq.clone()
-        g = q.generated
-        if g < q.expected:
-            q.out = q.expected
-            if q.out != seq.out:
-                self.n_div = min(self.n_div, steps + min(q.out, seq.out) - g)
-        else:
-            q.out = g + self.overrun_tokens
-            self.n_div = min(self.n_div, steps + 1)
+        q.out, div = self._assumed(seq, q.generated, steps)
+        self.n_div = min(self.n_div, div)
         self.pending.append((q, t))
+
+    def _assumed(self, q: Seq, g: int, steps: int) -> tuple[int, int]:
+        """(the length a predictor assumes for ``q``, which has generated ``g`` tokens after the engine's ``steps``
+        steps; the first step at which the engine may part from a trajectory that assumes it, ``_NEVER`` if none).
+
+        The expected length while ``g`` is below it -- the trajectory and the engine part when it reaches the shorter
+        of that and its true length ``q.out`` -- else 10 tokens past ``g`` (Block), which moves with its next token."""
+        if g < q.expected:
+            return q.expected, (steps + min(q.expected, q.out) - g if q.expected != q.out else _NEVER)
+        return g + self.overrun_tokens, steps + 1
 
     def usable(self, t: float, eng: Engine) -> bool:
         """Whether the trajectory still stands for ``eng`` at ``t`` (after taking in what it received)."""

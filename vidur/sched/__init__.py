@@ -30,7 +30,7 @@ class SchedulingRule(Protocol):
 
     # whether a running prefill holds blocks for all its known tokens (V0) or only for those computed so far (V1)
     prefill_holds_known: bool
-    # whether ``vidur.candidate`` may walk a candidate's life over the recorded steps (needs ``back_room``)
+    # whether ``vidur.candidate`` may walk a candidate's life over the recorded steps (its room: ``Engine.room_at_reject``)
     closed_form: bool
 
     def advance(self, e: "Engine", until: float) -> None:

@@ -48,24 +48,18 @@ class V0Rule:
 
     def may_reach_back(self, e: "Engine") -> bool:
         """False only if the next step's admission surely stops before the last waiting request (the what-if's
-        shared trajectory checkpoints the engine before a step only when this is True; see ``vidur.whatif``)."""
-        return self.back_room(e) is not None
-
-    def back_room(self, e: "Engine") -> "tuple[int, int, int] | bool | None":
-        """What the next step's admission leaves for a request queued behind the last waiting one: (budget, seats,
-        blocks free) -- exact --, None when the loop surely stops before the back, True when unsure.
+        shared trajectory checkpoints the engine before a step only when this is True; see ``vidur.whatif``).
 
         Every request waiting ahead must be admitted: a seat each (a preemption moves one from running to waiting,
         same sum), its blocks above the watermark in turn (after the decodes' reservation when chunked) and its
         tokens with budget to spare (the loop stops when the budget is spent; prefill-first admits whole prompts).
-        A request that can never fit is rejected, not blocking: then unsure (True). A step that must still preempt:
-        unsure (``settle`` first: then its victims are at the head, and they never fit back at once).
+        A request that can never fit is rejected, not blocking: then True (unsure). A step that must still preempt:
+        True (``settle`` first: then its victims are at the head, and they never fit back at once).
         """
         waiting = e.waiting
         ahead = len(waiting) - 1
-        seats = e.max_seqs - len(e.running) - ahead
-        if seats <= 0:
-            return None
+        if len(e.running) + ahead >= e.max_seqs:
+            return False
         free = e.free
         if self.chunked:
             dn = e.decode_need() if e.dg_count else 0
@@ -76,7 +70,7 @@ class V0Rule:
             for s in e.prefilling:
                 left -= s.known - s.computed
                 if left <= 0:
-                    return None
+                    return False
         else:
             left = e.budget
         bs = e.bs
@@ -92,8 +86,8 @@ class V0Rule:
             free -= need
             left -= known
             if free < wm or left <= 0:
-                return None
-        return left, seats, free
+                return False
+        return True
 
     @staticmethod
     def _admit(e: "Engine", budget: int, seqs_room: int, whole: bool) -> list[tuple["Seq", int]]:
