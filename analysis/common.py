@@ -718,6 +718,41 @@ def shared_seeds(df: pd.DataFrame, by: Sequence[str], seed: str = "seed") -> tup
     return df[seeds.isin(common)], common
 
 
+# Overrides that do not change what a run computes (conf/config.yaml's override_dirname exclude_keys, less
+# `experiment`, which does): two capacity searches differing only in these searched the same configuration.
+RUN_CONTROL_KEYS = ("output_root", "force", "progress", "logger", "hydra.verbose")
+_SEARCH_RESULT_COLUMNS = ("path", "label", "capacity", "ci_low", "ci_high", "seeds", "sd", "per_seed", "seed_ids",
+                          "statuses")
+
+
+def widest_searches(cap: pd.DataFrame) -> pd.DataFrame:
+    """One capacity search per configuration (rows of ``analysis.capacity.capacity_results``): the one with the most
+    seeds.
+
+    Adding seeds to a search (``capacity.seeds=5`` after ``capacity.seeds=2``) resumes its probes but writes a new
+    ``capacity.json`` beside the old one (the folder is named by the overrides), so without this a figure draws
+    both bars and a heatmap cell averages a 2-seed mean with the 5-seed mean that contains it. A dropped search
+    whose seed the kept one lacks or reports differently is named in a warning (a search under other code)."""
+    if cap.empty:
+        return cap
+    same = [c for c in cap.columns if c not in _SEARCH_RESULT_COLUMNS and c not in RUN_CONTROL_KEYS]
+    config = cap[same].apply(lambda row: tuple(map(str, row)), axis=1)  # NaN as "nan": both lacking a key agree
+    width = cap["seed_ids"].map(lambda s: len(str(s).split(";")))
+    kept: dict[tuple, Any] = {}
+    for i in width.sort_values(ascending=False, kind="stable").index:
+        if config[i] not in kept:
+            kept[config[i]] = i
+            continue
+        top = cap.loc[kept[config[i]]]
+        mine, theirs = (dict(zip(str(r["seed_ids"]).split(";"), str(r["per_seed"]).split(";")))
+                        for r in (cap.loc[i], top))
+        if any(theirs.get(seed) != c for seed, c in mine.items()):
+            log.warning("capacity search %s (seeds %s: %s) disagrees with %s (seeds %s: %s), which is kept",
+                        cap.at[i, "path"], cap.at[i, "seed_ids"], cap.at[i, "per_seed"], top["path"],
+                        top["seed_ids"], top["per_seed"])
+    return cap.loc[sorted(kept.values())]
+
+
 def seeds_text(seeds: Sequence[int]) -> str:
     """'seed 0' or 'seeds 0, 1' for a panel title ('no runs' for none)."""
     if not seeds:

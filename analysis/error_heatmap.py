@@ -35,6 +35,7 @@ from analysis.common import (
     seeds_text,
     shared_seeds,
     theme,
+    widest_searches,
 )
 
 ROW, COL = "policy.length_noise_pct", "policy.latency_noise_pct"
@@ -84,7 +85,7 @@ def error_heatmap(args: argparse.Namespace) -> list[Path]:
     lat, seeds = shared_seeds(lat, [ROW, COL])
     lat = lat.drop(columns="seed")
     try:
-        cap = load_capacities(args.root)
+        cap = widest_searches(load_capacities(args.root))
         for k in (ROW, COL):
             cap[k] = pd.to_numeric(cap.get(k, 0.0), errors="coerce").fillna(0.0)
     except AnalysisError:

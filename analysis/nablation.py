@@ -44,6 +44,7 @@ from analysis.common import (
     shared_legend,
     shared_seeds,
     theme,
+    widest_searches,
 )
 from analysis.records import save_csv
 
@@ -104,7 +105,7 @@ def nablation(args: argparse.Namespace) -> list[Path]:
     out = out_dir(args)
     lat, q, seeds = latency_table(runs, args.qps, args.root)
     try:
-        cap = load_capacities(args.root)
+        cap = widest_searches(load_capacities(args.root))
     except AnalysisError:
         cap = None
     ncol = 5 if cap is not None else 4

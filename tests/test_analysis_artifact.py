@@ -197,3 +197,56 @@ def test_fig6_draws_steady_throughput(out):
     for _, row in s.iterrows():
         assert row["steady_throughput"] == pytest.approx(row["achieved_qps"], rel=0.3)
         assert row["request_throughput"] < row["steady_throughput"]
+
+
+def _add_narrower_search(root: Path, **config) -> dict:
+    """Beside the search of ``config`` under ``root``, the same configuration searched earlier with its first seed
+    only (as ``capacity.seeds=1`` then ``capacity.seeds=2`` leave it; the earlier one also had force=True)."""
+    for f in sorted((root / "capacity").rglob("capacity.json")):
+        wide = json.loads(f.read_text())
+        if all(wide["config"].get(k) == v for k, v in config.items()):
+            break
+    else:
+        raise AssertionError(f"no search of {config} under {root}")
+    narrow = {**wide, "seeds": wide["seeds"][:1], "capacity": wide["seeds"][0]["capacity"], "ci_low": None,
+              "ci_high": None, "overrides": [*wide["overrides"], "force=True"]}
+    d = root / "capacity" / "earlier"
+    d.mkdir()
+    (d / "capacity.json").write_text(json.dumps(narrow))
+    return wide
+
+
+def test_widest_searches_keeps_the_search_with_the_most_seeds(caplog):
+    from analysis.common import widest_searches
+
+    cap = pd.DataFrame({"path": ["a2", "a5", "b2", "c1"], "policy.name": ["x", "x", "y", "x"],
+                        "policy.k": [2.0, 2.0, 2.0, math.nan], "progress": ["False", None, "false", "False"],
+                        "capacity": [29.85, 29.9, 30.0, 28.0], "seed_ids": ["0;1", "0;1;2;3;4", "0;1", "0"],
+                        "per_seed": ["29.4;30.3", "29.4;30.3;31;29.7;29.1", "30;30", "28"]})
+    kept = widest_searches(cap)
+    assert list(kept["path"]) == ["a5", "b2", "c1"]  # k = null (all instances) is another configuration
+    assert not caplog.records
+    cap.loc[0, "per_seed"] = "29.4;30.2"  # the 2-seed search disagrees on seed 1: searched under other code
+    assert list(widest_searches(cap)["path"]) == ["a5", "b2", "c1"]
+    assert "disagrees" in caplog.text and "a2" in caplog.text
+
+
+def test_artifact_figures_take_one_search_per_configuration(out, tmp_path):
+    # a search re-run with more seeds leaves the narrower capacity.json beside the wider one: one bar per k and one
+    # heatmap cell value, the wider search's (not both bars, not the mean of the two means)
+    import shutil
+
+    for exp in ("nablation", "error_heatmap"):
+        shutil.copytree(out / exp, tmp_path / exp, ignore=shutil.ignore_patterns("figures"))
+    wide = _add_narrower_search(tmp_path / "nablation", **{"policy.k": 2})
+    assert nablation.main([str(tmp_path / "nablation")]) == 0
+    cap = pd.read_csv(tmp_path / "nablation" / "figures" / "nablation_capacity.csv")
+    assert sorted(cap["k"]) == [2, 4] and (cap["seeds"] == 2).all()
+    assert cap.loc[cap["k"] == 2, "capacity"].iloc[0] == pytest.approx(wide["capacity"])
+
+    wide = _add_narrower_search(tmp_path / "error_heatmap", **{"policy.length_noise_pct": 100.0})
+    assert error_heatmap.main([str(tmp_path / "error_heatmap")]) == 0
+    t = pd.read_csv(tmp_path / "error_heatmap" / "figures" / "error_heatmap.csv")
+    cell = t[(t["policy.length_noise_pct"] == 100) & (t["policy.latency_noise_pct"] == 0)]
+    assert len(cell) == 1 and cell["seeds"].iloc[0] == 2
+    assert cell["capacity"].iloc[0] == pytest.approx(wide["capacity"])
