@@ -718,6 +718,25 @@ def shared_seeds(df: pd.DataFrame, by: Sequence[str], seed: str = "seed") -> tup
     return df[seeds.isin(common)], common
 
 
+def per_seed_capacities(row: pd.Series) -> dict[str, float]:
+    """A capacity search's capacity per seed id (a row of ``analysis.capacity.capacity_results``; a seed without
+    one, below the bracket, is left out)."""
+    caps, ids = str(row.get("per_seed", "")).split(";"), str(row.get("seed_ids", "")).split(";")
+    return {i: float(c) for i, c in zip(ids, caps) if c not in ("", "none", "nan")}
+
+
+def paired_over_seeds(row: pd.Series, base: pd.Series, change: Callable[[float, float], float],
+                      confidence: float = 0.95):
+    """``change(row's capacity, base's)`` on every seed both searches have: its mean and t-interval
+    (``analysis.capacity.Interval``; n = 0 without a shared seed). The seed moves every configuration's capacity
+    the same way (the same requests and arrivals), so the paired change is much tighter than the difference of
+    the two intervals, and the same seeds keep one request sample on both sides."""
+    from analysis.capacity import mean_interval
+
+    a, b = per_seed_capacities(row), per_seed_capacities(base)
+    return mean_interval([change(a[s], b[s]) for s in sorted(set(a) & set(b))], confidence)
+
+
 # Overrides that do not change what a run computes (conf/config.yaml's override_dirname exclude_keys, less
 # `experiment`, which does): two capacity searches differing only in these searched the same configuration.
 RUN_CONTROL_KEYS = ("output_root", "force", "progress", "logger", "hydra.verbose")
@@ -744,9 +763,8 @@ def widest_searches(cap: pd.DataFrame) -> pd.DataFrame:
             kept[config[i]] = i
             continue
         top = cap.loc[kept[config[i]]]
-        mine, theirs = (dict(zip(str(r["seed_ids"]).split(";"), str(r["per_seed"]).split(";")))
-                        for r in (cap.loc[i], top))
-        if any(theirs.get(seed) != c for seed, c in mine.items()):
+        theirs = per_seed_capacities(top)
+        if any(theirs.get(seed) != c for seed, c in per_seed_capacities(cap.loc[i]).items()):
             log.warning("capacity search %s (seeds %s: %s) disagrees with %s (seeds %s: %s), which is kept",
                         cap.at[i, "path"], cap.at[i, "seed_ids"], cap.at[i, "per_seed"], top["path"],
                         top["seed_ids"], top["per_seed"])

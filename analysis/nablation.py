@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from analysis.capacity import Interval, mean_interval
 from analysis.capacity_refine import (
     capacity_note,
     draw_capacity_bars,
@@ -35,6 +36,7 @@ from analysis.common import (
     comparable_runs,
     load_runs,
     out_dir,
+    paired_over_seeds,
     policy_name,
     policy_params,
     run_cli,
@@ -82,21 +84,19 @@ def latency_table(runs, qps: float | None, root: str | Path = "") -> tuple[pd.Da
     return df.sort_values(["policy", "k"]), q, seeds
 
 
-def _per_seed(row: pd.Series) -> dict[str, float]:
-    """A capacity search's per-seed capacities by seed id (``analysis.capacity.capacity_results``)."""
-    caps, ids = str(row.get("per_seed", "")).split(";"), str(row.get("seed_ids", "")).split(";")
-    return {i: float(c) for i, c in zip(ids, caps) if c not in ("", "none", "nan")}
-
-
 def gain_over(row: pd.Series, base: pd.Series | None) -> tuple[float, int]:
     """Capacity minus ``base``'s (Llumnix-) over the seeds both searched, and how many: the seeds move capacity by
     1-2 QPS, the same way for every policy (the same requests and arrivals), so the paired gain is much tighter than
     either interval and is what the published gap compares with."""
+    g = paired_gain(row, base)
+    return g.mean, g.n
+
+
+def paired_gain(row: pd.Series, base: pd.Series | None) -> Interval:
+    """``gain_over`` with its 95 % t-interval over the shared seeds (n = 0 without ``base``)."""
     if base is None:
-        return math.nan, 0
-    a, b = _per_seed(row), _per_seed(base)
-    shared = sorted(set(a) & set(b))
-    return (float(np.mean([a[s] - b[s] for s in shared])) if shared else math.nan), len(shared)
+        return mean_interval([])
+    return paired_over_seeds(row, base, lambda ours, theirs: ours - theirs)
 
 
 def nablation(args: argparse.Namespace) -> list[Path]:
@@ -138,7 +138,7 @@ def nablation(args: argparse.Namespace) -> list[Path]:
                 xs = [len(ks) + others.index(pol)] * len(g)
             draw_capacity_bars(ax, g, xs, width=width, label=base_label(pol), annotate=False)
             for x, (_, row) in zip(xs, g.iterrows()):
-                gain = gain_over(row, base) if pol != "llumnix" else (math.nan, 0)
+                gain = paired_gain(row, base if pol != "llumnix" else None)
                 pub = PUBLISHED.get((pol, row["k"] if pol in probing else None))
                 if pub is not None:
                     first = not any(r["published"] is not None for r in rows)
@@ -147,7 +147,8 @@ def nablation(args: argparse.Namespace) -> list[Path]:
                 rows.append({"policy": pol, "k": row["k"] if pol in probing else None, "capacity": row["capacity"], "ci_low": row["ci_low"],
                              "ci_high": row["ci_high"], "seeds": row["seeds"], "slo_s": row["slo_s"],
                              "published": pub, "published_slo_s": PUBLISHED_SLO_S if pub is not None else None,
-                             "per_seed": row.get("per_seed"), "gain_over_llumnix": gain[0], "gain_seeds": gain[1],
+                             "per_seed": row.get("per_seed"), "gain_over_llumnix": gain.mean,
+                             "gain_ci_low": gain.low, "gain_ci_high": gain.high, "gain_seeds": gain.n,
                              "published_gain": pub - PUBLISHED[("llumnix", None)] if pub is not None else None})
         ax.set_xticks(range(len(ks) + len(others)), [str(int(k)) for k in ks] + [base_label(p) for p in others])
         ax.set(xlabel="instances probed per request (k)", ylabel="Capacity (req/s)", title="Capacity per k")

@@ -248,5 +248,30 @@ def test_artifact_figures_take_one_search_per_configuration(out, tmp_path):
     assert error_heatmap.main([str(tmp_path / "error_heatmap")]) == 0
     t = pd.read_csv(tmp_path / "error_heatmap" / "figures" / "error_heatmap.csv")
     cell = t[(t["policy.length_noise_pct"] == 100) & (t["policy.latency_noise_pct"] == 0)]
-    assert len(cell) == 1 and cell["seeds"].iloc[0] == 2
+    assert len(cell) == 1 and cell["seeds"].iloc[0] == 2 and cell["paired_seeds"].iloc[0] == 2
     assert cell["capacity"].iloc[0] == pytest.approx(wide["capacity"])
+
+
+def test_paired_changes_go_seed_by_seed_with_their_interval():
+    # 100 % length noise against none on 5 seeds: the seeds move both cells alike (29.4..31.0), so the paired change
+    # has a far tighter interval than either cell's; a cell searched on 2 seeds pairs on those 2
+    from analysis.capacity import mean_interval
+
+    clean = pd.Series({"per_seed": "29.4;30.3;31;29.7;30.6", "seed_ids": "0;1;2;3;4"})
+    noisy = pd.Series({"per_seed": "28.2;28.9;30.1;28.6;29.2", "seed_ids": "0;1;2;3;4"})
+    c = error_heatmap.paired_change(noisy, clean)
+    per_seed = [(n / b - 1) * 100 for n, b in zip([28.2, 28.9, 30.1, 28.6, 29.2], [29.4, 30.3, 31, 29.7, 30.6])]
+    want = mean_interval(per_seed)
+    assert c["paired_seeds"] == 5 and c["paired_change_pct"] == pytest.approx(want.mean)
+    assert (c["paired_ci_low"], c["paired_ci_high"]) == pytest.approx((want.low, want.high))
+    assert c["paired_ci_high"] - c["paired_ci_low"] < 2.0  # the cells' own intervals are about 3 QPS (10 %) wide
+    two = error_heatmap.paired_change(pd.Series({"per_seed": "28.2;28.9", "seed_ids": "0;1"}), clean)
+    assert two["paired_seeds"] == 2 and two["paired_change_pct"] == pytest.approx(np.mean(per_seed[:2]))
+    assert math.isnan(error_heatmap.paired_change(noisy, None)["paired_change_pct"])
+    # the N-ablation's gain over Llumnix- in QPS, the same way
+    llumnix = pd.Series({"per_seed": "28.5;29.6;30.3;28.7;30.05", "seed_ids": "0;1;2;3;4"})
+    g = nablation.paired_gain(clean, llumnix)
+    diffs = [a - b for a, b in zip([29.4, 30.3, 31, 29.7, 30.6], [28.5, 29.6, 30.3, 28.7, 30.05])]
+    d = mean_interval(diffs)
+    assert g.n == 5 and (g.mean, g.low, g.high) == pytest.approx((d.mean, d.low, d.high))
+    assert nablation.gain_over(clean, llumnix) == (pytest.approx(g.mean), 5)
