@@ -235,6 +235,37 @@ def test_abort_frees_blocks_and_leaves_the_rest_running(scheduler, toy_model):
     assert sorted(s.id for s in e.finished) == sorted(set(range(12)) - {dec.id, pre.id, wait.id})
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], V1_CONFIGS[1]], ids=_cfg_id)
+def test_stats_kept_with_the_queue_equal_a_recount(cfg, toy_model):
+    """``stats`` reads the waiting queue's figures kept as requests enter and leave it (admission, preemption back to
+    the head, rejection of a prompt that never fits, abort, arrival): at every step they equal counting the queue
+    afresh (a fork counts afresh), with expected lengths that differ from the true ones."""
+    rng = random.Random(5)
+    e = Engine(cfg, toy_model)
+    kinds = set()
+    never = cfg.num_blocks * cfg.block_size + 1  # a prompt that can never fit: rejected when admission reaches it
+    t = 0.0
+    for i in range(400):
+        t += rng.expovariate(8.0)
+        e.sync(t)
+        assert e.stats() == e.fork().stats(), i
+        if i % 37 == 36 and e.waiting:
+            assert e.abort(e.waiting[len(e.waiting) // 2].id) is not None
+            kinds.add("abort")
+            assert e.stats() == e.fork().stats(), i
+        prompt = never if i % 97 == 50 else rng.randint(4, 900)
+        out = rng.randint(1, 400)
+        e.add(Seq(i, prompt, out, t, expected=max(1, out + rng.randint(-150, 150))), t)
+        assert e.stats() == e.fork().stats(), i
+    while e.has_work():
+        e.sync(e.time + 1e-9)
+        assert e.stats() == e.fork().stats()
+    kinds |= {"preemption"} if e.num_preemptions else set()
+    kinds |= {"rejection"} if e.rejected else set()
+    assert kinds == {"abort", "preemption", "rejection"}
+    assert e.stats().waiting_prompt_tokens == e.wq_tokens == 0 and e.wq_blocks == e.wq_unprocessed == 0
+
+
 def test_scheduler_flag_selects_the_rule(toy_model):
     """The engine config names the rule; a state carries it into a what-if engine; unknown names are refused."""
     from vidur.sched.v0 import V0Rule

@@ -128,6 +128,14 @@ class Engine:
         self.keep_finished = keep_finished
         self.finished: list[Seq] = []
         self.rejected: list[Seq] = []
+        # the waiting queue's load figures for ``stats`` (tokens to prefill, their blocks, prompt + expected output),
+        # kept as requests enter and leave the queue through the methods below: a router asks every instance for
+        # ``stats`` on every arrival, and past capacity the queue holds hundreds of requests. A fork's queue is edited
+        # from outside (the what-if's sentinel and candidates), so a fork counts afresh (``wq_exact`` False).
+        self.wq_tokens = 0
+        self.wq_blocks = 0
+        self.wq_unprocessed = 0
+        self.wq_exact = True
         # (budget, seats, free blocks) the admission loop had left when it last rejected a request (V0): what a request
         # queued behind it would find -- the what-if's recorded future reads it off its sentinel's rejection
         self.room_at_reject: Optional[tuple[int, int, int]] = None
@@ -167,6 +175,7 @@ class Engine:
             self.time = now  # an idle engine starts its next step when the request arrives
         seq.status = "waiting"
         self.waiting.append(seq)
+        self._queued(seq, 1)
         if self.whatif is not None:
             self.whatif.added(seq, now, self.num_steps)
         return seq
@@ -186,6 +195,7 @@ class Engine:
             for s in self.waiting:
                 if s.id == request_id:
                     self.waiting.remove(s)
+                    self._queued(s, -1)
                     break
             else:
                 return None
@@ -257,17 +267,21 @@ class Engine:
 
     def stats(self) -> InstanceStats:
         """Cheap load figures (what vLLM's /metrics or Block's simple trace report)."""
-        bs = self.bs
-        wblocks = 0
-        wtokens = 0
-        unprocessed = 0
-        for s in self.waiting:
-            k = s.prompt + s.generated
-            wblocks += -(-k // bs)
-            wtokens += k
-            unprocessed += max(0, s.prompt + s.expected)
+        if self.wq_exact:
+            wblocks, wtokens, unprocessed = self.wq_blocks, self.wq_tokens, self.wq_unprocessed
+        else:
+            bs = self.bs
+            wblocks = wtokens = unprocessed = 0
+            for s in self.waiting:
+                k = s.prompt + s.generated
+                wblocks += -(-k // bs)
+                wtokens += k
+                unprocessed += max(0, s.prompt + s.expected)
+        d = self.dclock
         for s in self.running.values():
-            unprocessed += max(0, s.prompt + s.expected - self.computed_of(s))
+            x = s.prompt + s.expected - (s.c0 + d - s.d0 if s.in_decode else s.computed)
+            if x > 0:
+                unprocessed += x
         return InstanceStats(
             instance_id=self.instance_id, num_running=len(self.running), num_waiting=len(self.waiting),
             free_blocks=self.free, total_blocks=self.total_blocks, num_preemptions=self.num_preemptions,
@@ -299,6 +313,7 @@ class Engine:
         eng.free = state.free_blocks
         eng.num_preemptions = state.num_preemptions
         eng.time = max(0.0, state.busy_for_s)
+        eng.wq_exact = False  # its queue gets the what-if's sentinel
         for st in state.running:
             out = st.expected_output_tokens
             if st.decoded_tokens >= out:
@@ -359,6 +374,10 @@ class Engine:
         e.keep_finished = False
         e.finished = []
         e.rejected = []
+        e.wq_tokens = self.wq_tokens
+        e.wq_blocks = self.wq_blocks
+        e.wq_unprocessed = self.wq_unprocessed
+        e.wq_exact = False
         e.room_at_reject = None
         e.dclock = self.dclock
         e.dg_count = self.dg_count
@@ -416,11 +435,27 @@ class Engine:
         s.status = "waiting"
         self.num_preemptions += 1
         self.waiting.appendleft(s)
+        self._queued(s, 1)
         return s
+
+    def take_head(self) -> Seq:
+        """Take the head of the waiting queue to admit it (the rules' admission loops)."""
+        s = self.waiting.popleft()
+        self._queued(s, -1)
+        return s
+
+    def _queued(self, s: Seq, sign: int) -> None:
+        """``s`` entered (``sign`` 1) or left (-1) the waiting queue: update the queue's load figures."""
+        k = s.prompt + s.generated
+        self.wq_tokens += sign * k
+        self.wq_blocks += sign * -(-k // self.bs)
+        u = s.prompt + s.expected
+        if u > 0:
+            self.wq_unprocessed += sign * u
 
     def reject(self, s: Seq) -> None:
         """Drop the head of the waiting queue, which can never fit (vLLM refuses such a prompt with an error)."""
-        self.waiting.popleft()
+        self.take_head()
         s.status = "rejected"
         self.rejected.append(s)
 

@@ -108,7 +108,7 @@ class V0Rule:
             n = known if whole else min(known, budget)
             if whole and n > budget:
                 break
-            waiting.popleft()
+            e.take_head()
             e.free -= need
             s.status = "running"
             s.computed = 0

@@ -195,7 +195,7 @@ class V1Rule:
                 if not self.chunked:
                     break
                 n = budget
-            waiting.popleft()
+            e.take_head()
             e.free -= -(-n // bs)
             s.status = "running"
             s.computed = 0
