@@ -175,7 +175,8 @@ class Engine:
             self.time = now  # an idle engine starts its next step when the request arrives
         seq.status = "waiting"
         self.waiting.append(seq)
-        self._queued(seq, 1)
+        if self.wq_exact:
+            self.queued(seq, 1)
         if self.whatif is not None:
             self.whatif.added(seq, now, self.num_steps)
         return seq
@@ -195,7 +196,8 @@ class Engine:
             for s in self.waiting:
                 if s.id == request_id:
                     self.waiting.remove(s)
-                    self._queued(s, -1)
+                    if self.wq_exact:
+                        self.queued(s, -1)
                     break
             else:
                 return None
@@ -435,17 +437,13 @@ class Engine:
         s.status = "waiting"
         self.num_preemptions += 1
         self.waiting.appendleft(s)
-        self._queued(s, 1)
+        if self.wq_exact:
+            self.queued(s, 1)
         return s
 
-    def take_head(self) -> Seq:
-        """Take the head of the waiting queue to admit it (the rules' admission loops)."""
-        s = self.waiting.popleft()
-        self._queued(s, -1)
-        return s
-
-    def _queued(self, s: Seq, sign: int) -> None:
-        """``s`` entered (``sign`` 1) or left (-1) the waiting queue: update the queue's load figures."""
+    def queued(self, s: Seq, sign: int) -> None:
+        """``s`` entered (``sign`` 1) or left (-1) the waiting queue: update its load figures (``stats``). Callers
+        skip it on a fork (``wq_exact`` False: it counts afresh), where the what-if's steps run."""
         k = s.prompt + s.generated
         self.wq_tokens += sign * k
         self.wq_blocks += sign * -(-k // self.bs)
@@ -455,7 +453,9 @@ class Engine:
 
     def reject(self, s: Seq) -> None:
         """Drop the head of the waiting queue, which can never fit (vLLM refuses such a prompt with an error)."""
-        self.take_head()
+        self.waiting.popleft()
+        if self.wq_exact:
+            self.queued(s, -1)
         s.status = "rejected"
         self.rejected.append(s)
 

@@ -108,7 +108,9 @@ class V0Rule:
             n = known if whole else min(known, budget)
             if whole and n > budget:
                 break
-            e.take_head()
+            waiting.popleft()
+            if e.wq_exact:
+                e.queued(s, -1)
             e.free -= need
             s.status = "running"
             s.computed = 0

@@ -195,7 +195,9 @@ class V1Rule:
                 if not self.chunked:
                     break
                 n = budget
-            e.take_head()
+            waiting.popleft()
+            if e.wq_exact:
+                e.queued(s, -1)
             e.free -= -(-n // bs)
             s.status = "running"
             s.computed = 0
