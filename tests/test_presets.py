@@ -184,6 +184,16 @@ def test_fig6_block_family_probes_k(composer):
     assert cfg.dataset.predicted_length == "column"
 
 
+def test_fig6_runs_one_run_per_core(composer):
+    """The 119 runs of Fig 6 are independent single-threaded processes: the preset runs one per core (joblib), without
+    per-run bars; the basic launcher is one override away, and other presets keep it."""
+    cfg = composer(["experiment=fig6"])
+    assert "JoblibLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.n_jobs == -1  # one per core
+    assert cfg.progress is False
+    assert "BasicLauncher" in composer(["experiment=fig6", "hydra/launcher=basic"]).hydra.launcher._target_
+    assert "BasicLauncher" in composer(["experiment=fig5"]).hydra.launcher._target_
+
+
 def test_fig8_variants(composer):
     static = composer(["experiment=fig8", "provisioning=none"])
     assert static.cluster.num_instances == 10 and not static.provisioning.enabled
