@@ -35,6 +35,7 @@ from analysis.common import (
     run_cli,
     save_figure_and_table,
     theme,
+    widest_searches,
 )
 from analysis.records import Run, find_runs
 
@@ -55,7 +56,7 @@ def load_capacities(root: str | Path, filters: Sequence[str] = ()) -> pd.DataFra
     if df.empty:
         raise AnalysisError(f"no capacity.json under {root}: run python -m experiments.capacity first "
                             "(e.g. python -m experiments.capacity -m experiment=capacity_refine)")
-    df = df.copy()
+    df = widest_searches(df).copy()  # a search re-run with more seeds: its wider capacity.json only
     # map(str), not astype(str): pandas' string dtype keeps NaN (k = null, all instances) as missing, not "nan"
     varying = [k for k in LABEL_KEYS if k in df.columns and df[k].map(str).nunique() > 1]
     if "block_k" in varying and "policy.k" in varying:

@@ -243,6 +243,9 @@ def test_artifact_figures_take_one_search_per_configuration(out, tmp_path):
     cap = pd.read_csv(tmp_path / "nablation" / "figures" / "nablation_capacity.csv")
     assert sorted(cap["k"]) == [2, 4] and (cap["seeds"] == 2).all()
     assert cap.loc[cap["k"] == 2, "capacity"].iloc[0] == pytest.approx(wide["capacity"])
+    assert capacity_refine.main([str(tmp_path / "nablation")]) == 0  # its bars too: one per configuration
+    bars = pd.read_csv(tmp_path / "nablation" / "figures" / "capacity_refine.csv")
+    assert len(bars) == len(cap) and bars["capacity"].round(6).isin(cap["capacity"].round(6)).all()
 
     wide = _add_narrower_search(tmp_path / "error_heatmap", **{"policy.length_noise_pct": 100.0})
     assert error_heatmap.main([str(tmp_path / "error_heatmap")]) == 0
