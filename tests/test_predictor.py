@@ -419,6 +419,8 @@ def test_metrics_and_stats(servers):
     with servers["p1"].client() as c:
         for _ in range(3):
             assert c.post("/predict", json={"prompt_tokens": 50, "expected_output_tokens": 5}).status_code == 200
+        # one request proxied here, so the test stands alone (-k): the counter below must have seen it
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
         r = c.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         m = parse_prometheus(r.text)
