@@ -128,6 +128,21 @@ def test_burstiness_capacity_change_is_relative_to_poisson_like_b1(out):
     assert sorted(lat["burstiness"]) == [0.5, 1.0]
 
 
+def test_burstiness_change_against_b1_goes_seed_by_seed(out):
+    # the change read against the published +-1 % is the mean of the per-seed changes against b = 1's search (the
+    # same requests at every b), with its t-interval: not only the ratio of the two means
+    from analysis.capacity import mean_interval
+
+    assert burstiness.main([str(out / "burstiness")]) == 0
+    cap = pd.read_csv(out / "burstiness" / "figures" / "burstiness_capacity.csv").set_index("burstiness")
+    per_seed = {b: [float(v) for v in str(cap.at[b, "per_seed"]).split(";")] for b in cap.index}
+    want = mean_interval([(a / c - 1) * 100 for a, c in zip(per_seed[0.5], per_seed[1.0])])
+    assert cap.at[0.5, "paired_seeds"] == 2 and cap.at[0.5, "paired_change_pct"] == pytest.approx(want.mean)
+    assert (cap.at[0.5, "paired_ci_low"], cap.at[0.5, "paired_ci_high"]) == pytest.approx((want.low, want.high))
+    assert (cap.at[1.0, "paired_change_pct"], cap.at[1.0, "paired_ci_low"], cap.at[1.0, "paired_ci_high"]) == (
+        pytest.approx(0.0), pytest.approx(0.0), pytest.approx(0.0))
+
+
 def test_error_heatmap_cells(out):
     assert error_heatmap.main([str(out / "error_heatmap")]) == 0
     fig = out / "error_heatmap" / "figures"
@@ -236,7 +251,7 @@ def test_artifact_figures_take_one_search_per_configuration(out, tmp_path):
     # heatmap cell value, the wider search's (not both bars, not the mean of the two means)
     import shutil
 
-    for exp in ("nablation", "error_heatmap"):
+    for exp in ("nablation", "error_heatmap", "burstiness"):
         shutil.copytree(out / exp, tmp_path / exp, ignore=shutil.ignore_patterns("figures"))
     wide = _add_narrower_search(tmp_path / "nablation", **{"policy.k": 2})
     assert nablation.main([str(tmp_path / "nablation")]) == 0
@@ -253,6 +268,12 @@ def test_artifact_figures_take_one_search_per_configuration(out, tmp_path):
     cell = t[(t["policy.length_noise_pct"] == 100) & (t["policy.latency_noise_pct"] == 0)]
     assert len(cell) == 1 and cell["seeds"].iloc[0] == 2 and cell["paired_seeds"].iloc[0] == 2
     assert cell["capacity"].iloc[0] == pytest.approx(wide["capacity"])
+
+    wide = _add_narrower_search(tmp_path / "burstiness", **{"workload.burstiness": 0.5})
+    assert burstiness.main([str(tmp_path / "burstiness")]) == 0
+    cap = pd.read_csv(tmp_path / "burstiness" / "figures" / "burstiness_capacity.csv")
+    assert sorted(cap["burstiness"]) == [0.5, 1.0] and (cap["seeds"] == 2).all() and (cap["paired_seeds"] == 2).all()
+    assert cap.loc[cap["burstiness"] == 0.5, "capacity"].iloc[0] == pytest.approx(wide["capacity"])
 
 
 def test_paired_changes_go_seed_by_seed_with_their_interval():
