@@ -106,7 +106,7 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
             cap.loc[g.index, "change_vs_b1_pct"] = rel
             # the seeds move every b alike (the same requests; b = 1 draws Poisson's gaps): the change read against
             # "about +-1 %" is the per-seed one, with its t-interval, not the ratio of two means
-            paired = g.apply(lambda row: paired_change(row, base.iloc[0] if len(base) else None), axis=1)
+            paired = g.apply(paired_change, axis=1, base=base.iloc[0] if len(base) else None)
             cap.loc[g.index, PAIRED] = paired[PAIRED].to_numpy(float)
             ch = cap.loc[g.index]
             axes[3].errorbar(ch["burstiness"], ch["paired_change_pct"],
