@@ -109,7 +109,8 @@ def burstiness(args: argparse.Namespace) -> list[Path]:
             paired = g.apply(paired_change, axis=1, base=base.iloc[0] if len(base) else None)
             cap.loc[g.index, PAIRED] = paired[PAIRED].to_numpy(float)
             ch = cap.loc[g.index]
-            axes[3].errorbar(ch["burstiness"], ch["paired_change_pct"],
+            dodge = 1.04 ** (j - (len(pols) - 1) / 2)  # side by side on the log axis: the intervals overlap
+            axes[3].errorbar(ch["burstiness"] * dodge, ch["paired_change_pct"],
                              yerr=[ch["paired_change_pct"] - ch["paired_ci_low"],
                                    ch["paired_ci_high"] - ch["paired_change_pct"]],
                              marker="o", capsize=3, color=POLICY_COLORS.get(pol), label=base_label(pol))
