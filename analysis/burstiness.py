@@ -30,6 +30,7 @@ from analysis.capacity_refine import (
     sweep_qps,
 )
 from analysis.common import (
+    PAIRED,
     POLICY_COLORS,
     AnalysisError,
     add_common_args,
@@ -37,6 +38,7 @@ from analysis.common import (
     comparable_runs,
     load_runs,
     out_dir,
+    paired_change,
     policy_name,
     run_cli,
     run_qps,
@@ -45,7 +47,6 @@ from analysis.common import (
     shared_seeds,
     theme,
 )
-from analysis.error_heatmap import PAIRED, paired_change
 from analysis.records import save_csv
 
 

@@ -744,6 +744,20 @@ _SEARCH_RESULT_COLUMNS = ("path", "label", "capacity", "ci_low", "ci_high", "see
                           "statuses")
 
 
+PAIRED = ["paired_change_pct", "paired_ci_low", "paired_ci_high", "paired_seeds"]
+
+
+def paired_change(row: pd.Series, base: pd.Series | None) -> pd.Series:
+    """A search's capacity change against a reference search (%), seed by seed over the seeds both searched, with its
+    95 % t-interval (``PAIRED``): the seeds move both alike (same requests), so this is what a claim such as "100 %
+    length noise costs under 3 %" (error heatmap, against the noise-free cell) or "burstiness moves capacity about
+    1 %" (against b = 1) is read against; NaN without a reference."""
+    if base is None:
+        return pd.Series(dict.fromkeys(PAIRED, math.nan))
+    c = paired_over_seeds(row, base, lambda new, ref: (new / ref - 1) * 100)
+    return pd.Series(dict(zip(PAIRED, (c.mean, c.low, c.high, c.n))))
+
+
 def widest_searches(cap: pd.DataFrame) -> pd.DataFrame:
     """One capacity search per configuration (rows of ``analysis.capacity.capacity_results``): the one with the most
     seeds.

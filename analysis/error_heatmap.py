@@ -24,12 +24,13 @@ import pandas as pd
 
 from analysis.capacity_refine import capacity_note, load_capacities, sweep_qps
 from analysis.common import (
+    PAIRED,
     AnalysisError,
     add_common_args,
     comparable_runs,
     load_runs,
     out_dir,
-    paired_over_seeds,
+    paired_change,
     policy_params,
     run_cli,
     run_qps,
@@ -41,19 +42,6 @@ from analysis.common import (
 )
 
 ROW, COL = "policy.length_noise_pct", "policy.latency_noise_pct"
-
-
-PAIRED = ["paired_change_pct", "paired_ci_low", "paired_ci_high", "paired_seeds"]
-
-
-def paired_change(row: pd.Series, base: pd.Series | None) -> pd.Series:
-    """The cell's capacity change against the noise-free cell (%), seed by seed over the seeds both searched, with
-    its 95 % t-interval (``PAIRED``): the seeds move both cells alike, so this is what "costs under 3 %" is read
-    against; ``change_pct`` (the ratio of the two means) is what the figure shows."""
-    if base is None:
-        return pd.Series(dict.fromkeys(PAIRED, math.nan))
-    c = paired_over_seeds(row, base, lambda noisy, clean: (noisy / clean - 1) * 100)
-    return pd.Series(dict(zip(PAIRED, (c.mean, c.low, c.high, c.n))))
 
 
 def _grid(df: pd.DataFrame, value: str) -> pd.DataFrame:
