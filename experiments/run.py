@@ -191,5 +191,9 @@ if __name__ == "__main__":
     if not mode_probe_needed(sys.argv[1:]):
         skip_mode_probe()
     settle_imports()
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C under a parallel launcher (joblib): each run said so; the sweep ends here
+        print("interrupted: the sweep stopped; finished runs are kept, the others rerun next time", file=sys.stderr)
+        raise SystemExit(130)
     exit_now()

@@ -317,6 +317,41 @@ def test_a_crashed_run_leaves_no_summary_and_is_redone(tmp_path):
     assert all(after[k] == before[k] for k in before)  # finished runs untouched
 
 
+def test_ctrl_c_stops_a_parallel_sweep_cleanly(tmp_path):
+    """Ctrl-C on a sweep with one run per core (the fig6 preset's joblib): every run stops, the sweep ends with exit
+    130 and one line saying what reruns (no traceback), no worker is left, no summary is written."""
+    root = tmp_path / "fig6"
+    # two long runs (Block* past capacity: a minute or more here); Ctrl-C once both have started
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "-m", "experiment=fig6", "policy=block_star",
+                             "workload.qps=35,36", f"output_root={tmp_path}"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (a background job's
+    # children ignore SIGINT: the terminal's default is what a user's Ctrl-C meets)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(root.glob("*/run.log"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep's two runs never started"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    # each run says so too, unless the sweep's exit ends its worker first (joblib stops its workers on the way out)
+    assert err.count("has no summary.json (it reruns next time)") <= 2, err[-3000:]
+    assert "interrupted: the sweep stopped" in err and "Traceback" not in err, err[-3000:]
+    assert not list(root.glob("*/summary.json"))
+    def group() -> list[str]:
+        return subprocess.run(["ps", "-g", str(proc.pid), "-o", "pid=,args="], capture_output=True,
+                              text=True).stdout.splitlines()
+
+    deadline = time.monotonic() + 120  # the workers and joblib's resource trackers end once the sweep's pipes close
+    while group() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group(), f"processes left in the sweep's group: {group()}"
+
+
 def test_progress_on_a_terminal_keeps_the_bars(tmp_path):
     import fcntl
     import pty
