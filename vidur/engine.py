@@ -315,7 +315,7 @@ class Engine:
         eng.free = state.free_blocks
         eng.num_preemptions = state.num_preemptions
         eng.time = max(0.0, state.busy_for_s)
-        eng.wq_exact = False  # its queue gets the what-if's sentinel
+        eng.wq_exact = False  # its queue is filled below, and then gets the what-if's sentinel: it counts afresh
         for st in state.running:
             out = st.expected_output_tokens
             if st.decoded_tokens >= out:
@@ -376,9 +376,7 @@ class Engine:
         e.keep_finished = False
         e.finished = []
         e.rejected = []
-        e.wq_tokens = self.wq_tokens
-        e.wq_blocks = self.wq_blocks
-        e.wq_unprocessed = self.wq_unprocessed
+        e.wq_tokens = e.wq_blocks = e.wq_unprocessed = 0  # not kept on a fork: ``stats`` counts its queue afresh
         e.wq_exact = False
         e.room_at_reject = None
         e.dclock = self.dclock
