@@ -33,8 +33,8 @@ PRESETS = {
              {"cluster.num_instances": 12, "policy.name": "random", "dataset.name": "sharegpt",
               "accuracy.sampling_rate": 0.01, "workload.num_requests": 9777, "model.name": "meta-llama/Llama-2-7b-hf",
               "engine.max_num_seqs": 48}),
-    "fig6": ("fig6", {"policy": ["block_oracle", "block_star", "llumnix", "infaas", "round_robin", "min_qpm", "random"],
-                      "workload.qps": Q_FIG6},
+    "fig6": ("fig6", {"policy": ["block_star", "block_oracle", "llumnix", "infaas", "round_robin", "min_qpm", "random"],
+                      "workload.qps": Q_FIG6[::-1]},  # costliest first (see test_fig6_runs_one_run_per_core)
              {"cluster.num_instances": 12, "dataset.name": "sharegpt_predicted", "engine.name": "vllm_chunked",
               "engine.max_num_seqs": 48, "engine.chunk_size": 512, "workload.num_requests": 10000,
               "provisioning.enabled": False}),
@@ -190,6 +190,11 @@ def test_fig6_runs_one_run_per_core(composer):
     cfg = composer(["experiment=fig6"])
     assert "JoblibLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.n_jobs == -1  # one per core
     assert cfg.progress is False
+    # the costliest runs go first (Block* past capacity, then Block), so that both cores finish about together
+    params = cfg.hydra.sweeper.params
+    assert str(params.policy).split(",")[:2] == ["block_star", "block_oracle"]
+    qps = [float(q) for q in str(params["workload.qps"]).split(",")]
+    assert qps == sorted(qps, reverse=True)
     assert "BasicLauncher" in composer(["experiment=fig6", "hydra/launcher=basic"]).hydra.launcher._target_
     assert "BasicLauncher" in composer(["experiment=fig5"]).hydra.launcher._target_
 

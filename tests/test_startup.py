@@ -8,6 +8,7 @@ wrapper counts Hydra's compositions in it and holds an object that says when the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from experiments.run import may_exit_now, mode_probe_needed
+from experiments.run import covering_jobs, may_exit_now, mode_probe_needed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,3 +136,28 @@ def test_writing_a_file_whole_imports_no_pandas(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["[]", "0"]
     assert (tmp_path / "a.bin").read_bytes() == b"x" and (tmp_path / "s.json").read_text() == "{}"
+
+
+def test_a_sweep_checks_a_cover_of_its_jobs():
+    """Before launching, a sweep composes jobs that carry every override at least once (17 of fig6's 119), in order."""
+    policies = [f"policy={p}" for p in ("block_oracle", "block_star", "llumnix", "infaas", "round_robin", "min_qpm",
+                                        "random")]
+    qps = [f"workload.qps={q}" for q in range(20, 37)]
+    grid = [list(job) for job in itertools.product(policies, qps)]
+    cover = covering_jobs(grid)
+    assert len(cover) == 17
+    assert {o for job in cover for o in job} == set(policies) | set(qps)
+    assert [grid.index(job) for job in cover] == sorted(grid.index(job) for job in cover)  # the sweep's order
+    assert covering_jobs([["a=1", "b=1"], ["a=1", "b=1"], ["a=2", "b=1"]]) == [["a=1", "b=1"], ["a=2", "b=1"]]
+    assert covering_jobs([[]]) == []
+
+
+def test_a_bad_value_in_the_last_job_of_a_sweep_fails_before_any_run(tmp_path):
+    """The cover composes every override: a misspelt value met only by the sweep's last job still stops the sweep
+    before its first run starts (no run directory is made)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "experiments.run", "-m", "policy=round_robin,no_such_policy",
+                        "workload.qps=1,2", "workload.num_requests=20", f"output_root={tmp_path}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "no_such_policy" in p.stderr
+    assert not list(tmp_path.rglob(".hydra")) and not list(tmp_path.rglob("summary.json"))
