@@ -76,7 +76,7 @@ class Trajectory:
     def _step(self, until: float) -> None:
         """Commit the next step (or run); if its admission reached the back, put the rejected sentinel back."""
         s = self.s
-        s._advance(until)
+        s._rule_advance(s, until)  # (``Engine._advance`` without the call in between: the reach loop's hot path)
         back = self.back
         if back.status == "rejected":
             s.rejected.pop()
@@ -273,9 +273,22 @@ class EngineWhatIf:
         steps = s.num_steps
         n_div = _NEVER
         moved = False
+        d = s.dclock
+        # ``_assumed`` for every request, written out: past capacity the queue holds hundreds, and with an overrun
+        # request running this runs at every step of the engine
         for q in (*s.running.values(), *s.waiting):
-            out, div = self._assumed(q, s.generated_of(q), steps)
-            n_div = min(n_div, div)
+            g = q.g0 + d - q.d0 if q.in_decode else q.generated
+            exp = q.expected
+            if g < exp:
+                if exp == q.out:
+                    continue
+                div = steps + min(exp, q.out) - g
+                out = exp
+            else:
+                div = steps + 1
+                out = g + overrun_tokens
+            if div < n_div:
+                n_div = div
             if out != q.out:
                 moved = True
                 q.out = out
