@@ -279,3 +279,28 @@ def test_closed_form_life_is_the_simulation_preemptions_included(blocks, seed, t
     assert falls <= 0.02 * (answered + falls), (answered, falls)
     if blocks == 250 or seed % 2:  # the pool is tight or the instance overloaded: candidates get evicted
         assert evicted >= 5, (answered, evicted)
+
+
+def test_a_trajectory_the_engine_leaves_before_the_next_query_is_used_once(toy_model):
+    """``next_query_s`` (the cluster's next arrival): with an overrun request running the trajectory parts from the
+    engine at its next step, so when that step starts before the next query nothing is kept for later (no recorded
+    future); when it does not, the trajectory is kept. The answers are the full simulation's either way."""
+    cfg = _cfg("v0", True, 300)
+    e = Engine(cfg, toy_model)
+    e.add(Seq(0, 100, 400, 0.0, expected=20), 0.0)  # overruns its estimate after 20 tokens
+    for i in range(1, 41):
+        e.add(Seq(i, 300, 50, 0.0), 0.0)
+    t = 0.0
+    while not (e.running.get(0) is not None and e.running[0].in_decode and e.generated_of(e.running[0]) > 20):
+        t += 0.01
+        e.sync(t)
+    assert len(e.waiting) >= 8  # a queue deep enough for a kept trajectory without the hint
+    req = Request(10**6, t, 200, 60)
+    ref = _forked(e, t, (200, 60))
+    _same(predict_engine(e, t, req, next_query_s=e.time + 0.5), ref, t)
+    assert e.whatif is None  # the engine steps before anyone asks again
+    _same(predict_engine(e, t, req, next_query_s=e.time), ref, t)
+    kept = e.whatif
+    assert kept is not None and kept.traj.future is not None  # asked again within the step: recorded once
+    _same(predict_engine(e, t, Request(10**6, t, 50, 200), next_query_s=e.time), _forked(e, t, (50, 200)), t)
+    assert e.whatif is kept

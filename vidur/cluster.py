@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
-from vidur.engine import Engine, Seq, StepTimeModel
+from vidur.engine import INF, Engine, Seq, StepTimeModel
 from vidur.migration import Migrator
 from vidur.outcomes import Outcome, deliver, wants_outcomes
 from vidur.policy_contract import RoutingContext, RoutingPolicy
@@ -87,6 +87,7 @@ class Cluster:
         self.warming: dict[int, float] = {}  # instance -> time it becomes routable (cold start)
         self.policy_state: dict[str, Any] = {}
         self.now = 0.0
+        self._next_arrival: Optional[float] = None  # the next request's arrival, while ``run`` goes (``_signal``)
         self._samples: list[tuple[float, int, int, int, int, int]] = []
         self._next_sample = 0.0
         # id -> (instance, dispatch, predicted e2e, decision ms, active instances)
@@ -147,7 +148,7 @@ class Cluster:
         if kind == "stats":
             return Candidate(i, stats=eng.stats())
         p = predict_engine(eng, t, req, instance_id=i, expected_output_tokens=told,  # = predict(eng.snapshot(t))
-                           others_delay="others_delay" in self.policy.needs)
+                           others_delay="others_delay" in self.policy.needs, next_query_s=self._next_arrival)
         return Candidate(i, stats=None, prediction=p)
 
     def route(self, req: Request, index: int) -> tuple[int, list[Candidate], RoutingContext]:
@@ -221,6 +222,9 @@ class Cluster:
         samples = 0
         for idx, req in enumerate(requests):
             t = req.arrival_s
+            # when the engines are asked next (the what-if's speed hint: a trajectory an engine leaves before then
+            # is used once); a later request out of order is refused below before anything uses it
+            self._next_arrival = requests[idx + 1].arrival_s if idx + 1 < len(requests) else INF
             if t < last_t:
                 raise ValueError(f"requests must be sorted by arrival_s (request {req.id} at {t} < {last_t})")
             last_t = t

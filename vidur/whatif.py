@@ -352,21 +352,25 @@ KEEP_ONE_STEP_QUEUE = 8
 
 
 def predict_engine(eng: Engine, t: float, request: Request, *, instance_id: int = 0, overrun_tokens: int = 10,
-                   expected_output_tokens: int | None = None, others_delay: bool = False) -> Prediction:
+                   expected_output_tokens: int | None = None, others_delay: bool = False,
+                   next_query_s: float | None = None) -> Prediction:
     """``predict(eng.snapshot(t), ...)`` without the snapshot, sharing the queue's simulation across queries.
 
     Call ``eng.sync(t)`` first. Equal to the snapshot's prediction (same engine code, same steps; times differ only
-    by floating-point rounding of the time origin).
+    by floating-point rounding of the time origin). ``next_query_s``, when the caller knows it (the simulated
+    cluster: the next arrival), is the earliest time this engine is asked again: a trajectory the engine will part
+    from before then is used once, so no future is recorded for it (a speed hint; the answer is the same).
     """
     t0 = time.perf_counter()
     target = _target(request, expected_output_tokens)
     w = eng.whatif
     if w is None or w.overrun_tokens != overrun_tokens or not w.usable(t, eng):
         w = eng.whatif = EngineWhatIf(eng, t, overrun_tokens)
-        if not others_delay and (w.same_moment_only or (w.n_div <= eng.num_steps + 1
-                                                         and len(eng.waiting) < KEEP_ONE_STEP_QUEUE)):
+        if not others_delay and (w.same_moment_only or (w.n_div <= eng.num_steps + 1 and (
+                len(eng.waiting) < KEEP_ONE_STEP_QUEUE or (next_query_s is not None and eng.time < next_query_s)))):
             # it parts from the engine at its next step (an overrun request): with a short queue a trajectory with its
-            # recorded future costs more than one simulation on the fork, and it is seldom asked again within the step
+            # recorded future costs more than one simulation on the fork, and it is seldom asked again within the step;
+            # when that step starts before the next query (``next_query_s``), it is never asked again
             eng.whatif = None
             e = w.s
             if not e.running and not e.waiting and e.time < t:
