@@ -79,12 +79,13 @@ class Seq:
         """Tokens a (re)prefill must process: the prompt plus every token already generated."""
         return self.prompt + self.generated
 
-    def clone(self) -> "Seq":
-        """An independent copy (``Engine.fork``): every field, spelled out because this is the fork's hot loop."""
+    def clone(self, out: Optional[int] = None) -> "Seq":
+        """An independent copy (``Engine.fork``): every field, spelled out because this is the fork's hot loop;
+        ``out`` replaces the length it runs to (the what-if's assumed one)."""
         c = Seq.__new__(Seq)
         c.id = self.id
         c.prompt = self.prompt
-        c.out = self.out
+        c.out = self.out if out is None else out
         c.expected = self.expected
         c.arrival = self.arrival
         c.computed = self.computed
@@ -338,8 +339,12 @@ class Engine:
             eng.waiting.append(s)
         return eng
 
-    def fork(self) -> "Engine":
+    def fork(self, overrun_tokens: Optional[int] = None) -> "Engine":
         """An independent copy of this engine (its requests copied, no callbacks, nothing kept on finish).
+
+        With ``overrun_tokens`` the waiting requests' copies run to the length a predictor assumes for them (the
+        expected one, or ``overrun_tokens`` past what they have generated once that is reached: see
+        ``vidur.whatif.EngineWhatIf``), set as they are copied: past capacity the queue holds hundreds.
 
         The what-if's shared trajectory forks the engine where the candidate would first be reached and runs each
         candidate on its own fork. A stale decode-heap entry keeps pointing at the original request: its version
@@ -369,7 +374,11 @@ class Engine:
             running[sid] = c
         e.running = running
         e.prefilling = [m[s] for s in self.prefilling]
-        e.waiting = deque([s.clone() for s in self.waiting])
+        if overrun_tokens is None:
+            e.waiting = deque([s.clone() for s in self.waiting])
+        else:
+            e.waiting = deque([s.clone(s.expected if s.generated < s.expected else s.generated + overrun_tokens)
+                               for s in self.waiting])
         e.num_preemptions = self.num_preemptions
         e.num_steps = self.num_steps
         e.busy_s = self.busy_s

@@ -269,26 +269,19 @@ class EngineWhatIf:
     def __init__(self, eng: Engine, t: float, overrun_tokens: int) -> None:
         self.t = t
         self.overrun_tokens = overrun_tokens
-        s = eng.fork()
-        steps = s.num_steps
-        n_div = _NEVER
+        steps = eng.num_steps
+        n_div = _parting_step(eng.running.values(), eng.dclock, steps)
+        if n_div > steps + 1:  # (steps + 1 is the soonest: an overrun request running settles it)
+            n_div = min(n_div, _parting_step(eng.waiting, 0, steps))
+        # the waiting requests get their assumed lengths as they are copied; the running ones below (``_assumed``,
+        # written out: with an overrun request running this runs at every step of the engine)
+        s = eng.fork(overrun_tokens)
         moved = False
         d = s.dclock
-        # ``_assumed`` for every request, written out: past capacity the queue holds hundreds, and with an overrun
-        # request running this runs at every step of the engine
-        for q in (*s.running.values(), *s.waiting):
+        for q in s.running.values():
             g = q.g0 + d - q.d0 if q.in_decode else q.generated
             exp = q.expected
-            if g < exp:
-                if exp == q.out:
-                    continue
-                div = steps + min(exp, q.out) - g
-                out = exp
-            else:
-                div = steps + 1
-                out = g + overrun_tokens
-            if div < n_div:
-                n_div = div
+            out = exp if g < exp else g + overrun_tokens
             if out != q.out:
                 moved = True
                 q.out = out
@@ -346,6 +339,23 @@ class EngineWhatIf:
 
 
 _NEVER = 1 << 62  # ``EngineWhatIf.n_div`` of a trajectory that never parts from its engine
+
+
+def _parting_step(seqs, dclock: int, steps: int) -> int:
+    """The first step at which an engine that has run ``steps`` steps may part from a trajectory that assumes
+    ``EngineWhatIf._assumed``'s lengths for ``seqs`` (the least of its second answers), read without copying. An
+    overrun request makes it ``steps + 1``, the soonest there is: the scan stops there."""
+    n = _NEVER
+    for q in seqs:
+        g = q.g0 + dclock - q.d0 if q.in_decode else q.generated
+        exp = q.expected
+        if g >= exp:
+            return steps + 1
+        if exp != q.out:
+            div = steps + min(exp, q.out) - g
+            if div < n:
+                n = div
+    return n
 # a trajectory that lasts one step is kept only from this many waiting requests on: its queue ahead, simulated once,
 # then serves every probe within the step (a speed trade-off only: answers are the same either way)
 KEEP_ONE_STEP_QUEUE = 8
