@@ -84,3 +84,39 @@ def test_write_run_is_atomic_and_marks_completion(tmp_path, toy_model):
     assert pd.read_parquet(d / "requests.parquet").shape == df.shape
     assert json.loads((d / "summary.json").read_text())["completed"] == 400
     assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_next_arrival_hint_changes_no_decision(toy_model, monkeypatch):
+    """The cluster tells the what-if when the engines are asked next (``predict_engine``'s ``next_query_s``); an
+    overloaded Block* run with estimated lengths (overrun requests: a trajectory rarely outlives a step) makes the
+    same decisions with the same predictions (1e-9) as without the hint, and records fewer futures."""
+    import vidur.whatif as whatif
+
+    made = []
+
+    class CountedFuture(whatif.Future):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(whatif, "Future", CountedFuture)
+
+    class WithoutHint(Cluster):
+        _next_arrival = property(lambda self: None, lambda self, value: None)
+
+    rng = np.random.default_rng(5)
+    reqs = [Request(r.id, r.arrival_s, r.prompt_tokens, r.output_tokens,
+                    predicted_output_tokens=max(1, int(r.output_tokens * rng.uniform(0.3, 1.2))))
+            for r in _requests(500, rate=40.0, seed=2)]
+    frames, futures = [], []
+    for cls in (Cluster, WithoutHint):
+        made.clear()
+        cl = cls.build(3, EngineConfig(num_blocks=400), toy_model, make_policy("block_star"), seed=0)
+        frames.append(requests_frame(cl.run(reqs).requests))
+        futures.append(len(made))
+    hinted, plain = frames
+    assert plain["num_preemptions"].sum() > 0 and (plain["queue_s"] > 1.0).any()  # overloaded, KV pressure
+    assert (hinted["instance"] == plain["instance"]).all()
+    np.testing.assert_allclose(hinted["predicted_e2e_s"], plain["predicted_e2e_s"], rtol=1e-9)
+    np.testing.assert_allclose(hinted["finish_s"], plain["finish_s"], rtol=1e-12)
+    assert futures[0] < futures[1], futures
