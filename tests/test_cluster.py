@@ -90,7 +90,7 @@ def test_the_next_arrival_hint_changes_no_decision(toy_model, monkeypatch):
     """The cluster tells the what-if when the engines are asked next (``predict_engine``'s ``next_query_s``); an
     overloaded Block* run with estimated lengths (overrun requests: a trajectory rarely outlives a step) makes the
     same decisions with the same predictions (1e-9) as without the hint, and records fewer futures."""
-    import vidur.whatif as whatif
+    from vidur import whatif
 
     made = []
 

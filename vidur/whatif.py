@@ -356,6 +356,8 @@ def _parting_step(seqs, dclock: int, steps: int) -> int:
             if div < n:
                 n = div
     return n
+
+
 # a trajectory that lasts one step is kept only from this many waiting requests on: its queue ahead, simulated once,
 # then serves every probe within the step (a speed trade-off only: answers are the same either way)
 KEEP_ONE_STEP_QUEUE = 8
