@@ -304,3 +304,32 @@ def test_a_trajectory_the_engine_leaves_before_the_next_query_is_used_once(toy_m
     assert kept is not None and kept.traj.future is not None  # asked again within the step: recorded once
     _same(predict_engine(e, t, Request(10**6, t, 50, 200), next_query_s=e.time), _forked(e, t, (50, 200)), t)
     assert e.whatif is kept
+
+
+@pytest.mark.parametrize("blocks", [250, 600, 4000])
+def test_decode_runs_recorded_directly_are_the_rules_steps(blocks, toy_model):
+    """``Future.extend`` commits a decode run with only the sentinel waiting directly (``Future.fast_runs``): every
+    segment it records -- times, batch, KV, the room a request queued last would find, blocks -- is the one stepping
+    the rule records, under light load and under tight KV (preemptions, re-admissions)."""
+    from vidur.candidate import Future
+
+    cfg = _cfg("v0", True, blocks)
+    rng = random.Random(blocks)
+    e = Engine(cfg, toy_model)
+    fast = compared = 0
+    for i, (ta, p, o, x) in enumerate(_arrivals(200, 20.0, seed=blocks)):
+        e.sync(ta)
+        if i % 5 == 0:
+            predict_engine(e, ta, Request(10**6, ta, rng.randint(4, 700), rng.randint(1, 300)))
+            traj = e.whatif.traj
+            k = traj.reach(ta)
+            a, b = Future(k, traj.rule, traj.version), Future(k, traj.rule, traj.version)
+            b.fast_runs = False
+            while a.extend():
+                assert b.extend()
+            assert not b.extend()
+            assert a.segs == b.segs and a.hold == b.hold and a.sa == b.sa and a.sk == b.sk and a.skp == b.skp
+            fast += sum(1 for s in a.segs if s[0] == 1 and s[10] is not None)
+            compared += len(a.segs)
+        e.add(Seq(i, p, o, ta), ta)
+    assert compared > 200 and fast > 100, (compared, fast)

@@ -69,6 +69,10 @@ class Future:
     -- or None when the loop stopped before the back; ``preempted`` whether that step began by preempting.
     """
 
+    # decode runs with only the sentinel waiting are committed directly (``extend``); False steps every segment
+    # through the rule, as the other segments are (the same segments: tests compare the two)
+    fast_runs = True
+
     def __init__(self, checkpoint: Engine, rule, version: int) -> None:
         e = self.e = checkpoint.fork()  # keeps the trajectory's sentinel at the back: its rejection gives the room
         self.back = e.waiting[-1]
@@ -105,24 +109,42 @@ class Future:
         if not e.running and len(e.waiting) <= 1:
             self.done = True
             return False
-        p0 = e.num_preemptions
-        self.rule.settle(e)
-        preempted = e.num_preemptions != p0
-        n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
-        S1 = e.dg_sum + B * d0 + B
-        cum = None
-        if B:  # cum[r]: new blocks over the first r steps of a block period (the members' needs, step by step)
-            hist = e.dg_hist
-            r0 = (-d0) % self.bs
-            cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]
-        e._advance(INF)
+        B, d0 = e.dg_count, e.dclock
+        hist = e.dg_hist
+        r0 = (-d0) % self.bs
         back = self.back
-        room = None
-        if back.status == "rejected":  # admission reached the sentinel: what it had left, then put it back
-            room = e.room_at_reject
-            e.rejected.pop()
-            back.status = "waiting"
-            e.waiting.append(back)
+        if (B and not e.prefilling and len(e.waiting) == 1 and e.waiting[0] is back and hist[r0] <= e.free
+                and self.fast_runs):
+            # Only decodes run, only the sentinel waits and the decodes' next blocks fit: the step is a decode run
+            # (V0 chunked, ``_advance_chunked``) whose admission loop meets the sentinel first and rejects it. Most
+            # of a future is such runs, so the run is committed here directly, and ``room`` is what that loop would
+            # have recorded (the budget the decodes leave, the seats, the blocks after their reservation), without
+            # the sentinel's rejection and return.
+            preempted = False
+            n0, t0, free0 = e.num_steps, e.time, e.free
+            left = e.budget - B
+            room = (left, e.max_seqs - B, free0 - hist[r0]) if left > 0 and B < e.max_seqs else None
+            S1 = e.dg_sum + B * d0 + B
+            cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]  # (as below)
+            e.decode_run(INF)
+        else:
+            p0 = e.num_preemptions
+            self.rule.settle(e)
+            preempted = e.num_preemptions != p0
+            n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
+            S1 = e.dg_sum + B * d0 + B
+            cum = None
+            if B:  # cum[r]: new blocks over the first r steps of a block period (the members' needs, step by step)
+                hist = e.dg_hist
+                r0 = (-d0) % self.bs
+                cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]
+            e._advance(INF)
+            room = None
+            if back.status == "rejected":  # admission reached the sentinel: what it had left, then put it back
+                room = e.room_at_reject
+                e.rejected.pop()
+                back.status = "waiting"
+                e.waiting.append(back)
         last = self.rec.last
         if last[0] == MIXED:
             seg = (MIXED, n0, t0, e.time, last[1], last[2], last[3], room, e.free, preempted)
