@@ -109,35 +109,32 @@ class Future:
         if not e.running and len(e.waiting) <= 1:
             self.done = True
             return False
-        B, d0 = e.dg_count, e.dclock
-        hist = e.dg_hist
-        r0 = (-d0) % self.bs
         back = self.back
-        if (B and not e.prefilling and len(e.waiting) == 1 and e.waiting[0] is back and hist[r0] <= e.free
-                and self.fast_runs):
-            # Only decodes run, only the sentinel waits and the decodes' next blocks fit: the step is a decode run
-            # (V0 chunked, ``_advance_chunked``) whose admission loop meets the sentinel first and rejects it. Most
-            # of a future is such runs, so the run is committed here directly, and ``room`` is what that loop would
-            # have recorded (the budget the decodes leave, the seats, the blocks after their reservation), without
-            # the sentinel's rejection and return.
+        # Only decodes run, only the sentinel waits and the decodes' next blocks fit: the step is a decode run (V0
+        # chunked, ``_advance_chunked``) whose admission loop meets the sentinel first and rejects it. Most of a future
+        # is such runs, so the run is committed directly and ``room`` is what that loop would have recorded (the
+        # budget the decodes leave, the seats, the blocks after their reservation), without the sentinel's rejection
+        # and return; ``settle`` would preempt nobody.
+        fast = (self.fast_runs and e.dg_count and not e.prefilling and len(e.waiting) == 1 and e.waiting[0] is back
+                and e.dg_hist[(-e.dclock) % self.bs] <= e.free)  # (``Engine.decode_need``, inline: once per segment)
+        if fast:
             preempted = False
-            n0, t0, free0 = e.num_steps, e.time, e.free
-            left = e.budget - B
-            room = (left, e.max_seqs - B, free0 - hist[r0]) if left > 0 and B < e.max_seqs else None
-            S1 = e.dg_sum + B * d0 + B
-            cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]  # (as below)
-            e.decode_run(INF)
         else:
             p0 = e.num_preemptions
             self.rule.settle(e)
             preempted = e.num_preemptions != p0
-            n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
-            S1 = e.dg_sum + B * d0 + B
-            cum = None
-            if B:  # cum[r]: new blocks over the first r steps of a block period (the members' needs, step by step)
-                hist = e.dg_hist
-                r0 = (-d0) % self.bs
-                cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]
+        n0, t0, free0, B, d0 = e.num_steps, e.time, e.free, e.dg_count, e.dclock
+        S1 = e.dg_sum + B * d0 + B
+        cum = None
+        if B:  # cum[r]: new blocks over the first r steps of a block period (the members' needs, step by step)
+            hist = e.dg_hist
+            r0 = (-d0) % self.bs
+            cum = [0, *accumulate((hist[r0::-1] + hist[:r0:-1])[:-1])]
+        if fast:
+            left = e.budget - B
+            room = (left, e.max_seqs - B, free0 - hist[r0]) if left > 0 and B < e.max_seqs else None
+            e.decode_run(INF)
+        else:
             e._advance(INF)
             room = None
             if back.status == "rejected":  # admission reached the sentinel: what it had left, then put it back

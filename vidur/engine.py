@@ -39,6 +39,13 @@ from vidur.types import EngineConfig, InstanceState, InstanceStats, SeqState
 INF = float("inf")
 
 
+def assumed_output(expected: int, generated: int, overrun_tokens: int) -> int:
+    """The output length a predictor assumes for a request that has generated ``generated`` tokens: its expected
+    length, or, once it has reached that (the estimate was too short), ``overrun_tokens`` more -- Block's rule
+    (``convert_list_to_request_infos``, 10 tokens). The what-if's engines run requests to this length."""
+    return expected if generated < expected else generated + overrun_tokens
+
+
 class StepTimeModel(Protocol):
     """What the engine needs from an execution-time model (see ``vidur.execution_model``)."""
 
@@ -318,9 +325,7 @@ class Engine:
         eng.time = max(0.0, state.busy_for_s)
         eng.wq_exact = False  # its queue is filled below, and then gets the what-if's sentinel: it counts afresh
         for st in state.running:
-            out = st.expected_output_tokens
-            if st.decoded_tokens >= out:
-                out = st.decoded_tokens + overrun_tokens
+            out = assumed_output(st.expected_output_tokens, st.decoded_tokens, overrun_tokens)
             s = Seq(st.id, st.prompt_tokens, out, st.arrival_s, computed=st.computed_tokens,
                     generated=st.decoded_tokens)
             s.status = "running"
@@ -332,9 +337,7 @@ class Engine:
             else:
                 eng.prefilling.append(s)
         for st in state.waiting:
-            out = st.expected_output_tokens
-            if st.decoded_tokens >= out:
-                out = st.decoded_tokens + overrun_tokens
+            out = assumed_output(st.expected_output_tokens, st.decoded_tokens, overrun_tokens)
             s = Seq(st.id, st.prompt_tokens, out, st.arrival_s, generated=st.decoded_tokens)
             eng.waiting.append(s)
         return eng
@@ -342,9 +345,8 @@ class Engine:
     def fork(self, overrun_tokens: Optional[int] = None) -> "Engine":
         """An independent copy of this engine (its requests copied, no callbacks, nothing kept on finish).
 
-        With ``overrun_tokens`` the waiting requests' copies run to the length a predictor assumes for them (the
-        expected one, or ``overrun_tokens`` past what they have generated once that is reached: see
-        ``vidur.whatif.EngineWhatIf``), set as they are copied: past capacity the queue holds hundreds.
+        With ``overrun_tokens`` the waiting requests' copies run to the length a predictor assumes for them
+        (``assumed_output``), set as they are copied: past capacity the queue holds hundreds.
 
         The what-if's shared trajectory forks the engine where the candidate would first be reached and runs each
         candidate on its own fork. A stale decode-heap entry keeps pointing at the original request: its version
@@ -377,8 +379,7 @@ class Engine:
         if overrun_tokens is None:
             e.waiting = deque([s.clone() for s in self.waiting])
         else:
-            e.waiting = deque([s.clone(s.expected if s.generated < s.expected else s.generated + overrun_tokens)
-                               for s in self.waiting])
+            e.waiting = deque([s.clone(assumed_output(s.expected, s.generated, overrun_tokens)) for s in self.waiting])
         e.num_preemptions = self.num_preemptions
         e.num_steps = self.num_steps
         e.busy_s = self.busy_s

@@ -37,7 +37,7 @@ import heapq
 import time
 
 from vidur.candidate import Future
-from vidur.engine import INF, Engine, Seq, StepTimeModel
+from vidur.engine import INF, Engine, Seq, StepTimeModel, assumed_output
 from vidur.sched import make_rule
 from vidur.types import InstanceState, Prediction, Request
 
@@ -273,15 +273,10 @@ class EngineWhatIf:
         n_div = _parting_step(eng.running.values(), eng.dclock, steps)
         if n_div > steps + 1:  # (steps + 1 is the soonest: an overrun request running settles it)
             n_div = min(n_div, _parting_step(eng.waiting, 0, steps))
-        # the waiting requests get their assumed lengths as they are copied; the running ones below (``_assumed``,
-        # written out: with an overrun request running this runs at every step of the engine)
-        s = eng.fork(overrun_tokens)
+        s = eng.fork(overrun_tokens)  # the waiting requests get their assumed lengths as they are copied
         moved = False
-        d = s.dclock
         for q in s.running.values():
-            g = q.g0 + d - q.d0 if q.in_decode else q.generated
-            exp = q.expected
-            out = exp if g < exp else g + overrun_tokens
+            out = assumed_output(q.expected, s.generated_of(q), overrun_tokens)
             if out != q.out:
                 moved = True
                 q.out = out
@@ -311,20 +306,8 @@ class EngineWhatIf:
     def added(self, seq: Seq, t: float, steps: int) -> None:
         """``Engine.add`` tells us: the engine received ``seq`` at ``t`` after ``steps`` steps (copied now: the
         engine will move it on)."""
-        q = seq.clone()
-        q.out, div = self._assumed(seq, q.generated, steps)
-        self.n_div = min(self.n_div, div)
-        self.pending.append((q, t))
-
-    def _assumed(self, q: Seq, g: int, steps: int) -> tuple[int, int]:
-        """(the length a predictor assumes for ``q``, which has generated ``g`` tokens after the engine's ``steps``
-        steps; the first step at which the engine may part from a trajectory that assumes it, ``_NEVER`` if none).
-
-        The expected length while ``g`` is below it -- the trajectory and the engine part when it reaches the shorter
-        of that and its true length ``q.out`` -- else 10 tokens past ``g`` (Block), which moves with its next token."""
-        if g < q.expected:
-            return q.expected, (steps + min(q.expected, q.out) - g if q.expected != q.out else _NEVER)
-        return g + self.overrun_tokens, steps + 1
+        self.n_div = min(self.n_div, _parting_step((seq,), 0, steps))
+        self.pending.append((seq.clone(assumed_output(seq.expected, seq.generated, self.overrun_tokens)), t))
 
     def usable(self, t: float, eng: Engine) -> bool:
         """Whether the trajectory still stands for ``eng`` at ``t`` (after taking in what it received)."""
@@ -342,9 +325,12 @@ _NEVER = 1 << 62  # ``EngineWhatIf.n_div`` of a trajectory that never parts from
 
 
 def _parting_step(seqs, dclock: int, steps: int) -> int:
-    """The first step at which an engine that has run ``steps`` steps may part from a trajectory that assumes
-    ``EngineWhatIf._assumed``'s lengths for ``seqs`` (the least of its second answers), read without copying. An
-    overrun request makes it ``steps + 1``, the soonest there is: the scan stops there."""
+    """The first step at which an engine that has run ``steps`` steps (decode clock ``dclock``) may part from a
+    trajectory that runs ``seqs`` to their ``assumed_output`` lengths, ``_NEVER`` if it never does.
+
+    A request below its expected length: when it reaches the shorter of that and its true length ``q.out`` (one
+    finishes it, the other does not), unless the two are equal. An overrun one (assumed 10 tokens past what it has,
+    which moves with its next token): at the next step, ``steps + 1``, the soonest there is: the scan stops there."""
     n = _NEVER
     for q in seqs:
         g = q.g0 + dclock - q.d0 if q.in_decode else q.generated
