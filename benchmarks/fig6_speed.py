@@ -8,6 +8,10 @@ loop's simulated requests per wall second (``sim_requests_per_wall_s`` of the ru
 whole wall time (start-up, workload, loop, records). Goal (issue 17): block with k = 12 at >= 5,000 simulated
 requests per wall second at every Fig 6 QPS. The machine's load average is printed with each row: ratios from one
 run, on a quiet machine.
+
+``--compiled`` runs every point twice, plain Python then the compiled build (``BLOCK_REPRO_SPEEDUPS=1``; build it
+first: ``python -m vidur.speedups build``), and prints both rates and their ratio; the two runs' records must be the
+same (checked, request by request, timing columns aside).
 """
 
 from __future__ import annotations
@@ -23,18 +27,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one(policy: str, qps: float, n: int, out: Path, extra: list[str]) -> tuple[float, dict]:
-    """Run one Fig 6 point in a fresh process; return (process wall s, summary)."""
-    name = f"{policy}-q{qps:g}"
+def one(policy: str, qps: float, n: int, out: Path, extra: list[str], compiled: bool = False) -> tuple[float, dict]:
+    """Run one Fig 6 point in a fresh process (with the compiled build: ``compiled``); return (process wall s,
+    summary)."""
+    name = f"{policy}-q{qps:g}" + ("-compiled" if compiled else "")
     args = [sys.executable, "-m", "experiments.run", "experiment=fig6", f"policy={policy}", f"workload.qps={qps:g}",
             f"workload.num_requests={n}", f"output_root={out}", f"experiment_name={name}", "progress=false",
             "force=true", f"hydra.run.dir={out / name}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "BLOCK_REPRO_SPEEDUPS"}
+    if compiled:
+        env["BLOCK_REPRO_SPEEDUPS"] = "1"
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return wall, json.loads((out / name / "summary.json").read_text())
+    summary = json.loads((out / name / "summary.json").read_text())
+    if summary.get("compiled_sim", False) != compiled:
+        raise RuntimeError(f"{name}: the compiled build was {'not ' if compiled else ''}in use "
+                           f"({proc.stderr[-1000:]}); build it: python -m vidur.speedups build")
+    return wall, summary
+
+
+def same_records(a: Path, b: Path) -> bool:
+    """Whether two runs wrote the same per-request records (the decision's own wall time aside)."""
+    import pandas as pd
+
+    x, y = (pd.read_parquet(p / "requests.parquet").drop(columns=["decision_ms"]) for p in (a, b))
+    return x.equals(y)
 
 
 def main(argv=None) -> int:
@@ -43,15 +63,33 @@ def main(argv=None) -> int:
     ap.add_argument("--qps", type=float, nargs="*", default=[20, 24, 28, 32, 36])
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_fig6_speed"))
+    ap.add_argument("--compiled", action="store_true",
+                    help="also run each point with the compiled build and print the ratio (python -m vidur.speedups)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. block_k=2)")
     args = ap.parse_args(argv)
+    if args.requests < 1:
+        ap.error("--requests must be >= 1")
     out = Path(args.out)
-    print(f"{'policy':>13} {'qps':>5} {'loop req/s':>10} {'process s':>9} {'p99 ttft s':>10} {'load avg':>9}")
+    if args.compiled:
+        print(f"{'policy':>13} {'qps':>5} {'loop req/s':>10} {'compiled':>10} {'ratio':>6} {'process s':>9} "
+              f"{'compiled':>9} {'same':>5} {'load avg':>9}")
+    else:
+        print(f"{'policy':>13} {'qps':>5} {'loop req/s':>10} {'process s':>9} {'p99 ttft s':>10} {'load avg':>9}")
     for policy in args.policies:
         for qps in args.qps:
             wall, s = one(policy, qps, args.requests, out, args.overrides)
-            print(f"{policy:>13} {qps:>5g} {s['sim_requests_per_wall_s']:>10.0f} {wall:>9.1f} "
-                  f"{s['p99_ttft_ms'] / 1e3:>10.2f} {os.getloadavg()[0]:>9.2f}", flush=True)
+            if not args.compiled:
+                print(f"{policy:>13} {qps:>5g} {s['sim_requests_per_wall_s']:>10.0f} {wall:>9.1f} "
+                      f"{s['p99_ttft_ms'] / 1e3:>10.2f} {os.getloadavg()[0]:>9.2f}", flush=True)
+                continue
+            wall_c, c = one(policy, qps, args.requests, out, args.overrides, compiled=True)
+            same = same_records(out / f"{policy}-q{qps:g}", out / f"{policy}-q{qps:g}-compiled")
+            rate, rate_c = s["sim_requests_per_wall_s"], c["sim_requests_per_wall_s"]
+            print(f"{policy:>13} {qps:>5g} {rate:>10.0f} {rate_c:>10.0f} {rate_c / rate:>6.2f} {wall:>9.1f} "
+                  f"{wall_c:>9.1f} {'yes' if same else 'NO':>5} {os.getloadavg()[0]:>9.2f}", flush=True)
+            if not same:
+                print(f"error: {policy} at QPS {qps:g}: the compiled build's records differ", file=sys.stderr)
+                return 1
     return 0
 
 

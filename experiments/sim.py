@@ -15,6 +15,7 @@ from tqdm import tqdm
 from experiments import wiring
 from experiments.logger import interactive
 from experiments.pools import describe as describe_pools, engines as pool_engines, kinds as pool_kinds, run_pools
+from vidur import compiled
 from vidur.cluster import Cluster
 from vidur.engine import Engine
 from vidur.records import instances_frame, requests_frame, summarize, write_run
@@ -60,6 +61,7 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
         model=str(cfg.model.name), gpu=str(cfg.gpu.name), dataset=str(cfg.dataset.name),
         sim_wall_s=result.wall_s, wall_s=time.perf_counter() - t0,
         sim_requests_per_wall_s=len(requests) / max(result.wall_s, 1e-9),
+        compiled_sim=compiled.active(),  # the speed figures above came from the compiled build (vidur.speedups)
     )
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     extra = {}

@@ -69,11 +69,10 @@ class Future:
     -- or None when the loop stopped before the back; ``preempted`` whether that step began by preempting.
     """
 
-    # decode runs with only the sentinel waiting are committed directly (``extend``); False steps every segment
-    # through the rule, as the other segments are (the same segments: tests compare the two)
-    fast_runs = True
-
     def __init__(self, checkpoint: Engine, rule, version: int) -> None:
+        # decode runs with only the sentinel waiting are committed directly (``extend``); False steps every segment
+        # through the rule, as the other segments are (the same segments: tests compare the two)
+        self.fast_runs = True
         e = self.e = checkpoint.fork()  # keeps the trajectory's sentinel at the back: its rejection gives the room
         self.back = e.waiting[-1]
         self.model = checkpoint.model
@@ -105,7 +104,7 @@ class Future:
         """Record one more segment; False when there is none (the engine went idle)."""
         if self.done:
             return False
-        e = self.e
+        e: Engine = self.e
         if not e.running and len(e.waiting) <= 1:
             self.done = True
             return False
@@ -191,7 +190,7 @@ class Future:
         k = bisect_right(self.starts, n) - 1
         j = n - segs[k][1]
         model = self.model
-        now = t_n
+        now: float = t_n
         g = 0  # tokens generated so far (a preemption keeps them: the re-prefill recomputes prompt + g)
         t_adm = ttft = None
         while True:

@@ -438,7 +438,7 @@ class Engine:
 
     def preempt_last(self) -> Seq:
         """Preempt the last request in running order by recompute (vLLM V0 and V1 alike); return it."""
-        s = self.running[next(reversed(self.running))]
+        s: Seq = self.running[next(reversed(self.running))]
         self._remove_running(s)
         s.computed = 0
         s.preemptions += 1
@@ -478,6 +478,7 @@ class Engine:
             self.on_finish(s)
 
     def _pop_finished(self, t: float) -> None:
+        s: Seq  # (a local's type: the compiled build reads its fields directly, plain Python ignores it)
         heap = self.dg_heap
         d = self.dclock
         while heap and heap[0][0] <= d:
@@ -489,9 +490,11 @@ class Engine:
 
     def _heap_top_clock(self) -> int:
         heap = self.dg_heap
+        s: Seq
         while heap:
             top = heap[0]
-            if top[2] == top[3].ver and top[3].in_decode:
+            s = top[3]
+            if top[2] == s.ver and s.in_decode:
                 return top[0]
             heapq.heappop(heap)
         return 1 << 62
@@ -517,6 +520,7 @@ class Engine:
     # ------------------------------------------------------------------ stepping (composed by the rules)
     def mixed_step(self, chunks: list[tuple[Seq, int]], with_decodes: bool) -> None:
         """Commit one step with prefill chunks (and, if ``with_decodes``, every decode member, blocks reserved)."""
+        s: Seq
         B = self.dg_count if with_decodes else 0
         pre = [(n, s.computed) for s, n in chunks]
         kv = self.dg_sum + B * self.dclock + B if B else 0

@@ -75,7 +75,7 @@ class Trajectory:
 
     def _step(self, until: float) -> None:
         """Commit the next step (or run); if its admission reached the back, put the rejected sentinel back."""
-        s = self.s
+        s: Engine = self.s
         s._rule_advance(s, until)  # (``Engine._advance`` without the call in between: the reach loop's hot path)
         back = self.back
         if back.status == "rejected":
@@ -92,7 +92,7 @@ class Trajectory:
         (``may_reach_back`` False) are skipped too -- the candidate, queued behind the whole queue, is never looked
         at in them. The engine returned is the trajectory's own: fork it before running anything on it.
         """
-        s = self.s
+        s: Engine = self.s
         while s.time < t and (s.running or len(s.waiting) > 1):
             self._step(t)
         if not self.unsure:
@@ -331,6 +331,7 @@ def _parting_step(seqs, dclock: int, steps: int) -> int:
     A request below its expected length: when it reaches the shorter of that and its true length ``q.out`` (one
     finishes it, the other does not), unless the two are equal. An overrun one (assumed 10 tokens past what it has,
     which moves with its next token): at the next step, ``steps + 1``, the soonest there is: the scan stops there."""
+    q: Seq
     n = _NEVER
     for q in seqs:
         g = q.g0 + dclock - q.d0 if q.in_decode else q.generated

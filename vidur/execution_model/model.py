@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vidur.cache import default_cache_dir
 from vidur.execution_model.fitting import _decode_coef_ms
 from vidur.execution_model.numerics import CODE_VERSION, LAYER_OPS, TABLE_BATCH, TABLE_TOKENS, PathLike, _pl_eval
 from vidur.execution_model.pipeline import _fit_params
@@ -20,11 +20,6 @@ from vidur.records import write_atomic
 from vidur.specs import A30, GpuSpec, ModelSpec
 
 log = logging.getLogger("vidur.execution_model")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "block-repro"
 
 
 def _relevant_files(root: Optional[Path], gpu: GpuSpec) -> list[Path]:

@@ -56,6 +56,7 @@ class V0Rule:
         A request that can never fit is rejected, not blocking: then True (unsure). A step that must still preempt:
         True (``settle`` first: then its victims are at the head, and they never fit back at once).
         """
+        h: Seq
         waiting = e.waiting
         ahead = len(waiting) - 1
         if len(e.running) + ahead >= e.max_seqs:
@@ -92,6 +93,7 @@ class V0Rule:
     @staticmethod
     def _admit(e: "Engine", budget: int, seqs_room: int, whole: bool) -> list[tuple["Seq", int]]:
         """Admit waiting prompts FCFS (head-of-line blocking). Returns (seq, tokens this step)."""
+        s: Seq  # (locals' types: the compiled build, vidur/speedups.py, reads their fields directly)
         out: list[tuple[Seq, int]] = []
         waiting = e.waiting
         bs = e.bs
@@ -124,6 +126,7 @@ class V0Rule:
 
     @staticmethod
     def _advance_chunked(e: "Engine", until: float) -> None:
+        s: Seq
         need = e.ensure_decode_blocks() if e.dg_count else 0
         e.free -= need  # reserve the decode sequences' new blocks before admitting prompts
         budget = e.budget - e.dg_count

@@ -1,0 +1,36 @@
+# Cython declarations for the optional compiled simulator (``python -m vidur.speedups build``; docs/simulator.md).
+# engine.py stays the one source: plain Python ignores this file; the compiled build reads it beside engine.py and
+# makes Seq and Engine native classes with typed fields (a field assigned in engine.py but missing here fails the
+# build's own check, tests/test_speedups.py). Integers stay exact: every int field is a 64-bit C integer and Python's
+# floor division and modulo are kept (cdivision off).
+
+cdef class Seq:
+    cdef public object id
+    cdef public long long prompt, out, expected
+    cdef public object arrival
+    cdef public long long computed, generated
+    cdef public bint in_decode
+    cdef public long long c0, d0, g0, ver
+    cdef public object first_sched, first_token, finish
+    cdef public long long preemptions
+    cdef public object status, tag
+
+
+cdef class Engine:
+    cdef public object cfg, model, instance_id
+    cdef public long long bs, total_blocks, free, watermark_blocks, budget, max_seqs
+    cdef public double time
+    cdef public dict running
+    cdef public list prefilling
+    cdef public object waiting
+    cdef public long long num_preemptions, num_steps
+    cdef public double busy_s
+    cdef public bint keep_finished
+    cdef public list finished, rejected
+    cdef public long long wq_tokens, wq_blocks, wq_unprocessed
+    cdef public bint wq_exact
+    cdef public object room_at_reject
+    cdef public long long dclock, dg_count, dg_sum
+    cdef public list dg_hist, dg_heap
+    cdef public object on_finish, whatif, _rule_advance
+    cdef public bint _prefill_holds_known

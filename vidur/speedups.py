@@ -1,0 +1,161 @@
+"""The simulator's hot modules compiled with Cython from their own sources: optional, same results, faster.
+
+    python -m vidur.speedups build                 # compile (Cython >= 3 and a C compiler; about 20 s on 2 cores)
+    python -m vidur.speedups status                # built for these sources? in use in this process?
+    BLOCK_REPRO_SPEEDUPS=1 python -m experiments.run ...        # use them (any command of the project)
+
+Why: a Block run is Python attribute traffic -- a request's fields, the engine's counters, the recorded future's
+lists -- read and written millions of times per run. Compiling ``MODULES`` with the ``.pxd`` declarations beside them
+(``Seq``, ``Engine``, ``Future`` become native classes with typed fields) makes that traffic C struct access; the
+arithmetic and the order of every operation stay those of the ``.py`` source, so runs give the same records bit for
+bit (``tests/test_speedups.py`` compares them). Measured numbers: docs/simulator.md ("The compiled build").
+
+The ``.py`` files stay the one source. A build compiles copies of them into the user's cache dir, in a folder named by
+a hash of the sources (``source_key``), and a process loads the compiled modules only when its sources hash to a
+built folder: after any edit of those files the modules load as plain Python (with a warning when they were asked for)
+until ``build`` runs again, so a stale build is never used (``vidur.compiled`` loads it). Opt-in by the environment
+variable, checked when ``vidur`` is imported: the test suite and anyone who did not ask run plain Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from vidur.compiled import (ENV, MANIFEST, MODULES, ROOT, active, build_dir, built, cache_root, enabled, source_files,
+                            source_key)
+
+_BUILD_SCRIPT = """
+import sys
+from Cython.Build import cythonize
+from setuptools import Distribution
+from setuptools.command.build_ext import build_ext
+files, jobs = sys.argv[1:-1], int(sys.argv[-1])
+exts = cythonize(files, nthreads=jobs, quiet=True, language_level=3,
+                 compiler_directives={"embedsignature": True})
+dist = Distribution({"ext_modules": exts, "script_name": "setup.py"})
+cmd = build_ext(dist)
+cmd.inplace = True
+cmd.parallel = jobs
+cmd.ensure_finalized()
+cmd.run()
+"""
+
+
+class SpeedupsError(RuntimeError):
+    """The compiled build cannot be made here (no Cython, no compiler, a compile error): the message says which."""
+
+
+def build(*, force: bool = False, jobs: Optional[int] = None, log=print) -> Path:
+    """Compile ``MODULES`` from copies of their sources into ``build_dir()``; return it (a no-op when built).
+
+    Raises SpeedupsError when Cython is missing or the compile fails (its output included). The folder appears
+    complete or not at all: the build happens in a temporary folder beside it, renamed into place at the end.
+    """
+    key = source_key()
+    dest = build_dir(key)
+    if built(key) is not None and not force:
+        log(f"already built for these sources: {dest}")
+        return dest
+    try:
+        import Cython
+    except ImportError:
+        raise SpeedupsError("the compiled build needs Cython >= 3: pip install 'cython>=3'") from None
+    if int(Cython.__version__.split(".")[0]) < 3:
+        raise SpeedupsError(f"the compiled build needs Cython >= 3 (found {Cython.__version__}): "
+                            "pip install -U 'cython>=3'")
+    jobs = jobs or os.cpu_count() or 1
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as tmp:
+        src = Path(tmp) / "src"
+        for path in source_files():
+            rel = path.relative_to(ROOT)
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, src / rel)
+        for mod in MODULES:  # the packages' __init__ files (empty): Cython names a module by its package folders
+            parts = mod.split(".")[:-1]
+            for i in range(1, len(parts) + 1):
+                (src.joinpath(*parts[:i]) / "__init__.py").touch()
+        pys = [str(Path(*m.split(".")).with_suffix(".py")) for m in MODULES]
+        log(f"compiling {len(MODULES)} modules with Cython {Cython.__version__} ({jobs} jobs) ...")
+        proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, *pys, str(jobs)], cwd=src,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            raise SpeedupsError(f"the compile failed (exit {proc.returncode}):\n{tail}")
+        out = Path(tmp) / key
+        out.mkdir()
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        modules = {}
+        for mod in MODULES:
+            so = src.joinpath(*mod.split(".")).with_suffix(suffix)
+            if not so.is_file():
+                raise SpeedupsError(f"the compile made no {so.name} for {mod}")
+            name = f"{mod}{suffix}"
+            shutil.copyfile(so, out / name)
+            modules[mod] = name
+        manifest = {"key": key, "modules": modules, "cython": Cython.__version__, "python": sys.version.split()[0],
+                    "sources": [p.relative_to(ROOT).as_posix() for p in source_files()],
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    log(f"built in {time.perf_counter() - t0:.0f} s: {dest}")
+    return dest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m vidur.speedups",
+        description="Compile the simulator's hot modules with Cython (optional; same results, faster). Use the build "
+                    f"with {ENV}=1 in the environment of any command; an edit of the sources makes it stale and it is "
+                    "then not used until built again.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile the modules for the current sources (a no-op when built)")
+    b.add_argument("--force", action="store_true", help="compile even when a build for these sources exists")
+    b.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: the CPU count)")
+    sub.add_parser("status", help="say whether a build exists for these sources and whether it is in use")
+    sub.add_parser("clean", help="remove every build (folders with a manifest, and interrupted builds)")
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        if args.jobs is not None and args.jobs < 1:
+            ap.error("--jobs must be >= 1")
+        try:
+            build(force=args.force, jobs=args.jobs)
+        except SpeedupsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"use it: {ENV}=1 python -m experiments.run ...")
+        return 0
+    if args.cmd == "status":
+        if enabled():
+            import vidur.engine  # noqa: F401  (loads the build if there is one for these sources)
+        files = built()
+        print(f"sources:  {source_key()} ({', '.join(MODULES)})")
+        print(f"build:    {build_dir() if files else 'none for these sources (python -m vidur.speedups build)'}")
+        print(f"{ENV}: {os.environ.get(ENV, '(unset)')}; in use in this process: {active()}")
+        return 0
+    root = cache_root()
+    removed = 0
+    for d in sorted(root.iterdir()) if root.is_dir() else []:  # builds and interrupted builds only, nothing else
+        if d.is_dir() and ((d / MANIFEST).is_file() or d.name.startswith(".build-")):
+            shutil.rmtree(d)
+            removed += 1
+    print(f"removed {removed} build(s) from {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
