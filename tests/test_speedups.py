@@ -112,6 +112,22 @@ def _compiler_missing() -> str:
     return ""
 
 
+@pytest.mark.skipif(bool(_compiler_missing()), reason=_compiler_missing() or "ok")
+def test_a_compile_error_is_reported_with_cythons_message(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for path in compiled.key_files():
+        dest = src / path.relative_to(compiled.ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    pxd = src / "vidur" / "engine.pxd"  # a declaration that contradicts the source: a typed field of an unknown type
+    pxd.write_text(pxd.read_text().replace("cdef public double time", "cdef public no_such_type time"))
+    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(speedups.SpeedupsError, match="the compile failed") as err:
+        speedups.build(src_root=src, jobs=1, log=lambda *_: None)
+    assert "Error compiling Cython file" in str(err.value) and "engine.pxd" in str(err.value)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # nothing left behind, no half build
+
+
 RUN = ["experiment=fig6", "workload.num_requests=400", "workload.qps=36", "cluster.num_instances=4", "progress=false",
        "force=true"]
 

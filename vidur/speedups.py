@@ -55,13 +55,14 @@ class SpeedupsError(RuntimeError):
     """The compiled build cannot be made here (no Cython, no compiler, a compile error): the message says which."""
 
 
-def build(*, force: bool = False, jobs: Optional[int] = None, log=print) -> Path:
-    """Compile ``MODULES`` from copies of their sources into ``build_dir()``; return it (a no-op when built).
+def build(*, force: bool = False, jobs: Optional[int] = None, log=print, src_root: Path = ROOT) -> Path:
+    """Compile ``MODULES`` from copies of their sources (under ``src_root``, the folder that holds ``vidur``) into
+    ``build_dir()``; return it (a no-op when built).
 
     Raises SpeedupsError when Cython is missing or the compile fails (its output included). The folder appears
     complete or not at all: the build happens in a temporary folder beside it, renamed into place at the end.
     """
-    key = source_key()
+    key = source_key(src_root)
     dest = build_dir(key)
     if built(key) is not None and not force:
         log(f"already built for these sources: {dest}")
@@ -74,13 +75,13 @@ def build(*, force: bool = False, jobs: Optional[int] = None, log=print) -> Path
         raise SpeedupsError(f"the compiled build needs Cython >= 3 (found {Cython.__version__}): "
                             "pip install -U 'cython>=3'")
     jobs = jobs or os.cpu_count() or 1
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp:
         src = Path(tmp) / "src"
-        for path in source_files():
-            rel = path.relative_to(ROOT)
+        for path in source_files(src_root):
+            rel = path.relative_to(src_root)
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, src / rel)
         for mod in MODULES:  # the packages' __init__ files (empty): Cython names a module by its package folders
@@ -92,8 +93,10 @@ def build(*, force: bool = False, jobs: Optional[int] = None, log=print) -> Path
         proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, *pys, str(jobs)], cwd=src,
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            raise SpeedupsError(f"the compile failed (exit {proc.returncode}):\n{tail}")
+            text = proc.stdout + proc.stderr
+            at = text.find("Error compiling Cython file")  # Cython's own message first, not its warnings' tail
+            text = text[at:at + 4000] if at >= 0 else text[-4000:]
+            raise SpeedupsError(f"the compile failed (exit {proc.returncode}):\n{text}")
         out = Path(tmp) / key
         out.mkdir()
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
@@ -106,7 +109,7 @@ def build(*, force: bool = False, jobs: Optional[int] = None, log=print) -> Path
             shutil.copyfile(so, out / name)
             modules[mod] = name
         manifest = {"key": key, "modules": modules, "cython": Cython.__version__, "python": sys.version.split()[0],
-                    "sources": [p.relative_to(ROOT).as_posix() for p in source_files()],
+                    "sources": [p.relative_to(src_root).as_posix() for p in source_files(src_root)],
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if dest.exists():
