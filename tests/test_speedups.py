@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,6 +55,43 @@ def test_the_source_key_follows_every_source_file(tmp_path):
         assert compiled.source_key(tmp_path) != key, path
         path.write_bytes(text)
     assert compiled.source_key(tmp_path) == key
+
+
+def _declared(pxd: Path) -> dict[str, set[str]]:
+    """The fields each ``cdef class`` of a .pxd declares."""
+    out: dict[str, set[str]] = {}
+    cls = None
+    for line in pxd.read_text().splitlines():
+        m = re.match(r"cdef class (\w+)", line)
+        if m:
+            cls = out.setdefault(m.group(1), set())
+        elif cls is not None and line.startswith("    cdef "):
+            words = line.split("#")[0].replace(",", " ").split()
+            names = words[2:] if words[1] != "public" else words[3:]  # cdef [public] <type> a, b, c
+            if words[2:3] == ["long"] and words[1] == "public" and words[3:4] == ["long"]:  # (long long)
+                names = words[4:]
+            cls.update(names)
+    return out
+
+
+def test_the_declarations_name_every_field_the_sources_set(toy_model):
+    """A field added in engine.py or candidate.py but not declared in the .pxd beside it would fail only in the
+    compiled build (a native class has no __dict__): caught here, without a compiler."""
+    from vidur.candidate import Future, _LastStep
+    from vidur.engine import Engine, Seq
+    from vidur.sched import make_rule
+    from vidur.types import EngineConfig
+
+    engine_decl = _declared(ROOT / "vidur" / "engine.pxd")
+    cand_decl = _declared(ROOT / "vidur" / "candidate.pxd")
+    assert engine_decl["Seq"] == set(Seq.__slots__)
+    cfg = EngineConfig()
+    e = Engine(cfg, toy_model)
+    assert engine_decl["Engine"] == set(vars(e))
+    e.add(Seq(0, 100, 20), 0.0)
+    f = Future(e, make_rule(cfg), 0)
+    assert cand_decl["Future"] == set(vars(f))
+    assert cand_decl["_LastStep"] == set(_LastStep.__slots__)
 
 
 def test_a_missing_or_stale_build_is_not_loaded(tmp_path):
