@@ -16,6 +16,7 @@ ALLOWED = {
     "block/deploy/hostctl.py": "host-side tool that imports only the standard library (its docstring)",
     "length_estimation/transformer.py": "replace_dir swaps a whole checkpoint directory",
     "experiments/deploy.py": "moves finished files into the run directory",
+    "vidur/speedups.py": "moves a whole compiled build's folder into place (its files are written inside it first)",
 }
 
 

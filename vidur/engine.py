@@ -89,7 +89,7 @@ class Seq:
     def clone(self, out: Optional[int] = None) -> "Seq":
         """An independent copy (``Engine.fork``): every field, spelled out because this is the fork's hot loop;
         ``out`` replaces the length it runs to (the what-if's assumed one)."""
-        c = Seq.__new__(Seq)
+        c: Seq = Seq.__new__(Seq)
         c.id = self.id
         c.prompt = self.prompt
         c.out = self.out if out is None else out
@@ -356,7 +356,7 @@ class Engine:
         if len(heap) > 2 * self.dg_count + 16:  # mostly stale entries (a long-lived trajectory): drop them first
             heap = self.dg_heap = [x for x in heap if x[2] == x[3].ver and x[3].in_decode]
             heapq.heapify(heap)
-        e = Engine.__new__(Engine)
+        e: Engine = Engine.__new__(Engine)
         # attribute by attribute in __init__'s order, never through __dict__: an instance whose dict was touched
         # loses CPython's fast attribute access, and every step of the fork would pay for it
         e.cfg = self.cfg

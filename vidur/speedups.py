@@ -112,9 +112,13 @@ def build(*, force: bool = False, jobs: Optional[int] = None, log=print, src_roo
                     "sources": [p.relative_to(src_root).as_posix() for p in source_files(src_root)],
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(out, dest)
+        if dest.exists():  # (--force, or a build another process finished meanwhile)
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.replace(out, dest)  # the whole folder at once: a build is complete or absent
+        except OSError:
+            if built(key) is None:  # not another process's complete build of the same sources
+                raise
     log(f"built in {time.perf_counter() - t0:.0f} s: {dest}")
     return dest
 
