@@ -30,8 +30,9 @@ with pandas 3.1.1 / scikit-learn 1.9.1; ours the median of ``--repeat 3``), whol
     vllm-r4-100k    214.0 s   2.78 s   77x (77x)        -4.4% / -2.2%        68x (3.14 s)
 
 With the optional compiled build (``python -m vidur.speedups build``, then ``BLOCK_REPRO_SPEEDUPS=1`` in this
-command's environment; our side re-run later the same day, load 0.9-1.0, median of 3, Vidur's times read back):
-vllm-r1-10k 0.88 -> 0.84 s (25x -> 27x), vllm-r4-100k 2.81 -> 2.26 s (76x -> 95x), the same latencies.
+command's environment; our side re-run later the same day in two sittings, load 0.9-1.0, median of 3, Vidur's
+times read back): vllm-r1-10k 0.88-1.00 -> 0.84-0.85 s (22-25x -> 26-27x), vllm-r4-100k 2.81 -> 2.26-2.38 s
+(76x -> 90-95x), the same latencies.
 
 Issue 17's goals (50x at 10k, 200x at 100k) are not met: at 10k our process would have to end in 0.46 s and the
 imports alone (pandas + pyarrow, Hydra, numpy) take 0.4-0.6 s; at 100k the event loop alone (1.6 s) is over the
