@@ -9,43 +9,34 @@ compiler (the comparison skips, saying why, where there is no Cython or no compi
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
 import shutil
-import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from subprocess_run import ROOT, run_module, run_python
 from vidur import compiled, speedups
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def _env(cache: Path, on: bool) -> dict[str, str | None]:
+    """A subprocess's builds under ``cache``, asked for (``on``) or not."""
+    return {compiled.CACHE_ENV: str(cache), compiled.ENV: "1" if on else None}
 
 
-def _env(cache: Path, on: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env[compiled.CACHE_ENV] = str(cache)
-    env.pop(compiled.ENV, None)
-    if on:
-        env[compiled.ENV] = "1"
-    return env
-
-
-def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _copy_sources(dest: Path) -> Path:
+    """What a build depends on, copied under ``dest`` as it sits in the checkout."""
+    for path in compiled.key_files():
+        to = dest / path.relative_to(compiled.ROOT)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, to)
+    return dest
 
 
 def test_the_source_key_follows_every_source_file(tmp_path):
-    for path in compiled.key_files():
-        dest = tmp_path / path.relative_to(compiled.ROOT)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
+    _copy_sources(tmp_path)
     key = compiled.source_key(tmp_path)
     assert key == compiled.source_key()
     assert {p.suffix for p in compiled.source_files()} == {".py", ".pxd"}
@@ -62,15 +53,10 @@ def _declared(pxd: Path) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     cls = None
     for line in pxd.read_text().splitlines():
-        m = re.match(r"cdef class (\w+)", line)
-        if m:
+        if m := re.match(r"cdef class (\w+)", line):
             cls = out.setdefault(m.group(1), set())
-        elif cls is not None and line.startswith("    cdef "):
-            words = line.split("#")[0].replace(",", " ").split()
-            names = words[2:] if words[1] != "public" else words[3:]  # cdef [public] <type> a, b, c
-            if words[2:3] == ["long"] and words[1] == "public" and words[3:4] == ["long"]:  # (long long)
-                names = words[4:]
-            cls.update(names)
+        elif cls is not None and (m := re.match(r" +cdef (?:public )?(?:long long|\w+) ([\w, ]+)", line)):
+            cls.update(name.strip() for name in m.group(1).split(","))  # cdef [public] <type> a, b, c
     return out
 
 
@@ -96,8 +82,7 @@ def test_the_declarations_name_every_field_the_sources_set(toy_model):
 
 def test_a_missing_or_stale_build_is_not_loaded(tmp_path):
     code = "import vidur.engine, vidur.compiled as c; print('ACTIVE', c.active())"
-    p = _python(code, _env(tmp_path, on=True))
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_python("-c", code, env=_env(tmp_path, on=True))
     assert "ACTIVE False" in p.stdout
     assert "missing or older than the sources" in p.stderr and "python -m vidur.speedups build" in p.stderr
     # a folder named for these sources whose modules are not all there (an interrupted copy, a hand edit): not used
@@ -105,10 +90,10 @@ def test_a_missing_or_stale_build_is_not_loaded(tmp_path):
     d.mkdir()
     (d / compiled.MANIFEST).write_text(json.dumps({"key": d.name, "modules": {m: f"{m}.so" for m in compiled.MODULES}}))
     assert compiled.built(cache=tmp_path) is None
-    p = _python(code, _env(tmp_path, on=True))
+    p = run_python("-c", code, env=_env(tmp_path, on=True))
     assert "ACTIVE False" in p.stdout, p.stderr[-2000:]
     # not asked: nothing is looked up, nothing is said
-    p = _python(code, _env(tmp_path, on=False))
+    p = run_python("-c", code, env=_env(tmp_path, on=False))
     assert "ACTIVE False" in p.stdout and "speedups" not in p.stderr.lower()
 
 
@@ -118,8 +103,7 @@ def test_build_says_what_it_needs(tmp_path, monkeypatch):
     with pytest.raises(speedups.SpeedupsError, match="needs Cython >= 3: pip install"):
         speedups.build(log=lambda *_: None)
     assert not list(tmp_path.iterdir())  # nothing half-made
-    p = subprocess.run([sys.executable, "-m", "vidur.speedups", "build", "--jobs", "0"], cwd=ROOT,
-                       env=_env(tmp_path, on=False), capture_output=True, text=True, timeout=120)
+    p = run_module("vidur.speedups", "build", "--jobs", "0", env=_env(tmp_path, on=False), check=False)
     assert p.returncode == 2 and "--jobs must be >= 1" in p.stderr
 
 
@@ -131,32 +115,14 @@ def test_clean_removes_builds_and_nothing_else(tmp_path):
     half.mkdir()
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "other").mkdir()
-    p = subprocess.run([sys.executable, "-m", "vidur.speedups", "clean"], cwd=ROOT, env=_env(tmp_path, on=False),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "removed 2 build(s)" in p.stdout, p.stderr[-2000:]
+    p = run_module("vidur.speedups", "clean", env=_env(tmp_path, on=False))
+    assert "removed 2 build(s)" in p.stdout
     assert sorted(x.name for x in tmp_path.iterdir()) == ["notes.txt", "other"]
 
 
-def _compiler_missing() -> str:
-    try:
-        import Cython
-    except ImportError:
-        return "Cython is not installed (pip install -e '.[dev]')"
-    if int(Cython.__version__.split(".")[0]) < 3:
-        return f"Cython {Cython.__version__} < 3"
-    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")[0]
-    if shutil.which(cc) is None:
-        return f"no C compiler ({cc}) on this machine"
-    return ""
-
-
-@pytest.mark.skipif(bool(_compiler_missing()), reason=_compiler_missing() or "ok")
+@pytest.mark.skipif(bool(speedups.missing()), reason=speedups.missing() or "ok")
 def test_a_compile_error_is_reported_with_cythons_message(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    for path in compiled.key_files():
-        dest = src / path.relative_to(compiled.ROOT)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
+    src = _copy_sources(tmp_path / "src")
     pxd = src / "vidur" / "engine.pxd"  # a declaration that contradicts the source: a typed field of an unknown type
     pxd.write_text(pxd.read_text().replace("cdef public double time", "cdef public no_such_type time"))
     monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "cache"))
@@ -170,25 +136,21 @@ RUN = ["experiment=fig6", "workload.num_requests=400", "workload.qps=36", "clust
        "force=true"]
 
 
-@pytest.mark.skipif(bool(_compiler_missing()), reason=_compiler_missing() or "ok")
+@pytest.mark.skipif(bool(speedups.missing()), reason=speedups.missing() or "ok")
 @pytest.mark.parametrize("policy,extra", [("block_star", []), ("block_oracle", []),
                                           ("block_oracle", ["engine=vllm_v1", "block_k=2"])])
 def test_the_compiled_build_gives_the_same_records(tmp_path_factory, policy, extra):
     cache = tmp_path_factory.getbasetemp() / "speedups-cache"  # one build for the three cases
     if compiled.built(cache=cache) is None:
-        p = subprocess.run([sys.executable, "-m", "vidur.speedups", "build"], cwd=ROOT, env=_env(cache, on=False),
-                           capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        run_module("vidur.speedups", "build", env=_env(cache, on=False), timeout=900)
     files = compiled.built(cache=cache)
     assert files is not None and set(files) == set(compiled.MODULES)
     out = tmp_path_factory.mktemp("runs")
     frames, summaries = [], []
     for on in (False, True):
         run_dir = out / f"{policy}-{len(extra)}-{on}"
-        p = subprocess.run([sys.executable, "-m", "experiments.run", f"output_root={out}", f"policy={policy}", *RUN,
-                            *extra, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=_env(cache, on=on),
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        p = run_module("experiments.run", f"output_root={out}", f"policy={policy}", *RUN, *extra,
+                       f"hydra.run.dir={run_dir}", env=_env(cache, on=on), timeout=600)
         assert "compiled build" not in p.stderr  # no warning: the build was found
         frames.append(pd.read_parquet(run_dir / "requests.parquet"))
         summaries.append(json.loads((run_dir / "summary.json").read_text()))

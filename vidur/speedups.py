@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -55,25 +56,37 @@ class SpeedupsError(RuntimeError):
     """The compiled build cannot be made here (no Cython, no compiler, a compile error): the message says which."""
 
 
+def missing() -> str:
+    """What this machine lacks to build (Cython >= 3, a C compiler), as the sentence ``build`` raises; "" if nothing."""
+    try:
+        import Cython
+    except ImportError:
+        return "the compiled build needs Cython >= 3: pip install 'cython>=3'"
+    if int(Cython.__version__.split(".")[0]) < 3:
+        return f"the compiled build needs Cython >= 3 (found {Cython.__version__}): pip install -U 'cython>=3'"
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")[0]
+    if shutil.which(cc) is None:
+        return f"the compiled build needs a C compiler ({cc}, the one this Python was built with): none found"
+    return ""
+
+
 def build(*, force: bool = False, jobs: Optional[int] = None, log=print, src_root: Path = ROOT) -> Path:
     """Compile ``MODULES`` from copies of their sources (under ``src_root``, the folder that holds ``vidur``) into
     ``build_dir()``; return it (a no-op when built).
 
-    Raises SpeedupsError when Cython is missing or the compile fails (its output included). The folder appears
-    complete or not at all: the build happens in a temporary folder beside it, renamed into place at the end.
+    Raises SpeedupsError when Cython or a C compiler is missing (``missing``) or the compile fails (its output
+    included). The folder appears complete or not at all: the build happens in a temporary folder beside it, renamed
+    into place at the end.
     """
     key = source_key(src_root)
     dest = build_dir(key)
     if built(key) is not None and not force:
         log(f"already built for these sources: {dest}")
         return dest
-    try:
-        import Cython
-    except ImportError:
-        raise SpeedupsError("the compiled build needs Cython >= 3: pip install 'cython>=3'") from None
-    if int(Cython.__version__.split(".")[0]) < 3:
-        raise SpeedupsError(f"the compiled build needs Cython >= 3 (found {Cython.__version__}): "
-                            "pip install -U 'cython>=3'")
+    lack = missing()
+    if lack:
+        raise SpeedupsError(lack)
+    import Cython
     jobs = jobs or os.cpu_count() or 1
     cache = cache_root()
     cache.mkdir(parents=True, exist_ok=True)
