@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -267,10 +268,13 @@ def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
 
 
 def _free_block(n: int) -> int:
-    """A port p with p .. p+n-1 all free on loopback."""
+    """A port p with p .. p+n-1 all free on loopback, below the kernel's ephemeral range: the services bind them
+    seconds later, and a port in that range can meanwhile be taken by any outgoing connection (the tests' own health
+    checks included), which failed a deploy test with "address already in use"."""
+    rng = random.SystemRandom()
     for _ in range(200):
-        p = sshd_hosts.free_port()
-        if p + n < 65535 and all(_free(p + i) for i in range(n)):
+        p = rng.randrange(20000, 32768 - n)
+        if all(_free(p + i) for i in range(n)):
             return p
     raise RuntimeError("no block of free ports")
 
