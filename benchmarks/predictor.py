@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from block.service import free_port  # noqa: E402
+from block.ports import free_port  # noqa: E402
 from experiments.local_stack import LocalStack, Service  # noqa: E402
 
 CLUSTER_QPS, INSTANCES, PROBES = 40.0, 12, 2

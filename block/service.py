@@ -394,13 +394,6 @@ def add_common_args(ap: argparse.ArgumentParser, default_port: int) -> None:
     ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A currently free TCP port on ``host`` (for tests and local orchestration)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def serve(app: Any, host: str, port: int, log_level: str = "warning", limits: Optional[Limits] = None,
           **uvicorn_options: Any) -> None:
     """Run ``app`` with uvicorn until interrupted; print the bound address on stdout (orchestrators read it).

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import pytest
 
 from block.deploy import sshlab as sshd_hosts
 from block.deploy.inventory import Host, cluster_config, write_cluster_config
+from block.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "tok-7f3a91-never-logged"
@@ -192,7 +191,7 @@ def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
     host = Host("solo", srv.address, user=loopback.user, port=srv.port, instances=2,
                 roles=["engine", "scheduler"], gpu="auto", workdir=str(work))
     path = _cluster(tmp_path, "solo", [host])
-    base = _free_block(6)  # engines at base, base+1; predictors at base+2, base+3; the scheduler at base+4
+    base = free_ports(6)  # engines at base, base+1; predictors at base+2, base+3; the scheduler at base+4
     ports = {"mode.ports.engine": base, "mode.ports.predictor": base + 2, "mode.ports.scheduler": base + 4}
 
     # setup twice: the second is a no-op
@@ -267,34 +266,13 @@ def test_deploy_on_one_loopback_host_end_to_end(tmp_path, loopback):
     assert not work.exists()
 
 
-def _free_block(n: int) -> int:
-    """A port p with p .. p+n-1 all free on loopback, below the kernel's ephemeral range: the services bind them
-    seconds later, and a port in that range can meanwhile be taken by any outgoing connection (the tests' own health
-    checks included), which failed a deploy test with "address already in use"."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        p = rng.randrange(20000, 32768 - n)
-        if all(_free(p + i) for i in range(n)):
-            return p
-    raise RuntimeError("no block of free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def test_ctrl_c_stops_the_run_on_the_host(tmp_path, loopback):
     """Fabric would wait for the remote benchmark after a Ctrl-C; the run must stop it and every service instead."""
     srv = loopback.servers[0]
     work = tmp_path / "hostwork"
     _cluster(tmp_path, "solo", [Host("solo", srv.address, user=loopback.user, port=srv.port, instances=1,
                                      roles=["engine", "scheduler"], gpu="no", workdir=str(work))])
-    base = _free_block(3)
+    base = free_ports(3)
     ov = _overrides(tmp_path, "solo", loopback.client_key, **{
         "mode.ports.engine": base, "mode.ports.predictor": base + 1, "mode.ports.scheduler": base + 2,
         "workload.num_requests": 2000, "mode.time_scale": 1, "progress": "true"})
@@ -333,7 +311,7 @@ def test_unreachable_host_is_named(tmp_path, loopback):
     srv = loopback.servers[0]
     good = Host("good", srv.address, user=loopback.user, port=srv.port, roles=["engine", "scheduler"], gpu="no",
                 workdir=str(tmp_path / "w-good"))
-    bad = Host("bad", "127.0.0.1", user=loopback.user, port=sshd_hosts.free_port(), gpu="no",
+    bad = Host("bad", "127.0.0.1", user=loopback.user, port=free_port(), gpu="no",
                workdir=str(tmp_path / "w-bad"))
     path = _cluster(tmp_path, "mixed", [good, bad])
     r = _fab("status", "--cluster", str(path), timeout=120, key=loopback.client_key)

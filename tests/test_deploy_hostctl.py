@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from block.deploy import hostctl
+from block.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "tok-Zq81-very-secret-value"
@@ -58,12 +58,6 @@ class H(http.server.BaseHTTPRequestHandler):
 
 http.server.HTTPServer(("127.0.0.1", a.port), H).serve_forever()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:

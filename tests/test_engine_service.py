@@ -42,7 +42,7 @@ def start_engine(stack: LocalStack, *args: str, port: int = 0) -> Service:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from block.service import free_port
+    from block.ports import free_port
 
     with LocalStack(tmp_path_factory.mktemp("engine"), env=dict.fromkeys(TOKEN_VARS)) as stack:
         s = start_engine(stack, "--time-scale", str(SCALE), "--max-num-seqs", "2", "--tokenizer", "none", "--seed",

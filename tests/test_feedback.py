@@ -64,7 +64,7 @@ def _serve(c: httpx.Client, prompt: int, out: int) -> dict:
 
 
 def test_live_predictor_records_its_error_and_corrects_a_wrong_model_only_when_switched_on(tmp_path):
-    from block.service import free_port
+    from block.ports import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -152,7 +152,8 @@ def test_ray_cluster_launcher_composes_into_the_plugin_class(composer):
 
 def test_ray_cluster_without_a_cluster_fails_at_once_saying_so(tmp_path):
     pytest.importorskip("ray", reason="pip install -e '.[cluster]' (ray)")
-    from hydra_plugins.block_ray_launcher.local_cluster import LOOPBACK, free_port
+    from block.ports import free_port
+    from hydra_plugins.block_ray_launcher.local_cluster import LOOPBACK
 
     address = f"{LOOPBACK}:{free_port(LOOPBACK)}"  # nothing listens there (ray.init would retry for minutes)
     p = _sweep("experiment=smoke", "policy=round_robin", f"output_root={tmp_path}", "progress=false",

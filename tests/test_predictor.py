@@ -151,7 +151,7 @@ PRED_ARGS = ("--max-num-seqs", SEQS, "--tokenizer", "none")
 def servers(tmp_path_factory):
     """Engines and predictors, started together: e1 (+ p1 proxy mode, pe engine mode), e2/p2 with bearer tokens
     and state injection, e3/p3 for the failure tests."""
-    from block.service import free_port
+    from block.ports import free_port
 
     ports = [free_port() for _ in range(3)]  # engines on known ports: everything starts at once
     url = [f"http://127.0.0.1:{p}" for p in ports]
@@ -666,7 +666,7 @@ def test_a_streaming_client_that_leaves_before_its_first_token_is_aborted_in_the
     (no prefill for nobody) while the first one still runs."""
     import socket
 
-    from block.service import free_port
+    from block.ports import free_port
 
     with LocalStack(tmp_path, env=dict.fromkeys(TOKEN_VARS)) as stack:
         port = free_port()

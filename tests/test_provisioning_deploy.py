@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 
 from block.deploy.inventory import Host
+from block.ports import free_ports
 from block.scheduler.provisioning import AgentLease, AgentStarter
-from test_deploy import TOKEN, _cluster, _free_block, _overrides, _run, _run_dir, loopback  # noqa: F401 - fixture
+from test_deploy import TOKEN, _cluster, _overrides, _run, _run_dir, loopback  # noqa: F401 - fixture
 from test_provisioning_live import scale_down_twice
 
 pytestmark = pytest.mark.timeout(900)
@@ -31,7 +32,7 @@ def test_deploy_fig8_starts_a_slot_through_ssh_once_for_two_schedulers(tmp_path,
     host = Host("solo", srv.address, user=loopback.user, port=srv.port, instances=N, roles=["engine", "scheduler"],
                 gpu="no", workdir=str(work))
     path = _cluster(tmp_path, "solo", [host])
-    base = _free_block(2 * N + 2)
+    base = free_ports(2 * N + 2)
     ov = _overrides(tmp_path, "solo", loopback.client_key, **{
         "mode.ports.engine": base, "mode.ports.predictor": base + N, "mode.ports.scheduler": base + 2 * N,
         "cluster.num_instances": N, "provisioning": "reactive", "provisioning.initial_instances": INITIAL,

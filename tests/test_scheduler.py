@@ -669,7 +669,7 @@ def test_an_instance_whose_engine_is_down_is_left_out_until_it_is_back(stack, tm
     """Its engine killed, a predictor says so (/health: engine_down; /predict: 503 engine_down) and the scheduler
     leaves the instance out when probing: no request is forwarded to it (zero first-attempt failures), even though
     the other instance is loaded. Restarted on the same port, it is probed and chosen again."""
-    from block.service import free_port
+    from block.ports import free_port
 
     log = tmp_path / "log.jsonl"
     port = free_port()

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from block.ports import free_port
+
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 PRIVSEP_DIR = "/run/sshd"  # Debian's sshd refuses to start without it; the service unit makes it, a container may not
 
@@ -59,12 +61,6 @@ def why_not(netns: bool = False) -> Optional[str]:
             return f"cannot create a network namespace here: {r.stderr.strip()}"
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _keygen(path: Path) -> None:

@@ -24,13 +24,13 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from block.engine.config import ENGINE_OVERRIDES as SHARED_OVERRIDES
+from block.ports import free_port
 from vidur.config import REPO_ROOT
 
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizers"
@@ -261,12 +261,6 @@ def _write(path: Path, data: str | bytes) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # start / stop through LocalStack
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def start_vllm(stack: Any, name: str, args: Sequence[str] = ()) -> Any:

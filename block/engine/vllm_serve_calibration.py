@@ -143,7 +143,8 @@ def calibrate(model: str, engine: str, cpus: Optional[str] = None, batches: Sequ
     import httpx
 
     from block.engine.config import load_conf
-    from block.engine.vllm import free_port, vllm_executable
+    from block.engine.vllm import vllm_executable
+    from block.ports import free_port
 
     vllm_executable()  # VllmNotInstalled before anything starts
     served_name = str(load_conf("model", model)["name"])

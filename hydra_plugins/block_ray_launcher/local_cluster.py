@@ -19,13 +19,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
+
+from block.ports import free_port
 
 WAIT_FOR_NODES = r"""
 import json, sys, time
@@ -44,12 +45,6 @@ print(json.dumps(alive))
 # Ray rewrites 127.0.0.1 and localhost to the machine's outward address (so that other hosts can reach a node) and
 # then talks to itself over that interface; another address of the loopback range keeps a test cluster on loopback.
 LOOPBACK = "127.0.0.2"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _ray_cli() -> List[str]:
