@@ -283,7 +283,11 @@ def fig6(args: argparse.Namespace) -> list[Path]:
     cap = cap.sort_values("_o").drop(columns="_o").reset_index(drop=True)
     paths = []
     fig = plot_qps(tab, cap, slo_s, styles)
-    paths += save_stamped(fig, runs, out, "fig6_qps")
+    n_seeds = int(cap["seeds"].max())
+    how = (f"capacity: the QPS where P99 TTFT crosses {slo_s:g} s, linear interpolation between the QPS points "
+           + (f"per seed, mean of {n_seeds} seeds with a 95 % t-interval" if n_seeds > 1 else "of one seed (no interval)")
+           + "; to 0.1 QPS by bisection over seeds: python -m experiments.capacity (experiment=capacity_refine)")
+    paths += save_stamped(fig, runs, out, "fig6_qps", how)
     plt.close(fig)
 
     # one run per (label, qps) for the per-request panels: the first by path when several (seeds)

@@ -63,6 +63,8 @@ simulated run (resumable, shared with sweeps). Writes capacity.json atomically i
       capacity.slo_ttft_s=3 capacity.lo=1 capacity.hi=20 capacity.tol=0.25 capacity.seeds=3
   python -m experiments.capacity experiment=fig6 policy=block_star capacity.lo=20 capacity.hi=40
   python -m experiments.capacity -m experiment=capacity_refine          # every Fig 6 policy, 5 seeds, 0.1 QPS
+  python -m experiments.capacity -m experiment=capacity_refine --dry-run  # the searches, the most probe runs each
+                                                                         # takes, the probes on disk it would reuse
 
 == capacity keys ==
   capacity.slo_ttft_s  P99 TTFT SLO in seconds (default: slo.ttft_s = 3; the SYSTOR artifact uses 10)
@@ -285,9 +287,7 @@ def bisect(probe, slo_s: float, lo: float, hi: float, tol: float, grid: Optional
     a, b = lo, hi
     eps = 1e-9 * max(1.0, tol)  # 28.8 - 28.7 > 0.1 in floats: a bracket one grid step wide is done
     while b - a > tol + eps and len(probes) < max_probes:
-        mid = _snap((a + b) / 2, grid)
-        if not a < mid < b:  # the grid is too coarse for this bracket
-            mid = (a + b) / 2
+        mid = _midpoint(a, b, grid)
         if measure(mid):
             a = mid
         else:
@@ -301,6 +301,37 @@ def bisect(probe, slo_s: float, lo: float, hi: float, tol: float, grid: Optional
     result.update(capacity=a, capacity_interpolated=interp, bracket=[a, b], status=status,
                   note=f"capacity in [{a:g}, {b:g}): highest QPS probed within the SLO = {a:g}")
     return result
+
+
+def _midpoint(a: float, b: float, grid: float) -> float:
+    """The next probe of bracket [a, b]: its middle on the grid (the plain middle where the grid is too coarse)."""
+    mid = _snap((a + b) / 2, grid)
+    return mid if a < mid < b else (a + b) / 2
+
+
+def probes_per_seed(lo: float, hi: float, tol: float, max_probes: int, grid: Optional[float] = None) -> int:
+    """The most probe runs ``bisect`` takes for one seed: lo, hi, then one per halving of the bracket, following
+    the larger half each time (grid snapping can make one half larger)."""
+    grid = tol if grid is None else float(grid)
+    a, b, n = lo, hi, 2
+    eps = 1e-9 * max(1.0, tol)
+    while b - a > tol + eps and n < max_probes:
+        mid = _midpoint(a, b, grid)
+        a, b = (a, mid) if mid - a >= b - mid else (mid, b)
+        n += 1
+    return min(n, max_probes)
+
+
+def recorded_probes(search_dir: Path) -> int:
+    """Probe runs of the last search in ``search_dir`` (its capacity.json) that are on disk: a new search there
+    reuses them (a finished run, or an early-stop verdict)."""
+    try:
+        result = json.loads((search_dir / "capacity.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    probes = [p for s in result.get("seeds", [result]) for p in s.get("probes", [])]
+    return sum(1 for p in probes if p.get("early_stop") or (p.get("run_dir") and
+                                                             (Path(p["run_dir"]) / "summary.json").is_file()))
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -415,4 +446,8 @@ def capacity_line(result: dict[str, Any], path: Any = None) -> str:
 
 if __name__ == "__main__":
     schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
+    if "--dry-run" in sys.argv[1:]:  # the searches a command would make, and the probes they would reuse
+        from experiments.sweep_report import dry_run_searches
+
+        raise SystemExit(dry_run_searches(sys.argv[1:]))
     main()

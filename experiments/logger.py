@@ -99,33 +99,33 @@ def log_run(cfg: DictConfig, run_dir: Path | str, summary: Optional[Mapping[str,
 
 
 # ---------------------------------------------------------------------- progress of a whole sweep
-def sweep_run_dirs(config: DictConfig) -> list[Path]:
-    """The run directories a basic-sweeper multirun of ``config`` will use, in launch order.
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The override lines of each job a basic-sweeper multirun of ``config`` launches, in launch order.
 
-    Mirrors ``BasicSweeper`` (``hydra.sweeper.params`` then the command line, later keys win) and the run
-    directory names of conf/config.yaml (``experiments.rundir.run_dirname``).
-    """
+    Mirrors ``BasicSweeper`` (``hydra.sweeper.params`` then the command line, later keys win)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from experiments.rundir import run_dirname
 
     hc = config.hydra
     node = hc.sweeper.get("params")
     params = {} if node is None else (OmegaConf.to_container(node, resolve=False) or {})
     lines = [f"{k}={v}" for k, v in params.items()]
     lines += list(OmegaConf.to_container(hc.overrides.task, resolve=False))
-    parser = OverridesParser.create()
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def sweep_run_dirs(config: DictConfig) -> list[Path]:
+    """The run directories a basic-sweeper multirun of ``config`` will use, in launch order (``sweep_jobs``, named
+    as conf/config.yaml names them: ``experiments.rundir.run_dirname``)."""
+    from experiments.rundir import run_dirname
+
+    hc = config.hydra
     od = hc.job.config.override_dirname
     exclude = list(od.exclude_keys)
     sweep_dir = Path(str(hc.sweep.dir))
-    dirs = []
-    for batch in batches:
-        for job in batch:
-            name = run_dirname(job, exclude_keys=exclude, item_sep=str(od.item_sep), kv_sep=str(od.kv_sep))
-            dirs.append(sweep_dir / name)
-    return dirs
+    return [sweep_dir / run_dirname(job, exclude_keys=exclude, item_sep=str(od.item_sep), kv_sep=str(od.kv_sep))
+            for job in sweep_jobs(config)]
 
 
 class SweepProgress(Callback):

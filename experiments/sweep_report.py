@@ -27,6 +27,7 @@ log = logging.getLogger("experiments.sweep_report")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
+CAPACITY_CONFIG = "capacity_search"  # ``experiments.capacity``'s primary config (its searches write capacity.json)
 
 
 @dataclass
@@ -74,7 +75,7 @@ def run_dirs(cfg: DictConfig, multirun: bool) -> list[Path]:
         return sweep_run_dirs(cfg)
     od = cfg.hydra.job.config.override_dirname
     name = run_dirname(list(cfg.hydra.overrides.task), list(od.exclude_keys), str(od.item_sep), str(od.kv_sep))
-    return [Path(str(cfg.output_root)) / str(cfg.experiment_name) / name]
+    return [Path(str(cfg.hydra.sweep.dir)) / name]  # = hydra.run.dir (both configs keep a run beside a sweep's)
 
 
 def plan(argv: Sequence[str]) -> Plan:
@@ -100,6 +101,54 @@ def dry_run(argv: Sequence[str]) -> int:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
     for line in p.lines():
+        print(line)
+    return 0
+
+
+def search_plan(argv: Sequence[str]) -> list[str]:
+    """``python -m experiments.capacity ... --dry-run``: each search's folder, its bracket and seeds, the most probe
+    runs its bisection takes, and how many probe runs of an earlier search there are on disk and would be reused.
+    Which QPS points a search probes depends on what its earlier probes find, so they are not listed."""
+    from experiments.capacity import probes_per_seed, recorded_probes
+    from experiments.logger import sweep_jobs
+
+    cfg, multirun = compose_for(argv, CAPACITY_CONFIG)
+    jobs = sweep_jobs(cfg) if multirun else [[]]
+    lines, most = [], 0
+    for d, job in zip(run_dirs(cfg, multirun), jobs):
+        c = OmegaConf.create(OmegaConf.to_container(cfg.capacity, resolve=True))
+        for o in job:  # a sweep may set capacity.* per job
+            key, _, value = o.lstrip("+").partition("=")
+            if key.startswith("capacity."):
+                OmegaConf.update(c, key[len("capacity."):], yaml_value(value))
+        per_seed = probes_per_seed(float(c.lo), float(c.hi), float(c.tol), int(c.max_probes), c.get("grid"))
+        most += int(c.seeds) * per_seed
+        kept = recorded_probes(d)
+        again = f"; {kept} probe run(s) of its last search on disk, reused" if kept else ""
+        lines.append(f"would search  {d}  ({int(c.seeds)} seed(s), QPS {float(c.lo):g}-{float(c.hi):g} to "
+                     f"{float(c.tol):g}: at most {per_seed} probe runs per seed{again})")
+    lines.append(f"dry run: {len(lines)} search(es), at most {most} probe run(s) (nothing was run or written)")
+    return lines
+
+
+def yaml_value(text: str) -> Any:
+    """An override's value as Hydra reads it (``0.5`` a float, ``null`` None)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def dry_run_searches(argv: Sequence[str]) -> int:
+    """``python -m experiments.capacity [overrides] [-m] --dry-run``: print the search plan; 2 on a bad command."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        lines = search_plan([a for a in argv if a != "--dry-run"])
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    for line in lines:
         print(line)
     return 0
 
@@ -198,8 +247,9 @@ class SweepTable(Callback):
             from experiments.logger import sweep_run_dirs
 
             dirs = sweep_run_dirs(config)
-            capacity = OmegaConf.select(config, "capacity") is not None
-            text = capacity_searches_table(dirs) if capacity else runs_table(dirs)
+            # the entry point decides, not the config: run presets set ``capacity`` keys too (for the search)
+            searches = OmegaConf.select(config, "hydra.job.config_name") == CAPACITY_CONFIG
+            text = capacity_searches_table(dirs) if searches else runs_table(dirs)
         except Exception as err:  # noqa: BLE001 - a sweep must never fail because of its table
             log.warning("no comparison table: %s", err)
             return

@@ -141,7 +141,8 @@ def collect(run_root: Path) -> pd.DataFrame:
                      "p99_e2e_s": summ.get("p99_e2el_ms", np.nan) / 1e3,
                      "median_ttft_s": summ.get("median_ttft_ms", np.nan) / 1e3,
                      "median_e2e_s": summ.get("median_e2el_ms", np.nan) / 1e3,
-                     "num_preemptions": summ.get("num_preemptions"), "run": str(s.parent)})
+                     "num_preemptions": summ.get("num_preemptions"), "run": str(s.parent),
+                     "mode": (cfg.get("mode") or {}).get("name"), "profile": (cfg.get("gpu") or {}).get("profile_dir")})
     if not rows:
         raise FileNotFoundError(f"no finished runs under {run_root}")
     return pd.DataFrame(rows).sort_values(["variant", "qps", "seed"]).reset_index(drop=True)
@@ -321,7 +322,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     n_req = int(raw["num_requests"].iloc[0])
     k = raw["k"].iloc[0]
     n_seeds = int(points["seeds"].max())
-    title = (f"sharegpt_text held-out prompts (Llama-2 counts), {n_req} requests per point, mean of {n_seeds} "
+    kinds = ", ".join("SIMULATED (vidur execution model, in-process)" if m == "sim" else f"mode {m}"
+                      for m in sorted(raw["mode"].dropna().unique())) or "mode unknown"
+    profiles = ", ".join(str(x) for x in sorted(raw["profile"].dropna().unique())) or "unknown"
+    title = (f"{kinds}, profile {profiles} | "  # what the figure is, as analysis.common.stamp_text says it
+             f"sharegpt_text held-out prompts (Llama-2 counts), {n_req} requests per point, mean of {n_seeds} "
              f"seed(s), 12 x A30 Llama-2-7B, k={k}, chunked prefill 512, batch cap 48; capacity at P99 TTFT "
              f"{args.slo:g} s (analysis.capacity)")
     md = (f"# Effect of length estimation ({tag})\n\n{title}.\n\n" + table(points, cap, acc))

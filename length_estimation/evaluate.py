@@ -64,8 +64,9 @@ def authors_metrics(path: str | Path) -> tuple[dict, pd.DataFrame]:
 
 
 def plot(out_dir: Path, ours: tuple[np.ndarray, np.ndarray], label: str, others: dict[str, tuple[np.ndarray, np.ndarray]],
-         authors: tuple[np.ndarray, np.ndarray] | None) -> list[Path]:
-    """Predicted vs true (ours, and the authors' when given) and the CDF of |error|; PNG and PDF."""
+         authors: tuple[np.ndarray, np.ndarray] | None, what: str = "") -> list[Path]:
+    """Predicted vs true (ours, and the authors' when given) and the CDF of |error|; PNG and PDF. ``what`` is the
+    line under the figure that says what it shows (the data, the rows, the device)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,13 +96,15 @@ def plot(out_dir: Path, ours: tuple[np.ndarray, np.ndarray], label: str, others:
     ax.set(xlabel="|predicted - true| (tokens)", ylabel="fraction of requests", xlim=(0, 1000), ylim=(0, 1))
     ax.set_title("CDF of the absolute error", fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
+    if what:
+        fig.text(0.005, -0.005, what, ha="left", va="top", fontsize=7.5, color="0.3", transform=fig.transFigure)
     fig.tight_layout()
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "pdf"):
         path = fig_dir / f"pred_vs_actual.{ext}"
-        write_atomic(path, lambda tmp, ext=ext: fig.savefig(tmp, dpi=150, format=ext))
+        write_atomic(path, lambda tmp, ext=ext: fig.savefig(tmp, dpi=150, format=ext, bbox_inches="tight"))
         paths.append(path)
     plt.close(fig)
     return paths
@@ -172,7 +175,9 @@ def run_evaluation(cfg) -> dict[str, Any]:
     preds = pd.DataFrame({"row": test["row"].to_numpy(), "prompt_tokens": test["prompt_tokens"].to_numpy(),
                           "output_tokens": actual, "predicted_length": pred})
     write_atomic(out_dir / "predictions.csv", lambda tmp: preds.to_csv(tmp, index=False))
-    figs = plot(out_dir, (actual, pred), label, {k: (actual, v) for k, v in baselines.items()}, authors)
+    what = (f"MEASURED: {label}'s predictions on {len(test):,} rows of {data_label} ({est.device}); "
+            "baselines on the same rows" + (f"; {AUTHORS_LABEL}: {scope[AUTHORS_LABEL]}" if authors is not None else ""))
+    figs = plot(out_dir, (actual, pred), label, {k: (actual, v) for k, v in baselines.items()}, authors, what)
     info["figures"] = [str(p) for p in figs]
     info["out_dir"] = str(out_dir)
     return {"rows": rows, "info": info, "table": md}

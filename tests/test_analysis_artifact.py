@@ -167,6 +167,9 @@ def test_capacity_refine_bars_with_intervals(out):
     t = pd.read_csv(out / "nablation" / "figures" / "capacity_refine.csv")
     assert len(t) == 2 and (t["seeds"] == 2).all()
     assert sorted(t["label"]) == ["Block* (k=2)", "Block* (k=4)"]
+    # the seeds' spread beside the artifact's stated +-0.3 QPS per run
+    assert (t["published_tolerance"] == 0.3).all()
+    assert t["half_interval"].to_numpy() == pytest.approx(((t["ci_high"] - t["ci_low"]) / 2).to_numpy())
 
 
 def test_no_capacity_search_is_a_clear_error(tmp_path, capsys):

@@ -167,6 +167,44 @@ def test_dry_run_lists_runs_and_skips_and_writes_nothing(tmp_path):
     assert p.returncode == 2 and "configuration error" in p.stderr
 
 
+def test_a_run_sweep_whose_config_has_capacity_keys_prints_its_runs(tmp_path):
+    """Presets set ``capacity`` keys for the search (nablation, burstiness, ...); a plain run sweep of them still gets
+    its per-run table (it once looked for capacity searches there and printed nothing)."""
+    p = _run("experiments.run", "-m", f"output_root={tmp_path}", "experiment_name=withcap", *RUN, "workload.qps=2,4",
+             "+capacity.seeds=2")
+    assert "comparison" in p.stdout and "steady_req_s" in p.stdout
+    assert "steady_req_s" in (tmp_path / "withcap" / "comparison.txt").read_text()
+
+
+def test_capacity_searches_dry_run_then_table(tmp_path):
+    """``experiments.capacity --dry-run`` writes nothing and bounds the probe runs; after the searches it counts
+    the probes it would reuse; the sweep of searches ends with their capacity table."""
+    search = ["-m", f"output_root={tmp_path}", *RUN, f"capacity.slo_ttft_s={SLO}", "capacity.seeds=2",
+              "capacity.lo=2", "capacity.hi=16", "capacity.tol=4", "policy=round_robin,random"]
+    p = _run("experiments.capacity", *search, "--dry-run")
+    lines = p.stdout.splitlines()
+    assert [ln.split()[:2] for ln in lines[:-1]] == [["would", "search"]] * 2
+    assert "policy=round_robin" in lines[0] and "policy=random" in lines[1]
+    assert "2 seed(s), QPS 2-16 to 4: at most 4 probe runs per seed" in lines[0]
+    assert lines[-1].startswith("dry run: 2 search(es), at most 16 probe run(s)")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing was run or written
+
+    p = _run("experiments.capacity", *search)
+    assert "== sweep default: comparison ==" in p.stdout and "ci_low" in p.stdout
+    assert (tmp_path / "default" / "capacity" / "comparison.txt").is_file()
+    results = {str(f.parent): json.loads(f.read_text()) for f in tmp_path.glob("default/capacity/*/capacity.json")}
+    assert sorted(results) == sorted(ln.split()[2] for ln in lines[:-1])  # the folders the dry run named
+    for r in results.values():
+        assert all(len(s["probes"]) <= 4 for s in r["seeds"])  # within the bound the dry run gave
+
+    p = _run("experiments.capacity", *search, "--dry-run")
+    for line in p.stdout.splitlines()[:-1]:
+        kept = sum(len(s["probes"]) for s in results[line.split()[2]]["seeds"])
+        assert f"; {kept} probe run(s) of its last search on disk, reused" in line, line
+    p = _run("experiments.capacity", "nosuchkey=1", "--dry-run", check=False)
+    assert p.returncode == 2 and "configuration error" in p.stderr
+
+
 def test_bisection_on_a_decimal_grid_gives_clean_numbers():
     from experiments.capacity import bisect
 

@@ -24,10 +24,11 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "block.policies": frozenset({"vidur"}),
     "length_estimation": frozenset({"vidur", "data"}),
     "analysis": frozenset({"vidur"}),  # the run-record format (vidur.records) and nothing else of the simulator
-    "block": frozenset({"vidur", "data", "block.policies", "length_estimation"}),
-    "block.deploy": frozenset({"vidur"}),  # configs and Fabric; it starts services by their command lines
+    "block": frozenset({"vidur", "data", "block.policies", "length_estimation", "block.ports"}),
+    "block.deploy": frozenset({"vidur", "block.ports"}),  # configs and Fabric; it starts services by their command lines
+    "block.ports": frozenset(),  # free ports for services started later: standard library only, for anyone
     "experiments": frozenset({"vidur", "data", "block.policies", "length_estimation", "block", "block.deploy",
-                              "analysis"}),
+                              "block.ports", "analysis"}),
 }
 PACKAGES = ("vidur", "data", "block", "length_estimation", "analysis", "experiments")
 
