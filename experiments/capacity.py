@@ -447,7 +447,7 @@ def capacity_line(result: dict[str, Any], path: Any = None) -> str:
 if __name__ == "__main__":
     schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
     if "--dry-run" in sys.argv[1:]:  # the searches a command would make, and the probes they would reuse
-        from experiments.sweep_report import dry_run_searches
+        from experiments.sweep_report import dry_run, search_plan
 
-        raise SystemExit(dry_run_searches(sys.argv[1:]))
+        raise SystemExit(dry_run(sys.argv[1:], search_plan))
     main()

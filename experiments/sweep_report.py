@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,17 +90,19 @@ def plan(argv: Sequence[str]) -> Plan:
     return p
 
 
-def dry_run(argv: Sequence[str]) -> int:
-    """``python -m experiments.run [overrides] [-m] --dry-run``: print the plan; exit 2 on a bad command line."""
+def dry_run(argv: Sequence[str], planner: Callable[[Sequence[str]], list[str]] | None = None) -> int:
+    """``python -m experiments.run [overrides] [-m] --dry-run``: print the plan (``planner``'s lines; default the
+    runs of ``plan``, ``search_plan`` for ``experiments.capacity``); exit 2 on a bad command line."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    planner = planner or (lambda args: plan(args).lines())
     try:
-        p = plan([a for a in argv if a != "--dry-run"])
+        lines = planner([a for a in argv if a != "--dry-run"])
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
-    for line in p.lines():
+    for line in lines:
         print(line)
     return 0
 
@@ -136,21 +138,6 @@ def yaml_value(text: str) -> Any:
     import yaml
 
     return yaml.safe_load(text)
-
-
-def dry_run_searches(argv: Sequence[str]) -> int:
-    """``python -m experiments.capacity [overrides] [-m] --dry-run``: print the search plan; 2 on a bad command."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        lines = search_plan([a for a in argv if a != "--dry-run"])
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        return 2
-    for line in lines:
-        print(line)
-    return 0
 
 
 # ---------------------------------------------------------------------- the table at the end of a sweep
