@@ -172,6 +172,20 @@ def test_capacity_refine_bars_with_intervals(out):
     assert t["half_interval"].to_numpy() == pytest.approx(((t["ci_high"] - t["ci_low"]) / 2).to_numpy())
 
 
+def test_capacity_refine_gains_pair_the_seeds_against_the_one_llumnix_search():
+    from analysis.capacity_refine import gains_over_llumnix
+
+    df = pd.DataFrame({"policy": ["block_oracle", "llumnix"], "per_seed": ["28;29.4;30.2", "27.2;28.3;29.4;27.4"],
+                       "seed_ids": ["0;1;2", "0;1;2;3"]})
+    g = gains_over_llumnix(df)
+    assert g.loc[0, "gain_over_llumnix_qps"] == pytest.approx((0.8 + 1.1 + 0.8) / 3)  # seeds 0-2 only
+    assert g.loc[0, "gain_ci_low"] < g.loc[0, "gain_over_llumnix_qps"] < g.loc[0, "gain_ci_high"]
+    assert g.loc[1, "gain_over_llumnix_qps"] == 0
+    two = pd.concat([df, df.iloc[[1]]], ignore_index=True)  # which Llumnix- is the reference? none
+    assert "gain_over_llumnix_qps" not in gains_over_llumnix(two).columns
+    assert "gain_over_llumnix_qps" not in gains_over_llumnix(df.iloc[[0]]).columns
+
+
 def test_no_capacity_search_is_a_clear_error(tmp_path, capsys):
     assert capacity_refine.main([str(tmp_path)]) == 2
     assert "python -m experiments.capacity" in capsys.readouterr().err
