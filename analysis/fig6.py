@@ -118,6 +118,47 @@ def capacity_table(tab: pd.DataFrame, slo_s: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def searched_capacities(cap: pd.DataFrame, root: str, slo_s: float) -> tuple[pd.DataFrame, str]:
+    """``cap`` with each policy's capacity taken from its bisection search under ``root`` (``python -m
+    experiments.capacity``, e.g. the capacity_refine preset: mean over seeds and its t-interval) instead of the
+    sweep's interpolation; and the stamp's line saying which is which. A policy with no search there keeps its
+    interpolated bar (marked "interp."); searches at another SLO are refused, as are two searches of one policy."""
+    from analysis.capacity_refine import load_capacities
+
+    found = load_capacities(root)
+    slos = sorted({float(s) for s in found["slo_s"].dropna()})
+    if any(abs(s - slo_s) > 1e-9 for s in slos):
+        raise AnalysisError(f"the capacity searches under {root} are for a {'/'.join(f'{s:g}' for s in slos)} s "
+                            f"SLO, the figure's is {slo_s:g} s (--slo)")
+    dup = found["policy"][found["policy"].duplicated()].unique()
+    if len(dup):
+        raise AnalysisError(f"several capacity searches of {', '.join(dup)} under {root}: pass a folder with one "
+                            "search per policy")
+    by_policy = found.set_index("policy")
+    cap = cap.copy()
+    searched, kept = [], []
+    for i, row in cap.iterrows():
+        if row["policy"] not in by_policy.index:
+            kept.append(row["label"])
+            cap.loc[i, "capacity_text"] = f"{row['capacity_text']} interp."
+            continue
+        s = by_policy.loc[row["policy"]]
+        cap.loc[i, ["capacity_qps", "ci_low", "ci_high", "seeds"]] = [s["capacity"], s["ci_low"], s["ci_high"],
+                                                                       s["seeds"]]
+        cap.loc[i, "bound"] = None
+        cap.loc[i, "capacity_text"] = f"{s['capacity']:.1f}"
+        cap.loc[i, "note"] = f"bisection, {int(s['seeds'])} seeds: {s['path']}"
+        searched.append(row["label"])
+    seeds = sorted({int(x) for x in found["seeds"].dropna()})
+    tol = sorted({float(x) for x in found["tol"].dropna()}) if "tol" in found.columns else []
+    nreq = sorted({int(x) for x in found["num_requests"].dropna()}) if "num_requests" in found.columns else []
+    how = (f"capacity: bisection to {'/'.join(f'{x:g}' for x in tol) or '?'} QPS over {'/'.join(map(str, seeds))} "
+           f"seeds (mean, 95 % t-interval), {'/'.join(map(str, nreq)) or '?'} requests per probe, from the searches "
+           f"in {root}"
+           + (f"; {', '.join(kept)}: linear interpolation between this sweep's QPS points" if kept else ""))
+    return cap, how
+
+
 # ------------------------------------------------------------------------------------------------ figures
 def plot_qps(tab: pd.DataFrame, cap: pd.DataFrame, slo_s: float, styles: dict) -> plt.Figure:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
@@ -281,12 +322,14 @@ def fig6(args: argparse.Namespace) -> list[Path]:
     cap = capacity_table(per_run, slo_s)
     cap["_o"] = cap["label"].map(label_sort_key)
     cap = cap.sort_values("_o").drop(columns="_o").reset_index(drop=True)
-    paths = []
-    fig = plot_qps(tab, cap, slo_s, styles)
     n_seeds = int(cap["seeds"].max())
     how = (f"capacity: the QPS where P99 TTFT crosses {slo_s:g} s, linear interpolation between the QPS points "
            + (f"per seed, mean of {n_seeds} seeds with a 95 % t-interval" if n_seeds > 1 else "of one seed (no interval)")
            + "; to 0.1 QPS by bisection over seeds: python -m experiments.capacity (experiment=capacity_refine)")
+    if args.capacity_from:
+        cap, how = searched_capacities(cap, args.capacity_from, slo_s)
+    paths = []
+    fig = plot_qps(tab, cap, slo_s, styles)
     paths += save_stamped(fig, runs, out, "fig6_qps", how)
     plt.close(fig)
 
@@ -323,6 +366,10 @@ def fig6(args: argparse.Namespace) -> list[Path]:
 
 def _args(ap: argparse.ArgumentParser) -> None:
     add_common_args(ap)
+    ap.add_argument("--capacity-from", default=None, metavar="DIR",
+                    help="draw each policy's capacity from its bisection search under DIR (python -m "
+                         "experiments.capacity, e.g. -m experiment=capacity_refine: several seeds, 0.1 QPS) instead "
+                         "of interpolating this sweep's QPS points")
     ap.add_argument("--qps-list", type=float, nargs="+", default=None, metavar="QPS",
                     help="QPS values for the CDF panels (the closest present are used; default: all when at most 5 "
                          "are present, else those closest to 20 24 28 32 36)")

@@ -120,6 +120,29 @@ def test_fig6_capacity_matches_interpolation(records, tmp_path):
         assert cap.loc[pol, "slo_s"] == pytest.approx(slo)
 
 
+def test_fig6_capacity_from_bisection_searches(records, tmp_path, capsys):
+    """--capacity-from: a policy with a search there gets the search's mean and interval; one without keeps its
+    interpolated bar, marked; searches at another SLO are refused."""
+    search = tmp_path / "searches"
+    cmd = [sys.executable, "-m", "experiments.capacity", f"output_root={search}", "progress=false", "cluster=local4",
+           f"workload.num_requests={N}", "policy=round_robin", "capacity.seeds=2", "capacity.lo=2",
+           "capacity.hi=30", "capacity.tol=8", "capacity.slo_ttft_s=3"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    result = json.loads(next(search.rglob("capacity.json")).read_text())
+    assert fig6.main([str(records / "sweep"), "--capacity-from", str(search), "--out", str(tmp_path / "f")]) == 0
+    cap = pd.read_csv(tmp_path / "f" / "fig6_capacity.csv").set_index("policy")
+    rr = cap.loc["round_robin"]
+    assert rr["seeds"] == 2 and rr["capacity_qps"] == pytest.approx(result["capacity"])
+    assert rr["ci_low"] == pytest.approx(result["ci_low"]) and rr["ci_high"] == pytest.approx(result["ci_high"])
+    assert "bisection, 2 seeds" in rr["note"]
+    assert cap.loc["block_oracle", "capacity_text"].endswith("interp.")  # no search of Block there
+    capsys.readouterr()
+    assert fig6.main([str(records / "sweep"), "--capacity-from", str(search), "--slo", "10",
+                      "--out", str(tmp_path / "g")]) == 2
+    assert "3 s SLO, the figure's is 10 s" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ fig5
 def test_fig5_outputs_and_ranks(records):
     d = records / "acc"
