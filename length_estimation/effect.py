@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from length_estimation.serve import load_estimator
-from vidur.records import write_atomic
+from vidur.records import write_atomic, write_text
 
 log = logging.getLogger("length_estimation.effect")
 
@@ -276,8 +276,8 @@ def figure(points: pd.DataFrame, cap: pd.DataFrame, slo_s: float, path: Path, ti
     fig.suptitle(title, y=0.03, fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 0.92))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=130)
-    fig.savefig(path.with_suffix(".pdf"))
+    for ext in ("png", "pdf"):
+        write_atomic(path.with_suffix(f".{ext}"), lambda tmp, ext=ext: fig.savefig(tmp, dpi=130, format=ext))
     plt.close(fig)
 
 
@@ -309,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t0 = time.perf_counter()
     if not args.report_only:
         acc = write_tagged_test_split(args.estimator, data_file)
-        acc_file.write_text(json.dumps(acc, indent=1))
+        write_text(acc_file, json.dumps(acc, indent=1))
         log.info("estimator %s on the %d held-out rows: MAE %.1f, MAPE %.1f%%", acc["estimator"], acc["rows"],
                  acc["mae"], acc["mape"])
         run_sweeps(data_file.resolve(), tag, out.resolve(), qps, args.num_requests, noise, args.k, args.force,
@@ -317,7 +317,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     acc = json.loads(acc_file.read_text()) if acc_file.exists() else None
     raw = collect(run_root)
     cap = capacities(run_root, args.slo)
-    raw.merge(cap[["variant", "capacity"]], on="variant", how="left").to_csv(run_root / "effect.csv", index=False)
+    merged = raw.merge(cap[["variant", "capacity"]], on="variant", how="left")
+    write_atomic(run_root / "effect.csv", lambda tmp: merged.to_csv(tmp, index=False))
     points = mean_over_seeds(raw)
     n_req = int(raw["num_requests"].iloc[0])
     k = raw["k"].iloc[0]
@@ -330,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              f"seed(s), 12 x A30 Llama-2-7B, k={k}, chunked prefill 512, batch cap 48; capacity at P99 TTFT "
              f"{args.slo:g} s (analysis.capacity)")
     md = (f"# Effect of length estimation ({tag})\n\n{title}.\n\n" + table(points, cap, acc))
-    (run_root / "effect.md").write_text(md)
+    write_text(run_root / "effect.md", md)
     figure(points, cap, args.slo, run_root / "effect", title)
     sys.stdout.write(md)
     print(f"\nwrote {run_root / 'effect.csv'}, {run_root / 'effect.md'}, {run_root / 'effect.png'} "
