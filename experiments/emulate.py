@@ -38,15 +38,10 @@ from experiments.local_stack import LocalStack
 from experiments.provision_live import ProvisionAgent, provisioning_args, provisioning_records, settle
 from experiments.logger import interactive
 from experiments.pools import describe as describe_pools, kinds as pool_kinds, run_pools
-from vidur.records import instances_frame, summarize, write_run
+from vidur.records import instances_frame, summarize, write_run, write_yaml
 from vidur.types import EngineConfig
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /state sample otherwise
-
-
-def _write_yaml(path: Path, node: Any) -> str:
-    path.write_text(OmegaConf.to_yaml(node, resolve=True))
-    return str(path)
 
 
 def engine_args(cfg: DictConfig, conf_dir: Path, ecfg: Optional[EngineConfig] = None) -> list[str]:
@@ -54,9 +49,9 @@ def engine_args(cfg: DictConfig, conf_dir: Path, ecfg: Optional[EngineConfig] = 
     pinned by the override options to ``ecfg`` (the validated engine config; built from ``cfg`` when None)."""
     ec = wiring.engine_config(cfg) if ecfg is None else ecfg
     return [
-        "--model-config", _write_yaml(conf_dir / "model.yaml", cfg.model),
-        "--gpu", _write_yaml(conf_dir / "gpu.yaml", cfg.gpu),
-        "--engine", _write_yaml(conf_dir / "engine.yaml", cfg.engine),
+        "--model-config", write_yaml(conf_dir / "model.yaml", cfg.model),
+        "--gpu", write_yaml(conf_dir / "gpu.yaml", cfg.gpu),
+        "--engine", write_yaml(conf_dir / "engine.yaml", cfg.engine),
         *engine_flags(ec),
     ]
 
@@ -68,9 +63,9 @@ def pool_engine_args(cfg: DictConfig, conf_dir: Path, pools: list) -> list[list[
     for j, pool in enumerate(pools):
         d = conf_dir / f"pool{j}"
         d.mkdir(parents=True, exist_ok=True)
-        args = ["--model-config", _write_yaml(d / "model.yaml", cfg.model),
-                "--gpu", _write_yaml(d / "gpu.yaml", pool.gpu_config),
-                "--engine", _write_yaml(d / "engine.yaml", pool.engine_config), *engine_flags(pool.setup.engine)]
+        args = ["--model-config", write_yaml(d / "model.yaml", cfg.model),
+                "--gpu", write_yaml(d / "gpu.yaml", pool.gpu_config),
+                "--engine", write_yaml(d / "engine.yaml", pool.engine_config), *engine_flags(pool.setup.engine)]
         out.extend([args] * pool.count)
     return out
 
@@ -89,7 +84,7 @@ def vllm_sized(cfg: DictConfig, flags: list[str]) -> list[str]:
 def scheduler_args(cfg: DictConfig, predictor_urls: list[str], log_file: Path) -> list[str]:
     """The scheduler's command line: the resolved policy config as a file, k explicit (null = all instances)."""
     policy_file = log_file.with_name("policy.yaml")
-    _write_yaml(policy_file, cfg.policy)
+    write_yaml(policy_file, cfg.policy)
     k = cfg.policy.get("k")
     return ["--instances", ",".join(predictor_urls), "--policy-config", str(policy_file),
             "--k", "all" if k is None else str(int(k)), "--seed", str(int(cfg.seed)),

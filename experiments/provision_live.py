@@ -34,7 +34,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from vidur.records import write_parquet, write_yaml
 
 log = logging.getLogger("experiments.provision_live")
 
@@ -263,15 +265,10 @@ class ProvisionAgent:
 
 
 # ------------------------------------------------------------------------------------------------ emulate's wiring
-def _write_yaml(path: Path, node: Any) -> str:
-    path.write_text(OmegaConf.to_yaml(node, resolve=True))
-    return str(path)
-
-
 def provisioning_args(cfg: DictConfig, conf_dir: Path, agent_url: str, n: int, j: int) -> list[str]:
     """Scheduler ``j``'s auto-provisioning flags: the back pool starts through the agent; every scheduler shares
     one lock directory (one starts each slot, the others adopt it) and logs its events to ``provision<j>.jsonl``."""
-    conf = _write_yaml(conf_dir / "provisioning.yaml", cfg.provisioning)
+    conf = write_yaml(conf_dir / "provisioning.yaml", cfg.provisioning)
     return ["--provision-config", conf, "--provision-slots", str(n), "--provision-agent", agent_url,
             "--provision-lock-dir", str(conf_dir / "provision-locks"),
             "--provision-time-scale", str(float(cfg.mode.time_scale)),
@@ -327,7 +324,7 @@ class DeployBackPool:
         """Move the back-pool slots' engines and predictors from each host's start plan into ``backpool.json``;
         the schedulers get the initial pool as ``--instances`` and the provisioning flags."""
         scale, n = float(self.cfg.mode.time_scale), self.n
-        conf = _write_yaml(Path(staging) / "provisioning.yaml", self.cfg.provisioning)
+        conf = write_yaml(Path(staging) / "provisioning.yaml", self.cfg.provisioning)
         back = {f"{role}{i}": i for i in range(self.initial, n) for role in ("engine", "predictor")}
         for host, hp in plan.plans.items():
             mine = [svc for svc in hp["services"] if svc["name"] in back]
@@ -386,8 +383,8 @@ class DeployBackPool:
             logs.append((d / f"scheduler{k}.jsonl", d / f"provision{k}.jsonl"))
         req, prov, summary = provisioning_records(self.cfg, None, pd.read_parquet(src / "requests.parquet"), m,
                                                   self.agent.starts, self.agent.stops, logs)
-        req.to_parquet(src / "requests.parquet", index=False)
-        prov.to_parquet(Path(run_dir) / "provisioning.parquet", index=False)
+        write_parquet(src / "requests.parquet", req)
+        write_parquet(Path(run_dir) / "provisioning.parquet", prov)
         return summary
 
 

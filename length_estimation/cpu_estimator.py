@@ -576,9 +576,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     df = evaluate_models(args.model or ["cpu"], args.dataset, args.seed, cache)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / "metrics.csv", index=False)
+    from vidur.records import write_atomic, write_text
+
+    write_atomic(out_dir / "metrics.csv", lambda tmp: df.to_csv(tmp, index=False))
     md = _markdown(df)
-    (out_dir / "metrics.md").write_text(md)
+    write_text(out_dir / "metrics.md", md)
     sys.stdout.write(md)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from vidur.execution_model import CODE_VERSION, LAYER_OPS, ExecutionModel
+from vidur.records import write_atomic, write_text
 from vidur.specs import GpuSpec, ModelSpec
 
 STEP_COLUMNS = ("prefill_chunks", "num_decode", "decode_kv_sum", "step_s")
@@ -63,7 +64,7 @@ def write_steps(path: PathLike, steps: Sequence[Step], times: Sequence[float]) -
     df = pd.DataFrame({"prefill_chunks": [format_chunks(p) for p, _, _ in steps],
                        "num_decode": [int(b) for _, b, _ in steps], "decode_kv_sum": [int(s) for _, _, s in steps],
                        "step_s": [float(t) for t in times]})
-    df.to_csv(path, index=False)
+    write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
     return Path(path)
 
 
@@ -229,7 +230,7 @@ def fit_profile(steps_csv: PathLike, model: ModelSpec, gpu: GpuSpec, out_json: P
     steps, times = read_steps(steps_csv)
     params = to_params(fit_steps(steps, times, ridge), model, gpu, tp, source=str(steps_csv))
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(params))
+    write_text(out_json, json.dumps(params))
     return params
 
 

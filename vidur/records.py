@@ -182,6 +182,15 @@ def write_text(path: Path | str, text: str) -> None:
     write_atomic(path, text.encode())
 
 
+def write_yaml(path: Path | str, node: Any) -> str:
+    """An OmegaConf node as resolved YAML, written atomically; the path as a string (the services read such files
+    from their command lines)."""
+    from omegaconf import OmegaConf
+
+    write_text(path, OmegaConf.to_yaml(node, resolve=True))
+    return str(path)
+
+
 def write_parquet(path: Path | str, df: pd.DataFrame) -> None:
     write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 

@@ -157,8 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if result.run_dir is not None:
         print(f"run records: {result.run_dir}")
     if args.result_json:
-        with open(args.result_json, "w") as f:
-            json.dump(result.summary, f, indent=2, sort_keys=True)
+        from vidur.records import write_text
+
+        write_text(args.result_json, json.dumps(result.summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
