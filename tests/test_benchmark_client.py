@@ -195,13 +195,14 @@ def test_cli_writes_the_run_and_prints_the_vllm_summary(engine, dataset, tmp_pat
                         str(dataset), "--num-requests", "4", "--request-rate", "inf", "--max-concurrency", "2",
                         "--time-scale", str(SCALE), "--hint", "predicted", "--endpoint", "/v1/chat/completions",
                         "--output-dir", str(out), "--disable-tqdm", "--goodput", "ttft:10000", "--seed", "5",
-                        "--token", "secret-xyz"],
+                        "--token", "secret-xyz", "--result-json", str(tmp_path / "result.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Serving Benchmark Result" in r.stdout and "Median TTFT (ms):" in r.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["completed"] + s["failed"] == 4 and s["max_concurrent_requests"] <= 2
     assert s["request_rate"] == "inf" and s["endpoint"] == "/v1/chat/completions"
+    assert json.loads((tmp_path / "result.json").read_text()) == s  # --result-json: the same summary
     df = pd.read_parquet(out / "requests.parquet")
     ok = df[df["status"] == "ok"]
     assert (ok["predicted_tokens"] == ok["expected_output_tokens"] + 3).all()  # the dataset's prediction column
