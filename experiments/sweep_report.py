@@ -124,10 +124,12 @@ def search_plan(argv: Sequence[str]) -> list[str]:
             if key.startswith("capacity."):
                 OmegaConf.update(c, key[len("capacity."):], yaml_value(value))
         per_seed = probes_per_seed(float(c.lo), float(c.hi), float(c.tol), int(c.max_probes), c.get("grid"))
-        most += int(c.seeds) * per_seed
+        seeds = c.get("seeds")  # a count, a list of seeds, or null (the run's own seed)
+        n_seeds = 1 if seeds is None else len(seeds) if OmegaConf.is_list(seeds) else int(seeds)
+        most += n_seeds * per_seed
         kept = recorded_probes(d)
         again = f"; {kept} probe run(s) of its last search on disk, reused" if kept else ""
-        lines.append(f"would search  {d}  ({int(c.seeds)} seed(s), QPS {float(c.lo):g}-{float(c.hi):g} to "
+        lines.append(f"would search  {d}  ({n_seeds} seed(s), QPS {float(c.lo):g}-{float(c.hi):g} to "
                      f"{float(c.tol):g}: at most {per_seed} probe runs per seed{again})")
     lines.append(f"dry run: {len(lines)} search(es), at most {most} probe run(s) (nothing was run or written)")
     return lines
