@@ -201,6 +201,8 @@ def test_capacity_searches_dry_run_then_table(tmp_path):
     for line in p.stdout.splitlines()[:-1]:
         kept = sum(len(s["probes"]) for s in results[line.split()[2]]["seeds"])
         assert f"; {kept} probe run(s) of its last search on disk, reused" in line, line
+    p = _run("experiments.capacity", f"output_root={tmp_path}", *RUN, "capacity.seeds=[3,7]", "--dry-run")
+    assert "(2 seed(s), QPS 10-60 to 0.1" in p.stdout  # a list of seeds counts its seeds (the default bracket)
     p = _run("experiments.capacity", "nosuchkey=1", "--dry-run", check=False)
     assert p.returncode == 2 and "configuration error" in p.stderr
 
