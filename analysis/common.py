@@ -597,7 +597,8 @@ def stamp_text(runs: Sequence[Run], note: str = "") -> str:
         device += f" TP {_join(tps)}"
     parts = [" + ".join(kinds), f"{device}, {_join(models)}"]
     if "sim" in modes or "emulate" in modes:
-        parts.append(f"profile {_join(profiles)}" + (f", vLLM {_join(rules)} rules" if rules else ""))
+        parts.append((f"profile {_join(profiles)}" if profiles else "no profile: roofline step times")
+                     + (f", vLLM {_join(rules)} rules" if rules else ""))
     req = _values_of(runs, "workload.num_requests", "num_requests")
     parts.append(f"{_join(req)} requests per point")
     seeds = _values_of(runs, "seed", "seed")

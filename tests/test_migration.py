@@ -323,6 +323,10 @@ def test_analysis_draws_ours_beside_the_published_points(composer, tmp_path):
     assert tab.set_index("policy").loc["llumnix_full", "num_migrations"] >= 0
     assert tab.set_index("policy").loc["block_oracle", "num_migrations"] == 0
     assert (root / "figures" / "llumnix_full.png").stat().st_size > 0
+    from analysis.common import stamp_text
+    from analysis.records import find_runs
+
+    assert "no profile: roofline step times" in stamp_text(find_runs(root))  # the A100 has no measured profile
 
 
 def test_live_scheduler_refuses_llumnix_full():
