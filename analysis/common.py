@@ -264,6 +264,28 @@ def comparable_runs(runs: Sequence[Run], what: str) -> list[Run]:
     if not keep:
         raise AnalysisError(f"{what}: every run found is an auto-provisioning or accuracy-sampling run; "
                             "point it at a policy sweep")
+    return one_run_length(keep, what)
+
+
+def one_run_length(runs: Sequence[Run], what: str) -> list[Run]:
+    """The runs of one request count: where a folder holds runs of several ``workload.num_requests`` (a sweep re-run
+    at another scale writes beside the old one: the README's main job went from 3,000 to 10,000 requests), a figure
+    would average them as if they were seeds and interpolate between them. Keeps the largest count's runs and says
+    what it left out and how to draw it (``--filter workload.num_requests=N``)."""
+    def count(r: Run) -> int | None:
+        v = r.get("workload.num_requests")
+        v = r.summary.get("num_requests") if v is None else v
+        return None if v is None else int(v)
+
+    counts = {count(r) for r in runs}
+    if len(counts) < 2:
+        return list(runs)
+    best = max((c for c in counts if c is not None), default=None)
+    keep = [r for r in runs if count(r) == best]
+    others = sorted((c for c in counts if c != best), key=lambda c: (c is None, c or 0))
+    log.warning("%s: runs of %s requests found; drawing the %d of %s requests, leaving out %d of %s (draw those with "
+                "--filter workload.num_requests=N)", what, ", ".join(str(c) for c in sorted(c for c in counts if c)),
+                len(keep), best, len(runs) - len(keep), ", ".join(map(str, others)))
     return keep
 
 

@@ -143,6 +143,24 @@ def test_fig6_capacity_from_bisection_searches(records, tmp_path, capsys):
     assert "3 s SLO, the figure's is 10 s" in capsys.readouterr().err
 
 
+def test_fig6_draws_one_request_count_when_a_folder_holds_two(records, tmp_path, caplog):
+    """A sweep re-run at another scale writes beside the old one: the figure draws the larger runs only (mixing them
+    averaged a 3,000- and a 10,000-request run as if they were two seeds) and says what it left out."""
+    import shutil
+
+    d = tmp_path / "sweep"
+    shutil.copytree(records / "sweep", d)
+    p = subprocess.run(_sim(f"output_root={tmp_path}", "experiment_name=sweep", "policy=round_robin", "workload.qps=4",
+                            f"workload.num_requests={N // 2}"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert fig6.main([str(d), "--out", str(tmp_path / "f")]) == 0
+    summ = pd.read_csv(tmp_path / "f" / "fig6_summary.csv")
+    assert len(summ) == 4 and set(summ["completed"]) == {N}  # the four runs of N requests, not the short one
+    assert f"leaving out 1 of {N // 2}" in caplog.text
+    assert fig6.main([str(d), "--out", str(tmp_path / "g"), "--filter", f"workload.num_requests={N // 2}"]) == 0
+    assert list(pd.read_csv(tmp_path / "g" / "fig6_summary.csv")["completed"]) == [N // 2]
+
+
 # ------------------------------------------------------------------------------------------------ fig5
 def test_fig5_outputs_and_ranks(records):
     d = records / "acc"
