@@ -136,7 +136,7 @@ def searched_capacities(cap: pd.DataFrame, root: str, slo_s: float) -> tuple[pd.
                             "search per policy")
     by_policy = found.set_index("policy")
     cap = cap.copy()
-    searched, kept = [], []
+    kept = []
     for i, row in cap.iterrows():
         if row["policy"] not in by_policy.index:
             kept.append(row["label"])
@@ -148,7 +148,6 @@ def searched_capacities(cap: pd.DataFrame, root: str, slo_s: float) -> tuple[pd.
         cap.loc[i, "bound"] = None
         cap.loc[i, "capacity_text"] = f"{s['capacity']:.1f}"
         cap.loc[i, "note"] = f"bisection, {int(s['seeds'])} seeds: {s['path']}"
-        searched.append(row["label"])
     seeds = sorted({int(x) for x in found["seeds"].dropna()})
     tol = sorted({float(x) for x in found["tol"].dropna()}) if "tol" in found.columns else []
     nreq = sorted({int(x) for x in found["num_requests"].dropna()}) if "num_requests" in found.columns else []

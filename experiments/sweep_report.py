@@ -115,14 +115,11 @@ def search_plan(argv: Sequence[str]) -> list[str]:
     from experiments.logger import sweep_jobs
 
     cfg, multirun = compose_for(argv, CAPACITY_CONFIG)
-    jobs = sweep_jobs(cfg) if multirun else [[]]
+    # each job's own config, as Hydra composes it (a sweep may set capacity.* per job)
+    configs = [compose_for(job, CAPACITY_CONFIG)[0] for job in sweep_jobs(cfg)] if multirun else [cfg]
     lines, most = [], 0
-    for d, job in zip(run_dirs(cfg, multirun), jobs):
-        c = OmegaConf.create(OmegaConf.to_container(cfg.capacity, resolve=True))
-        for o in job:  # a sweep may set capacity.* per job
-            key, _, value = o.lstrip("+").partition("=")
-            if key.startswith("capacity."):
-                OmegaConf.update(c, key[len("capacity."):], yaml_value(value))
+    for d, job_cfg in zip(run_dirs(cfg, multirun), configs):
+        c = job_cfg.capacity
         per_seed = probes_per_seed(float(c.lo), float(c.hi), float(c.tol), int(c.max_probes), c.get("grid"))
         seeds = c.get("seeds")  # a count, a list of seeds, or null (the run's own seed)
         n_seeds = 1 if seeds is None else len(seeds) if OmegaConf.is_list(seeds) else int(seeds)
@@ -133,13 +130,6 @@ def search_plan(argv: Sequence[str]) -> list[str]:
                      f"{float(c.tol):g}: at most {per_seed} probe runs per seed{again})")
     lines.append(f"dry run: {len(lines)} search(es), at most {most} probe run(s) (nothing was run or written)")
     return lines
-
-
-def yaml_value(text: str) -> Any:
-    """An override's value as Hydra reads it (``0.5`` a float, ``null`` None)."""
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 # ---------------------------------------------------------------------- the table at the end of a sweep
