@@ -201,7 +201,8 @@ def run_probe(cfg: DictConfig, qps: float, seed: Optional[int] = None) -> dict[s
     """One run at ``qps`` (and ``seed``; default the job's), skipped if its summary exists or an earlier search
     stopped it early at an SLO at least as strict; returns its summary (``_early_stop`` set when stopped early)."""
     from experiments import logger as run_logger
-    from experiments.run import run_one
+    from experiments.run import reusable, run_one
+    from experiments.sim import model_fingerprint
     from vidur.records import is_complete
 
     seed = int(cfg.seed) if seed is None else int(seed)
@@ -215,11 +216,14 @@ def run_probe(cfg: DictConfig, qps: float, seed: Optional[int] = None) -> dict[s
     slo_s = float(cfg.capacity.slo_ttft_s)
     early = bool(cfg.capacity.get("early_stop", False)) and str(cfg.mode.name) == "sim"
     stop_file = _early_stop_file(cfg, run_dir)
+    fingerprint = model_fingerprint(run_cfg) if early else None
     if early and not is_complete(run_dir) and not cfg.get("force", False) and stop_file.is_file():
         verdict = json.loads(stop_file.read_text())
-        if float(verdict["slo_ttft_s"]) >= slo_s:  # TTFTs over a larger SLO are over this one too
+        # TTFTs over a larger SLO are over this one too; a verdict under another execution model is not this run's
+        if (float(verdict["slo_ttft_s"]) >= slo_s
+                and verdict.get("execution_model", fingerprint) == fingerprint):
             return {"p99_ttft_ms": None, "_early_stop": verdict, "_run_dir": str(run_dir)}
-    if early and not (is_complete(run_dir) and not cfg.get("force", False)):
+    if early and not reusable(run_cfg, run_dir):
         from experiments.sim import WATCH
 
         token = WATCH.set(ViolationWatch(slo_s, int(run_cfg.workload.num_requests)))
@@ -228,7 +232,8 @@ def run_probe(cfg: DictConfig, qps: float, seed: Optional[int] = None) -> dict[s
         except SloViolated as stop:
             verdict = {"slo_ttft_s": slo_s, "violations": stop.violations, "needed": stop.needed,
                        "stopped_at_s": stop.at_s, "arrived": stop.arrived,
-                       "num_requests": int(run_cfg.workload.num_requests), "qps": float(qps), "seed": seed}
+                       "num_requests": int(run_cfg.workload.num_requests), "qps": float(qps), "seed": seed,
+                       "execution_model": fingerprint}
             write_json_atomic(stop_file, verdict)
             log.info("probe qps=%s seed=%d stopped early: %s", fmt_qps(qps), seed, stop)
             return {"p99_ttft_ms": None, "_early_stop": verdict, "_run_dir": str(run_dir)}

@@ -41,18 +41,59 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def stale(cfg: DictConfig, run_dir: Path) -> Optional[str]:
+    """Why the finished sim run in ``run_dir`` is not ``cfg``'s any more, or None: its summary records the fingerprint
+    of the execution model it ran under (``experiments.sim.model_fingerprint``), which changes with the profiles, the
+    fitting code and the specs. A summary without one (written before fingerprints were recorded) is kept."""
+    import json
+
+    from vidur.records import SUMMARY_FILE
+
+    if str(cfg.mode.name) != "sim":
+        return None
+    try:
+        old = json.loads((run_dir / SUMMARY_FILE).read_text()).get("execution_model")
+    except (OSError, ValueError):
+        return None
+    if old is None:
+        return None
+    from experiments.sim import model_fingerprint
+
+    new = model_fingerprint(cfg)
+    if new == old:
+        return None
+    return f"its execution model changed since it ran ({old} -> {new}: profiles, fitting code or model/GPU specs)"
+
+
+def reusable(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg`` to keep (a sweep resumes past it): it has its summary,
+    ``force`` is off and it is not ``stale`` (then it says why, and the run is done again)."""
+    from vidur.records import is_complete
+
+    if cfg.get("force", False) or not is_complete(run_dir):
+        return False
+    why = stale(cfg, run_dir)
+    if why is not None:
+        log.warning("rerun %s: %s", run_dir, why)
+        return False
+    return True
+
+
 def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
-    """Run ``cfg`` into ``run_dir`` unless it already has a summary (resume); return the summary.
+    """Run ``cfg`` into ``run_dir`` unless it already holds that run (``reusable``: resume); return the summary.
 
     The one place a run's config is validated (``wiring.validate``: schema, engine, provisioning); the modes get the
     resolved engine config and do not check again. A run start owns its directory, so it first removes the temp
-    files a killed writer left there.
+    files a killed writer left there, and the summary of a run it does again (so that an interrupted redo is not
+    taken for finished).
     """
-    from vidur.records import is_complete, remove_stale_tmp
+    from vidur.records import SUMMARY_FILE, is_complete, remove_stale_tmp
 
     if is_complete(run_dir) and not cfg.get("force", False):
-        log.info("skip %s: summary.json exists (force=true reruns)", run_dir)
-        return None
+        if reusable(cfg, run_dir):
+            log.info("skip %s: summary.json exists (force=true reruns)", run_dir)
+            return None
+        (run_dir / SUMMARY_FILE).unlink()
     ecfg = wiring.validate(cfg)
     if str(cfg.mode.name) != "sim":
         from block.policies.llumnix_full import MIGRATING_POLICIES

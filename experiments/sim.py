@@ -26,6 +26,16 @@ from vidur.types import EngineConfig
 WATCH: ContextVar[Optional[Callable[[Cluster], None]]] = ContextVar("sim_watch", default=None)
 
 
+def model_fingerprint(cfg: DictConfig) -> str:
+    """The fingerprint of the execution model(s) a sim run of ``cfg`` uses (one per pool, joined by '+'): it changes
+    with the profiles, the fitting code and the model/GPU specs (``ExecutionModel.fingerprint``)."""
+    pools = run_pools(cfg)
+    if pools is None:
+        return wiring.execution_model(cfg).fingerprint
+    cache_dir = OmegaConf.select(cfg, "cache_dir", default=None)
+    return "+".join(p.setup.execution_model(cache_dir).fingerprint for p in pools)
+
+
 def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any]:
     """Simulate the run of a validated ``cfg`` (``experiments.run.run_one``) into ``run_dir``."""
     t0 = time.perf_counter()
@@ -63,6 +73,7 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
         sim_requests_per_wall_s=len(requests) / max(result.wall_s, 1e-9),
         compiled_sim=compiled.active(),  # the speed figures above came from the compiled build (vidur.speedups)
     )
+    summary["execution_model"] = model_fingerprint(cfg)  # a resumed sweep reruns the run if this changes
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     extra = {}
     if pools is not None:

@@ -36,9 +36,11 @@ class Plan:
 
     run: list[Path] = field(default_factory=list)
     skip: list[Path] = field(default_factory=list)
+    stale: dict[Path, str] = field(default_factory=dict)  # finished runs among ``run`` that would be done again: why
 
     def lines(self) -> list[str]:
-        out = [f"would run  {d}" for d in self.run] + [f"skip       {d}  (summary.json exists)" for d in self.skip]
+        out = [f"would run  {d}" + (f"  (again: {self.stale[d]})" if d in self.stale else "") for d in self.run]
+        out += [f"skip       {d}  (summary.json exists)" for d in self.skip]
         total = len(self.run) + len(self.skip)
         out.append(f"dry run: {len(self.run)} of {total} run(s) would run, {len(self.skip)} would be skipped "
                    "(nothing was run or written)")
@@ -79,14 +81,33 @@ def run_dirs(cfg: DictConfig, multirun: bool) -> list[Path]:
 
 
 def plan(argv: Sequence[str]) -> Plan:
-    """Which runs of ``argv`` would run and which would be skipped (``force=true`` reruns every one)."""
-    from vidur.records import is_complete
+    """Which runs of ``argv`` would run and which would be skipped (``force=true`` reruns every one). A finished run
+    whose summary records an execution-model fingerprint is checked against its job's own config (composed here,
+    about 0.15 s a job) and listed to run again when it is stale (``experiments.run.stale``), as the sweep would."""
+    from experiments.run import stale
+    from vidur.records import SUMMARY_FILE, is_complete
 
     cfg, multirun = compose_for(argv)
     force = bool(cfg.get("force", False))
     p = Plan()
-    for d in run_dirs(cfg, multirun):
-        (p.skip if is_complete(d) and not force else p.run).append(d)
+    if multirun:
+        from experiments.logger import sweep_jobs
+
+        jobs = [list(j) for j in sweep_jobs(cfg)]
+    else:
+        jobs = [[a for a in argv if a not in MULTIRUN_FLAGS]]
+    for d, job in zip(run_dirs(cfg, multirun), jobs):
+        if not is_complete(d) or force:
+            p.run.append(d)
+            continue
+        why = None
+        if '"execution_model"' in (d / SUMMARY_FILE).read_text():
+            why = stale(compose_for(job)[0], d)
+        if why is None:
+            p.skip.append(d)
+        else:
+            p.run.append(d)
+            p.stale[d] = why
     return p
 
 

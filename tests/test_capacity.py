@@ -141,6 +141,18 @@ def test_bisection_on_real_runs_reuses_and_resumes(grid_sweep):
     r2 = json.loads(files[0].read_text())
     assert r2["capacity"] == r["capacity"] and [p["qps"] for p in r2["probes"]] == [p["qps"] for p in r["probes"]]
     assert all((Path(d) / "summary.json").stat().st_mtime_ns == m for d, m in mtimes.items())
+    # an early-stop verdict records the execution model it was reached under; one reached under another model (the
+    # profiles changed) is not reused: that probe runs again (and stops early again), the others are kept
+    verdicts = sorted((root / "capacity" / "early_stop").glob("*.json"))
+    assert verdicts
+    fingerprint = json.loads((sweep_dir / "summary.json").read_text())["execution_model"]
+    assert all(json.loads(v.read_text())["execution_model"] == fingerprint for v in verdicts)
+    v = json.loads(verdicts[0].read_text())
+    verdicts[0].write_text(json.dumps({**v, "execution_model": "0123456789abcdef"}))
+    _run(*args)
+    assert json.loads(verdicts[0].read_text())["execution_model"] == fingerprint
+    assert json.loads(files[0].read_text())["capacity"] == r["capacity"]
+    assert all((Path(d) / "summary.json").stat().st_mtime_ns == m for d, m in mtimes.items())
 
 
 def test_capacity_help():

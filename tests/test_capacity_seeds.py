@@ -161,6 +161,15 @@ def test_dry_run_lists_runs_and_skips_and_writes_nothing(tmp_path):
     p = _run("experiments.run", f"output_root={tmp_path}", "experiment_name=dry", *RUN, "workload.qps=2",
              "--dry-run")
     assert p.stdout.splitlines()[0].startswith("skip") and "0 of 1 run(s) would run" in p.stdout
+    # a finished run made under another execution model would be done again, and the dry run says so (its summary
+    # is edited as a change of profiles would leave it; editing it is the only write here)
+    summary = Path(next(ln for ln in lines if ln.startswith("skip")).split()[1]) / "summary.json"
+    assert summary.is_file()
+    s = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**s, "execution_model": "0123456789abcdef"}))
+    p = _run("experiments.run", *sweep[:-1], "workload.qps=2,4,6", "--dry-run")
+    again = [ln for ln in p.stdout.splitlines() if "(again: its execution model changed" in ln]
+    assert len(again) == 1 and str(summary.parent) in again[0] and "2 of 3 run(s) would run" in p.stdout
     p = _run("experiments.run", "-m", "experiment=fig6", f"output_root={tmp_path}", "--dry-run")
     assert "119 of 119 run(s) would run" in p.stdout
     p = _run("experiments.run", "nosuchkey=1", "--dry-run", check=False)

@@ -293,6 +293,36 @@ def test_resume_redoes_only_missing_runs(smoke_sweep, tmp_path):
     assert redone == {victim}
 
 
+def test_a_run_made_under_another_execution_model_is_redone(smoke_sweep, tmp_path):
+    """A finished run records its execution model's fingerprint; when the profiles, the fitting code or the specs
+    change it (simulated here by editing one recorded fingerprint), a resumed sweep does that run again and says why;
+    runs whose fingerprint matches, or that have none (written before fingerprints), are kept."""
+    import shutil
+
+    src, _ = smoke_sweep
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    root = tmp_path / "smoke"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/summary.json")}
+    fp = {s["execution_model"] for s in summaries.values()}
+    assert len(fp) == 1 and len(fp.pop()) == 16  # one model (local4's) for every run
+    stale, old = "policy=round_robin,workload.qps=8", "policy=block_oracle,workload.qps=8"
+    for name, value in ((stale, "0123456789abcdef"), (old, None)):
+        s = dict(summaries[name])
+        if value is None:
+            s.pop("execution_model")
+        else:
+            s["execution_model"] = value
+        (root / name / "summary.json").write_text(json.dumps(s))
+    before = _summaries(root)
+    p = _run("experiments.run", "-m", "experiment=smoke", f"output_root={tmp_path}", "progress=false")
+    after = _summaries(root)
+    assert {k for k in after if after[k] != before[k]} == {stale}
+    assert "its execution model changed since it ran (0123456789abcdef ->" in p.stderr + p.stdout
+    redone = json.loads((root / stale / "summary.json").read_text())
+    assert redone["execution_model"] == summaries[stale]["execution_model"]
+    assert redone["p99_ttft_ms"] == summaries[stale]["p99_ttft_ms"]  # the same run, done again
+
+
 def test_a_crashed_run_leaves_no_summary_and_is_redone(tmp_path):
     # a crash while one run writes its records (after config.yaml and requests.parquet)
     crash = (

@@ -57,6 +57,10 @@ class ExecutionModel:
 
     def __init__(self, params: dict, cpu_overhead_s: float = 0.0):
         self.params = params
+        # what a run records of its model, so that a resumed sweep knows a run made under other profiles, fitting
+        # code or specs (``experiments.run.stale``): the fit's cache key, or a hash of the parameters given
+        self.fingerprint = str(params.get("key") or hashlib.sha256(
+            json.dumps(params, sort_keys=True, default=str).encode()).hexdigest())[:16]
         self.model = ModelSpec.from_dict(params["model"])
         self.gpu = GpuSpec.from_dict(params["gpu"])
         self.tp = int(params["tp"])

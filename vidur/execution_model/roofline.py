@@ -16,11 +16,18 @@ from vidur.execution_model.numerics import GEMM_OPS, TABLE_BATCH, TOKEN_OPS, Pat
 from vidur.execution_model.profiles import _attention_dims, _profile_models, read_attention, read_mlp
 from vidur.specs import A30, GpuSpec, ModelSpec
 
+# The profiles the attention efficiencies are calibrated on. Qwen2-7B's only, as before the measured Llama-2-7B A30
+# attention profile was bundled: calibrated on both, decode's per-sequence overhead triples (MHA's 32 KV heads
+# against GQA's 4 take other kernel paths) and every GPU without a profile (the A100s of llumnix_full and the mixed
+# pool) would get other step times; that recalibration needs its own re-runs (docs/execution_model.md).
+ATTENTION_CALIBRATION_MODELS: tuple[str, ...] = ("Qwen/Qwen-2-7B",)
+
 # Roofline efficiencies measured on the A30 profiles (ExecutionModel.calibrate_roofline on data/profiling); used
 # only when the A30 profile is not available under profile_root. A test checks they match a fresh calibration.
 DEFAULT_ROOFLINE: dict[str, Any] = {
     "gpu": "A30",
     "models": ["Qwen/Qwen-2-7B", "meta-llama/Llama-2-7b-hf"],
+    "attention_models": list(ATTENTION_CALIBRATION_MODELS),
     "input_layernorm": {"overhead_ms": 0.00482, "eff_compute": None, "eff_memory": 0.4014},
     "attn_pre_proj": {"overhead_ms": 0.01899, "eff_compute": 0.7218, "eff_memory": 1.0},
     "attn_rope": {"overhead_ms": 0.005356, "eff_compute": None, "eff_memory": 0.5561},
@@ -137,16 +144,21 @@ def _roof_ms(cal: dict, F, B, tflops: float, hbm: float) -> np.ndarray:
     return cal["overhead_ms"] + np.asarray(F, dtype=float) / (P * cal["eff_compute"]) + tb
 
 
-def calibrate_roofline(profile_root: PathLike, gpu: GpuSpec = A30, only_models: Optional[Sequence[str]] = None
-                       ) -> dict[str, Any]:
+def calibrate_roofline(profile_root: PathLike, gpu: GpuSpec = A30, only_models: Optional[Sequence[str]] = None,
+                       attention_models: Optional[Sequence[str]] = ATTENTION_CALIBRATION_MODELS) -> dict[str, Any]:
     """Efficiencies of the roofline model on ``gpu``'s profiles: per token op (GEMMs: overhead, compute and
     memory efficiency; element-wise ops: overhead and memory efficiency), kv_save, prefill and decode attention.
-    Token ops pool the TP-1 rows of every profiled model; ``only_models`` restricts to some profile folders."""
+    Token ops pool the TP-1 rows of every profiled model; ``only_models`` restricts to some profile folders;
+    attention takes the folders in ``attention_models`` (None: every one that has an attention.csv)."""
     cdir = Path(profile_root) / "compute" / str(gpu.profile_dir)
     models = [(n, p) for n, p in _profile_models(cdir) if only_models is None or n in only_models]
     if not models:
         raise FileNotFoundError(f"no profiles under {cdir}")
     cal: dict[str, Any] = {"gpu": gpu.name, "models": [n for n, _ in models]}
+    att_models = [n for n, p in models if (p / "attention.csv").exists()
+                  and (attention_models is None or n in attention_models)]
+    if att_models:
+        cal["attention_models"] = att_models
     # token ops
     per_op: dict[str, list] = {op: [] for op in TOKEN_OPS}
     attn_rows = []
@@ -163,7 +175,7 @@ def calibrate_roofline(profile_root: PathLike, gpu: GpuSpec = A30, only_models: 
                 x = np.asarray(ops[op]["x"])
                 F, B = dims.op_cost(op, x)
                 per_op[op].append((F, B, np.asarray(ops[op]["y"])))
-        if (path / "attention.csv").exists():
+        if name in att_models:
             att = read_attention(path / "attention.csv")
             attn_rows.append((att[att["tp"] == 1], _attention_dims(att)))
     for op in TOKEN_OPS:
