@@ -180,32 +180,32 @@ def _prefill_ms(pre: dict, c: int, kv: int) -> float:
     return a1 + float(_pl_eval(pre["beta"], np.array([float(c)]))[0]) * kv
 
 
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
 def format_holdout_table(res: dict[str, Any]) -> str:
-    lines = ["| profile | component | test rows | MAPE | p90 APE | max APE |", "|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['profile']} | {r['component']} | {r['n']} | {100 * r['mape']:.1f}% | "
-                     f"{100 * r['p90']:.1f}% | {100 * r['max']:.1f}% |")
+    lines = _md_table(["profile", "component", "test rows", "MAPE", "p90 APE", "max APE"],
+                      [[r["profile"], r["component"], r["n"], f"{100 * r['mape']:.1f}%", f"{100 * r['p90']:.1f}%",
+                        f"{100 * r['max']:.1f}%"] for r in res["rows"]])
     dm = res.get("derived_vs_measured")
     if dm:
-        lines.append("")
-        lines.append("| batch | measured Llama-2-7B decode slope (ms/token/layer) | derived from Qwen2-7B | derived / "
-                     "measured | roofline min slope |")
-        lines.append("|---|---|---|---|---|")
         roof = dm["roofline_slope_ms_per_token_layer"]
-        for bb, v in dm["decode_slope_ms"].items():
-            lines.append(f"| {bb} | {v['measured']:.3e} | {v['derived']:.3e} | {v['derived'] / v['measured']:.2f} | "
-                         f"{roof:.3e} |")
+        lines += [""] + _md_table(
+            ["batch", "measured Llama-2-7B decode slope (ms/token/layer)", "derived from Qwen2-7B",
+             "derived / measured", "roofline min slope"],
+            [[bb, f"{v['measured']:.3e}", f"{v['derived']:.3e}", f"{v['derived'] / v['measured']:.2f}", f"{roof:.3e}"]
+             for bb, v in dm["decode_slope_ms"].items()])
     d = res.get("derived_llama2_7b_attention")
     if d:
-        lines.append("")
-        lines.append("| batch | Qwen2-7B slope (ms/token/layer) | HBM fraction | derived Llama-2-7B slope | HBM "
-                     "fraction | roofline min slope | max overestimate |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for b in d["donor_slope_ms"]:
-            lines.append(
-                f"| {b} | {d['donor_slope_ms'][b]:.3e} | {d['donor_hbm_fraction'][b]:.0%} | "
-                f"{d['derived_slope_ms'][b]:.3e} | {d['derived_hbm_fraction'][b]:.0%} | "
-                f"{d['roofline_slope_ms_per_token_layer']:.3e} | {d['max_overestimate_by_batch'][b]:.0%} |")
+        lines += [""] + _md_table(
+            ["batch", "Qwen2-7B slope (ms/token/layer)", "HBM fraction", "derived Llama-2-7B slope", "HBM fraction",
+             "roofline min slope", "max overestimate"],
+            [[b, f"{d['donor_slope_ms'][b]:.3e}", f"{d['donor_hbm_fraction'][b]:.0%}", f"{d['derived_slope_ms'][b]:.3e}",
+              f"{d['derived_hbm_fraction'][b]:.0%}", f"{d['roofline_slope_ms_per_token_layer']:.3e}",
+              f"{d['max_overestimate_by_batch'][b]:.0%}"] for b in d["donor_slope_ms"]])
     return "\n".join(lines)
 
 
