@@ -67,16 +67,10 @@ def stale(cfg: DictConfig, run_dir: Path) -> Optional[str]:
 
 def reusable(cfg: DictConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished run of ``cfg`` to keep (a sweep resumes past it): it has its summary,
-    ``force`` is off and it is not ``stale`` (then it says why, and the run is done again)."""
+    ``force`` is off and it is not ``stale``."""
     from vidur.records import is_complete
 
-    if cfg.get("force", False) or not is_complete(run_dir):
-        return False
-    why = stale(cfg, run_dir)
-    if why is not None:
-        log.warning("rerun %s: %s", run_dir, why)
-        return False
-    return True
+    return not cfg.get("force", False) and is_complete(run_dir) and stale(cfg, run_dir) is None
 
 
 def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
@@ -90,9 +84,11 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     from vidur.records import SUMMARY_FILE, is_complete, remove_stale_tmp
 
     if is_complete(run_dir) and not cfg.get("force", False):
-        if reusable(cfg, run_dir):
+        why = stale(cfg, run_dir)
+        if why is None:
             log.info("skip %s: summary.json exists (force=true reruns)", run_dir)
             return None
+        log.warning("rerun %s: %s", run_dir, why)
         (run_dir / SUMMARY_FILE).unlink()
     ecfg = wiring.validate(cfg)
     if str(cfg.mode.name) != "sim":

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -101,7 +102,7 @@ def plan(argv: Sequence[str]) -> Plan:
             p.run.append(d)
             continue
         why = None
-        if '"execution_model"' in (d / SUMMARY_FILE).read_text():
+        if json.loads((d / SUMMARY_FILE).read_text()).get("execution_model") is not None:  # else it is kept as is
             why = stale(compose_for(job)[0], d)
         if why is None:
             p.skip.append(d)
