@@ -73,7 +73,8 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
         sim_requests_per_wall_s=len(requests) / max(result.wall_s, 1e-9),
         compiled_sim=compiled.active(),  # the speed figures above came from the compiled build (vidur.speedups)
     )
-    summary["execution_model"] = model_fingerprint(cfg)  # a resumed sweep reruns the run if this changes
+    # a resumed sweep reruns the run if this changes (the uniform cluster's model is in hand: no second fit lookup)
+    summary["execution_model"] = model.fingerprint if pools is None else model_fingerprint(cfg)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     extra = {}
     if pools is not None:

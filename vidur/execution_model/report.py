@@ -148,7 +148,7 @@ def derived_vs_measured(profile_root: PathLike, batches: Sequence[int] = (1, 2, 
     donor = {"prefill": fit_prefill(qatt), "decode": fit_decode(qatt)}
     donor["kv_save"], _ = fit_kv_save(qatt)
     der = derive_attention(donor, _attention_dims(qatt), llama, 1)
-    meas = {"prefill": fit_prefill(latt), "decode": fit_decode(latt)}
+    meas = {"decode": fit_decode(latt)}  # only its decode slopes are compared
     d = latt[~latt["is_prefill"] & (latt["batch"] <= len(der["decode"]["a"]))]  # the donor's batch sizes (1-48)
     b = d["batch"].to_numpy(int)
     S = (d["batch"] * d["kv"]).to_numpy(float)
