@@ -12,6 +12,12 @@ run, on a quiet machine.
 ``--compiled`` runs every point twice, plain Python then the compiled build (``BLOCK_REPRO_SPEEDUPS=1``; build it
 first: ``python -m vidur.speedups build``), and prints both rates and their ratio; the two runs' records must be the
 same (checked, request by request, timing columns aside).
+
+``--baseline DIR`` compares this checkout with another one (e.g. ``git worktree add /tmp/base <commit>``; it runs
+from its own folder, first on ``PYTHONPATH``), each point ``--repeat`` times per checkout, the two alternating so that
+a busy machine slows both alike; prints the best and median rate of each and their ratios, and checks that the two
+wrote the same records. With ``BLOCK_REPRO_SPEEDUPS=1`` in this command's environment both use their compiled build
+(each checkout's own: build it in each first).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,18 +34,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one(policy: str, qps: float, n: int, out: Path, extra: list[str], compiled: bool = False) -> tuple[float, dict]:
-    """Run one Fig 6 point in a fresh process (with the compiled build: ``compiled``); return (process wall s,
-    summary)."""
-    name = f"{policy}-q{qps:g}" + ("-compiled" if compiled else "")
+def one(policy: str, qps: float, n: int, out: Path, extra: list[str], compiled: bool = False,
+        tree: Path = ROOT, name: str = "") -> tuple[float, dict]:
+    """Run one Fig 6 point in a fresh process (with the compiled build: ``compiled``) of the checkout ``tree``;
+    return (process wall s, summary)."""
+    name = name or f"{policy}-q{qps:g}" + ("-compiled" if compiled else "")
     args = [sys.executable, "-m", "experiments.run", "experiment=fig6", f"policy={policy}", f"workload.qps={qps:g}",
             f"workload.num_requests={n}", f"output_root={out}", f"experiment_name={name}", "progress=false",
             "force=true", f"hydra.run.dir={out / name}", *extra]
     env = {k: v for k, v in os.environ.items() if k != "BLOCK_REPRO_SPEEDUPS"}
     if compiled:
         env["BLOCK_REPRO_SPEEDUPS"] = "1"
+    if tree != ROOT:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(args, cwd=tree, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -57,6 +67,19 @@ def same_records(a: Path, b: Path) -> bool:
     return x.equals(y)
 
 
+def compare(policy: str, qps: float, n: int, out: Path, extra: list[str], baseline: Path, repeat: int,
+            compiled: bool) -> tuple[list[float], list[float], bool]:
+    """``policy`` at ``qps`` in ``baseline`` and in this checkout, alternating, ``repeat`` times each: (baseline's
+    loop rates, ours, whether the last two runs wrote the same records)."""
+    rates: dict[str, list[float]] = {"base": [], "this": []}
+    for _ in range(repeat):
+        for side, tree in (("base", baseline), ("this", ROOT)):
+            _, s = one(policy, qps, n, out, extra, compiled, tree, name=f"{policy}-q{qps:g}-{side}")
+            rates[side].append(s["sim_requests_per_wall_s"])
+    same = same_records(out / f"{policy}-q{qps:g}-base", out / f"{policy}-q{qps:g}-this")
+    return rates["base"], rates["this"], same
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", nargs="*", default=["block_oracle", "block_star"])
@@ -65,11 +88,36 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_fig6_speed"))
     ap.add_argument("--compiled", action="store_true",
                     help="also run each point with the compiled build and print the ratio (python -m vidur.speedups)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another checkout of this project to compare with (alternating runs; see above)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per point and checkout with --baseline (default 2)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. block_k=2)")
     args = ap.parse_args(argv)
     if args.requests < 1:
         ap.error("--requests must be >= 1")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     out = Path(args.out)
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        if not (base / "experiments" / "run.py").is_file():
+            ap.error(f"--baseline {base}: not a checkout of this project (no experiments/run.py)")
+        if args.compiled:
+            ap.error("--baseline compares two checkouts in one mode: set BLOCK_REPRO_SPEEDUPS=1 for the compiled one")
+        compiled = os.environ.get("BLOCK_REPRO_SPEEDUPS", "").strip().lower() in ("1", "true", "yes", "on")
+        print(f"{'policy':>13} {'qps':>5} {'base best':>9} {'median':>7} {'this best':>9} {'median':>7} "
+              f"{'best x':>6} {'med x':>6} {'same':>5} {'load avg':>9}   ({'compiled' if compiled else 'plain'})")
+        for policy in args.policies:
+            for qps in args.qps:
+                b, t, same = compare(policy, qps, args.requests, out, args.overrides, base, args.repeat, compiled)
+                mb, mt = statistics.median(b), statistics.median(t)
+                print(f"{policy:>13} {qps:>5g} {max(b):>9.0f} {mb:>7.0f} {max(t):>9.0f} {mt:>7.0f} "
+                      f"{max(t) / max(b):>6.2f} {mt / mb:>6.2f} {'yes' if same else 'NO':>5} "
+                      f"{os.getloadavg()[0]:>9.2f}", flush=True)
+                if not same:
+                    print(f"error: {policy} at QPS {qps:g}: the two checkouts' records differ", file=sys.stderr)
+                    return 1
+        return 0
     if args.compiled:
         print(f"{'policy':>13} {'qps':>5} {'loop req/s':>10} {'compiled':>10} {'ratio':>6} {'process s':>9} "
               f"{'compiled':>9} {'same':>5} {'load avg':>9}")

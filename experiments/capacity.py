@@ -223,7 +223,7 @@ def run_probe(cfg: DictConfig, qps: float, seed: Optional[int] = None) -> dict[s
         if (float(verdict["slo_ttft_s"]) >= slo_s
                 and verdict.get("execution_model", fingerprint) == fingerprint):
             return {"p99_ttft_ms": None, "_early_stop": verdict, "_run_dir": str(run_dir)}
-    if early and not reusable(run_cfg, run_dir):
+    if early and not reusable(run_cfg, run_dir, fingerprint):
         from experiments.sim import WATCH
 
         token = WATCH.set(ViolationWatch(slo_s, int(run_cfg.workload.num_requests)))

@@ -41,36 +41,45 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def stale(cfg: DictConfig, run_dir: Path) -> Optional[str]:
-    """Why the finished sim run in ``run_dir`` is not ``cfg``'s any more, or None: its summary records the fingerprint
-    of the execution model it ran under (``experiments.sim.model_fingerprint``), which changes with the profiles, the
-    fitting code and the specs. A summary without one (written before fingerprints were recorded) is kept."""
+def recorded_fingerprint(run_dir: Path) -> Optional[str]:
+    """The execution-model fingerprint the summary in ``run_dir`` records; None without one (a summary written before
+    fingerprints were recorded, a run in another mode) or without a readable summary."""
     import json
 
     from vidur.records import SUMMARY_FILE
 
-    if str(cfg.mode.name) != "sim":
-        return None
     try:
-        old = json.loads((run_dir / SUMMARY_FILE).read_text()).get("execution_model")
+        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("execution_model")
     except (OSError, ValueError):
         return None
+
+
+def stale(cfg: DictConfig, run_dir: Path, *, recorded: Optional[str] = None,
+          fingerprint: Optional[str] = None) -> Optional[str]:
+    """Why the finished sim run in ``run_dir`` is not ``cfg``'s any more, or None: its summary records the fingerprint
+    of the execution model it ran under (``experiments.sim.model_fingerprint``), which changes with the profiles, the
+    fitting code and the specs. A summary without one (written before fingerprints were recorded) is kept.
+    ``recorded`` (``recorded_fingerprint(run_dir)``) and ``fingerprint`` (``cfg``'s own): when the caller has them."""
+    if str(cfg.mode.name) != "sim":
+        return None
+    old = recorded if recorded is not None else recorded_fingerprint(run_dir)
     if old is None:
         return None
     from experiments.sim import model_fingerprint
 
-    new = model_fingerprint(cfg)
+    new = fingerprint if fingerprint is not None else model_fingerprint(cfg)
     if new == old:
         return None
     return f"its execution model changed since it ran ({old} -> {new}: profiles, fitting code or model/GPU specs)"
 
 
-def reusable(cfg: DictConfig, run_dir: Path) -> bool:
+def reusable(cfg: DictConfig, run_dir: Path, fingerprint: Optional[str] = None) -> bool:
     """Whether ``run_dir`` holds a finished run of ``cfg`` to keep (a sweep resumes past it): it has its summary,
-    ``force`` is off and it is not ``stale``."""
+    ``force`` is off and it is not ``stale`` (``fingerprint``: ``cfg``'s, when the caller has it)."""
     from vidur.records import is_complete
 
-    return not cfg.get("force", False) and is_complete(run_dir) and stale(cfg, run_dir) is None
+    return (not cfg.get("force", False) and is_complete(run_dir)
+            and stale(cfg, run_dir, fingerprint=fingerprint) is None)
 
 
 def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -85,8 +84,8 @@ def plan(argv: Sequence[str]) -> Plan:
     """Which runs of ``argv`` would run and which would be skipped (``force=true`` reruns every one). A finished run
     whose summary records an execution-model fingerprint is checked against its job's own config (composed here,
     about 0.15 s a job) and listed to run again when it is stale (``experiments.run.stale``), as the sweep would."""
-    from experiments.run import stale
-    from vidur.records import SUMMARY_FILE, is_complete
+    from experiments.run import recorded_fingerprint, stale
+    from vidur.records import is_complete
 
     cfg, multirun = compose_for(argv)
     force = bool(cfg.get("force", False))
@@ -102,8 +101,9 @@ def plan(argv: Sequence[str]) -> Plan:
             p.run.append(d)
             continue
         why = None
-        if json.loads((d / SUMMARY_FILE).read_text()).get("execution_model") is not None:  # else it is kept as is
-            why = stale(compose_for(job)[0], d)
+        old = recorded_fingerprint(d)
+        if old is not None:  # else it is kept as is
+            why = stale(compose_for(job)[0], d, recorded=old)
         if why is None:
             p.skip.append(d)
         else:

@@ -61,8 +61,8 @@ def _declared(pxd: Path) -> dict[str, set[str]]:
 
 
 def test_the_declarations_name_every_field_the_sources_set(toy_model):
-    """A field added in engine.py or candidate.py but not declared in the .pxd beside it would fail only in the
-    compiled build (a native class has no __dict__): caught here, without a compiler."""
+    """A field added in engine.py, candidate.py, sched/v0.py or whatif.py but not declared in the .pxd beside it would
+    fail only in the compiled build (a native class has no __dict__): caught here, without a compiler."""
     from vidur.candidate import Future, _LastStep
     from vidur.engine import Engine, Seq
     from vidur.sched import make_rule
@@ -78,6 +78,11 @@ def test_the_declarations_name_every_field_the_sources_set(toy_model):
     f = Future(e, make_rule(cfg), 0)
     assert cand_decl["Future"] == set(vars(f))
     assert cand_decl["_LastStep"] == set(_LastStep.__slots__)
+    from vidur.sched.v0 import V0Rule
+    from vidur.whatif import Trajectory
+
+    assert _declared(ROOT / "vidur" / "sched" / "v0.pxd")["V0Rule"] == set(vars(V0Rule(cfg)))
+    assert _declared(ROOT / "vidur" / "whatif.pxd")["Trajectory"] == set(vars(Trajectory(e.fork())))
 
 
 def test_a_missing_or_stale_build_is_not_loaded(tmp_path):

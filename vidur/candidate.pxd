@@ -1,5 +1,8 @@
 # Cython declarations for the optional compiled simulator (vidur/speedups.py; see vidur/engine.pxd): the recorded
-# future and its step-shape recorder become native classes with typed fields.
+# future and its step-shape recorder become native classes with typed fields, and the walk's integer and time
+# locals C integers and doubles (``cython.locals``: plain Python never reads this file).
+cimport cython
+
 from vidur.engine cimport Engine, Seq
 
 
@@ -16,3 +19,22 @@ cdef class Future:
     cdef public bint fast_runs, done
     cdef public long long version, end, bs, budget, total, wm, max_len, hits, falls, p0
     cdef public list segs, starts, sa, sk, skp, hold
+
+    @cython.locals(bs=cython.longlong, wm=cython.longlong, budget=cython.longlong, k=cython.longlong,
+                   j=cython.longlong, now=cython.double, g=cython.longlong, known=cython.longlong,
+                   need=cython.longlong, comp=cython.longlong, left=cython.longlong, nc=cython.longlong,
+                   B=cython.longlong, x=cython.longlong, m=cython.longlong, steps=cython.longlong,
+                   lo=cython.longlong, hi=cython.longlong, mid=cython.longlong, si=cython.longlong,
+                   sd=cython.longlong, free0=cython.longlong, first=cython.bint, evicted=cython.bint, rb=cython.double,
+                   ra=cython.double, c1=cython.double, k1=cython.double, S1=cython.longlong)
+    cpdef object _life(self, long long n, double t_n, double t, long long prompt, long long out)
+
+    @cython.locals(target=cython.longlong, e=cython.longlong, theta=cython.longlong, sk=cython.double)
+    cpdef tuple _skip_runs(self, long long k, long long g, double now, long long prompt, long long out)
+
+    @cython.locals(fast=cython.bint, preempted=cython.bint, n0=cython.longlong, t0=cython.double,
+                   free0=cython.longlong, B=cython.longlong, d0=cython.longlong, S1=cython.longlong,
+                   r0=cython.longlong, left=cython.longlong, c=cython.double, k=cython.double, a=cython.double,
+                   c1=cython.double, k1=cython.double, m=cython.longlong, A=cython.double, K=cython.double,
+                   free_last=cython.longlong)
+    cpdef bint extend(self)

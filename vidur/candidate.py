@@ -177,7 +177,8 @@ class Future:
             self.hits += 1
         return r
 
-    def _life(self, n: int, t_n: float, t: float, prompt: int, out: int) -> Optional[tuple[float, float, float]]:
+    def _life(self, n, t_n: float, t: float, prompt, out) -> Optional[tuple[float, float, float]]:
+        # (n, prompt, out: ints, typed as C integers in candidate.pxd for the compiled build)
         bs, wm, budget = self.bs, self.wm, self.budget
         if -(-prompt // bs) > self.total - wm or prompt > self.max_len:
             return INF, INF, INF  # rejected: it can never fit on this instance
@@ -215,7 +216,8 @@ class Future:
                         if seg[11] - x // bs * seg[4] - seg[12][x % bs] - need >= wm:
                             break
                     m = seg[3]
-                    now += seg[9] * (m - j) + seg[8] * (m * m - j * j)
+                    rb, ra = seg[9], seg[8]  # (typed locals: the compiled walk's arithmetic stays in C)
+                    now += rb * (m - j) + ra * (m * m - j * j)
                     k += 1
                     j = 0
             if t_adm is None:
@@ -235,7 +237,7 @@ class Future:
                         if seg[9] or seg[8] < need:
                             evicted = True
                             break
-                        left = budget - B - sum(c for c, _ in chunks)
+                        left = budget - B - _chunk_tokens(chunks)
                     nc = min(known - comp, left)
                     now += model.step_time([*chunks, (nc, comp)], B, kv) if nc > 0 else seg[3] - seg[2]
                     k += 1
@@ -295,11 +297,11 @@ class Future:
                     steps = lo
                     evicted = True
                 if steps:
-                    c1, k1 = seg[14], seg[15]
+                    c1, k1, S1 = seg[14], seg[15], seg[5]
                     # steps hold S1 + B i KV tokens of the others (i = j ..) and prompt + g + s of its own
                     si = steps * j + steps * (steps - 1) // 2
                     sd = steps * (prompt + g) + steps * (steps - 1) // 2
-                    now += steps * c1 + k1 * (steps * seg[5] + B * si + sd)
+                    now += steps * c1 + k1 * (steps * S1 + B * si + sd)
                     g += steps
                     j += steps
                     if j == m:
@@ -310,10 +312,11 @@ class Future:
             if not evicted:
                 return now - t, ttft, t_adm - t
 
-    def _skip_runs(self, k: int, g: int, now: float, prompt: int, out: int) -> tuple[int, int, float]:
+    def _skip_runs(self, k, g, now: float, prompt, out) -> tuple[int, int, float]:
         """Walk the whole decode runs from segment ``k`` the candidate decodes through with ``g`` tokens, as far as it
         needs, in one go (prefix sums); stop before a run it does not finish whole, or one where something else
-        happens (a prefill, a preemption, its blocks running short): the caller walks those step by step."""
+        happens (a prefill, a preemption, its blocks running short): the caller walks those step by step.
+        (``k``, ``g``, ``prompt``, ``out``: ints, typed as C integers in candidate.pxd for the compiled build.)"""
         starts = self.starts
         target = starts[k] + (out - g) if k < len(starts) else 0
         while self.end < target and self.extend():
@@ -349,6 +352,14 @@ class Future:
             c1, k1 = model.decode_coeffs(1)
             now += steps * c1 + k1 * (steps * (prompt + g) + steps * (steps - 1) // 2)
         return now - t, ttft, t_adm - t
+
+
+def _chunk_tokens(chunks: list) -> int:
+    """Tokens of a step's prefill chunks [(tokens, cached)] (a loop, not a generator: the compiled walk has none)."""
+    n = 0
+    for c, _ in chunks:
+        n += c
+    return n
 
 
 def closed_form_rule(rule) -> bool:

@@ -26,7 +26,8 @@ from vidur.cache import default_cache_dir
 ENV = "BLOCK_REPRO_SPEEDUPS"  # "1" (or true/yes/on): load the compiled modules when built for these sources
 CACHE_ENV = "BLOCK_REPRO_SPEEDUPS_DIR"  # where builds live (default: <user cache>/block-repro/speedups)
 # compiled together (a module's native types are checked against the others' at import): all or none is loaded
-MODULES = ("vidur.engine", "vidur.sched.v0", "vidur.sched.v1", "vidur.candidate", "vidur.whatif")
+MODULES = ("vidur.engine", "vidur.sched.v0", "vidur.sched.v1", "vidur.candidate", "vidur.whatif",
+           "vidur.execution_model.model")
 MANIFEST = "manifest.json"
 RECIPE = "vidur/speedups.py"  # how a build is made (its Cython directives): part of the key too
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the ``vidur`` package

@@ -2,7 +2,12 @@
 # engine.py stays the one source: plain Python ignores this file; the compiled build reads it beside engine.py and
 # makes Seq and Engine native classes with typed fields (a field assigned in engine.py but missing here fails the
 # build's own check, tests/test_speedups.py). Integers stay exact: every int field is a 64-bit C integer and Python's
-# floor division and modulo are kept (cdivision off).
+# floor division and modulo are kept (cdivision off). The hot methods are ``cpdef`` (C calls between compiled modules)
+# with typed locals (``cython.locals``); a ``.py`` signature they declare carries no ``int``/``bool`` annotation on a
+# typed argument (Cython reads those as Python object types, which would not match the C types declared here).
+
+cimport cython
+
 
 cdef class Seq:
     cdef public object id
@@ -14,6 +19,8 @@ cdef class Seq:
     cdef public object first_sched, first_token, finish
     cdef public long long preemptions
     cdef public object status, tag
+
+    cpdef Seq clone(self, out=*)
 
 
 cdef class Engine:
@@ -34,3 +41,26 @@ cdef class Engine:
     cdef public list dg_hist, dg_heap
     cdef public object on_finish, whatif, _rule_advance
     cdef public bint _prefill_holds_known
+
+    @cython.locals(off=cython.longlong)
+    cpdef join_decode(self, Seq s)
+    @cython.locals(off=cython.longlong)
+    cpdef leave_decode(self, Seq s)
+    cpdef _finish(self, Seq s, double t)
+    @cython.locals(d=cython.longlong, ver=cython.longlong)
+    cpdef _pop_finished(self, double t)
+    cpdef long long _heap_top_clock(self)
+    @cython.locals(bs=cython.longlong, need=cython.longlong)
+    cpdef long long ensure_decode_blocks(self)
+    @cython.locals(B=cython.longlong, kv=cython.longlong, dt=cython.double, t_end=cython.double)
+    cpdef mixed_step(self, list chunks, bint with_decodes)
+    @cython.locals(B=cython.longlong, m=cython.longlong, c=cython.double, k=cython.double, S1=cython.longlong,
+                   t0=cython.double, a=cython.double, b=cython.double, delta=cython.double, j=cython.longlong,
+                   total=cython.double)
+    cpdef decode_run(self, double until)
+    @cython.locals(bs=cython.longlong, q=cython.longlong, r=cython.longlong, total=cython.longlong,
+                   r0=cython.longlong)
+    cpdef long long _cum_need(self, long long m)
+    @cython.locals(B=cython.longlong, bs=cython.longlong, free=cython.longlong, q=cython.longlong,
+                   rem=cython.longlong, d=cython.longlong, r=cython.longlong, used=cython.longlong)
+    cpdef long long _steps_until_blocks_run_out(self)

@@ -86,7 +86,7 @@ class Seq:
         """Tokens a (re)prefill must process: the prompt plus every token already generated."""
         return self.prompt + self.generated
 
-    def clone(self, out: Optional[int] = None) -> "Seq":
+    def clone(self, out=None) -> "Seq":  # (out: Optional[int]; declared in engine.pxd for the compiled build)
         """An independent copy (``Engine.fork``): every field, spelled out because this is the fork's hot loop;
         ``out`` replaces the length it runs to (the what-if's assumed one)."""
         c: Seq = Seq.__new__(Seq)
@@ -518,7 +518,7 @@ class Engine:
         return need
 
     # ------------------------------------------------------------------ stepping (composed by the rules)
-    def mixed_step(self, chunks: list[tuple[Seq, int]], with_decodes: bool) -> None:
+    def mixed_step(self, chunks, with_decodes) -> None:  # (list[tuple[Seq, int]], bool: typed in engine.pxd)
         """Commit one step with prefill chunks (and, if ``with_decodes``, every decode member, blocks reserved)."""
         s: Seq
         B = self.dg_count if with_decodes else 0
@@ -598,7 +598,7 @@ class Engine:
             j += 1
         return j
 
-    def _cum_need(self, m: int) -> int:
+    def _cum_need(self, m) -> int:  # (m: int; a C integer in engine.pxd for the compiled build)
         """New blocks the decode group takes over the next ``m`` steps (the first included)."""
         bs = self.bs
         q, r = divmod(m, bs)

@@ -13,6 +13,7 @@ import numpy as np
 from vidur.config import PROFILE_ROOT, load_conf
 from vidur.execution_model.derived import derive_attention, derived_attention_report
 from vidur.execution_model.fitting import (
+    _prefill_ms,
     fit_decode,
     fit_kv_save,
     fit_prefill,
@@ -107,54 +108,58 @@ def evaluate_holdout(profile_root: PathLike, seed: int = 0, frac: float = 0.8) -
             pred = (cd["overhead_ms"] + cd["per_seq_ms"] * d["batch"].to_numpy(float)
                     + qd.decode_cost(d["batch"], S)[1] / (A30.hbm_gbps * 1e6 * cd["eff_memory"]))
             add("A30 Qwen2-7B", "fallback: roofline decode attention (in-sample)", _err_stats(pred, d["decode"]))
+    # the Llama-2-7B attention derived from Qwen2-7B's (one fit of the donor serves both reports below)
+    derived = _derived_llama(root) if (qdir / "attention.csv").exists() else None
     # the measured Llama-2-7B attention: held out, and the derivation from Qwen2-7B scored against it
     if (ldir / "attention.csv").exists():
         latt = read_attention(ldir / "attention.csv")
         latt = latt[latt["tp"] == 1]
         for comp, st in holdout_attention(latt, seed, frac).items():
             add("A30 Llama-2-7B", comp, st)
-        if (qdir / "attention.csv").exists():
-            res["derived_vs_measured"] = derived_vs_measured(root)
+        if derived is not None:
+            res["derived_vs_measured"] = derived_vs_measured(root, derived=derived)
             for comp, st in res["derived_vs_measured"]["errors"].items():
                 add("A30 Llama-2-7B", f"derived from Qwen2-7B vs measured: {comp}", st)
-    # derived Llama attention
-    if (qdir / "attention.csv").exists():
-        att = read_attention(qdir / "attention.csv")
-        att = att[att["tp"] == 1]
-        dims = _attention_dims(att)
-        donor = {"prefill": fit_prefill(att), "decode": fit_decode(att)}
-        donor["kv_save"], _ = fit_kv_save(att)
-        llama = ModelSpec.from_dict(load_conf("model", "llama2_7b"))  # the spec every run uses (conf/model)
-        der = derive_attention(donor, dims, llama, 1)
-        res["derived_llama2_7b_attention"] = derived_attention_report(donor, dims, der, llama, 1, A30)
-        # self-consistency: derive Qwen from Qwen with ratio 1 must reproduce it (sanity, not accuracy)
+    if derived is not None:
+        res["derived_llama2_7b_attention"] = derived_attention_report(
+            derived["donor"], derived["dims"], derived["attention"], derived["llama"], 1, A30)
     return res
 
 
-def derived_vs_measured(profile_root: PathLike, batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 48)) -> dict[str, Any]:
+def _derived_llama(root: Path) -> dict[str, Any]:
+    """The Llama-2-7B A30 attention derived from Qwen2-7B's TP-1 profile, as runs made before the measured profile
+    was bundled used it: the donor's fits, its dimensions, the Llama spec every run uses (conf/model) and the
+    derived tables."""
+    att = read_attention(root / "compute" / str(A30.profile_dir) / "Qwen" / "Qwen-2-7B" / "attention.csv")
+    att = att[att["tp"] == 1]
+    dims = _attention_dims(att)
+    donor = {"prefill": fit_prefill(att), "decode": fit_decode(att)}
+    donor["kv_save"], _ = fit_kv_save(att)
+    llama = ModelSpec.from_dict(load_conf("model", "llama2_7b"))
+    return {"donor": donor, "dims": dims, "llama": llama, "attention": derive_attention(donor, dims, llama, 1)}
+
+
+def derived_vs_measured(profile_root: PathLike, batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 48),
+                        derived: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The Llama-2-7B A30 attention derived from Qwen2-7B's profile (what every run used before the measured profile
     was bundled) against the measured rows: per-layer errors of decode and prefill attention over every TP-1 row, and
     decode slope per batch size (fitted on the measured rows vs derived; ms per KV token per layer). Decode rows
     beyond the donor's largest batch size (48) are left out.
 
-    Positive signed errors mean the derivation is slower than the GPU measured."""
+    Positive signed errors mean the derivation is slower than the GPU measured. ``derived``: the derivation
+    (``_derived_llama``) when the caller already made it."""
     root = Path(profile_root)
-    a30 = root / "compute" / str(A30.profile_dir)
-    qatt = read_attention(a30 / "Qwen" / "Qwen-2-7B" / "attention.csv")
-    qatt = qatt[qatt["tp"] == 1]
-    latt = read_attention(a30 / "meta-llama" / "Llama-2-7b-hf" / "attention.csv")
+    latt = read_attention(root / "compute" / str(A30.profile_dir) / "meta-llama" / "Llama-2-7b-hf" / "attention.csv")
     latt = latt[latt["tp"] == 1]
-    llama = ModelSpec.from_dict(load_conf("model", "llama2_7b"))
-    donor = {"prefill": fit_prefill(qatt), "decode": fit_decode(qatt)}
-    donor["kv_save"], _ = fit_kv_save(qatt)
-    der = derive_attention(donor, _attention_dims(qatt), llama, 1)
+    derived = derived or _derived_llama(root)
+    der, llama = derived["attention"], derived["llama"]
     meas = {"decode": fit_decode(latt)}  # only its decode slopes are compared
     d = latt[~latt["is_prefill"] & (latt["batch"] <= len(der["decode"]["a"]))]  # the donor's batch sizes (1-48)
-    b = d["batch"].to_numpy(int)
+    b = d["batch"].to_numpy(int) - 1
     S = (d["batch"] * d["kv"]).to_numpy(float)
-    pred_dec = np.array([_decode_ms(der["decode"], int(bi), si) for bi, si in zip(b, S)])
+    pred_dec = np.asarray(der["decode"]["a"], float)[b] + np.asarray(der["decode"]["s"], float)[b] * S  # a_b + s_b S
     p = latt[latt["is_prefill"] & (latt["chunk"] > 0)]
-    pred_pre = np.array([_prefill_ms(der["prefill"], int(c), int(kv)) for c, kv in zip(p["chunk"], p["kv"])])
+    pred_pre = _prefill_ms(der["prefill"], p["chunk"], p["kv"])
     errors = {}
     for comp, pred, obs in (("decode attention", pred_dec, d["decode"].to_numpy(float)),
                             ("prefill attention", pred_pre, p["prefill"].to_numpy(float))):
@@ -165,19 +170,6 @@ def derived_vs_measured(profile_root: PathLike, batches: Sequence[int] = (1, 2, 
               for bb in batches if bb <= min(len(meas["decode"]["s"]), len(der["decode"]["s"]))}
     return {"errors": errors, "decode_slope_ms": slopes,
             "roofline_slope_ms_per_token_layer": _Dims.of(llama, 1).kv_bytes_layer / (A30.hbm_gbps * 1e9) * 1e3}
-
-
-def _decode_ms(dec: dict, b: int, S: float) -> float:
-    """Per-layer decode attention (ms) of a fitted decode table at batch ``b`` (within the table) and S KV tokens."""
-    return dec["a"][b - 1] + dec["s"][b - 1] * S
-
-
-def _prefill_ms(pre: dict, c: int, kv: int) -> float:
-    """Per-layer prefill attention (ms) of one chunk of ``c`` tokens after ``kv`` cached ones."""
-    if kv == 0:
-        return float(_pl_eval(pre["alpha0"], np.array([float(c)]))[0])
-    a1 = float(_pl_eval(pre["alpha1"], np.array([float(c)]))[0])
-    return a1 + float(_pl_eval(pre["beta"], np.array([float(c)]))[0]) * kv
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

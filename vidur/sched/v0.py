@@ -27,24 +27,12 @@ class V0Rule:
 
     def __init__(self, config: "EngineConfig") -> None:
         # a plain function, not a bound method: one call per step less on the what-if's hot path, and no cycle
-        self.advance = V0Rule._advance_chunked if config.chunked_prefill else V0Rule._advance_prefill_first
+        self.advance = _advance_chunked if config.chunked_prefill else _advance_prefill_first
         self.chunked = config.chunked_prefill
         # a candidate's life can be walked over the recorded steps (``vidur.candidate``): chunked only
         self.closed_form = config.chunked_prefill
         # chunked: a step first preempts until the decodes' new blocks fit, whatever waits (see ``settle``)
-        self.settle = V0Rule._settle_chunked if config.chunked_prefill else V0Rule._settle_nothing
-
-    @staticmethod
-    def _settle_chunked(e: "Engine") -> None:
-        """The step's preemptions (``_advance_chunked`` does them first, from the running set alone): committing
-        them early changes nothing, and the victims then sit at the head of the queue, where ``may_reach_back`` sees
-        that they block it (a victim never fits back in the step that evicted it)."""
-        if e.dg_count:
-            e.ensure_decode_blocks()
-
-    @staticmethod
-    def _settle_nothing(e: "Engine") -> None:
-        """Prefill-first steps admit before they preempt: nothing comes before the admission loop."""
+        self.settle = _settle_chunked if config.chunked_prefill else _settle_nothing
 
     def may_reach_back(self, e: "Engine") -> bool:
         """False only if the next step's admission surely stops before the last waiting request (the what-if's
@@ -90,78 +78,93 @@ class V0Rule:
                 return False
         return True
 
-    @staticmethod
-    def _admit(e: "Engine", budget: int, seqs_room: int, whole: bool) -> list[tuple["Seq", int]]:
-        """Admit waiting prompts FCFS (head-of-line blocking). Returns (seq, tokens this step)."""
-        s: Seq  # (locals' types: the compiled build, vidur/speedups.py, reads their fields directly)
-        out: list[tuple[Seq, int]] = []
-        waiting = e.waiting
-        bs = e.bs
-        while waiting and budget > 0 and seqs_room > 0:
-            s = waiting[0]
-            known = s.prompt + s.generated
-            need = -(-known // bs)
-            if need > e.total_blocks - e.watermark_blocks or s.prompt > e.cfg.max_model_len:
-                e.room_at_reject = (budget, seqs_room, e.free)
-                e.reject(s)  # can never fit
-                continue
-            if e.free - need < e.watermark_blocks:
-                break
-            n = known if whole else min(known, budget)
-            if whole and n > budget:
-                break
-            waiting.popleft()
-            if e.wq_exact:
-                e.queued(s, -1)
-            e.free -= need
-            s.status = "running"
-            s.computed = 0
-            e.running[s.id] = s
-            if s.first_sched is None:
-                s.first_sched = e.time
-            out.append((s, n))
-            budget -= n
-            seqs_room -= 1
-        return out
 
-    @staticmethod
-    def _advance_chunked(e: "Engine", until: float) -> None:
-        s: Seq
-        need = e.ensure_decode_blocks() if e.dg_count else 0
-        e.free -= need  # reserve the decode sequences' new blocks before admitting prompts
-        budget = e.budget - e.dg_count
-        chunks: list[tuple[Seq, int]] = []
-        for s in e.prefilling:
-            if budget <= 0:
-                break
-            n = min(s.known - s.computed, budget)
-            chunks.append((s, n))
-            budget -= n
-        if budget > 0 and e.waiting and len(e.running) < e.max_seqs:
-            new = V0Rule._admit(e, budget, e.max_seqs - len(e.running), whole=False)
-            if new:
-                e.prefilling.extend(s for s, _ in new)
-                chunks.extend(new)
-        if chunks:
-            e.mixed_step(chunks, with_decodes=True)
+def _settle_chunked(e: "Engine") -> None:
+    """The step's preemptions (``_advance_chunked`` does them first, from the running set alone): committing
+    them early changes nothing, and the victims then sit at the head of the queue, where ``may_reach_back`` sees
+    that they block it (a victim never fits back in the step that evicted it)."""
+    if e.dg_count:
+        e.ensure_decode_blocks()
+
+
+def _settle_nothing(e: "Engine") -> None:
+    """Prefill-first steps admit before they preempt: nothing comes before the admission loop."""
+
+
+def _admit(e: "Engine", budget, seqs_room, whole) -> list[tuple["Seq", int]]:
+    """Admit waiting prompts FCFS (head-of-line blocking). Returns (seq, tokens this step). (``budget``,
+    ``seqs_room``: ints, ``whole``: bool; typed in v0.pxd for the compiled build.)"""
+    s: Seq  # (locals' types: the compiled build, vidur/speedups.py, reads their fields directly)
+    out: list[tuple[Seq, int]] = []
+    waiting = e.waiting
+    bs = e.bs
+    while waiting and budget > 0 and seqs_room > 0:
+        s = waiting[0]
+        known = s.prompt + s.generated
+        need = -(-known // bs)
+        if need > e.total_blocks - e.watermark_blocks or s.prompt > e.cfg.max_model_len:
+            e.room_at_reject = (budget, seqs_room, e.free)
+            e.reject(s)  # can never fit
+            continue
+        if e.free - need < e.watermark_blocks:
+            break
+        n = known if whole else min(known, budget)
+        if whole and n > budget:
+            break
+        waiting.popleft()
+        if e.wq_exact:
+            e.queued(s, -1)
+        e.free -= need
+        s.status = "running"
+        s.computed = 0
+        e.running[s.id] = s
+        if s.first_sched is None:
+            s.first_sched = e.time
+        out.append((s, n))
+        budget -= n
+        seqs_room -= 1
+    return out
+
+
+def _advance_chunked(e: "Engine", until: float) -> None:
+    s: Seq
+    need = e.ensure_decode_blocks() if e.dg_count else 0
+    e.free -= need  # reserve the decode sequences' new blocks before admitting prompts
+    budget = e.budget - e.dg_count
+    chunks: list[tuple[Seq, int]] = []
+    for s in e.prefilling:
+        if budget <= 0:
+            break
+        n = min(s.known - s.computed, budget)
+        chunks.append((s, n))
+        budget -= n
+    if budget > 0 and e.waiting and len(e.running) < e.max_seqs:
+        new = _admit(e, budget, e.max_seqs - len(e.running), False)
+        if new:
+            for s, _ in new:  # (a loop, not a generator: the compiled build types it)
+                e.prefilling.append(s)
+            chunks.extend(new)
+    if chunks:
+        e.mixed_step(chunks, True)  # (with_decodes)
+        return
+    e.free += need
+    if e.dg_count:
+        e.decode_run(until)
+    else:
+        e.stalled()
+
+
+def _advance_prefill_first(e: "Engine", until: float) -> None:
+    if e.waiting and len(e.running) < e.max_seqs:
+        new = _admit(e, e.budget, e.max_seqs - len(e.running), True)
+        if new:
+            for s, _ in new:
+                e.prefilling.append(s)
+            e.mixed_step(new, False)
             return
-        e.free += need
+    if e.dg_count:
+        e.ensure_decode_blocks()  # may preempt everyone: then the next call re-admits
         if e.dg_count:
             e.decode_run(until)
-        else:
-            e.stalled()
-
-    @staticmethod
-    def _advance_prefill_first(e: "Engine", until: float) -> None:
-        if e.waiting and len(e.running) < e.max_seqs:
-            new = V0Rule._admit(e, e.budget, e.max_seqs - len(e.running), whole=True)
-            if new:
-                e.prefilling.extend(s for s, _ in new)
-                e.mixed_step(new, with_decodes=False)
-                return
-        if e.dg_count:
-            e.ensure_decode_blocks()  # may preempt everyone: then the next call re-admits
-            if e.dg_count:
-                e.decode_run(until)
-        else:
-            e.stalled()
+    else:
+        e.stalled()
