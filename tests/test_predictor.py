@@ -700,15 +700,20 @@ def test_a_streaming_client_that_leaves_before_its_first_token_is_aborted_in_the
                 finally:
                     sock.setblocking(True)
 
-            for attempt in range(3):  # a predictor that (briefly) takes its engine for down answers 503 at once
-                sock = socket.create_connection(("127.0.0.1", int(pred.url.rsplit(":", 1)[1])), timeout=30)
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                             b"content-length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
-                wait_until(lambda: len(ce.get("/state").json()["waiting"]) == 1
-                           or answered(sock).startswith(b"HTTP/1.1 503"), timeout=60)
-                if len(ce.get("/state").json()["waiting"]) == 1 or attempt == 2:
-                    break
-                sock.close()  # refused: send it again
+            # A predictor that takes its engine for down answers 503 at once, until a poll reaches the engine again: on
+            # a loaded machine one of its connections to the engine can fail ("All connection attempts failed", seen
+            # in the full suite beside another), so wait for its engine_ok before each send, and send again if refused.
+            with pred.client() as cp:
+                for attempt in range(5):
+                    assert wait_until(lambda: cp.get("/health").json()["engine_ok"], timeout=60)
+                    sock = socket.create_connection(("127.0.0.1", int(pred.url.rsplit(":", 1)[1])), timeout=30)
+                    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                 b"content-length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+                    wait_until(lambda: len(ce.get("/state").json()["waiting"]) == 1
+                               or answered(sock).startswith(b"HTTP/1.1 503"), timeout=60)
+                    if len(ce.get("/state").json()["waiting"]) == 1 or attempt == 4:
+                        break
+                    sock.close()  # refused: send it again
             # (the predictor's answer, if any, says why the request is not in the engine's queue)
             assert len(ce.get("/state").json()["waiting"]) == 1, answered(sock)[:500]
             sock.close()
