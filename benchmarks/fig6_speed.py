@@ -104,7 +104,9 @@ def main(argv=None) -> int:
             ap.error(f"--baseline {base}: not a checkout of this project (no experiments/run.py)")
         if args.compiled:
             ap.error("--baseline compares two checkouts in one mode: set BLOCK_REPRO_SPEEDUPS=1 for the compiled one")
-        compiled = os.environ.get("BLOCK_REPRO_SPEEDUPS", "").strip().lower() in ("1", "true", "yes", "on")
+        from vidur.compiled import enabled
+
+        compiled = enabled()  # this command's BLOCK_REPRO_SPEEDUPS, read as every command of the project reads it
         print(f"{'policy':>13} {'qps':>5} {'base best':>9} {'median':>7} {'this best':>9} {'median':>7} "
               f"{'best x':>6} {'med x':>6} {'same':>5} {'load avg':>9}   ({'compiled' if compiled else 'plain'})")
         for policy in args.policies:

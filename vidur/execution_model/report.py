@@ -58,9 +58,10 @@ def evaluate_holdout(profile_root: PathLike, seed: int = 0, frac: float = 0.8) -
                 if tp == 1:
                     for op in TOKEN_OPS:
                         add(label, f"token op {op}", h[op])
-    if (qdir / "attention.csv").exists():
-        att = read_attention(qdir / "attention.csv")
-        for comp, st in holdout_attention(att[att["tp"] == 1], seed, frac).items():
+    # Qwen2-7B's attention rows, read once: its held-out fits, the roofline check and the derivation below use them
+    qatt = read_attention(qdir / "attention.csv") if (qdir / "attention.csv").exists() else None
+    if qatt is not None:
+        for comp, st in holdout_attention(qatt[qatt["tp"] == 1], seed, frac).items():
             add("A30 Qwen2-7B", comp, st)
     # TP scaling check: the TP-1 rows scaled to tp (calibration from Qwen2-7B only) vs Llama's measured tp rows
     if (ldir / "mlp.csv").exists():
@@ -94,22 +95,21 @@ def evaluate_holdout(profile_root: PathLike, seed: int = 0, frac: float = 0.8) -
             pred = sum(_roof_ms(cal[op], *dims.op_cost(op, xs), A30.fp16_tflops, A30.hbm_gbps) for op in LAYER_OPS)
             obs = sum(_pl_eval(opsl[op], xs) for op in LAYER_OPS)
             add("A30 Llama-2-7B", f"fallback: roofline token ops, {tag}", _err_stats(pred, obs))
-        if (qdir / "attention.csv").exists():
-            att = read_attention(qdir / "attention.csv")
-            dd = _attention_dims(att)
+        if qatt is not None:
+            dd = _attention_dims(qatt)
             qd = _Dims(dd["hidden"], dd["q_heads"], dd["kv_heads"], dd["head_dim"], 1, 1)
-            p = att[att["is_prefill"] & (att["chunk"] > 0)]
+            p = qatt[qatt["is_prefill"] & (qatt["chunk"] > 0)]
             pred = _roof_ms(cal_all["attn_prefill"], *qd.prefill_cost(p["chunk"], p["kv"]), A30.fp16_tflops,
                             A30.hbm_gbps)
             add("A30 Qwen2-7B", "fallback: roofline prefill attention (in-sample)", _err_stats(pred, p["prefill"]))
-            d = att[~att["is_prefill"]]
+            d = qatt[~qatt["is_prefill"]]
             S = (d["batch"] * d["kv"]).to_numpy(float)
             cd = cal_all["attn_decode"]
             pred = (cd["overhead_ms"] + cd["per_seq_ms"] * d["batch"].to_numpy(float)
                     + qd.decode_cost(d["batch"], S)[1] / (A30.hbm_gbps * 1e6 * cd["eff_memory"]))
             add("A30 Qwen2-7B", "fallback: roofline decode attention (in-sample)", _err_stats(pred, d["decode"]))
     # the Llama-2-7B attention derived from Qwen2-7B's (one fit of the donor serves both reports below)
-    derived = _derived_llama(root) if (qdir / "attention.csv").exists() else None
+    derived = _derived_llama(qatt) if qatt is not None else None
     # the measured Llama-2-7B attention: held out, and the derivation from Qwen2-7B scored against it
     if (ldir / "attention.csv").exists():
         latt = read_attention(ldir / "attention.csv")
@@ -126,12 +126,11 @@ def evaluate_holdout(profile_root: PathLike, seed: int = 0, frac: float = 0.8) -
     return res
 
 
-def _derived_llama(root: Path) -> dict[str, Any]:
-    """The Llama-2-7B A30 attention derived from Qwen2-7B's TP-1 profile, as runs made before the measured profile
-    was bundled used it: the donor's fits, its dimensions, the Llama spec every run uses (conf/model) and the
-    derived tables."""
-    att = read_attention(root / "compute" / str(A30.profile_dir) / "Qwen" / "Qwen-2-7B" / "attention.csv")
-    att = att[att["tp"] == 1]
+def _derived_llama(qatt) -> dict[str, Any]:
+    """The Llama-2-7B A30 attention derived from Qwen2-7B's TP-1 profile (``qatt``: its attention rows, as
+    ``read_attention`` gives them), as runs made before the measured profile was bundled used it: the donor's fits,
+    its dimensions, the Llama spec every run uses (conf/model) and the derived tables."""
+    att = qatt[qatt["tp"] == 1]
     dims = _attention_dims(att)
     donor = {"prefill": fit_prefill(att), "decode": fit_decode(att)}
     donor["kv_save"], _ = fit_kv_save(att)
@@ -151,7 +150,8 @@ def derived_vs_measured(profile_root: PathLike, batches: Sequence[int] = (1, 2, 
     root = Path(profile_root)
     latt = read_attention(root / "compute" / str(A30.profile_dir) / "meta-llama" / "Llama-2-7b-hf" / "attention.csv")
     latt = latt[latt["tp"] == 1]
-    derived = derived or _derived_llama(root)
+    derived = derived or _derived_llama(
+        read_attention(root / "compute" / str(A30.profile_dir) / "Qwen" / "Qwen-2-7B" / "attention.csv"))
     der, llama = derived["attention"], derived["llama"]
     meas = {"decode": fit_decode(latt)}  # only its decode slopes are compared
     d = latt[~latt["is_prefill"] & (latt["batch"] <= len(der["decode"]["a"]))]  # the donor's batch sizes (1-48)
