@@ -333,3 +333,89 @@ def test_decode_runs_recorded_directly_are_the_rules_steps(blocks, toy_model):
             compared += len(a.segs)
         e.add(Seq(i, p, o, ta), ta)
     assert compared > 200 and fast > 100, (compared, fast)
+
+
+def _steps(f, n0: int) -> dict:
+    """A recorded future step by step from step ``n0``: (start, duration, batch, KV tokens, room a request queued
+    last finds, blocks free after, prefill chunks, begins by preempting)."""
+    out = {}
+    bs = f.bs
+    for seg in f.segs:
+        if seg[0] == 0:  # MIXED
+            out[seg[1]] = (seg[2], seg[3] - seg[2], seg[5], seg[6], seg[7], seg[8], tuple(seg[4]), seg[9])
+            continue
+        _, s0, t0, m, B, S1, c, k, a, b, room, free0, cum, pre, _, _, free_end = seg
+        for i in range(m):
+            x = i + 1
+            fa = free0 - x // bs * B - cum[x % bs]  # after the step's reservation (the room's blocks)
+            r = None if room is None else (room[0], room[1], fa)
+            out[s0 + i] = (t0 + b * i + a * i * i, c + k * (S1 + B * i), B, S1 + B * i, r,
+                           free_end if i == m - 1 else fa, (), pre and i == 0)
+    return {s: v for s, v in out.items() if s >= n0}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_received_request_is_overlaid_onto_the_recorded_future(seed, toy_model):
+    """``Future.overlay``: when the engine receives a request, its trajectory's recorded future takes the request in
+    (admission, prefill chunks, decode runs one sequence wider, evictions and re-admission, the others' steps later
+    by what it cost) instead of being recorded again. Step by step it is the future recorded afresh from the same
+    checkpoint: same batches, KV, chunks, rooms, free blocks and preemptions, times to 1e-9; light load, overload
+    and tight KV (the received request evicted) alike, and nearly every request received is overlaid."""
+    from vidur.candidate import Future
+
+    blocks = (250, 600, 4000)[seed % 3]
+    cfg = _cfg("v0", True, blocks)
+    rng = random.Random(seed)
+    e = Engine(cfg, toy_model)
+    adds = compared = evicted_steps = 0
+    for i, (ta, p, o, x) in enumerate(_arrivals(400, (8.0, 30.0, 60.0)[seed % 3], seed=300 + seed)):
+        e.sync(ta)
+        predict_engine(e, ta, Request(10**6, ta, rng.randint(4, 700), rng.randint(1, 300)))
+        traj = e.whatif.traj
+        f = traj.future
+        if f is not None and f.version == traj.version:
+            k = traj.reach(ta)
+            fresh = Future(k, traj.rule, traj.version)
+            while fresh.end < f.end and fresh.extend():
+                pass
+            got, ref = _steps(f, k.num_steps), _steps(fresh, k.num_steps)
+            assert set(ref) <= set(got) or set(got) <= set(ref)
+            for s in set(got) & set(ref):
+                u, v = got[s], ref[s]
+                assert _close(u[0], v[0]) and math.isclose(u[1], v[1], rel_tol=1e-9), (i, s, u, v)
+                assert u[2:] == v[2:], (i, s, u, v)
+                compared += 1
+                evicted_steps += u[7]
+        if rng.random() < 0.6:
+            e.add(Seq(i, p, o, ta), ta)
+            adds += 1
+    assert e.whatif.traj.overlaid >= 0.6 * adds, (e.whatif.traj.overlaid, adds)
+    assert compared > 50_000
+    if blocks == 250:
+        assert e.num_preemptions > 0 and evicted_steps > 0
+
+
+def test_overlaid_and_recorded_futures_answer_alike(toy_model):
+    """A trajectory that records its future again after each request received (``overlays`` False, as before) and
+    one that overlays the request give the same answers to every probe (1e-9), under KV pressure."""
+    cfg = _cfg("v0", True, 300)
+    rng = random.Random(7)
+    engines = [Engine(cfg, toy_model), Engine(cfg, toy_model)]
+    overlaid = 0
+    for i, (ta, p, o, x) in enumerate(_arrivals(300, 30.0, seed=77)):
+        preds = []
+        cand = [(rng.randint(4, 700), rng.randint(1, 300)) for _ in range(3)]
+        for n, e in enumerate(engines):
+            e.sync(ta)
+            if e.whatif is not None and n == 1:
+                e.whatif.traj.overlays = False
+            preds.append([predict_engine(e, ta, Request(10**6, ta, *c)) for c in cand])
+            if n == 0 and e.whatif is not None:
+                overlaid = e.whatif.traj.overlaid
+        for a, b in zip(*preds):
+            assert _close(a.e2e_s, b.e2e_s) and _close(a.ttft_s, b.ttft_s) and _close(a.queue_s, b.queue_s)
+        if rng.random() < 0.7:
+            for e in engines:
+                e.add(Seq(i, p, o, ta), ta)
+    assert engines[1].whatif.traj.overlaid == 0 and overlaid > 100, overlaid
+    assert engines[0].num_preemptions > 0

@@ -59,10 +59,10 @@ class Future:
 
     * ``(MIXED, n0, t0, t1, chunks, B, kv, room, free_after, preempted)``: one step with prefill chunks
       [(tokens, cached)], ``B`` decodes holding ``kv`` KV tokens, from ``t0`` to ``t1``;
-    * ``(RUN, n0, t0, m, B, S1, c, k, a, b, room, free0, cum, preempted, c1, k1)``: ``m`` decode-only steps of
-      ``B`` sequences, the first holding ``S1`` KV tokens; step ``j`` starts at ``t0 + b j + a j^2`` and lasts
-      ``c + k (S1 + B j)`` (``c1 + k1 (...)`` with one sequence more); after it ``free0 - (j + 1) // bs * B -
-      cum[(j + 1) % bs]`` blocks are free.
+    * ``(RUN, n0, t0, m, B, S1, c, k, a, b, room, free0, cum, preempted, c1, k1, free_end)``: ``m`` decode-only
+      steps of ``B`` sequences, the first holding ``S1`` KV tokens; step ``j`` starts at ``t0 + b j + a j^2`` and
+      lasts ``c + k (S1 + B j)`` (``c1 + k1 (...)`` with one sequence more); after it ``free0 - (j + 1) // bs * B -
+      cum[(j + 1) % bs]`` blocks are free, ``free_end`` after the last step (the requests finishing in it freed).
 
     ``room`` is what the admission loop of the segment's first step had left when it reached the sentinel at the back
     of the queue, i.e. what a request queued last would find -- (budget, seats, blocks free; ``Engine.room_at_reject``)
@@ -144,28 +144,36 @@ class Future:
         last = self.rec.last
         if last[0] == MIXED:
             seg = (MIXED, n0, t0, e.time, last[1], last[2], last[3], room, e.free, preempted)
-            A = K = 0.0
-            hold = _STOP
         else:
             model = self.model
             c, k = model.decode_coeffs(B)
             a = 0.5 * k * B
             c1, k1 = model.decode_coeffs(B + 1)  # the same steps with the candidate decoding too
             m = e.num_steps - n0
-            seg = (RUN, n0, t0, m, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted, c1, k1)
+            seg = (RUN, n0, t0, m, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, preempted, c1, k1, e.free)
+        self._push(seg)
+        self.end = e.num_steps
+        return True
+
+    def _push(self, seg: tuple) -> None:
+        """Append a segment and its prefix sums (``_skip_runs``)."""
+        n0 = seg[1]
+        if seg[0] == MIXED:
+            A = K = 0.0
+            hold = _STOP
+        else:
+            m, B, S1, free0, cum, c1, k1 = seg[3], seg[4], seg[5], seg[11], seg[12], seg[14], seg[15]
             A = m * c1 + k1 * (m * S1 + (B + 1) * (m * (m - 1) // 2))
             K = k1 * m
             # its blocks after the run's last step, ceil((prompt + g + m - 1) / bs), must not exceed what is free then
             free_last = free0 - m // self.bs * B - cum[m % self.bs]
-            hold = _STOP if preempted else (n0 - self.p0) + m - 1 - free_last * self.bs
+            hold = _STOP if seg[13] else (n0 - self.p0) + m - 1 - free_last * self.bs
         self.sa.append(self.sa[-1] + A)
         self.sk.append(self.sk[-1] + K)
         self.skp.append(self.skp[-1] + K * (n0 - self.p0))
         self.hold.append(hold)
         self.segs.append(seg)
         self.starts.append(n0)
-        self.end = e.num_steps
-        return True
 
     def life(self, n: int, t_n: float, t: float, prompt: int, out: int) -> Optional[tuple[float, float, float]]:
         """(e2e, ttft, queueing) from ``t`` of a candidate queued last before step ``n`` (which starts at ``t_n``,
@@ -312,6 +320,227 @@ class Future:
             if not evicted:
                 return now - t, ttft, t_adm - t
 
+    def overlay(self, n, t_n: float, prompt, out, version) -> Optional["Future"]:
+        """The future once a request of ``prompt`` tokens and ``out`` output tokens is queued last before step ``n``
+        (which starts at ``t_n``: the trajectory's reach checkpoint where it received the request), for ``version``;
+        None where the walk cannot follow that request's life (then the future is recorded again, as before).
+
+        Why: a trajectory that receives a request used to record its whole future again (about 40 segments and
+        every step in them simulated) although the probe that chose the instance had just walked that very request
+        over the old one. With FCFS and the request queued last, the new future is the old one with it overlaid:
+        its steps before the admission are the old ones, except that a request queued behind it finds no room;
+        its prefill chunks go into the budget the others leave (their step times recomputed); its decode steps make
+        the others' runs one sequence wider (its KV tokens and its blocks added); a step whose blocks it would run
+        dry begins by evicting it (it queues again, is re-admitted and recomputes, as ``_life`` walks it); after it
+        finishes the old steps follow, later by what it cost. It gives up where ``_life`` does (someone prefilling
+        after it) and where the engine would go idle. This future's recording engine goes to the new one, its clock
+        moved on by that cost: this future is spent.
+        (``n``, ``prompt``, ``out``, ``version``: ints, typed as C integers in candidate.pxd.)"""
+        bs, wm, budget = self.bs, self.wm, self.budget
+        if -(-prompt // bs) > self.total - wm or prompt > self.max_len:
+            return None
+        segs = self.segs
+        while self.end <= n and self.extend():
+            pass
+        if self.end <= n:
+            return None
+        model = self.model
+        k = bisect_right(self.starts, n) - 1
+        j = n - segs[k][1]
+        now: float = t_n
+        new: list = []
+        g = 0  # tokens it has generated (an eviction keeps them: the re-prefill recomputes prompt + g)
+        hit = -1  # the step at whose start it was last evicted (that step begins by preempting)
+        while True:
+            known = prompt + g
+            need = -(-known // bs)
+            # phase 1: queued, until a step's admission reaches it with room; a request behind it finds none
+            while True:
+                if k == len(segs) and not self.extend():
+                    return None
+                seg = segs[k]
+                if seg[0] == MIXED:
+                    room = seg[7]
+                    if room is not None and room[2] - need >= wm:
+                        break
+                    dt = seg[3] - seg[2]
+                    new.append((MIXED, seg[1], now, now + dt, seg[4], seg[5], seg[6], None, seg[8],
+                                seg[9] or seg[1] == hit))
+                    now += dt
+                    k += 1
+                else:
+                    room = seg[10]
+                    if room is not None:
+                        x = j + 1
+                        if seg[11] - x // bs * seg[4] - seg[12][x % bs] - need >= wm:
+                            break
+                    new.append(_rest(seg, j, now, False, (j == 0 and seg[13]) or seg[1] + j == hit, bs))
+                    m = seg[3]
+                    now += seg[9] * (m - j) + seg[8] * (m * m - j * j)
+                    k += 1
+                    j = 0
+            # phase 2: its (re-)prefill, in the budget the others leave (its chunk last in each step)
+            comp = 0
+            left = room[0]
+            first = True
+            evicted = False
+            while comp < known:
+                if k == len(segs) and not self.extend():
+                    return None
+                seg = segs[k]
+                if seg[0] == MIXED:
+                    n0 = seg[1]
+                    chunks, B, kv, room, free = seg[4], seg[5], seg[6], seg[7], seg[8]
+                    if not first:
+                        if seg[9] or free < need:
+                            evicted = True
+                            break
+                        left = budget - B - _chunk_tokens(chunks)
+                    preempted = seg[9] or n0 == hit
+                    nc = min(known - comp, left)
+                    if nc > 0:
+                        chunks = [*chunks, (nc, comp)]
+                        dt = model.step_time(chunks, B, kv)
+                    else:
+                        dt = seg[3] - seg[2]
+                    k += 1
+                else:
+                    B = seg[4]
+                    n0 = seg[1] + j
+                    x = j + 1
+                    free = seg[11] - x // bs * B - seg[12][x % bs]
+                    if not first:
+                        if (j == 0 and seg[13]) or free < need:
+                            evicted = True
+                            break
+                        left = budget - B
+                    preempted = (j == 0 and seg[13]) or n0 == hit
+                    kv = seg[5] + B * j
+                    nc = min(known - comp, left)
+                    if nc <= 0:
+                        return None
+                    chunks = [(nc, comp)]
+                    dt = model.step_time(chunks, B, kv)
+                    room = seg[10]
+                    if room is not None:
+                        room = (room[0], room[1], free)
+                    if x == seg[3]:
+                        free = seg[16]  # (the run's last step: the requests finishing in it freed their blocks)
+                    j = x
+                    if j == seg[3]:
+                        k += 1
+                        j = 0
+                comp += nc
+                first = False
+                if room is not None:  # what a request queued behind it finds: less budget, a seat and its blocks fewer
+                    room = (room[0] - nc, room[1] - 1, room[2] - need) if room[0] > nc and room[1] > 1 else None
+                if comp < known or g + 1 < out:  # (else it finishes in the step that ends its prefill)
+                    free -= need
+                new.append((MIXED, n0, now, now + dt, chunks, B, kv, room, free, preempted))
+                now += dt
+            if evicted:
+                hit = n0
+                continue  # back to the queue, at its head (behind the others evicted with it)
+            g += 1  # the step that completes a prefill emits the next token
+            # phase 3: decode steps, one sequence more in the others' runs, until it finishes or is evicted
+            while g < out:
+                if k == len(segs) and not self.extend():
+                    return None
+                seg = segs[k]
+                if seg[0] == MIXED:
+                    if seg[9]:
+                        evicted = True
+                        hit = seg[1]
+                        break
+                    return None  # someone else prefills after its own prefill: not a shape the walk follows
+                if j == 0 and seg[13]:
+                    evicted = True
+                    hit = seg[1]
+                    break
+                B, m, free0, cum = seg[4], seg[3], seg[11], seg[12]
+                steps = min(m - j, out - g)
+                x = j + steps
+                if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + steps - 1) // bs):
+                    lo, hi = 0, steps - 1  # the first step its blocks run the pool dry: it is evicted there
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        x = j + mid + 1
+                        if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + mid) // bs):
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    steps = lo
+                    evicted = True
+                if steps:
+                    fj = j // bs * B + cum[j % bs]  # the others' new blocks over the run's first j steps
+                    c0 = prompt + g - 1
+                    own0 = -(-c0 // bs)  # the blocks it holds
+                    cum1 = [0] * bs  # new blocks over the first r steps of a block period: the others' and its own
+                    for r in range(bs):
+                        x = j + r
+                        cum1[r] = x // bs * B + cum[x % bs] - fj + (-(-(c0 + r) // bs)) - own0
+                    B1 = B + 1
+                    free1 = free0 - fj - own0
+                    S1 = seg[5] + B * j + prompt + g
+                    c1, k1 = seg[14], seg[15]
+                    a = 0.5 * k1 * B1
+                    b = c1 + k1 * S1 - a
+                    room = seg[10]
+                    if room is not None:
+                        room = (room[0] - 1, room[1] - 1, free1 - 1 // bs * B1 - cum1[1 % bs]) \
+                            if room[0] > 1 and room[1] > 1 else None
+                    c2, k2 = model.decode_coeffs(B1 + 1)
+                    x = j + steps  # free after its last step: the others' finishing there freed, and its own if it ends
+                    end = seg[16] if x == m else free0 - x // bs * B - cum[x % bs]
+                    if g + steps < out:
+                        end -= -(-(c0 + steps) // bs)
+                    new.append((RUN, seg[1] + j, now, steps, B1, S1, c1, k1, a, b, room, free1, cum1, False, c2, k2,
+                                end))
+                    now += steps * b + a * steps * steps
+                    g += steps
+                    j = x
+                    if j == m:
+                        k += 1
+                        j = 0
+                if evicted:
+                    hit = seg[1] + j
+                    break
+            if not evicted:
+                break
+        # then the others' steps as they were, later by what it cost
+        if k < len(segs):
+            seg = segs[k]
+            if j:  # the rest of the run it finished in: the others alone again
+                new.append(_rest(seg, j, now, True, False, bs))
+                shift = now - (seg[2] + seg[9] * j + seg[8] * j * j)
+                k += 1
+            else:
+                shift = now - seg[2]
+            for i in range(k, len(segs)):
+                seg = segs[i]
+                if seg[0] == MIXED:
+                    new.append(seg[:2] + (seg[2] + shift, seg[3] + shift) + seg[4:])
+                else:
+                    new.append(seg[:2] + (seg[2] + shift,) + seg[3:])
+        else:
+            shift = now - self.e.time
+        f = Future.__new__(Future)
+        f.fast_runs = self.fast_runs
+        f.e = self.e
+        f.e.time += shift
+        f.back, f.model, f.rec, f.rule = self.back, self.model, self.rec, self.rule
+        f.version = version
+        f.end, f.done = self.end, self.done
+        f.bs, f.budget, f.total, f.wm, f.max_len = bs, budget, self.total, wm, self.max_len
+        f.hits = f.falls = 0
+        f.p0 = new[0][1]
+        f.segs, f.starts, f.sa, f.sk, f.skp, f.hold = [], [], [0.0], [0.0], [0.0], []
+        for seg in new:
+            f._push(seg)
+        self.e = None  # (spent: its engine is the new future's)
+        self.done = True
+        return f
+
     def _skip_runs(self, k, g, now: float, prompt, out) -> tuple[int, int, float]:
         """Walk the whole decode runs from segment ``k`` the candidate decodes through with ``g`` tokens, as far as it
         needs, in one go (prefix sums); stop before a run it does not finish whole, or one where something else
@@ -325,8 +554,10 @@ class Future:
         if e <= k:
             return k, g, now
         theta = (starts[k] - self.p0) - prompt - g
-        if max(self.hold[k:e]) > theta:
-            return k, g, now
+        hold = self.hold
+        for i in range(k, e):  # (a loop, not max() over a slice: the compiled build compares C doubles, and stops early)
+            if hold[i] > theta:
+                return k, g, now
         sk = self.sk[e] - self.sk[k]
         now += (self.sa[e] - self.sa[k]) + (prompt + g - (starts[k] - self.p0)) * sk + (self.skp[e] - self.skp[k])
         return e, g + starts[e] - starts[k], now
@@ -352,6 +583,28 @@ class Future:
             c1, k1 = model.decode_coeffs(1)
             now += steps * c1 + k1 * (steps * (prompt + g) + steps * (steps - 1) // 2)
         return now - t, ttft, t_adm - t
+
+
+def _rest(seg: tuple, j, t0: float, keep_room, pre, bs) -> tuple:
+    """Steps ``j``.. of a decode run as a run of their own, starting at ``t0`` (``Future.overlay``): its room is
+    None unless ``keep_room`` (then the old run's, its blocks at step ``j``), ``pre`` whether its first step begins by
+    preempting. (``j``, ``bs``: ints, ``keep_room``, ``pre``: bools.)"""
+    B, free0, cum, S1, c, k, a, room = seg[4], seg[11], seg[12], seg[5], seg[6], seg[7], seg[8], seg[10]
+    if j:
+        fj = j // bs * B + cum[j % bs]
+        cum1 = [0] * bs
+        for r in range(bs):
+            x = j + r
+            cum1[r] = x // bs * B + cum[x % bs] - fj
+        free0 -= fj
+        S1 += B * j
+        cum = cum1
+    if keep_room and room is not None:
+        room = (room[0], room[1], free0 - 1 // bs * B - cum[1 % bs])
+    else:
+        room = None
+    return (RUN, seg[1] + j, t0, seg[3] - j, B, S1, c, k, a, c + k * S1 - a, room, free0, cum, pre, seg[14], seg[15],
+            seg[16])
 
 
 def _chunk_tokens(chunks: list) -> int:

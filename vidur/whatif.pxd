@@ -5,7 +5,8 @@ from vidur.engine cimport Engine, Seq
 
 cdef class Trajectory:
     cdef public Engine s
-    cdef public bint eager, unsure
+    cdef public bint eager, unsure, overlays
+    cdef public long long overlaid
     cdef public long long _asked, version
     cdef public object rule, _base, future
     cdef public Seq back
