@@ -16,7 +16,8 @@ same (checked, request by request, timing columns aside).
 ``--baseline DIR`` compares this checkout with another one (e.g. ``git worktree add /tmp/base <commit>``; it runs
 from its own folder, first on ``PYTHONPATH``), each point ``--repeat`` times per checkout, the two alternating so that
 a busy machine slows both alike; prints the best and median rate of each and their ratios, and checks that the two
-wrote the same records. With ``BLOCK_REPRO_SPEEDUPS=1`` in this command's environment both use their compiled build
+wrote the same records ("yes"; "~1e-09": the same but for floating-point columns within 1e-9, relative, as when one
+checkout sums the same step times in another order). With ``BLOCK_REPRO_SPEEDUPS=1`` in this command's environment both use their compiled build
 (each checkout's own: build it in each first).
 """
 
@@ -59,24 +60,38 @@ def one(policy: str, qps: float, n: int, out: Path, extra: list[str], compiled: 
     return wall, summary
 
 
-def same_records(a: Path, b: Path) -> bool:
-    """Whether two runs wrote the same per-request records (the decision's own wall time aside)."""
+def same_records(a: Path, b: Path, rtol: float = 0.0) -> str:
+    """Whether two runs wrote the same per-request records (the decision's own wall time aside): "yes" when equal,
+    "~<rtol>" when every column is equal but floating-point ones that differ within ``rtol`` (relative: two checkouts
+    that sum the same times in another order, e.g. the overlaid future's predictions, 1e-13 apart), "" otherwise."""
+    import numpy as np
     import pandas as pd
 
     x, y = (pd.read_parquet(p / "requests.parquet").drop(columns=["decision_ms"]) for p in (a, b))
-    return x.equals(y)
+    if x.equals(y):
+        return "yes"
+    if not rtol or list(x.columns) != list(y.columns) or len(x) != len(y):
+        return ""
+    for col in x.columns:
+        u, v = x[col], y[col]
+        if u.equals(v):
+            continue
+        if not (pd.api.types.is_float_dtype(u) and pd.api.types.is_float_dtype(v)
+                and np.allclose(u.to_numpy(), v.to_numpy(), rtol=rtol, atol=0.0, equal_nan=True)):
+            return ""
+    return f"~{rtol:g}"
 
 
 def compare(policy: str, qps: float, n: int, out: Path, extra: list[str], baseline: Path, repeat: int,
-            compiled: bool) -> tuple[list[float], list[float], bool]:
+            compiled: bool) -> tuple[list[float], list[float], str]:
     """``policy`` at ``qps`` in ``baseline`` and in this checkout, alternating, ``repeat`` times each: (baseline's
-    loop rates, ours, whether the last two runs wrote the same records)."""
+    loop rates, ours, whether the last two runs wrote the same records: ``same_records`` to 1e-9)."""
     rates: dict[str, list[float]] = {"base": [], "this": []}
     for _ in range(repeat):
         for side, tree in (("base", baseline), ("this", ROOT)):
             _, s = one(policy, qps, n, out, extra, compiled, tree, name=f"{policy}-q{qps:g}-{side}")
             rates[side].append(s["sim_requests_per_wall_s"])
-    same = same_records(out / f"{policy}-q{qps:g}-base", out / f"{policy}-q{qps:g}-this")
+    same = same_records(out / f"{policy}-q{qps:g}-base", out / f"{policy}-q{qps:g}-this", rtol=1e-9)
     return rates["base"], rates["this"], same
 
 
@@ -114,7 +129,7 @@ def main(argv=None) -> int:
                 b, t, same = compare(policy, qps, args.requests, out, args.overrides, base, args.repeat, compiled)
                 mb, mt = statistics.median(b), statistics.median(t)
                 print(f"{policy:>13} {qps:>5g} {max(b):>9.0f} {mb:>7.0f} {max(t):>9.0f} {mt:>7.0f} "
-                      f"{max(t) / max(b):>6.2f} {mt / mb:>6.2f} {'yes' if same else 'NO':>5} "
+                      f"{max(t) / max(b):>6.2f} {mt / mb:>6.2f} {same or 'NO':>5} "
                       f"{os.getloadavg()[0]:>9.2f}", flush=True)
                 if not same:
                     print(f"error: {policy} at QPS {qps:g}: the two checkouts' records differ", file=sys.stderr)
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
             same = same_records(out / f"{policy}-q{qps:g}", out / f"{policy}-q{qps:g}-compiled")
             rate, rate_c = s["sim_requests_per_wall_s"], c["sim_requests_per_wall_s"]
             print(f"{policy:>13} {qps:>5g} {rate:>10.0f} {rate_c:>10.0f} {rate_c / rate:>6.2f} {wall:>9.1f} "
-                  f"{wall_c:>9.1f} {'yes' if same else 'NO':>5} {os.getloadavg()[0]:>9.2f}", flush=True)
+                  f"{wall_c:>9.1f} {same or 'NO':>5} {os.getloadavg()[0]:>9.2f}", flush=True)
             if not same:
                 print(f"error: {policy} at QPS {qps:g}: the compiled build's records differ", file=sys.stderr)
                 return 1

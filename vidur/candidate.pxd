@@ -24,7 +24,7 @@ cdef class Future:
                    j=cython.longlong, now=cython.double, g=cython.longlong, known=cython.longlong,
                    need=cython.longlong, comp=cython.longlong, left=cython.longlong, nc=cython.longlong,
                    B=cython.longlong, x=cython.longlong, m=cython.longlong, steps=cython.longlong,
-                   lo=cython.longlong, hi=cython.longlong, mid=cython.longlong, si=cython.longlong,
+                   si=cython.longlong,
                    sd=cython.longlong, free0=cython.longlong, first=cython.bint, evicted=cython.bint, rb=cython.double,
                    ra=cython.double, c1=cython.double, k1=cython.double, S1=cython.longlong)
     cpdef object _life(self, long long n, double t_n, double t, long long prompt, long long out)
@@ -62,3 +62,10 @@ cdef class Future:
 @cython.locals(B=cython.longlong, free0=cython.longlong, S1=cython.longlong, c=cython.double, k=cython.double,
                a=cython.double, fj=cython.longlong, r=cython.longlong, x=cython.longlong)
 cpdef tuple _rest(tuple seg, long long j, double t0, bint keep_room, bint pre, long long bs)
+
+
+@cython.locals(x=cython.longlong, lo=cython.longlong, hi=cython.longlong, mid=cython.longlong)
+cpdef long long _steps_before_eviction(long long free0, long long B, list cum, long long j, long long steps,
+                                       long long known, long long bs)
+
+cpdef long long _decode_stop(tuple seg, long long j)

@@ -20,6 +20,10 @@ each candidate is a walk over its segments. The walk gives up (returns None: the
 before) where the composition would change: a preemption while the candidate holds blocks (it would be the first
 victim), blocks it takes that would force one, a prefill after its own, or an engine with no room to run it alone.
 Other rules (V0 prefill-first, V1) always take the simulation; so does ``others_delay``.
+
+When the instance receives a request, the future is not recorded again: ``Future.overlay`` walks that request over it
+the same way and writes the steps it changes (``Trajectory.add``), so a version's future costs a walk, not a
+simulation, and the recording engine only extends it past where the old one ended.
 """
 
 from __future__ import annotations
@@ -280,29 +284,17 @@ class Future:
                 if k == len(segs) and not self.extend():
                     return self._alone(now, t, t_adm, ttft, g, prompt, out, prompt + g)
                 seg = segs[k]
-                if seg[0] == MIXED:
-                    if seg[9]:
-                        evicted = True
-                        break
-                    return None  # someone else prefills after its own prefill: not a shape the walk follows
-                if j == 0 and seg[13]:
+                x = _decode_stop(seg, j)
+                if x:
+                    if x == 2:
+                        return None
                     evicted = True
                     break
                 B, m, free0, cum = seg[4], seg[3], seg[11], seg[12]
                 steps = min(m - j, out - g)
-                # steps s = 0 .. steps-1 (run step j + s): it holds ceil((prompt + g + s) / bs) blocks after step s,
-                # the others leave free0 - cum(j + s + 1): it is evicted at the first s where that is short
-                x = j + steps
-                if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + steps - 1) // bs):
-                    lo, hi = 0, steps - 1  # the last step is short, so the first short one is in [lo, hi]
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        x = j + mid + 1
-                        if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + mid) // bs):
-                            hi = mid
-                        else:
-                            lo = mid + 1
-                    steps = lo
+                x = _steps_before_eviction(free0, B, cum, j, steps, prompt + g, bs)
+                if x < steps:
+                    steps = x
                     evicted = True
                 if steps:
                     c1, k1, S1 = seg[14], seg[15], seg[5]
@@ -447,29 +439,18 @@ class Future:
                 if k == len(segs) and not self.extend():
                     return None
                 seg = segs[k]
-                if seg[0] == MIXED:
-                    if seg[9]:
-                        evicted = True
-                        hit = seg[1]
-                        break
-                    return None  # someone else prefills after its own prefill: not a shape the walk follows
-                if j == 0 and seg[13]:
+                x = _decode_stop(seg, j)
+                if x:
+                    if x == 2:
+                        return None
                     evicted = True
                     hit = seg[1]
                     break
                 B, m, free0, cum = seg[4], seg[3], seg[11], seg[12]
                 steps = min(m - j, out - g)
-                x = j + steps
-                if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + steps - 1) // bs):
-                    lo, hi = 0, steps - 1  # the first step its blocks run the pool dry: it is evicted there
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        x = j + mid + 1
-                        if free0 - x // bs * B - cum[x % bs] < -(-(prompt + g + mid) // bs):
-                            hi = mid
-                        else:
-                            lo = mid + 1
-                    steps = lo
+                x = _steps_before_eviction(free0, B, cum, j, steps, prompt + g, bs)
+                if x < steps:
+                    steps = x
                     evicted = True
                 if steps:
                     fj = j // bs * B + cum[j % bs]  # the others' new blocks over the run's first j steps
@@ -583,6 +564,33 @@ class Future:
             c1, k1 = model.decode_coeffs(1)
             now += steps * c1 + k1 * (steps * (prompt + g) + steps * (steps - 1) // 2)
         return now - t, ttft, t_adm - t
+
+
+def _decode_stop(seg: tuple, j) -> int:
+    """What stops a decoding candidate at step ``j`` of ``seg``: 0 nothing, 1 the step begins by preempting (it is the
+    first victim: evicted), 2 someone else prefills after its own prefill (not a shape the walk follows)."""
+    if seg[0] == MIXED:
+        return 1 if seg[9] else 2
+    return 1 if j == 0 and seg[13] else 0
+
+
+def _steps_before_eviction(free0, B, cum: list, j, steps, known, bs) -> int:
+    """How many of ``steps`` decode steps from step ``j`` of a run (``free0``, ``B``, ``cum``: ``Future``'s RUN
+    fields) a candidate with ``known`` tokens decodes before its blocks run the pool dry: after step s it holds
+    ceil((known + s) / bs) blocks and the others leave free0 - cum(j + s + 1); it is evicted at the first s where that
+    is short (``steps`` if none is). (All ints, typed in candidate.pxd.)"""
+    x = j + steps
+    if free0 - x // bs * B - cum[x % bs] >= -(-(known + steps - 1) // bs):
+        return steps
+    lo, hi = 0, steps - 1  # the last step is short, so the first short one is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x = j + mid + 1
+        if free0 - x // bs * B - cum[x % bs] < -(-(known + mid) // bs):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _rest(seg: tuple, j, t0: float, keep_room, pre, bs) -> tuple:

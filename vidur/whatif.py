@@ -27,7 +27,8 @@ queued last changes only the steps' durations, or is evicted first): no fork, no
 as long as the engine's own steps are the trajectory's -- for good with oracle lengths, with estimated lengths until
 the first step in which a request could reach the shorter of its assumed and true length, or an overrun request
 could decode (``EngineWhatIf.n_div``) -- it stays valid as time passes, and a request the engine receives is queued
-into it where it stands: a prediction costs the same at 10 or 10,000 waiting requests. A trajectory that would part
+into it where it stands (and overlaid onto its recorded future, ``Future.overlay``): a prediction costs the same at 10
+or 10,000 waiting requests. A trajectory that would part
 from its engine at the next step (an overrun request is running) is not kept: one simulation on a fork answers.
 """
 
