@@ -24,9 +24,9 @@ cdef class Future:
                    j=cython.longlong, now=cython.double, g=cython.longlong, known=cython.longlong,
                    need=cython.longlong, comp=cython.longlong, left=cython.longlong, nc=cython.longlong,
                    B=cython.longlong, x=cython.longlong, m=cython.longlong, steps=cython.longlong,
-                   si=cython.longlong,
-                   sd=cython.longlong, free0=cython.longlong, first=cython.bint, evicted=cython.bint, rb=cython.double,
-                   ra=cython.double, c1=cython.double, k1=cython.double, S1=cython.longlong)
+                   si=cython.longlong, sd=cython.longlong, free0=cython.longlong, first=cython.bint,
+                   evicted=cython.bint, rb=cython.double, ra=cython.double, c1=cython.double, k1=cython.double,
+                   S1=cython.longlong)
     cpdef object _life(self, long long n, double t_n, double t, long long prompt, long long out)
 
     @cython.locals(target=cython.longlong, e=cython.longlong, theta=cython.longlong, sk=cython.double,
@@ -49,7 +49,7 @@ cdef class Future:
                    j=cython.longlong, now=cython.double, g=cython.longlong, hit=cython.longlong,
                    known=cython.longlong, need=cython.longlong, comp=cython.longlong, left=cython.longlong,
                    nc=cython.longlong, B=cython.longlong, x=cython.longlong, m=cython.longlong, steps=cython.longlong,
-                   lo=cython.longlong, hi=cython.longlong, mid=cython.longlong, fj=cython.longlong,
+                   fj=cython.longlong,
                    c0=cython.longlong, own0=cython.longlong, r=cython.longlong, B1=cython.longlong,
                    free1=cython.longlong, free0=cython.longlong, free=cython.longlong, S1=cython.longlong,
                    end=cython.longlong, n0=cython.longlong, kv=cython.longlong, i=cython.longlong,
