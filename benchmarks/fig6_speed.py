@@ -17,8 +17,8 @@ same (checked, request by request, timing columns aside).
 from its own folder, first on ``PYTHONPATH``), each point ``--repeat`` times per checkout, the two alternating so that
 a busy machine slows both alike; prints the best and median rate of each and their ratios, and checks that the two
 wrote the same records ("yes"; "~1e-09": the same but for floating-point columns within 1e-9, relative, as when one
-checkout sums the same step times in another order). With ``BLOCK_REPRO_SPEEDUPS=1`` in this command's environment both use their compiled build
-(each checkout's own: build it in each first).
+checkout sums the same step times in another order). With ``BLOCK_REPRO_SPEEDUPS=1`` in this command's environment
+both use their compiled build (each checkout's own: build it in each first).
 """
 
 from __future__ import annotations

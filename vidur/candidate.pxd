@@ -50,7 +50,7 @@ cdef class Future:
                    known=cython.longlong, need=cython.longlong, comp=cython.longlong, left=cython.longlong,
                    nc=cython.longlong, B=cython.longlong, x=cython.longlong, m=cython.longlong, steps=cython.longlong,
                    fj=cython.longlong,
-                   c0=cython.longlong, own0=cython.longlong, r=cython.longlong, B1=cython.longlong,
+                   c0=cython.longlong, own0=cython.longlong, B1=cython.longlong,
                    free1=cython.longlong, free0=cython.longlong, free=cython.longlong, S1=cython.longlong,
                    end=cython.longlong, n0=cython.longlong, kv=cython.longlong, i=cython.longlong,
                    dt=cython.double, a=cython.double, b=cython.double, c1=cython.double, k1=cython.double,
@@ -59,8 +59,12 @@ cdef class Future:
     cpdef object overlay(self, long long n, double t_n, long long prompt, long long out, long long version)
 
 
+@cython.locals(fj=cython.longlong, own0=cython.longlong, r=cython.longlong, x=cython.longlong)
+cpdef list _cum_from(list cum, long long j, long long B, long long bs, long long c0)
+
+
 @cython.locals(B=cython.longlong, free0=cython.longlong, S1=cython.longlong, c=cython.double, k=cython.double,
-               a=cython.double, fj=cython.longlong, r=cython.longlong, x=cython.longlong)
+               a=cython.double)
 cpdef tuple _rest(tuple seg, long long j, double t0, bint keep_room, bint pre, long long bs)
 
 

@@ -456,10 +456,7 @@ class Future:
                     fj = j // bs * B + cum[j % bs]  # the others' new blocks over the run's first j steps
                     c0 = prompt + g - 1
                     own0 = -(-c0 // bs)  # the blocks it holds
-                    cum1 = [0] * bs  # new blocks over the first r steps of a block period: the others' and its own
-                    for r in range(bs):
-                        x = j + r
-                        cum1[r] = x // bs * B + cum[x % bs] - fj + (-(-(c0 + r) // bs)) - own0
+                    cum1 = _cum_from(cum, j, B, bs, c0)  # the others' new blocks and its own
                     B1 = B + 1
                     free1 = free0 - fj - own0
                     S1 = seg[5] + B * j + prompt + g
@@ -593,20 +590,30 @@ def _steps_before_eviction(free0, B, cum: list, j, steps, known, bs) -> int:
     return lo
 
 
+def _cum_from(cum: list, j, B, bs, c0) -> list:
+    """A decode run's ``cum`` (``Future``: new blocks over the first r steps of a block period) for its steps from
+    ``j`` on, with, when ``c0 >= 0``, those of one more sequence decoding with them that holds ``c0`` KV tokens before
+    its first step. (All but ``cum``: ints, typed in candidate.pxd.)"""
+    fj = j // bs * B + cum[j % bs]
+    own0 = -(-c0 // bs) if c0 >= 0 else 0
+    out = [0] * bs
+    for r in range(bs):
+        x = j + r
+        out[r] = x // bs * B + cum[x % bs] - fj
+        if c0 >= 0:
+            out[r] += -(-(c0 + r) // bs) - own0
+    return out
+
+
 def _rest(seg: tuple, j, t0: float, keep_room, pre, bs) -> tuple:
     """Steps ``j``.. of a decode run as a run of their own, starting at ``t0`` (``Future.overlay``): its room is
     None unless ``keep_room`` (then the old run's, its blocks at step ``j``), ``pre`` whether its first step begins by
     preempting. (``j``, ``bs``: ints, ``keep_room``, ``pre``: bools.)"""
     B, free0, cum, S1, c, k, a, room = seg[4], seg[11], seg[12], seg[5], seg[6], seg[7], seg[8], seg[10]
     if j:
-        fj = j // bs * B + cum[j % bs]
-        cum1 = [0] * bs
-        for r in range(bs):
-            x = j + r
-            cum1[r] = x // bs * B + cum[x % bs] - fj
-        free0 -= fj
+        free0 -= j // bs * B + cum[j % bs]
         S1 += B * j
-        cum = cum1
+        cum = _cum_from(cum, j, B, bs, -1)
     if keep_room and room is not None:
         room = (room[0], room[1], free0 - 1 // bs * B - cum[1 % bs])
     else:

@@ -152,9 +152,10 @@ class Trajectory:
         """Queue ``seq`` at ``t`` for good (the engine this trajectory follows received it): it goes in front of the
         sentinel at ``reach(t)`` (the steps skipped after ``t`` there never looked at the back either)."""
         s = self.reach(t)
+        never = _never_fits(s, seq)
         f = self.future
-        if (f is not None and f.version == self.version and not self.unsure and self.overlays and seq.generated == 0
-                and seq.computed == 0 and not _never_fits(s, seq)):
+        if (f is not None and f.version == self.version and not self.unsure and not never and self.overlays
+                and seq.generated == 0 and seq.computed == 0):
             # the recorded future with ``seq`` overlaid (``Future.overlay``), or None: recorded again when asked
             f = self.future = f.overlay(s.num_steps, s.time, seq.prompt, seq.out, self.version + 1)
             if f is not None:
@@ -165,7 +166,7 @@ class Trajectory:
             s.time = t
         s.waiting.append(seq)
         s.waiting.append(self.back)
-        self.unsure = self.unsure or _never_fits(s, seq)
+        self.unsure = self.unsure or never
 
 
 def _run(e: Engine, target: Seq, t: float) -> tuple[float, float, float]:
