@@ -34,9 +34,14 @@ command's environment; our side re-run later the same day in two sittings, load 
 times read back): vllm-r1-10k 0.88-1.00 -> 0.84-0.85 s (22-25x -> 26-27x), vllm-r4-100k 2.81 -> 2.26-2.38 s
 (76x -> 90-95x), the same latencies.
 
-Issue 17's goals (50x at 10k, 200x at 100k) are not met: at 10k our process would have to end in 0.46 s and the
-imports alone (pandas + pyarrow, Hydra, numpy) take 0.4-0.6 s; at 100k the event loop alone (1.6 s) is over the
-1.07 s budget. docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
+Since 6 December a simulated run imports no pandas (the CSV is read by pyarrow, the records written from numpy
+columns): our side, compiled, ``benchmarks/startup.py`` medians of 5, quiet: vllm-r1-10k 0.88 -> 0.73 s,
+vllm-r4-100k 2.18 -> 1.91 s, about 31x and 112x against the Vidur times above (Vidur not re-run).
+
+Issue 17's goals (50x at 10k, 200x at 100k) are not met: at 10k our process would have to end in 0.45 s, and
+Hydra's import and composition with the interpreter, numpy and pyarrow take about 0.45 s before anything is
+simulated; at 100k the event loop alone (1.0-1.1 s) is the 1.07 s budget. docs/simulator.md has the breakdown;
+``benchmarks/startup.py`` times our side alone.
 """
 
 from __future__ import annotations

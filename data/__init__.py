@@ -12,17 +12,21 @@ from .arrivals import ARRIVALS, arrival_times, interarrival_gaps, tile_timestamp
 from .datasets import (
     DATA_DIR,
     DATASETS,
+    Columns,
     cache_dir,
     dataset_files,
     detect_format,
     filter_requests,
     list_datasets,
+    load_columns,
     load_dataset,
 )
-from .workload import WorkloadConfig, WorkloadError, build_workload, build_workload_frame, workload_to_frame
+from .workload import (WorkloadConfig, WorkloadError, build_workload, build_workload_columns, build_workload_frame,
+                       workload_to_frame)
 
 __all__ = [
-    "ARRIVALS", "DATASETS", "DATA_DIR", "WorkloadConfig", "WorkloadError", "arrival_times", "build_workload",
-    "build_workload_frame", "cache_dir", "dataset_files", "detect_format", "filter_requests", "interarrival_gaps",
-    "list_datasets", "load_dataset", "tile_timestamps", "trace_arrivals", "workload_to_frame",
+    "ARRIVALS", "Columns", "DATASETS", "DATA_DIR", "WorkloadConfig", "WorkloadError", "arrival_times",
+    "build_workload", "build_workload_columns", "build_workload_frame", "cache_dir", "dataset_files", "detect_format",
+    "filter_requests", "interarrival_gaps", "list_datasets", "load_columns", "load_dataset", "tile_timestamps",
+    "trace_arrivals", "workload_to_frame",
 ]

@@ -12,14 +12,17 @@ the arrival gaps, so the same seed gives an identical workload and changing ``sh
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from vidur.types import Request
 
 from .arrivals import ARRIVALS, arrival_times, tile_timestamps, trace_arrivals
-from .datasets import filter_requests, load_dataset
+from .datasets import Columns, filter_requests, load_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PREDICTED_LENGTH_MODES = ("none", "column", "oracle")
 
@@ -60,7 +63,7 @@ class WorkloadConfig:
         return asdict(self)
 
 
-def _select_rows(cfg: WorkloadConfig, df: pd.DataFrame, rng: np.random.Generator, source: str) -> np.ndarray:
+def _select_rows(cfg: WorkloadConfig, df: Columns, rng: np.random.Generator, source: str) -> np.ndarray:
     """Row indices of the workload, in arrival order (before arrivals are drawn)."""
     m, n = len(df), cfg.num_requests
     order = rng.permutation(m) if cfg.shuffle and cfg.arrival != "trace" else np.arange(m)
@@ -73,8 +76,9 @@ def _select_rows(cfg: WorkloadConfig, df: pd.DataFrame, rng: np.random.Generator
     return order[:n]
 
 
-def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
-    """The workload as a DataFrame (columns of ``workload_to_frame``); ``build_workload`` wraps it into Requests."""
+def build_workload_columns(cfg: WorkloadConfig) -> Columns:
+    """The workload as columns (those of ``workload_to_frame``, numpy arrays; no pandas): what ``build_workload``
+    wraps into Requests and ``build_workload_frame`` into a DataFrame."""
     if cfg.num_requests <= 0:
         raise WorkloadError(f"num_requests={cfg.num_requests} must be > 0", "num_requests")
     if cfg.arrival not in ARRIVALS:
@@ -87,15 +91,15 @@ def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
 
     file_field = "path" if cfg.path else "dataset"
     try:
-        df = load_dataset(cfg.path or cfg.dataset, tokenizer=cfg.tokenizer)
+        df = load_columns(cfg.path or cfg.dataset, tokenizer=cfg.tokenizer)
     except ValueError as err:  # unreadable file, unknown columns, non-numeric lengths (a missing one stays
         # FileNotFoundError: the caller checks the path first)
         raise WorkloadError(str(err), file_field) from err
-    source = df.attrs.get("source", str(cfg.path or cfg.dataset))
+    source = df.source or str(cfg.path or cfg.dataset)
     if cfg.start_index >= len(df):
         raise WorkloadError(f"{source}: start_index={cfg.start_index} is past the end ({len(df)} rows)", "start_index")
     try:
-        df = filter_requests(df.iloc[cfg.start_index:], cfg.min_prompt_tokens, cfg.max_model_len, source)
+        df = filter_requests(df.take(slice(cfg.start_index, None)), cfg.min_prompt_tokens, cfg.max_model_len, source)
     except ValueError as err:
         raise WorkloadError(str(err), file_field) from err
     if cfg.predicted_length == "column" and "predicted_output_tokens" not in df.columns:
@@ -106,14 +110,14 @@ def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
         if "arrival_s" not in df.columns:
             raise WorkloadError(f"{source}: arrival='trace' needs timestamps (arrived_at or arrival_s); "
                                 "use poisson/gamma", "arrival")
-        df = df.sort_values("arrival_s", kind="stable").reset_index(drop=True)
+        df = df.take(np.argsort(df["arrival_s"], kind="stable"))
 
     shuffle_ss, arrival_ss = np.random.SeedSequence(cfg.seed).spawn(2)
     idx = _select_rows(cfg, df, np.random.default_rng(shuffle_ss), source)
     n = len(idx)
 
     if cfg.arrival == "trace":
-        arrival = trace_arrivals(tile_timestamps(df["arrival_s"].to_numpy(), n), cfg.qps)
+        arrival = trace_arrivals(tile_timestamps(df["arrival_s"], n), cfg.qps)
     else:
         if cfg.qps is None:
             raise WorkloadError(f"qps must be set for arrival={cfg.arrival!r}", "qps")
@@ -122,25 +126,29 @@ def build_workload_frame(cfg: WorkloadConfig) -> pd.DataFrame:
         except ValueError as err:  # rate or burstiness out of range for the process
             raise WorkloadError(str(err), "burstiness" if "burstiness" in str(err) else "qps") from err
 
-    out = pd.DataFrame({
+    out = {
         "id": np.arange(n, dtype=np.int64),
-        "arrival_s": arrival,
-        "prompt_tokens": df["prompt_tokens"].to_numpy()[idx],
-        "output_tokens": df["output_tokens"].to_numpy()[idx],
-    })
+        "arrival_s": np.asarray(arrival, dtype=np.float64),
+        "prompt_tokens": df["prompt_tokens"][idx],
+        "output_tokens": df["output_tokens"][idx],
+    }
     if cfg.predicted_length == "column":
-        out["predicted_output_tokens"] = df["predicted_output_tokens"].to_numpy()[idx]
+        out["predicted_output_tokens"] = df["predicted_output_tokens"][idx]
     elif cfg.predicted_length == "oracle":
         out["predicted_output_tokens"] = out["output_tokens"]
-    if "prompt" in df.columns:
-        out["prompt"] = df["prompt"].to_numpy()[idx]
-    out.attrs["source"] = source
-    return out
+    if "prompt" in df:
+        out["prompt"] = df["prompt"][idx]
+    return Columns(out, source)
+
+
+def build_workload_frame(cfg: WorkloadConfig) -> "pd.DataFrame":
+    """The workload as a DataFrame (columns of ``workload_to_frame``), ``attrs["source"]`` naming the file."""
+    return build_workload_columns(cfg).frame()
 
 
 def build_workload(cfg: WorkloadConfig) -> list[Request]:
     """The requests to replay, ids 0..n-1 in arrival order. Deterministic in ``cfg`` (same seed, same workload)."""
-    f = build_workload_frame(cfg)
+    f = build_workload_columns(cfg)
     n = len(f)
     ids = range(n)
     arr = f["arrival_s"].tolist()
@@ -151,9 +159,11 @@ def build_workload(cfg: WorkloadConfig) -> list[Request]:
     return [Request(i, a, pt, ot, pr, tx) for i, a, pt, ot, pr, tx in zip(ids, arr, p, o, pred, text)]
 
 
-def workload_to_frame(requests: list[Request]) -> pd.DataFrame:
+def workload_to_frame(requests: list[Request]) -> "pd.DataFrame":
     """Requests as a DataFrame with columns id, arrival_s, prompt_tokens, output_tokens, predicted_output_tokens
     (nullable Int64) and prompt (object), e.g. to save a workload next to a run's records."""
+    import pandas as pd
+
     return pd.DataFrame({
         "id": np.fromiter((r.id for r in requests), dtype=np.int64, count=len(requests)),
         "arrival_s": np.fromiter((r.arrival_s for r in requests), dtype=np.float64, count=len(requests)),

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -18,8 +16,11 @@ from experiments.pools import describe as describe_pools, engines as pool_engine
 from vidur import compiled
 from vidur.cluster import Cluster
 from vidur.engine import Engine
-from vidur.records import instances_frame, requests_frame, summarize, write_run
+from vidur.records import instance_columns, request_columns, summarize, write_run
 from vidur.types import EngineConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Set by experiments.capacity for an early-stopped probe: called with the cluster every 100 arrivals, it may raise
 # to end the run (nothing is written then).
@@ -64,9 +65,9 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
         result = cluster.run(requests, progress=tick)
     finally:
         bar.close()
-    req_df = requests_frame(result.requests)
+    req_cols = request_columns(result.request_columns)  # numpy columns: a sim run never imports pandas
     summary = summarize(
-        req_df, mode="sim", policy=policy.name, k=policy.k, qps=cfg.workload.qps,
+        req_cols, mode="sim", policy=policy.name, k=policy.k, qps=cfg.workload.qps,
         num_instances=n, num_requests=len(requests), num_blocks=ecfg.num_blocks, seed=int(cfg.seed),
         model=str(cfg.model.name), gpu=str(cfg.gpu.name), dataset=str(cfg.dataset.name),
         sim_wall_s=result.wall_s, wall_s=time.perf_counter() - t0,
@@ -82,15 +83,22 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
         summary["instance_kinds"] = pool_kinds(pools)  # by instance id: analysis.mixed_pool reads it
     if migrator is not None:  # llumnix_full: what migration did (counts, bytes per GPU, downtime)
         summary.update(migrator.summary())
+        import pandas as pd
+
         extra["migrations"] = pd.DataFrame(result.migrations)
     if result.accuracy:
+        import pandas as pd
+
         acc = pd.DataFrame(result.accuracy)
         extra["accuracy"] = acc
         summary.update(accuracy_summary(acc))
     if controller is not None:
+        import pandas as pd
+
         extra["provisioning"] = pd.DataFrame(result.provisioning, columns=["time_s", "event", "instance", "num_active"])
-        summary["max_active_instances"] = int(req_df["num_active"].max()) if len(req_df) else 0
-    write_run(run_dir, resolved, req_df, instances_frame(result.instances), summary, extra)
+        active = req_cols["num_active"]
+        summary["max_active_instances"] = int(active.max()) if len(active) else 0
+    write_run(run_dir, resolved, req_cols, instance_columns(result.instances), summary, extra)
     return summary
 
 
@@ -120,8 +128,9 @@ def migrator_of(cfg: DictConfig):
         raise wiring.ConfigError(f"policy.* / cluster.migration_gbps: {err}") from err
 
 
-def accuracy_summary(acc: pd.DataFrame) -> dict[str, Any]:
+def accuracy_summary(acc: "pd.DataFrame") -> dict[str, Any]:
     """Fig 5's headline numbers: the mean |predicted - actual| / actual, and how often Block's pick was fastest."""
+    import numpy as np
     ok = acc[np.isfinite(acc["actual_e2e_s"]) & (acc["actual_e2e_s"] > 0)]
     if ok.empty:
         return {}

@@ -11,7 +11,8 @@ import pytest
 from block.policies import make_policy
 from vidur.cluster import Cluster
 from vidur.policy_contract import RoutingPolicy
-from vidur.records import REQUEST_RECORD_COLUMNS, instances_frame, is_complete, requests_frame, summarize, write_run
+from vidur.records import (REQUEST_RECORD_COLUMNS, instance_columns, instances_frame, is_complete, load_run,
+                           request_columns, requests_frame, summarize, write_run)
 from vidur.types import EngineConfig, Request
 
 
@@ -48,6 +49,26 @@ def test_records_are_complete_and_consistent(toy_model):
     assert s["completed"] == 400 and s["failed"] == 0
     assert s["p99_ttft_ms"] >= s["median_ttft_ms"] > 0
     assert s["request_throughput"] == pytest.approx(400 / s["duration"])
+
+
+def test_records_written_from_columns_read_back_as_from_frames(toy_model, tmp_path):
+    """A simulated run writes its records from numpy columns without pandas (``experiments.sim``); the files and the
+    summary must be those the DataFrames give, rejected requests (NaN times, a second status) included."""
+    cl = Cluster.build(2, EngineConfig(num_blocks=64, max_model_len=1024), toy_model, make_policy("round_robin"),
+                       seed=0, sample_interval_s=0.5)
+    reqs = _requests(120)
+    reqs.append(Request(120, reqs[-1].arrival_s + 0.1, 1500, 20))  # 95 blocks of 16: never fits 64, rejected
+    res = cl.run(reqs)
+    cols, frame = request_columns(res.request_columns), requests_frame(res.requests)
+    assert list(cols) == list(frame.columns) and set(frame["status"]) == {"ok", "rejected"}
+    assert summarize(cols, policy="x") == summarize(frame, policy="x")
+    a = write_run(tmp_path / "cols", "a: 1\n", cols, instance_columns(res.instances), {"n": 1})
+    b = write_run(tmp_path / "frames", "a: 1\n", frame, instances_frame(res.instances), {"n": 1})
+    ra, rb = load_run(a), load_run(b)
+    pd.testing.assert_frame_equal(ra.requests(), rb.requests())
+    pd.testing.assert_frame_equal(ra.instances(), rb.instances())
+    back = ra.requests()
+    assert back["finish_s"].isna().sum() == (back["status"] == "rejected").sum() >= 1
 
 
 def test_same_seed_same_records(toy_model):

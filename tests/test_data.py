@@ -232,3 +232,44 @@ def test_bundle_sizes_and_no_shared_reads():
             assert f.stat().st_size < 5_000_000, f
     for py in DATA_DIR.glob("*.py"):
         assert "../shared" not in py.read_text() and "/work/shared" not in py.read_text(), py
+
+
+def test_csv_files_read_without_pandas_as_pandas_reads_them(tmp_path):
+    """``load_columns`` reads CSV with pyarrow (numbers only) or the csv module (anything else), never pandas; what
+    it reads equals pandas' ``read_csv`` for the columns a workload uses: numbers to the last bit, text, quoting,
+    blank lines, a byte-order mark, gzip, a repeated column name."""
+    from data.datasets import _read_csv_arrow, _read_csv_rows, load_columns
+
+    rng = np.random.default_rng(3)
+    t = np.cumsum(rng.exponential(0.37, 500))
+    numbers = tmp_path / "numbers.csv"
+    pd.DataFrame({"arrival_s": t, "prompt_tokens": rng.integers(1, 3000, 500),
+                  "output_tokens": rng.integers(1, 900, 500)}).to_csv(numbers, index=False)
+    text = tmp_path / "text.csv.gz"
+    with gzip.open(text, "wt", encoding="utf-8-sig", newline="") as f:  # BOM, a quoted comma and newline, blank line
+        f.write('prompt_tokens,output_tokens,prompt,prompt\n12,5,"hi, there",x\n\n7,"3","two\nlines",y\n9,4,,z\n')
+    for path, fast in ((numbers, True), (text, False)):
+        assert (_read_csv_arrow(path) is not None) == fast
+        ref = pd.read_csv(path)
+        cols = load_columns(path)
+        for c in ("prompt_tokens", "output_tokens"):
+            assert cols[c].dtype == np.int64 and cols[c].tolist() == ref[c].tolist()
+        if fast:
+            assert np.array_equal(cols["arrival_s"], ref["arrival_s"].to_numpy())  # bit for bit
+            assert load_dataset(path).equals(cols.frame())
+        else:
+            assert cols["prompt"].tolist() == ["hi, there", "two\nlines", ""]
+            assert list(_read_csv_rows(path)) == list(ref.columns) == ["prompt_tokens", "output_tokens", "prompt",
+                                                                        "prompt.1"]
+    short = tmp_path / "short.csv"
+    short.write_text("prompt_tokens,output_tokens\n10,5\n12\n")
+    with pytest.raises(ValueError, match="short.csv.*'output_tokens'.*1 non-integer"):
+        load_dataset(short)  # a missing field is empty, as in pandas, and an empty length is refused
+    wide = tmp_path / "wide.csv"
+    wide.write_text("prompt_tokens,output_tokens\n10,5,7\n")
+    with pytest.raises(ValueError, match="wide.csv: cannot be read as csv"):
+        load_dataset(wide)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.csv: cannot be read as csv"):
+        load_dataset(empty)

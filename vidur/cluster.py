@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from vidur.engine import INF, Engine, Seq, StepTimeModel
 from vidur.migration import Migrator
@@ -26,6 +26,9 @@ from vidur.policy_contract import RoutingContext, RoutingPolicy
 from vidur.routing import Router, Turn
 from vidur.types import Candidate, EngineConfig, Request
 from vidur.whatif import predict_engine
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Controller(Protocol):
@@ -46,7 +49,7 @@ class Controller(Protocol):
 class ClusterResult:
     """Everything a run records (``vidur.records`` turns it into tables)."""
 
-    requests: Any  # pandas.DataFrame, one row per request (see vidur.records)
+    request_columns: dict[str, Any]  # one numpy array per column, one entry per request (see vidur.records)
     instances: list[tuple[float, int, int, int, int, int]]
     duration_s: float
     wall_s: float
@@ -55,6 +58,13 @@ class ClusterResult:
     accuracy: list[dict[str, Any]] = field(default_factory=list)  # Fig 5 samples (duplicated requests)
     provisioning: list[tuple[float, str, int, int]] = field(default_factory=list)  # (time, event, instance, active)
     migrations: list[dict[str, Any]] = field(default_factory=list)  # vidur.migration.Migration rows
+
+    @property
+    def requests(self) -> "pd.DataFrame":
+        """The request records as a pandas DataFrame (pandas imported here; a run's writer uses the columns)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.request_columns)
 
 
 class Cluster:
@@ -256,7 +266,7 @@ class Cluster:
             e.run_until_idle()
         end = max([e.time for e in engines] + [last_t, 0.0])
         return ClusterResult(
-            requests=self._request_rows(),
+            request_columns=self._request_rows(),
             instances=self._samples,
             duration_s=end,
             wall_s=time.perf_counter() - w0,
@@ -275,10 +285,9 @@ class Cluster:
                  "block_pick": best, "dispatched": chosen}
                 for k, req, i, pred, best, chosen, seq in self._dups]
 
-    def _request_rows(self) -> "pd.DataFrame":
-        """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``), built column-wise."""
+    def _request_rows(self) -> dict[str, Any]:
+        """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``) as numpy columns."""
         import numpy as np
-        import pandas as pd
 
         seqs = [s for e in self.engines for s in (*e.finished, *e.rejected) if not isinstance(s.tag, tuple)]
         seqs.sort(key=lambda s: s.id)
@@ -295,7 +304,7 @@ class Cluster:
         e2e = finish - arrival
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out > 1, (e2e - ttft) / np.maximum(out - 1, 1), nan)
-        return pd.DataFrame({
+        return {
             "id": np.array([r.id for r in reqs], dtype=np.int64),
             "instance": np.array([x[0] for x in m], dtype=np.int64),
             "arrival_s": arrival,
@@ -311,8 +320,8 @@ class Cluster:
             "e2e_s": e2e,
             "predicted_e2e_s": np.array([x[2] for x in m], dtype=float),
             "num_preemptions": np.array([s.preemptions for s in seqs], dtype=np.int64),
-            "status": ["ok" if s.finish is not None else "rejected" for s in seqs],
+            "status": np.array(["ok" if s.finish is not None else "rejected" for s in seqs], dtype=object),
             "queue_s": np.array([nan if s.first_sched is None else s.first_sched for s in seqs], float) - arrival,
             "decision_ms": np.array([x[3] for x in m], dtype=float),
             "num_active": np.array([x[4] for x in m], dtype=np.int64),
-        })
+        }

@@ -8,7 +8,6 @@ import math
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 
 # Cleaning knobs (see clean_series)
 COLLAPSE_FRACTION = 0.5  # a value below half of the smallest-n times is a broken measurement
@@ -66,6 +65,8 @@ def clean_series(x, y) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     of GEMM wave quantisation (a plateau has more than 3 points) and removes isolated spikes and dips;
     5. isotonic (non-decreasing) regression weighted in relative error, so more tokens are never faster.
     """
+    import pandas as pd
+
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     df = pd.DataFrame({"x": x, "y": y}).groupby("x", sort=True)["y"].median()

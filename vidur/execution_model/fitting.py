@@ -4,13 +4,15 @@ scaling, all-reduce.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import pandas as pd
 
 from vidur.execution_model.cleaning import _pav, clean_series
 from vidur.execution_model.numerics import SHARDED_OPS, TOKEN_OPS, PathLike, _knots, _pl_eval, _wls_rel
+
+if TYPE_CHECKING:  # imported where used: a cached model (every run but a profile's first) needs no pandas
+    import pandas as pd
 
 
 def fit_token_ops(mlp: pd.DataFrame) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -149,6 +151,8 @@ def _decode_coef_ms(dec: dict, b: int) -> tuple[float, float]:
 def fit_allreduce(path: PathLike, tp: int, hidden: int, dtype_bytes: int) -> Optional[dict]:
     """All-reduce time (ms) by tokens (bytes = tokens * hidden * dtype), from rows with num_workers == tp, else a
     ring formula calibrated on the rows of the nearest worker count: a + 2 (p-1)/p * bytes / bw."""
+    import pandas as pd
+
     raw = pd.read_csv(path)
     if "collective" in raw.columns:
         raw = raw[raw["collective"] == "all_reduce"]

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import pandas as pd
 
 from vidur.execution_model.derived import derive_attention, derived_attention_report
 from vidur.execution_model.fitting import (
@@ -26,6 +25,9 @@ from vidur.execution_model.numerics import CODE_VERSION, LAYER_OPS, TOKEN_OPS, _
 from vidur.execution_model.profiles import _attention_dims, _profile_models, read_attention, read_mlp
 from vidur.execution_model.roofline import _calibration, _roofline_components
 from vidur.specs import A30, GpuSpec, ModelSpec
+
+if TYPE_CHECKING:  # imported where used: a cached model (every run but a profile's first) needs no pandas
+    import pandas as pd
 
 log = logging.getLogger("vidur.execution_model")
 

@@ -5,20 +5,27 @@ into plain frames.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from vidur.execution_model.numerics import TOKEN_OPS, PathLike
 
+if TYPE_CHECKING:  # imported where used: a cached model (every run but a profile's first) needs no pandas
+    import pandas as pd
+
 
 def _median_col(df: pd.DataFrame, op: str) -> pd.Series:
+    import pandas as pd
+
     col = f"time_stats.{op}.median"
     return df[col] if col in df.columns else pd.Series(np.nan, index=df.index)
 
 
 def read_mlp(path: PathLike) -> pd.DataFrame:
     """mlp.csv as columns num_tokens, tp, <op> (median ms) for every token op (NaN where absent)."""
+    import pandas as pd
+
     raw = pd.read_csv(path)
     out = pd.DataFrame({"num_tokens": raw["num_tokens"].astype(int),
                         "tp": raw.get("num_tensor_parallel_workers", pd.Series(1, index=raw.index)).astype(int)})
@@ -31,6 +38,8 @@ def read_mlp(path: PathLike) -> pd.DataFrame:
 
 
 def read_attention(path: PathLike) -> pd.DataFrame:
+    import pandas as pd
+
     raw = pd.read_csv(path)
     out = pd.DataFrame({
         "batch": raw["batch_size"].astype(int),
