@@ -36,11 +36,14 @@ times read back): vllm-r1-10k 0.88-1.00 -> 0.84-0.85 s (22-25x -> 26-27x), vllm-
 
 Since 6 December a simulated run imports no pandas (the CSV is read by pyarrow, the records written from numpy
 columns): our side, compiled, ``benchmarks/startup.py`` medians of 5, quiet: vllm-r1-10k 0.88 -> 0.73 s,
-vllm-r4-100k 2.18 -> 1.91 s, about 31x and 112x against the Vidur times above (Vidur not re-run).
+vllm-r4-100k 2.18 -> 1.91 s. Both re-measured that day (Vidur on a fresh checkout, its predictor retrained; quiet,
+load 0.6-1.0; ``--repeat 3``, compiled / plain): Vidur 31.7 s / 34.9 s / 32.5 s / 33.5 s / 248.6 s for the five
+cases above (longer than on 5 December, unexplained), ours 0.84 / 1.15 / 0.95 / 0.80 / 1.91 s compiled and
+0.83 / 0.80 / 0.87 / 0.88 / 2.51 s plain: 30-42x at 10k, 130x at 100k compiled (99x plain), E2E within 5 %.
 
-Issue 17's goals (50x at 10k, 200x at 100k) are not met: at 10k our process would have to end in 0.45 s, and
-Hydra's import and composition with the interpreter, numpy and pyarrow take about 0.45 s before anything is
-simulated; at 100k the event loop alone (1.0-1.1 s) is the 1.07 s budget. docs/simulator.md has the breakdown;
+Issue 17's goals (50x at 10k, 200x at 100k) are not met: at 10k our process would have to end in 0.45 s (0.63 s
+with Vidur's 6 December time), and Hydra's import and composition with the interpreter, numpy and pyarrow take about
+0.45 s before anything is simulated; at 100k the event loop alone (1.0-1.1 s) is most of the 1.07 s (1.24 s). docs/simulator.md has the breakdown;
 ``benchmarks/startup.py`` times our side alone.
 """
 
