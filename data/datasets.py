@@ -208,7 +208,7 @@ def _read_table(path: Path) -> dict[str, np.ndarray]:
     """
     name = path.name.lower().removesuffix(".gz")
     try:
-        if name.endswith(".csv") and path.name.lower().endswith((".csv", ".csv.gz")):
+        if name.endswith(".csv"):  # .csv or .csv.gz
             return _read_csv_arrow(path) or _read_csv_rows(path)
         import pandas as pd
 

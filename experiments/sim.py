@@ -81,20 +81,17 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     if pools is not None:
         summary["pools"] = describe_pools(pools)
         summary["instance_kinds"] = pool_kinds(pools)  # by instance id: analysis.mixed_pool reads it
+    if migrator is not None or result.accuracy or controller is not None:
+        import pandas as pd  # only for these optional tables: a plain run writes numpy columns
+
     if migrator is not None:  # llumnix_full: what migration did (counts, bytes per GPU, downtime)
         summary.update(migrator.summary())
-        import pandas as pd
-
         extra["migrations"] = pd.DataFrame(result.migrations)
     if result.accuracy:
-        import pandas as pd
-
         acc = pd.DataFrame(result.accuracy)
         extra["accuracy"] = acc
         summary.update(accuracy_summary(acc))
     if controller is not None:
-        import pandas as pd
-
         extra["provisioning"] = pd.DataFrame(result.provisioning, columns=["time_s", "event", "instance", "num_active"])
         active = req_cols["num_active"]
         summary["max_active_instances"] = int(active.max()) if len(active) else 0
@@ -131,6 +128,7 @@ def migrator_of(cfg: DictConfig):
 def accuracy_summary(acc: "pd.DataFrame") -> dict[str, Any]:
     """Fig 5's headline numbers: the mean |predicted - actual| / actual, and how often Block's pick was fastest."""
     import numpy as np
+
     ok = acc[np.isfinite(acc["actual_e2e_s"]) & (acc["actual_e2e_s"] > 0)]
     if ok.empty:
         return {}

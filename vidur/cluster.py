@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from vidur.engine import INF, Engine, Seq, StepTimeModel
@@ -59,9 +60,10 @@ class ClusterResult:
     provisioning: list[tuple[float, str, int, int]] = field(default_factory=list)  # (time, event, instance, active)
     migrations: list[dict[str, Any]] = field(default_factory=list)  # vidur.migration.Migration rows
 
-    @property
+    @cached_property
     def requests(self) -> "pd.DataFrame":
-        """The request records as a pandas DataFrame (pandas imported here; a run's writer uses the columns)."""
+        """The request records as a pandas DataFrame, built once (pandas imported here; a run's writer uses the
+        columns)."""
         import pandas as pd
 
         return pd.DataFrame(self.request_columns)

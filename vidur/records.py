@@ -101,7 +101,7 @@ def _column(table: Table, name: str, dtype: Any = None) -> np.ndarray:
     return np.asarray(table[name], dtype=dtype)
 
 
-def num_rows(table: Table) -> int:
+def _num_rows(table: Table) -> int:
     """A table's rows (a DataFrame's ``len``; the length of a mapping's first column)."""
     if hasattr(table, "index"):
         return len(table)
@@ -129,7 +129,7 @@ def summarize(requests: Table, duration_s: Optional[float] = None, **extra: Any)
     """
     import numpy as np
 
-    n = num_rows(requests)
+    n = _num_rows(requests)
     ok = _column(requests, "status") == "ok" if n else np.zeros(0, dtype=bool)
     n_ok = int(ok.sum())
 
