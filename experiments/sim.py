@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from experiments import wiring
 from experiments.logger import interactive
@@ -52,19 +51,24 @@ def run_sim(cfg: DictConfig, run_dir: Path, ecfg: EngineConfig) -> dict[str, Any
     cluster = Cluster(engines, policy, seed=int(cfg.seed), sample_interval_s=float(cfg.mode.sample_interval_s),
                       accuracy_sampling_rate=float(OmegaConf.select(cfg, "accuracy.sampling_rate", default=0.0)),
                       controller=controller, migrator=migrator)
-    bar = tqdm(total=len(requests), desc=f"sim {policy.name} qps={cfg.workload.qps}", unit="req",
-               disable=not cfg.get("progress", True) or not interactive(), leave=False)
+    bar = None
+    if cfg.get("progress", True) and interactive():  # tqdm only when shown (a hidden bar still takes a process lock)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc=f"sim {policy.name} qps={cfg.workload.qps}", unit="req", leave=False)
     watch = WATCH.get()
 
     def tick(n: int) -> None:
-        bar.update(n)
+        if bar is not None:
+            bar.update(n)
         if watch is not None:
             watch(cluster)
 
     try:
-        result = cluster.run(requests, progress=tick)
+        result = cluster.run(requests, progress=tick if bar is not None or watch is not None else None)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     req_cols = request_columns(result.request_columns)  # numpy columns: a sim run never imports pandas
     summary = summarize(
         req_cols, mode="sim", policy=policy.name, k=policy.k, qps=cfg.workload.qps,

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from block.policies import make_policy
+from block.policies import basic, make_policy
 from vidur.cluster import Cluster
 from vidur.policy_contract import RoutingPolicy
 from vidur.records import (REQUEST_RECORD_COLUMNS, instance_columns, instances_frame, is_complete, load_run,
                            request_columns, requests_frame, summarize, write_run)
+from vidur.outcomes import drain, open_outcomes
 from vidur.types import EngineConfig, Request
 
 
@@ -141,3 +142,32 @@ def test_the_next_arrival_hint_changes_no_decision(toy_model, monkeypatch):
     np.testing.assert_allclose(hinted["predicted_e2e_s"], plain["predicted_e2e_s"], rtol=1e-9)
     np.testing.assert_allclose(hinted["finish_s"], plain["finish_s"], rtol=1e-12)
     assert futures[0] < futures[1], futures
+
+
+def test_finishes_reach_a_policy_from_the_decision_that_opens_its_outcome_queue(toy_model):
+    """The engines report finished requests only once someone listens (``Cluster._listen``; the call per finish was
+    a tenth of a cheap policy's loop): a policy that opens its outcome queue at its 100th decision must learn exactly
+    what it learned when every finish was reported from the start (``deliver`` dropped those before the queue)."""
+    def run(listen_from_start: bool) -> tuple[list[tuple[int, float]], Cluster]:
+        seen: list[tuple[int, float]] = []
+
+        def choose(req, cands, ctx):
+            if ctx.request_index == 100:
+                open_outcomes(ctx.state)
+            if ctx.request_index >= 100:
+                seen.extend((o.request_id, o.finish_s) for o in drain(ctx.state, ctx.now_s))
+            return basic.round_robin(req, cands, ctx)
+
+        cl = Cluster.build(4, EngineConfig(num_blocks=600), toy_model, RoutingPolicy("opens_late", choose), seed=0)
+        if listen_from_start:
+            cl._listen()
+        cl.run(_requests())
+        return seen, cl
+
+    late, cl = run(False)
+    always, _ = run(True)
+    assert len(late) > 200 and late == always
+    assert all(e.on_finish is not None for e in cl.engines)
+    quiet = Cluster.build(4, EngineConfig(num_blocks=600), toy_model, make_policy("round_robin"), seed=0)
+    quiet.run(_requests())
+    assert all(e.on_finish is None for e in quiet.engines)  # nobody listened: no engine was asked

@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.run import covering_jobs, may_exit_now, mode_probe_needed
@@ -42,7 +43,7 @@ def counted(self, *args, **kwargs):
     return compose_config(self, *args, **kwargs)
 Hydra.compose_config = counted
 atexit.register(lambda: print(f"COMPOSITIONS={len(calls)} GC={gc_at_compose[0][0]} FROZEN={gc_at_compose[0][1]} "
-                              f"PANDAS={'pandas' in sys.modules}", flush=True))
+                              f"PANDAS={'pandas' in sys.modules} TQDM={'tqdm' in sys.modules}", flush=True))
 sys.argv = ["experiments/run.py", *sys.argv[1:]]
 sys.orig_argv = [sys.executable, "-m", "experiments.run", *sys.argv[1:]]  # what `python -m experiments.run` has
 runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
@@ -70,6 +71,8 @@ def test_a_run_composes_its_config_once_and_ends_without_teardown(tmp_path):
     assert seen["GC"] == "True" and int(seen["FROZEN"]) > 30_000
     # a simulated run reads its workload (a bundled CSV) and writes its records without pandas (~0.2 s of start-up)
     assert seen["PANDAS"] == "False"
+    # nor tqdm for a progress bar nobody sees (it would still take a multiprocessing lock)
+    assert seen["TQDM"] == "False"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] == 30 and summary["num_instances"] == 2
     assert "completed=30 failed=0" in out  # the summary line reached the pipe (flushed before the exit)
@@ -163,3 +166,18 @@ def test_a_bad_value_in_the_last_job_of_a_sweep_fails_before_any_run(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "no_such_policy" in p.stderr
     assert not list(tmp_path.rglob(".hydra")) and not list(tmp_path.rglob("summary.json"))
+
+
+def test_the_whole_process_benchmarks_compile_bytecode_first(tmp_path, monkeypatch):
+    """``benchmarks.bytecode.compile_tree`` writes the ``__pycache__`` a timed run then imports (also where
+    PYTHONDONTWRITEBYTECODE is set, as on the project's VM), and names a file that does not compile."""
+    from benchmarks.bytecode import compile_tree
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("X = 1\n")
+    assert compile_tree(tmp_path, ("pkg", "absent")) == [tmp_path / "pkg"]
+    assert [p.name.split(".")[0] for p in (tmp_path / "pkg" / "__pycache__").iterdir()] == ["mod"]
+    (tmp_path / "pkg" / "broken.py").write_text("def f(:\n")
+    with pytest.raises(RuntimeError, match="broken.py"):
+        compile_tree(tmp_path, ("pkg",))

@@ -18,9 +18,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
 
-from vidur.engine import INF, Engine, Seq, StepTimeModel
+from vidur.engine import INF, Engine, Seq, StepTimeModel, outcome_lists
 from vidur.migration import Migrator
 from vidur.outcomes import Outcome, deliver, wants_outcomes
 from vidur.policy_contract import RoutingContext, RoutingPolicy
@@ -87,7 +88,10 @@ class Cluster:
         self.engines = list(engines)
         for i, e in enumerate(self.engines):
             e.instance_id = i
-            e.on_finish = self._on_finish
+        # the engines call ``_on_finish`` once someone listens: a controller from the start, a learning policy from
+        # the decision that opened its outcome queue (``_listen``); until then a finish would be delivered to nobody,
+        # and the call costs about a tenth of a cheap policy's event loop
+        self._listening = False
         self.policy = policy
         self.rng = random.Random(seed)
         self.acc_rng = random.Random(seed * 7919 + 17)  # its own stream: sampling must not change routing draws
@@ -109,6 +113,7 @@ class Cluster:
         self._dups: list[tuple[int, Request, int, float, bool, bool, Seq]] = []
         self._events: list[tuple[float, str, int, int]] = []
         if controller is not None:
+            self._listen()
             controller.start(self)
 
     @classmethod
@@ -144,6 +149,12 @@ class Cluster:
                 del self.warming[i]
                 self.active = sorted(self.active + [i])
                 self._events.append((ready, "ready", i, len(self.active)))
+
+    def _listen(self) -> None:
+        """Have every engine report its finished requests to ``_on_finish`` from now on."""
+        self._listening = True
+        for e in self.engines:
+            e.on_finish = self._on_finish
 
     def _on_finish(self, seq: Seq) -> None:
         if self.controller is not None and not isinstance(seq.tag, tuple):
@@ -185,6 +196,8 @@ class Cluster:
         r = self._routed = self.router.route(req, self.active, t, index, gather, force=force)
         ms = (time.perf_counter() - w0) * 1e3
         self._meta[req.id] = (r.instance, t, r.predicted_e2e_s, ms, len(self.active))
+        if not self._listening and wants_outcomes(self.policy_state):  # the policy just opened its outcome queue
+            self._listen()
         return r.instance, r.candidates, r.ctx
 
     def _duplicate(self, req: Request, choice: int, cands: list[Candidate], ctx: RoutingContext, sample: int) -> None:
@@ -232,6 +245,9 @@ class Cluster:
         last_t = -1.0
         rate = self.accuracy_sampling_rate
         samples = 0
+        mig = self.migrator
+        if not self._listening and wants_outcomes(self.policy_state):  # opened before the run
+            self._listen()
         for idx, req in enumerate(requests):
             t = req.arrival_s
             # when the engines are asked next (the what-if's speed hint: a trajectory an engine leaves before then
@@ -241,7 +257,8 @@ class Cluster:
                 raise ValueError(f"requests must be sorted by arrival_s (request {req.id} at {t} < {last_t})")
             last_t = t
             self.now = t
-            self._advance_until(t)
+            if mig is not None or t >= self._next_sample:  # most arrivals have neither a sample nor a migration due
+                self._advance_until(t)
             if self.controller is not None:
                 for e in engines:  # deliver every finish up to now to the controller (reactive triggers)
                     e.sync(t)
@@ -258,7 +275,6 @@ class Cluster:
                 progress(100)
         if progress is not None:
             progress(len(requests) % 100)
-        mig = self.migrator
         while mig is not None and (mig.in_progress or any(e.has_work() for e in engines)):
             self._advance_until(mig.next_time())  # migration goes on while the engines drain
         if self.sample_interval_s > 0:
@@ -288,42 +304,55 @@ class Cluster:
                 for k, req, i, pred, best, chosen, seq in self._dups]
 
     def _request_rows(self) -> dict[str, Any]:
-        """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``) as numpy columns."""
+        """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``) as numpy columns.
+
+        The engine side in one pass over the sequences (``outcome_lists``), the request side and the routing
+        metadata one column per pass (cheaper than a tuple per row); a missing time (``None``: never scheduled,
+        rejected) becomes NaN as numpy converts it.
+        """
         import numpy as np
 
         seqs = [s for e in self.engines for s in (*e.finished, *e.rejected) if not isinstance(s.tag, tuple)]
-        seqs.sort(key=lambda s: s.id)
+        seqs.sort(key=attrgetter("id"))
         nan = float("nan")
         meta = self._meta
         default = (-1, nan, nan, nan, 0)
         m = [meta.get(s.id, default) for s in seqs]
-        reqs = [s.tag for s in seqs]
-        arrival = np.array([r.arrival_s for r in reqs], dtype=float)
-        first = np.array([nan if s.first_token is None or s.finish is None else s.first_token for s in seqs], float)
-        finish = np.array([nan if s.finish is None else s.finish for s in seqs], dtype=float)
-        out = np.array([r.output_tokens for r in reqs], dtype=np.int64)
+        ids, first_token, finish_time, first_sched, preemptions, reqs = outcome_lists(seqs)
+
+        def col(objs: list, attr: str, dtype: Any) -> np.ndarray:
+            return np.array(list(map(attrgetter(attr), objs)), dtype=dtype)
+
+        def meta_col(j: int, dtype: Any) -> np.ndarray:
+            return np.array(list(map(itemgetter(j), m)), dtype=dtype)
+
+        arrival = col(reqs, "arrival_s", float)
+        finish = np.array(finish_time, dtype=float)
+        done = ~np.isnan(finish)
+        first = np.where(done, np.array(first_token, dtype=float), nan)
+        out = col(reqs, "output_tokens", np.int64)
         ttft = first - arrival
         e2e = finish - arrival
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out > 1, (e2e - ttft) / np.maximum(out - 1, 1), nan)
         return {
-            "id": np.array([r.id for r in reqs], dtype=np.int64),
-            "instance": np.array([x[0] for x in m], dtype=np.int64),
+            "id": np.array(ids, dtype=np.int64),
+            "instance": meta_col(0, np.int64),
             "arrival_s": arrival,
-            "dispatch_s": np.array([x[1] for x in m], dtype=float),
+            "dispatch_s": meta_col(1, float),
             "first_token_s": first,
             "finish_s": finish,
-            "prompt_tokens": np.array([r.prompt_tokens for r in reqs], dtype=np.int64),
+            "prompt_tokens": col(reqs, "prompt_tokens", np.int64),
             "output_tokens": out,
-            "predicted_tokens": np.array([-1 if r.predicted_output_tokens is None else r.predicted_output_tokens
-                                          for r in reqs], dtype=np.int64),
+            "predicted_tokens": np.array([-1 if p is None else p for p in map(attrgetter("predicted_output_tokens"), reqs)],
+                                         dtype=np.int64),
             "ttft_s": ttft,
             "tpot_s": tpot,
             "e2e_s": e2e,
-            "predicted_e2e_s": np.array([x[2] for x in m], dtype=float),
-            "num_preemptions": np.array([s.preemptions for s in seqs], dtype=np.int64),
-            "status": np.array(["ok" if s.finish is not None else "rejected" for s in seqs], dtype=object),
-            "queue_s": np.array([nan if s.first_sched is None else s.first_sched for s in seqs], float) - arrival,
-            "decision_ms": np.array([x[3] for x in m], dtype=float),
-            "num_active": np.array([x[4] for x in m], dtype=np.int64),
+            "predicted_e2e_s": meta_col(2, float),
+            "num_preemptions": np.array(preemptions, dtype=np.int64),
+            "status": np.where(done, "ok", "rejected").astype(object),
+            "queue_s": np.array(first_sched, dtype=float) - arrival,
+            "decision_ms": meta_col(3, float),
+            "num_active": meta_col(4, np.int64),
         }

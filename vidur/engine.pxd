@@ -64,3 +64,7 @@ cdef class Engine:
     @cython.locals(B=cython.longlong, bs=cython.longlong, free=cython.longlong, q=cython.longlong,
                    rem=cython.longlong, d=cython.longlong, r=cython.longlong, used=cython.longlong)
     cpdef long long _steps_until_blocks_run_out(self)
+
+
+@cython.locals(s=Seq)
+cpdef tuple outcome_lists(list seqs)

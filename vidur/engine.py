@@ -638,3 +638,21 @@ def make_seqs(requests: Iterable, use_prediction: bool = True) -> list[Seq]:
         exp = r.expected_output_tokens() if use_prediction else r.output_tokens
         out.append(Seq(r.id, r.prompt_tokens, r.output_tokens, r.arrival_s, expected=exp, tag=r))
     return out
+
+
+def outcome_lists(seqs: list) -> tuple:
+    """(ids, first-token times, finish times, first-scheduled times, preemptions, tags) of ``seqs``, one list each,
+    a time None where the request never got that far: what a run's request records take from the engines.
+
+    One pass over the sequences instead of one per field: the records of a 100,000-request run read every request's
+    ``Seq``, scattered in memory, and the compiled build (``vidur.speedups``) runs this loop in C.
+    """
+    ids, first, finish, sched, pre, tags = [], [], [], [], [], []
+    for s in seqs:
+        ids.append(s.id)
+        first.append(s.first_token)
+        finish.append(s.finish)
+        sched.append(s.first_sched)
+        pre.append(s.preemptions)
+        tags.append(s.tag)
+    return ids, first, finish, sched, pre, tags

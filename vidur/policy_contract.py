@@ -5,7 +5,8 @@ these few types only -- not on the simulator's event loop (``vidur.cluster``) no
 
 A policy is a pure function ``choose(request, candidates, ctx) -> instance_id`` plus what it needs to see: ``signal``
 (``SIGNALS``: nothing, cheap load figures, or a what-if prediction per candidate) and ``k`` (instances sampled per
-decision; None = all). ``vidur.routing`` owns the decision procedure both callers share.
+decision; None = all). ``vidur.routing`` owns the decision procedure both callers share. Being pure, a policy reads
+its candidates and never changes them: a candidate without signals is one shared object per instance.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ Force = Callable[[list[Candidate]], Optional[int]]  # an instance that takes the
 Fallback = Callable[[list[int]], int]  # (probed ids) -> an instance, when none of them answered
 
 
+_BARE: dict[int, Candidate] = {}  # instance id -> its signal-less candidate (``Turn.bare``)
+
+
 class InvalidChoice(ValueError):
     """A policy chose an instance that is not one of the routable ones (a bug in the policy, not in the request)."""
 
@@ -90,8 +93,10 @@ class Turn:
         return {i: self.told(i) for i in self.probed}
 
     def bare(self) -> list[Candidate]:
-        """The candidates of a policy that looks at no signal."""
-        return [Candidate(i) for i in self.probed]
+        """The candidates of a policy that looks at no signal: a new list, each instance's one signal-less
+        ``Candidate`` (they carry nothing that changes and policies only read them; building four per request was a
+        fifth of a round-robin decision)."""
+        return [_BARE.get(i) or _BARE.setdefault(i, Candidate(i)) for i in self.probed]
 
     def decide(self, cands: list[Candidate], force: Optional[Force] = None,
                fallback: Optional[Fallback] = None) -> "Turn":
@@ -112,9 +117,10 @@ class Turn:
         if pol.observe is not None:
             pol.observe(req, choice, cands, ctx)
         pred = math.nan
-        for c in cands:
-            if c.instance_id == choice and c.prediction is not None:
-                pred = c.prediction.e2e_s
+        if pol.signal == "prediction":  # only then may a candidate carry one
+            for c in cands:
+                if c.instance_id == choice and c.prediction is not None:
+                    pred = c.prediction.e2e_s
         self.predicted_e2e_s = pred
         self.instance = choice
         self.candidates = cands
