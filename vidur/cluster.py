@@ -344,8 +344,8 @@ class Cluster:
             "finish_s": finish,
             "prompt_tokens": col(reqs, "prompt_tokens", np.int64),
             "output_tokens": out,
-            "predicted_tokens": np.array([-1 if p is None else p for p in map(attrgetter("predicted_output_tokens"), reqs)],
-                                         dtype=np.int64),
+            "predicted_tokens": np.array([-1 if p is None else p
+                                          for p in map(attrgetter("predicted_output_tokens"), reqs)], dtype=np.int64),
             "ttft_s": ttft,
             "tpot_s": tpot,
             "e2e_s": e2e,
