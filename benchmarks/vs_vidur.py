@@ -44,12 +44,12 @@ cases above (longer than on 5 December, unexplained), ours 0.84 / 1.15 / 0.95 / 
 Later that day (``benchmarks/bytecode.py``): the sources of both sides are compiled to bytecode before the timed runs,
 as an installed package has them (this VM sets PYTHONDONTWRITEBYTECODE, so every earlier run of ours compiled ~55
 modules from source: 55-70 ms), and the cheap policies' event loop and the records got faster (docs/simulator.md).
-Against Vidur's 6 December times (``--reuse``), medians of 5, compiled, two sittings at load 1.0-1.1: 0.64-0.68 /
-0.65 / 0.66-0.75 / 0.75-0.81 s at 10k (41-54x) and 1.78 s at 100k (140x); plain 0.75-0.84 s (40-45x) and 2.44 s
-(102x).
+Against Vidur's 6 December times (``--reuse``), medians of 5, compiled, three sittings at load 1.0-1.2: 0.64-0.68
+/ 0.65 / 0.66-0.75 / 0.67-0.81 s at 10k (41-54x) and 1.67-1.78 s at 100k (140-149x); plain 0.75-0.84 s (40-45x)
+and 2.44 s (102x).
 
 Issue 17's goals (50x at 10k, 200x at 100k) are not met: the 10k cases reach 50x against the 6 December Vidur times
-in a quiet minute and fall below it in the next (30-36x against 5 December's), and 100k is at 140x. A 10k process is
+in a quiet minute and fall below it in the next (30-36x against 5 December's), and 100k is at 140-149x. A 10k process is
 start-up (the interpreter, Hydra's import and composition, pydantic, numpy, pyarrow: about 0.45 s of 0.6-0.7 s); at
 100k the event loop is 0.82-0.95 s, the engines 0.375 s of it and the routing harness shared with the live scheduler
 most of the rest. docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
