@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from block.policies import basic, make_policy
+from block.policies import make_policy
 from vidur.cluster import Cluster
 from vidur.policy_contract import RoutingPolicy
 from vidur.records import (REQUEST_RECORD_COLUMNS, instance_columns, instances_frame, is_complete, load_run,
@@ -156,7 +156,7 @@ def test_finishes_reach_a_policy_from_the_decision_that_opens_its_outcome_queue(
                 open_outcomes(ctx.state)
             if ctx.request_index >= 100:
                 seen.extend((o.request_id, o.finish_s) for o in drain(ctx.state, ctx.now_s))
-            return basic.round_robin(req, cands, ctx)
+            return ctx.instance_ids[ctx.request_index % len(ctx.instance_ids)]
 
         cl = Cluster.build(4, EngineConfig(num_blocks=600), toy_model, RoutingPolicy("opens_late", choose), seed=0)
         if listen_from_start:
@@ -171,3 +171,38 @@ def test_finishes_reach_a_policy_from_the_decision_that_opens_its_outcome_queue(
     quiet = Cluster.build(4, EngineConfig(num_blocks=600), toy_model, make_policy("round_robin"), seed=0)
     quiet.run(_requests())
     assert all(e.on_finish is None for e in quiet.engines)  # nobody listened: no engine was asked
+
+
+def test_a_queue_opened_while_lengths_are_told_gets_the_finishes_its_probes_cause(toy_model):
+    """A policy may open its outcome queue in ``expected_length``, which runs before the decision's probes advance
+    the engines: the finishes those probes commit are its outcomes too (the hook goes in before them, as it was
+    always there before). With every instance probed and no sampling, what is queued between two decisions came
+    from the second one's probes: the test opens the queue at the first decision past the 100th whose probes
+    finish something."""
+    def run(open_at: int, listen_from_start: bool) -> tuple[list[tuple[int, float]], list[int]]:
+        seen: list[tuple[int, float]] = []
+        fresh: list[int] = []  # per decision: outcomes queued since the previous one
+
+        def length(req, instance, ctx):
+            if ctx.request_index == open_at:
+                open_outcomes(ctx.state)
+            return req.output_tokens
+
+        def choose(req, cands, ctx):
+            got = drain(ctx.state) if ctx.request_index >= open_at else []  # everything queued (now_s = inf)
+            fresh.append(len(got))
+            seen.extend((o.request_id, o.finish_s) for o in got)
+            return min(cands, key=lambda c: (c.prediction.e2e_s, c.instance_id)).instance_id
+
+        policy = RoutingPolicy("opens_in_length", choose, signal="prediction", expected_length=length)
+        cl = Cluster.build(4, EngineConfig(num_blocks=600), toy_model, policy, seed=0, sample_interval_s=0.0)
+        if listen_from_start:
+            cl._listen()
+        cl.run(_requests())
+        return seen, fresh
+
+    _, fresh = run(0, True)
+    j = next(i for i in range(101, len(fresh)) if fresh[i] > 0)
+    late, fresh_late = run(j, False)
+    always, _ = run(j, True)
+    assert fresh_late[j] > 0 and len(late) > 200 and late == always

@@ -184,6 +184,8 @@ class Cluster:
         w0 = time.perf_counter()
 
         def gather(kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
+            if not self._listening and wants_outcomes(self.policy_state):  # opened while telling lengths: the
+                self._listen()  # probes below advance the engines, and their finishes are the policy's now
             return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
 
         force = None
