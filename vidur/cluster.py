@@ -156,6 +156,12 @@ class Cluster:
         for e in self.engines:
             e.on_finish = self._on_finish
 
+    def _listen_if_asked(self) -> None:
+        """``_listen`` once the policy has opened its outcome queue (``vidur.outcomes``): checked before the run,
+        before a decision's probes advance the engines and after each decision."""
+        if not self._listening and wants_outcomes(self.policy_state):
+            self._listen()
+
     def _on_finish(self, seq: Seq) -> None:
         if self.controller is not None and not isinstance(seq.tag, tuple):
             self.controller.on_finish(self, seq, seq.finish)
@@ -184,8 +190,7 @@ class Cluster:
         w0 = time.perf_counter()
 
         def gather(kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
-            if not self._listening and wants_outcomes(self.policy_state):  # opened while telling lengths: the
-                self._listen()  # probes below advance the engines, and their finishes are the policy's now
+            self._listen_if_asked()  # opened while telling lengths: the probes' finishes are the policy's
             return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
 
         force = None
@@ -198,8 +203,7 @@ class Cluster:
         r = self._routed = self.router.route(req, self.active, t, index, gather, force=force)
         ms = (time.perf_counter() - w0) * 1e3
         self._meta[req.id] = (r.instance, t, r.predicted_e2e_s, ms, len(self.active))
-        if not self._listening and wants_outcomes(self.policy_state):  # the policy just opened its outcome queue
-            self._listen()
+        self._listen_if_asked()  # opened in choose or observe
         return r.instance, r.candidates, r.ctx
 
     def _duplicate(self, req: Request, choice: int, cands: list[Candidate], ctx: RoutingContext, sample: int) -> None:
@@ -248,8 +252,7 @@ class Cluster:
         rate = self.accuracy_sampling_rate
         samples = 0
         mig = self.migrator
-        if not self._listening and wants_outcomes(self.policy_state):  # opened before the run
-            self._listen()
+        self._listen_if_asked()  # opened before the run
         for idx, req in enumerate(requests):
             t = req.arrival_s
             # when the engines are asked next (the what-if's speed hint: a trajectory an engine leaves before then
