@@ -261,15 +261,12 @@ def test_csv_files_read_without_pandas_as_pandas_reads_them(tmp_path):
             assert cols["prompt"].tolist() == ["hi, there", "two\nlines", ""]
             assert list(_read_csv_rows(path)) == list(ref.columns) == ["prompt_tokens", "output_tokens", "prompt",
                                                                         "prompt.1"]
-    short = tmp_path / "short.csv"
-    short.write_text("prompt_tokens,output_tokens\n10,5\n12\n")
-    with pytest.raises(ValueError, match="short.csv.*'output_tokens'.*1 non-integer"):
-        load_dataset(short)  # a missing field is empty, as in pandas, and an empty length is refused
-    wide = tmp_path / "wide.csv"
-    wide.write_text("prompt_tokens,output_tokens\n10,5,7\n")
-    with pytest.raises(ValueError, match="wide.csv: cannot be read as csv"):
-        load_dataset(wide)
-    empty = tmp_path / "empty.csv"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="empty.csv: cannot be read as csv"):
-        load_dataset(empty)
+    for name, text, refused in (
+        # a missing field is empty, as in pandas, and an empty length is refused
+        ("short.csv", "prompt_tokens,output_tokens\n10,5\n12\n", "short.csv.*'output_tokens'.*1 non-integer"),
+        ("wide.csv", "prompt_tokens,output_tokens\n10,5,7\n", "wide.csv: cannot be read as csv"),
+        ("empty.csv", "", "empty.csv: cannot be read as csv"),
+    ):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=refused):
+            load_dataset(tmp_path / name)
