@@ -364,7 +364,8 @@ def load_columns(name_or_path: PathLike, *, format: str | None = None, tokenizer
     if limit is not None and limit <= 0:
         raise ValueError(f"limit={limit} must be positive")
     stamps = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
-    return _load_cached(tuple(paths), stamps, format, tokenizer, limit)
+    cached = _load_cached(tuple(paths), stamps, format, tokenizer, limit)
+    return Columns(dict(cached.data), cached.source)  # the cache's arrays (read-only) in a mapping of the caller's own
 
 
 def load_dataset(name_or_path: PathLike, *, format: str | None = None, tokenizer: str = "llama2",
