@@ -181,3 +181,39 @@ def test_the_whole_process_benchmarks_compile_bytecode_first(tmp_path, monkeypat
     (tmp_path / "pkg" / "broken.py").write_text("def f(:\n")
     with pytest.raises(RuntimeError, match="broken.py"):
         compile_tree(tmp_path, ("pkg",))
+
+
+def test_the_phases_benchmark_accounts_for_a_run_and_splits_its_loop(tmp_path, capsys):
+    """``benchmarks.phases`` runs the vs_vidur command in a marked process: every phase is there, in order, the
+    replay of the run's decisions into bare engines is the run's simulation, and routing at no cost is less than
+    the process."""
+    from benchmarks.phases import PHASES, main
+
+    lines = ["arrival_s,prompt_tokens,output_tokens"] + [f"{0.25 * i!r},{64 + i % 7},{8 + i % 5}" for i in range(200)]
+    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
+    assert main(["--case", "vllm-r4-10k", "--requests", str(tmp_path / "r.csv"), "--num-requests", "200",
+                 "--repeat", "1", "--out", str(tmp_path / "out"), "--no-compile", "--vidur-s", "10"]) == 0
+    out = capsys.readouterr().out
+    for name, _, _ in PHASES:
+        assert f"  {name} " in out
+    assert "replay differs" not in out and "speed-up against Vidur's 10.0 s" in out
+    run = json.loads((tmp_path / "out" / "vllm-r4-10k.json").read_text())["runs"][0]
+    marks = run["marks"]
+    order = [m for _, a, b in PHASES for m in (a, b)]
+    assert all(marks[a] <= marks[b] for a, b in itertools.pairwise(order) if a != b), marks
+    assert run["replay_same"] and 0 < run["engines_alone_s"] < marks["rows<"] - marks["run<"] + 1.0
+
+
+def test_the_phases_replay_tells_a_different_simulation_apart(toy_model):
+    """The replay check compares finish times: a run whose records say otherwise is not split."""
+    from benchmarks.phases import _engines_alone
+    from block.policies.registry import make_policy
+    from vidur.cluster import Cluster
+    from vidur.types import EngineConfig, Request
+
+    reqs = [Request(i, 0.1 * i, 100 + 10 * (i % 9), 20 + i % 11) for i in range(120)]
+    cluster = Cluster.build(2, EngineConfig(num_blocks=400), toy_model, make_policy("round_robin"))
+    result = cluster.run(reqs)
+    assert _engines_alone((cluster, reqs), result)["replay_same"]
+    result.request_columns["finish_s"][7] += 1e-6
+    assert not _engines_alone((cluster, reqs), result)["replay_same"]
