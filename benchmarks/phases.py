@@ -45,7 +45,7 @@ PHASES = [  # (name, from mark, to mark)
 ]
 
 
-def _child(overrides: list[str]) -> int:
+def _child(overrides: list[str]) -> None:
     """Run ``experiments.run`` here with marks; print ``PHASES <json>`` on stdout; exit without teardown."""
     marks = {"launch": float(os.environ.get(LAUNCH_ENV, _T0)), "start": _T0}
     # the module's imports (it runs again as __main__ below, importing nothing); the simulation's modules, which a
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
         ap.error("--num-requests must be at least 1")
     if args.vidur_s is not None and not args.vidur_s > 0:
         ap.error("--vidur-s must be a positive number of seconds")
+    args.out = args.out.resolve()  # the child runs in the project's root
     case = dict(CASES[args.case])
     if args.num_requests is not None:
         case["n"] = args.num_requests
