@@ -48,11 +48,14 @@ Against Vidur's 6 December times (``--reuse``), medians of 5, compiled, three si
 / 0.65 / 0.66-0.75 / 0.67-0.81 s at 10k (41-54x) and 1.67-1.78 s at 100k (140-149x); plain 0.75-0.84 s (40-45x)
 and 2.44 s (102x).
 
-Issue 17's goals (50x at 10k, 200x at 100k) are not met: the 10k cases reach 50x against the 6 December Vidur times
-in a quiet minute and fall below it in the next (30-36x against 5 December's), and 100k is at 140-149x. A 10k process is
-start-up (the interpreter, Hydra's import and composition, pydantic, numpy, pyarrow: about 0.45 s of 0.6-0.7 s); at
-100k the event loop is 0.82-0.95 s, the engines 0.375 s of it and the routing harness shared with the live scheduler
-most of the rest. docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
+Vidur re-run once more that day, in the same sitting as ours: 24.8 / 23.8 / 24.3 / 24.3 / 213.9 s (and 23.5 / 23.9 s
+for the two vLLM 10k cases again), as on 5 December, so the earlier 6 December run was the slow one. Against it,
+compiled: 36-39x at 10k (ours 0.63-0.65 s) and 126x at 100k (1.70 s); plain 33-35x and 92x.
+
+Issue 17's goals (50x at 10k, 200x at 100k) are not met. A 10k process is start-up (imports and Hydra about 0.43 s
+of 0.66 s); at 100k the event loop is about 0.8 s, half of it the engines, and ``benchmarks/phases.py`` measures that
+with the routing harness, the loop and the samples at no cost the process would still be at about 170x.
+docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
 """
 
 from __future__ import annotations
