@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vidur-src", required=True, help="prepared Vidur source folder (see benchmarks/vidur_peer.py)")
     ap.add_argument("--vidur-python", required=True, help="python of Vidur's own virtual environment")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "vs_vidur"))
-    ap.add_argument("--reuse", action="store_true", help="reuse Vidur results saved under --out")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse Vidur results saved under --out (the printout says when they were measured)")
     ap.add_argument("--only", nargs="*", choices=sorted(CASES), help="cases to run (default: all)")
     ap.add_argument("--repeat", type=int, default=1, help="our runs per case; the median wall and CPU time count")
     args = ap.parse_args(argv)
@@ -153,12 +154,18 @@ def main(argv=None) -> int:
         out = out_root / name
         out.mkdir(parents=True, exist_ok=True)
         saved = out / "vidur.json"
-        if args.reuse and saved.exists():
+        reused = args.reuse and saved.exists()
+        if reused:
             vid = json.loads(saved.read_text())
+            vid.setdefault("measured_at", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(saved.stat().st_mtime)))
         else:
             vid = run_vidur(args.vidur_src, args.vidur_python, case["n"], case["replicas"], case["scheduler"],
                             case["qps"], lengths=case["lengths"], out_dir=str(out / "vidur"))
+            vid["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             saved.write_text(json.dumps(vid, indent=2, default=str))
+        if reused:  # Vidur's own wall time moved by 40 % between sittings on one machine: say which one this is
+            print(f"{name}: Vidur's {vid['wall_s']:.1f} s was measured at {vid['measured_at']} (--reuse); a ratio is "
+                  f"only as current as that run -- leave out --reuse to time both sides in this sitting", flush=True)
         reqs = vidur_requests(vid["metrics_csv"])
         csv = out / "requests.csv"
         reqs[["arrival_s", "prompt_tokens", "output_tokens"]].to_csv(csv, index=False)
@@ -173,7 +180,8 @@ def main(argv=None) -> int:
                "vidur_req_per_s": case["n"] / vid["wall_s"], "ours_req_per_s": case["n"] / wall,
                "speedup": vid["wall_s"] / wall, "ours_loop_req_per_s": summary.get("sim_requests_per_wall_s"),
                "vidur_cpu_s": vid.get("cpu_s"), "ours_cpu_s": cpu,
-               "cpu_speedup": vid["cpu_s"] / cpu if vid.get("cpu_s") else None, "load_avg_1min": os.getloadavg()[0]}
+               "cpu_speedup": vid["cpu_s"] / cpu if vid.get("cpu_s") else None, "load_avg_1min": os.getloadavg()[0],
+               "vidur_measured_at": vid["measured_at"], "vidur_reused": reused}
         for metric, ocol, vcol in (("ttft", "ttft_s", "vidur_ttft_s"), ("e2e", "e2e_s", "vidur_e2e_s")):
             for p in (50, 99):
                 a, b = q(ours[ocol].to_numpy(float), p), q(reqs[vcol].to_numpy(float), p)

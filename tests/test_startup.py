@@ -217,3 +217,29 @@ def test_the_phases_replay_tells_a_different_simulation_apart(toy_model):
     assert _engines_alone((cluster, reqs), result)["replay_same"]
     result.request_columns["finish_s"][7] += 1e-6
     assert not _engines_alone((cluster, reqs), result)["replay_same"]
+
+
+def test_vs_vidur_says_when_a_reused_vidur_time_was_measured(tmp_path, capsys):
+    """``--reuse`` divides by a Vidur time from another sitting (which moved by 40 % between sittings here): the
+    printout and the CSV say when it was measured."""
+    import numpy as np
+
+    from benchmarks.vs_vidur import main
+
+    n = 10_000  # the case's size: our run replays exactly the requests Vidur ran
+    rng = np.random.default_rng(0)
+    metrics = tmp_path / "request_metrics.csv"
+    metrics.write_text("Request Id,request_inter_arrival_delay,request_num_prefill_tokens,request_num_decode_tokens,"
+                       "request_e2e_time,prefill_e2e_time\n"
+                       + "".join(f"{i},{0.5 * rng.random()!r},{int(rng.integers(16, 512))},{int(rng.integers(2, 64))},"
+                                 f"2.0,0.1\n" for i in range(n)))
+    case = tmp_path / "out" / "vllm-r1-10k"
+    case.mkdir(parents=True)
+    (case / "vidur.json").write_text(json.dumps({"wall_s": 30.0, "cpu_s": 29.0, "metrics_csv": str(metrics),
+                                                 "measured_at": "2026-12-01T08:00:00"}))
+    assert main(["--vidur-src", "/nonexistent", "--vidur-python", "/nonexistent", "--out", str(tmp_path / "out"),
+                 "--reuse", "--only", "vllm-r1-10k"]) == 0
+    assert "Vidur's 30.0 s was measured at 2026-12-01T08:00:00 (--reuse)" in capsys.readouterr().out
+    row = (tmp_path / "out" / "vs_vidur.csv").read_text().splitlines()
+    got = dict(zip(row[0].split(","), row[1].split(",")))
+    assert got["vidur_reused"] == "True" and got["vidur_measured_at"] == "2026-12-01T08:00:00"
