@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     from benchmarks.bytecode import compile_tree
     from benchmarks.startup import write_requests
     from benchmarks.vs_vidur import CASES, ours_argv
+    from vidur.records import write_atomic
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.phases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,11 +177,9 @@ def main(argv=None) -> int:
                 err.seek(0)
                 raise SystemExit(f"the run failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
         runs.append(json.loads(line[len("PHASES "):]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    dump = args.out / f"{args.case}.json"  # every process's marks (time.time()), to look again or compare
-    tmp = dump.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"case": args.case, "requests": case["n"], "csv": str(csv), "runs": runs}, indent=1))
-    os.replace(tmp, dump)
+    # every process's marks (time.time()), to look again or compare
+    write_atomic(args.out / f"{args.case}.json",
+                 json.dumps({"case": args.case, "requests": case["n"], "csv": str(csv), "runs": runs}, indent=1).encode())
 
     def med(values) -> float:
         return statistics.median(values)
