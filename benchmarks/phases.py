@@ -10,8 +10,8 @@ same process replays the run's own decisions into fresh engines with nothing els
 ``engines alone``), checks that the replay finishes every request at the same time as the run, and so splits the
 event loop into the engines and everything around them (the routing harness shared with the live scheduler, the
 loop, the samples). ``with routing free`` is the process minus that part: no change of the harness alone can take a
-process below it. With ``--vidur-s`` (Vidur's wall time for the case) each total is also a speed-up. Every process's marks go to
-``<out>/<case>.json``.
+process below it. With ``--vidur-s`` (Vidur's wall time for the case) each total is also a speed-up. Every
+process's marks go to ``<out>/<case>.json``.
 
 Why a benchmark: every account of where a run's time goes (docs/simulator.md) used to be marks added by hand for
 the occasion; this one is repeatable. The child runs the module as ``__main__`` under ``runpy``, so it keeps the
@@ -102,7 +102,7 @@ def _engines_alone(args: tuple, result) -> dict:
 
     import numpy as np
 
-    from vidur.engine import Engine, Seq
+    from vidur.engine import Engine, make_seqs
 
     cluster, requests = args[0], args[1]
     cols = result.request_columns
@@ -111,11 +111,11 @@ def _engines_alone(args: tuple, result) -> dict:
     gc.collect()
     gc.freeze()  # the run's objects out of the collector's way, as the imports were for the run (settle_imports)
     t0 = time.perf_counter()
-    for r in requests:
-        t = r.arrival_s
-        eng = engines[where[r.id]]
+    for s in make_seqs(requests):  # (built inside the timing, as the run builds each request's Seq in its loop)
+        t = s.arrival
+        eng = engines[where[s.id]]
         eng.sync(t)
-        eng.add(Seq(r.id, r.prompt_tokens, r.output_tokens, t, expected=max(1, r.expected_output_tokens()), tag=r), t)
+        eng.add(s, t)
     for eng in engines:
         eng.run_until_idle()
     seconds = time.perf_counter() - t0
@@ -178,27 +178,24 @@ def main(argv=None) -> int:
                 raise SystemExit(f"the run failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
         runs.append(json.loads(line[len("PHASES "):]))
     # every process's marks (time.time()), to look again or compare
-    write_atomic(args.out / f"{args.case}.json",
-                 json.dumps({"case": args.case, "requests": case["n"], "csv": str(csv), "runs": runs}, indent=1).encode())
-
-    def med(values) -> float:
-        return statistics.median(values)
+    dump = {"case": args.case, "requests": case["n"], "csv": str(csv), "runs": runs}
+    write_atomic(args.out / f"{args.case}.json", json.dumps(dump, indent=1).encode())
 
     print(f"case {args.case}: {case['n']} requests, {case['replicas']} replica(s), {case['scheduler']}; "
           f"{args.repeat} processes, medians; load average {os.getloadavg()[0]:.1f}; "
           f"compiled build {'on' if os.environ.get('BLOCK_REPRO_SPEEDUPS') == '1' else 'off'}")
     for name, a, b in PHASES:
-        print(f"  {name:28s} {med([r['marks'][b] - r['marks'][a] for r in runs]):7.3f} s")
-    total = med([r["marks"]["end"] - r["marks"]["launch"] for r in runs])
+        print(f"  {name:28s} {statistics.median([r['marks'][b] - r['marks'][a] for r in runs]):7.3f} s")
+    total = statistics.median([r["marks"]["end"] - r["marks"]["launch"] for r in runs])
     print(f"  {'total (to the end of main)':28s} {total:7.3f} s")
     if all("engines_alone_s" in r for r in runs):
-        loop = med([r["marks"]["rows<"] - r["marks"]["run<"] for r in runs])
-        alone = med([r["engines_alone_s"] for r in runs])
+        loop = statistics.median([r["marks"]["rows<"] - r["marks"]["run<"] for r in runs])
+        alone = statistics.median([r["engines_alone_s"] for r in runs])
         same = all(r["replay_same"] for r in runs)
         print(f"  of the event loop: engines alone {alone:.3f} s, the rest (routing harness, loop, samples) "
               f"{loop - alone:.3f} s" + ("" if same else "  [the replay differs from the run: not a split]"))
-        free = med([(r["marks"]["end"] - r["marks"]["launch"]) - (r["marks"]["rows<"] - r["marks"]["run<"]
-                                                                    - r["engines_alone_s"]) for r in runs])
+        free = statistics.median([(r["marks"]["end"] - r["marks"]["launch"])
+                                  - (r["marks"]["rows<"] - r["marks"]["run<"] - r["engines_alone_s"]) for r in runs])
         print(f"  {'with routing free':28s} {free:7.3f} s")
         if args.vidur_s:
             print(f"  speed-up against Vidur's {args.vidur_s:.1f} s: {args.vidur_s / total:.0f}x as run, "

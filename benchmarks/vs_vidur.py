@@ -155,17 +155,16 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         saved = out / "vidur.json"
         reused = args.reuse and saved.exists()
-        if reused:
+        if reused:  # Vidur's own wall time moved by 40 % between sittings on one machine: say which one this is
             vid = json.loads(saved.read_text())
             vid.setdefault("measured_at", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(saved.stat().st_mtime)))
+            print(f"{name}: Vidur's {vid['wall_s']:.1f} s was measured at {vid['measured_at']} (--reuse); a ratio is "
+                  f"only as current as that run -- leave out --reuse to time both sides in this sitting", flush=True)
         else:
             vid = run_vidur(args.vidur_src, args.vidur_python, case["n"], case["replicas"], case["scheduler"],
                             case["qps"], lengths=case["lengths"], out_dir=str(out / "vidur"))
             vid["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             saved.write_text(json.dumps(vid, indent=2, default=str))
-        if reused:  # Vidur's own wall time moved by 40 % between sittings on one machine: say which one this is
-            print(f"{name}: Vidur's {vid['wall_s']:.1f} s was measured at {vid['measured_at']} (--reuse); a ratio is "
-                  f"only as current as that run -- leave out --reuse to time both sides in this sitting", flush=True)
         reqs = vidur_requests(vid["metrics_csv"])
         csv = out / "requests.csv"
         reqs[["arrival_s", "prompt_tokens", "output_tokens"]].to_csv(csv, index=False)
