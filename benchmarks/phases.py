@@ -15,7 +15,9 @@ process's marks go to ``<out>/<case>.json``.
 
 Why a benchmark: every account of where a run's time goes (docs/simulator.md) used to be marks added by hand for
 the occasion; this one is repeatable. The child runs the module as ``__main__`` under ``runpy``, so it keeps the
-interpreter's teardown that ``python -m experiments.run`` skips; the phases stop before it.
+interpreter's teardown that ``python -m experiments.run`` skips; the phases stop before it. Like the command, it
+takes Hydra's composition from ``experiments/compose_cache.py`` when an earlier process of the same command line
+stored it (the printout says in how many processes it did); ``BLOCK_REPRO_COMPOSE_CACHE=0`` composes every time.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def _child(overrides: list[str]) -> None:
         if e.code not in (0, None):
             raise
     marks["end"] = time.time()
-    out = {"marks": marks}
+    from experiments import compose_cache
+
+    out = {"marks": marks, "compose_cache": {"hits": compose_cache.STATS.hits, "misses": compose_cache.STATS.misses,
+                                             "on": compose_cache.enabled()}}
     if "run" in seen:
         out.update(_engines_alone(*seen["run"]))
     print("PHASES " + json.dumps(out), flush=True)
@@ -138,6 +143,7 @@ def main(argv=None) -> int:
     from benchmarks.bytecode import compile_tree
     from benchmarks.startup import write_requests
     from benchmarks.vs_vidur import CASES, ours_argv
+    from experiments.compose_cache import ENV_SWITCH
     from vidur.records import write_atomic
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.phases", description=__doc__,
@@ -188,6 +194,10 @@ def main(argv=None) -> int:
         print(f"  {name:28s} {statistics.median([r['marks'][b] - r['marks'][a] for r in runs]):7.3f} s")
     total = statistics.median([r["marks"]["end"] - r["marks"]["launch"] for r in runs])
     print(f"  {'total (to the end of main)':28s} {total:7.3f} s")
+    hits = sum(r.get("compose_cache", {}).get("hits", 0) for r in runs)
+    print(f"  Hydra's composition came from its cache (experiments/compose_cache.py) in {hits} of {len(runs)} "
+          f"process(es)" + ("" if all(r.get("compose_cache", {}).get("on") for r in runs)
+                            else f" (off: {ENV_SWITCH}=0)"))
     if all("engines_alone_s" in r for r in runs):
         loop = statistics.median([r["marks"]["rows<"] - r["marks"]["run<"] for r in runs])
         alone = statistics.median([r["engines_alone_s"] for r in runs])

@@ -48,7 +48,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments import schema
+from experiments import compose_cache, schema
 from experiments.rundir import run_dirname
 from experiments.wiring import ConfigError
 
@@ -451,6 +451,7 @@ def capacity_line(result: dict[str, Any], path: Any = None) -> str:
 
 if __name__ == "__main__":
     schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
+    compose_cache.install()  # the same command line on the same config files composes once (experiments.compose_cache)
     if "--dry-run" in sys.argv[1:]:  # the searches a command would make, and the probes they would reuse
         from experiments.sweep_report import dry_run, search_plan
 

@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments import rundir  # noqa: F401  (registers ${run_dirname:} for conf/config.yaml)
-from experiments import schema, wiring
+from experiments import compose_cache, schema, wiring
 from experiments.wiring import ConfigError
 
 log = logging.getLogger("experiments.run")
@@ -128,6 +128,7 @@ def run_one(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
 def main(cfg: DictConfig) -> Optional[float]:
     from experiments import logger as run_logger
 
+    compose_cache.install()  # a launcher's worker process composes its next jobs through the cache too
     run_dir = run_dir_of(cfg)
     try:
         run_logger.check(cfg)
@@ -272,9 +273,12 @@ if __name__ == "__main__":
     if "--dry-run" in sys.argv[1:]:  # list the runs that would run / be skipped; runs and writes nothing
         from experiments.sweep_report import dry_run
 
+        compose_cache.install()
+
         raise SystemExit(dry_run(sys.argv[1:]))
     if not mode_probe_needed(sys.argv[1:]):
         skip_mode_probe()
+    compose_cache.install()
     validate_sweeps_by_cover()
     settle_imports()
     try:

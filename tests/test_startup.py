@@ -183,25 +183,31 @@ def test_the_whole_process_benchmarks_compile_bytecode_first(tmp_path, monkeypat
         compile_tree(tmp_path, ("pkg",))
 
 
-def test_the_phases_benchmark_accounts_for_a_run_and_splits_its_loop(tmp_path, capsys):
-    """``benchmarks.phases`` runs the vs_vidur command in a marked process: every phase is there, in order, the
-    replay of the run's decisions into bare engines is the run's simulation, and routing at no cost is less than
-    the process."""
+def test_the_phases_benchmark_accounts_for_a_run_and_splits_its_loop(tmp_path, capsys, monkeypatch):
+    """``benchmarks.phases`` runs the vs_vidur command in marked processes: every phase is there, in order, the
+    replay of the run's decisions into bare engines is the run's simulation, routing at no cost is less than the
+    process, and it says that the second process took Hydra's composition from the cache the first one filled."""
     from benchmarks.phases import PHASES, main
+    from experiments import compose_cache
 
+    monkeypatch.setenv(compose_cache.ENV_DIR, str(tmp_path / "compose-cache"))
+    monkeypatch.delenv(compose_cache.ENV_SWITCH, raising=False)
     lines = ["arrival_s,prompt_tokens,output_tokens"] + [f"{0.25 * i!r},{64 + i % 7},{8 + i % 5}" for i in range(200)]
     (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
     assert main(["--case", "vllm-r4-10k", "--requests", str(tmp_path / "r.csv"), "--num-requests", "200",
-                 "--repeat", "1", "--out", str(tmp_path / "out"), "--no-compile", "--vidur-s", "10"]) == 0
+                 "--repeat", "2", "--out", str(tmp_path / "out"), "--no-compile", "--vidur-s", "10"]) == 0
     out = capsys.readouterr().out
     for name, _, _ in PHASES:
         assert f"  {name} " in out
     assert "replay differs" not in out and "speed-up against Vidur's 10.0 s" in out
-    run = json.loads((tmp_path / "out" / "vllm-r4-10k.json").read_text())["runs"][0]
-    marks = run["marks"]
-    order = [m for _, a, b in PHASES for m in (a, b)]
-    assert all(marks[a] <= marks[b] for a, b in itertools.pairwise(order) if a != b), marks
-    assert run["replay_same"] and 0 < run["engines_alone_s"] < marks["rows<"] - marks["run<"] + 1.0
+    assert "came from its cache (experiments/compose_cache.py) in 1 of 2 process(es)" in out, out
+    runs = json.loads((tmp_path / "out" / "vllm-r4-10k.json").read_text())["runs"]
+    assert [r["compose_cache"]["hits"] for r in runs] == [0, 1]
+    for run in runs:
+        marks = run["marks"]
+        order = [m for _, a, b in PHASES for m in (a, b)]
+        assert all(marks[a] <= marks[b] for a, b in itertools.pairwise(order) if a != b), marks
+        assert run["replay_same"] and 0 < run["engines_alone_s"] < marks["rows<"] - marks["run<"] + 1.0
 
 
 def test_the_phases_replay_tells_a_different_simulation_apart(toy_model):
