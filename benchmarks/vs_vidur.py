@@ -52,8 +52,13 @@ Vidur re-run once more that day, in the same sitting as ours: 24.8 / 23.8 / 24.3
 for the two vLLM 10k cases again), as on 5 December, so the earlier 6 December run was the slow one. Against it,
 compiled: 36-39x at 10k (ours 0.63-0.65 s) and 126x at 100k (1.70 s); plain 33-35x and 92x.
 
-Issue 17's goals (50x at 10k, 200x at 100k) are not met. A 10k process is start-up (imports and Hydra about 0.43 s
-of 0.66 s); at 100k the event loop is about 0.8 s, half of it the engines, and ``benchmarks/phases.py`` measures that
+Later that day Hydra's composition got an on-disk cache (``experiments/compose_cache.py``): Vidur re-run in the same
+sitting, ``--repeat 5``, compiled: 41-47x at 10k (ours 0.51-0.60 s; the first process, which composes, 0.09-0.18 s
+more: the CSV's ``ours_first_wall_s``) and 135-138x at 100k (1.55-1.62 s), the same latencies; alike with our side
+in a venv (this command run by the venv's python: the CSV's ``ours_python``), as Vidur runs in its own.
+
+Issue 17's goals (50x at 10k, 200x at 100k) are not met. A 10k process is start-up (imports about 0.27 s of
+0.55 s, Hydra's job set-up 0.05 s); at 100k the event loop is about 0.8 s, half of it the engines, and ``benchmarks/phases.py`` measures that
 with the routing harness, the loop and the samples at no cost the process would still be at about 170x.
 docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
 """
@@ -183,7 +188,10 @@ def main(argv=None) -> int:
                "cpu_speedup": vid["cpu_s"] / cpu if vid.get("cpu_s") else None, "load_avg_1min": os.getloadavg()[0],
                "vidur_measured_at": vid["measured_at"], "vidur_reused": reused,
                # the first process composes the config (experiments/compose_cache.py has no entry for a new --out)
-               "ours_first_wall_s": runs[0][0], "compose_cache": compose_cache.enabled()}
+               "ours_first_wall_s": runs[0][0], "compose_cache": compose_cache.enabled(),
+               # our side runs under this command's interpreter (Vidur under --vidur-python): a virtual environment
+               # starts without the base interpreter's site-packages start-up hooks (.pth files)
+               "ours_python": sys.executable, "ours_in_venv": sys.prefix != sys.base_prefix}
         for metric, ocol, vcol in (("ttft", "ttft_s", "vidur_ttft_s"), ("e2e", "e2e_s", "vidur_e2e_s")):
             for p in (50, 99):
                 a, b = q(ours[ocol].to_numpy(float), p), q(reqs[vcol].to_numpy(float), p)

@@ -249,3 +249,6 @@ def test_vs_vidur_says_when_a_reused_vidur_time_was_measured(tmp_path, capsys):
     row = (tmp_path / "out" / "vs_vidur.csv").read_text().splitlines()
     got = dict(zip(row[0].split(","), row[1].split(",")))
     assert got["vidur_reused"] == "True" and got["vidur_measured_at"] == "2026-12-01T08:00:00"
+    # which interpreter ran our side, and the first process's time (it composed the config: a new --out)
+    assert got["ours_python"] == sys.executable and got["ours_in_venv"] == str(sys.prefix != sys.base_prefix)
+    assert float(got["ours_first_wall_s"]) == pytest.approx(float(got["ours_wall_s"]))  # --repeat 1
