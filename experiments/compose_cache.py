@@ -50,6 +50,8 @@ from vidur.cache import default_cache_dir
 
 FORMAT = 1  # bump when an entry's layout or what the key covers changes
 MAX_ENTRIES = 400  # about 25 KB each
+MAX_TREE_FILES = 2_000  # a config source bigger than this is not cached (the project's conf/ has under 100 files)
+MAX_TREE_BYTES = 16 << 20
 ENV_SWITCH = "BLOCK_REPRO_COMPOSE_CACHE"
 ENV_DIR = "BLOCK_REPRO_COMPOSE_CACHE_DIR"
 
@@ -77,21 +79,26 @@ def enabled() -> bool:
 
 # ---------------------------------------------------------------------- digests of the config sources
 def _tree_digest(roots: list[str]) -> Optional[str]:
-    """Names and contents of every file below ``roots`` (bytecode caches left out); None if a root is no folder."""
+    """Names and contents of every file below ``roots`` (bytecode caches left out; linked folders followed, as Hydra
+    reads through them); None if a root is no folder or the tree is beyond ``MAX_TREE_FILES`` / ``MAX_TREE_BYTES``
+    (a search path pointed at a big folder: reading it on every run would cost more than composing)."""
     h = hashlib.sha256()
+    files = size = 0
     for root in roots:
         if not os.path.isdir(root):
             return None
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
             for name in sorted(filenames):
                 if name.endswith((".pyc", ".pyo")):
                     continue
                 path = os.path.join(dirpath, name)
-                h.update(os.path.relpath(path, root).encode() + b"\0")
                 with open(path, "rb") as f:
-                    h.update(f.read())
-                h.update(b"\0")
+                    data = f.read(MAX_TREE_BYTES - size + 1)
+                files, size = files + 1, size + len(data)
+                if files > MAX_TREE_FILES or size > MAX_TREE_BYTES:
+                    return None
+                h.update(os.path.relpath(path, root).encode() + b"\0" + data + b"\0")
     return h.hexdigest()
 
 
@@ -194,7 +201,7 @@ def _store(key: str, cfg: Any, caught: list[warnings.WarningMessage]) -> Optiona
         scheme, src_path = str(info.schema), str(info.path)
         digest = source_digest(scheme, src_path)
         if digest is None:
-            return f"{scheme}://{src_path} is not a folder on disk"
+            return f"{scheme}://{src_path} is no folder on disk, or too big to read on every run"
         sources.append((scheme, src_path, digest))
     if not sources:
         return "no config sources recorded"

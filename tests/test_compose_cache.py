@@ -160,6 +160,13 @@ def test_off_switch_composes_every_time(cache, monkeypatch):
     assert not cache.exists()
 
 
+def test_a_config_source_too_big_to_read_on_every_run_is_not_cached(cache, monkeypatch):
+    monkeypatch.setattr(compose_cache, "MAX_TREE_FILES", 20)  # conf/ has more
+    cfg = _compose(ROOT / "conf", ["workload.qps=4"])
+    assert cfg.workload.qps == 4 and not list(cache.glob("*.pkl"))
+    assert compose_cache.STATS.uncacheable == 1 and "too big" in compose_cache.STATS.reasons[-1]
+
+
 def test_the_least_recently_used_entries_go(cache, monkeypatch):
     monkeypatch.setattr(compose_cache, "MAX_ENTRIES", 3)
     for q in range(5):
