@@ -26,8 +26,9 @@ again on a hit. A failed composition is never cached: it runs (and raises) every
 that is not a folder on disk, an unreadable, corrupt or foreign entry, a config that cannot be pickled) means:
 compose as Hydra does. The cache is a private patch of Hydra's ``ConfigLoaderImpl.load_configuration`` (as
 ``experiments.run`` already patches its mode probe and sweep validation), installed by the commands
-(``python -m experiments.run``, ``python -m experiments.capacity``, ``--dry-run``), not by importing a module;
-Hydra's joblib workers compose without it.
+(``python -m experiments.run``, ``python -m experiments.capacity``, ``--dry-run``) and by experiments.run's task
+function, so that a launcher's worker process composes its later jobs through it (not its first: it composes that
+one before our code runs); importing a module installs nothing.
 
 Entries live in ``<cache dir>/compose/`` (``$XDG_CACHE_HOME/block-repro``; ``BLOCK_REPRO_COMPOSE_CACHE_DIR``
 overrides the folder), at most ``MAX_ENTRIES`` of them (the least recently used go first).
