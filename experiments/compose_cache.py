@@ -183,11 +183,14 @@ def _load(key: str) -> tuple[Optional[dict], str]:
         return None, "no entry"
     except Exception as err:  # noqa: BLE001 -- a corrupt or foreign entry: compose instead
         return None, f"unreadable entry ({type(err).__name__})"
-    if not isinstance(entry, dict) or entry.get("key") != key:
+    if not isinstance(entry, dict) or entry.get("key") != key or not {"sources", "warnings", "cfg"} <= entry.keys():
         return None, "foreign entry"
-    for scheme, src_path, digest in entry["sources"]:
-        if source_digest(scheme, src_path) != digest:
-            return None, f"{scheme}://{src_path} changed"
+    try:
+        for scheme, src_path, digest in entry["sources"]:
+            if source_digest(scheme, src_path) != digest:
+                return None, f"{scheme}://{src_path} changed"
+    except (TypeError, ValueError):  # not the (scheme, path, digest) triples this module writes
+        return None, "foreign entry"
     with contextlib.suppress(OSError):
         os.utime(path)  # least recently used goes first
     return entry, "hit"
@@ -257,11 +260,13 @@ def cached(compose: Callable[..., Any]) -> Callable[..., Any]:
                            from_shell: bool = True, validate_sweep_overrides: bool = True) -> Any:
         if not enabled():
             return compose(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
-        try:
+        key: Optional[str] = None
+        entry: Optional[dict] = None
+        try:  # the cache must never be why a run fails: any error here means composing as Hydra does
             key = _key(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
             entry, why = _load(key)
-        except Exception as err:  # noqa: BLE001 -- the cache must never be why a run fails
-            key, entry, why = None, None, f"lookup failed ({type(err).__name__})"
+        except Exception as err:  # noqa: BLE001
+            entry, why = None, f"lookup failed ({type(err).__name__})"
         if entry is not None:
             STATS.hits += 1
             _replay(entry["warnings"])

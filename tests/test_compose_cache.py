@@ -119,6 +119,17 @@ def test_errors_are_not_cached_and_a_corrupt_entry_is_composed_again(cache):
     _same(_compose(conf, ["workload.qps=7"]), good)
     assert compose_cache.STATS.hits == 0 and any("unreadable" in r for r in compose_cache.STATS.reasons)
     assert _compose(conf, ["workload.qps=7"]).workload.qps == 7 and compose_cache.STATS.hits == 1
+    # a pickle of something else under the entry's name (another version's layout): composed again, then rewritten
+    import pickle
+
+    for foreign in ({"key": "another", "cfg": good}, {}, {"key": None}):
+        raw = pickle.loads(entry.read_bytes())
+        entry.write_bytes(pickle.dumps({**raw, **foreign} if foreign else {k: v for k, v in raw.items()
+                                                                          if k != "sources"}))
+        hits = compose_cache.STATS.hits
+        _same(_compose(conf, ["workload.qps=7"]), good)
+        assert compose_cache.STATS.hits == hits and compose_cache.STATS.reasons[-1] == "foreign entry"
+        assert _compose(conf, ["workload.qps=7"]).workload.qps == 7 and compose_cache.STATS.hits == hits + 1
 
 
 def test_a_config_with_a_secret_is_not_written(cache, tmp_path):
