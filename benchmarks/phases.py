@@ -194,10 +194,9 @@ def main(argv=None) -> int:
         print(f"  {name:28s} {statistics.median([r['marks'][b] - r['marks'][a] for r in runs]):7.3f} s")
     total = statistics.median([r["marks"]["end"] - r["marks"]["launch"] for r in runs])
     print(f"  {'total (to the end of main)':28s} {total:7.3f} s")
-    hits = sum(r.get("compose_cache", {}).get("hits", 0) for r in runs)
+    hits = sum(r["compose_cache"]["hits"] for r in runs)
     print(f"  Hydra's composition came from its cache (experiments/compose_cache.py) in {hits} of {len(runs)} "
-          f"process(es)" + ("" if all(r.get("compose_cache", {}).get("on") for r in runs)
-                            else f" (off: {ENV_SWITCH}=0)"))
+          f"process(es)" + ("" if all(r["compose_cache"]["on"] for r in runs) else f" (off: {ENV_SWITCH}=0)"))
     if all("engines_alone_s" in r for r in runs):
         loop = statistics.median([r["marks"]["rows<"] - r["marks"]["run<"] for r in runs])
         alone = statistics.median([r["engines_alone_s"] for r in runs])

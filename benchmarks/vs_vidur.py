@@ -58,8 +58,9 @@ more: the CSV's ``ours_first_wall_s``) and 135-138x at 100k (1.55-1.62 s), the s
 in a venv (this command run by the venv's python: the CSV's ``ours_python``), as Vidur runs in its own.
 
 Issue 17's goals (50x at 10k, 200x at 100k) are not met. A 10k process is start-up (imports about 0.27 s of
-0.55 s, Hydra's job set-up 0.05 s); at 100k the event loop is about 0.8 s, half of it the engines, and ``benchmarks/phases.py`` measures that
-with the routing harness, the loop and the samples at no cost the process would still be at about 170x.
+0.55 s, Hydra's job set-up 0.05 s); at 100k the event loop is about 0.8 s, half of it the engines, and
+``benchmarks/phases.py`` measures that with the routing harness, the loop and the samples at no cost the process
+would still be at about 170x.
 docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
 """
 

@@ -196,7 +196,10 @@ def _load(key: str) -> tuple[Optional[dict], str]:
     return entry, "hit"
 
 
-def _store(key: str, cfg: Any, caught: list[warnings.WarningMessage]) -> Optional[str]:
+Recorded = list[tuple[str, type, str, int]]  # warnings as (message, category, filename, lineno)
+
+
+def _store(key: str, cfg: Any, recorded: Recorded) -> Optional[str]:
     """Write the entry for ``key``; the reason when it cannot be cached."""
     from omegaconf import OmegaConf
 
@@ -217,7 +220,7 @@ def _store(key: str, cfg: Any, caught: list[warnings.WarningMessage]) -> Optiona
         return "the config sets a secret key"
     entry = {
         "key": key, "sources": sources,
-        "warnings": [(str(w.message), w.category, w.filename, w.lineno) for w in caught], "cfg": cfg,
+        "warnings": recorded, "cfg": cfg,
     }
     try:
         data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
@@ -248,7 +251,7 @@ def _prune() -> None:
             path.unlink()
 
 
-def _replay(recorded: list[tuple[str, type, str, int]]) -> None:
+def _replay(recorded: Recorded) -> None:
     for message, category, filename, lineno in recorded:
         warnings.warn_explicit(message, category, filename, lineno)
 
@@ -275,13 +278,12 @@ def cached(compose: Callable[..., Any]) -> Callable[..., Any]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cfg = compose(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
-        _replay([(str(w.message), w.category, w.filename, w.lineno) for w in caught])
-        problem = "lookup failed" if key is None else None
-        if problem is None:
-            try:
-                problem = _store(key, cfg, caught)
-            except Exception as err:  # noqa: BLE001
-                problem = f"store failed ({type(err).__name__})"
+        recorded = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+        _replay(recorded)
+        try:
+            problem = "lookup failed" if key is None else _store(key, cfg, recorded)
+        except Exception as err:  # noqa: BLE001
+            problem = f"store failed ({type(err).__name__})"
         if problem is None:
             STATS.misses += 1
         else:

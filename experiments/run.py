@@ -270,15 +270,13 @@ def exit_now() -> None:
 
 if __name__ == "__main__":
     schema.refuse_secret_arguments(sys.argv[1:])  # before Hydra writes the command line into .hydra/
+    compose_cache.install()  # the same command line on the same config files composes once
     if "--dry-run" in sys.argv[1:]:  # list the runs that would run / be skipped; runs and writes nothing
         from experiments.sweep_report import dry_run
-
-        compose_cache.install()
 
         raise SystemExit(dry_run(sys.argv[1:]))
     if not mode_probe_needed(sys.argv[1:]):
         skip_mode_probe()
-    compose_cache.install()
     validate_sweeps_by_cover()
     settle_imports()
     try:

@@ -38,21 +38,16 @@ def cache(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
-def _compose(conf: Path, overrides: list[str], multirun: bool = False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        return loader.load_configuration("config", overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
-
-
-def _uncached(conf: Path, overrides: list[str], multirun: bool = False):
+def _compose(conf: Path, overrides: list[str], multirun: bool = False, uncached: bool = False):
+    """Compose as the commands do (through the installed cache), or with Hydra's own function (``uncached``)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
-    original = ConfigLoaderImpl.load_configuration.uncached
+    load = ConfigLoaderImpl.load_configuration
+    load = load.uncached if uncached else load
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        return original(loader, "config", overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
+        return load(loader, "config", overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
 
 
 def _same(a, b) -> None:
@@ -72,7 +67,7 @@ def test_a_hit_is_what_hydra_composes(cache, overrides, multirun):
     assert (compose_cache.STATS.hits, compose_cache.STATS.misses) == (0, 1), compose_cache.STATS
     again = _compose(conf, overrides, multirun)
     assert (compose_cache.STATS.hits, compose_cache.STATS.misses) == (1, 1), compose_cache.STATS
-    fresh = _uncached(conf, overrides, multirun)
+    fresh = _compose(conf, overrides, multirun, uncached=True)
     _same(again, fresh)
     _same(first, fresh)
     again.workload.qps = 99  # a hit is a config of its own: changing it changes no later hit
