@@ -51,7 +51,14 @@ def _child(overrides: list[str]) -> None:
     """Run ``experiments.run`` here with marks; print ``PHASES <json>`` on stdout; exit without teardown."""
     marks = {"launch": float(os.environ.get(LAUNCH_ENV, _T0)), "start": _T0}
     # the module's imports (it runs again as __main__ below, importing nothing); the simulation's modules, which a
-    # run imports after Hydra, are counted here too
+    # run imports after Hydra, are counted here too. First what the command's own first lines do: imports collect
+    # no garbage (its __main__ block collects again) and numpy comes with one BLAS thread (experiments.blas_threads)
+    import gc
+
+    gc.disable()
+    from experiments.blas_threads import import_numpy_single_threaded
+
+    import_numpy_single_threaded()
     import experiments.run  # noqa: F401
     from experiments import sim, wiring
     from vidur import cluster as cluster_mod

@@ -44,6 +44,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+if __name__ == "__main__":
+    from experiments.blas_threads import import_numpy_single_threaded
+
+    import_numpy_single_threaded()  # before anything imports numpy: no idle BLAS thread (experiments.blas_threads)
+
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict

@@ -17,6 +17,9 @@ import gc
 
 if __name__ == "__main__":  # the command's imports collect no garbage: see settle_imports
     gc.disable()
+    from experiments.blas_threads import import_numpy_single_threaded
+
+    import_numpy_single_threaded()  # before anything imports numpy: no idle BLAS thread (experiments.blas_threads)
 
 import logging
 import os

@@ -131,6 +131,41 @@ def test_same_seed_same_workload():
     assert np.all(np.diff([r.arrival_s for r in a]) >= 0)
 
 
+def test_the_two_streams_are_the_seed_sequences_children():
+    """The module docstring's promise, checked against its own recipe: the shuffle draws from the first child of
+    ``SeedSequence(seed)``, the arrival gaps from the second (drawn lazily: a trace replay imports no numpy.random)."""
+    cfg = WorkloadConfig(dataset="sharegpt", num_requests=300, qps=6, arrival="gamma", burstiness=2.0, seed=11)
+    reqs = build_workload(cfg)
+    shuffle_ss, arrival_ss = np.random.SeedSequence(11).spawn(2)
+    rows = filter_requests(load_dataset("sharegpt"))
+    order = np.random.default_rng(shuffle_ss).permutation(len(rows))[:300]
+    assert [r.prompt_tokens for r in reqs] == rows["prompt_tokens"].to_numpy()[order].tolist()
+    expected = arrival_times(300, 6, "gamma", 2.0, np.random.default_rng(arrival_ss))
+    assert np.array_equal([r.arrival_s for r in reqs], expected)
+
+
+def test_a_trace_replayed_in_order_imports_no_numpy_random(tmp_path):
+    """Nothing is drawn when a trace is replayed in its own order, so numpy.random (about 15 ms of a short run's
+    process) stays unimported; a shuffled or Poisson workload imports it as before."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    csv = tmp_path / "trace.csv"
+    csv.write_text("num_prefill_tokens,num_decode_tokens,arrived_at\n" + "".join(
+        f"{10 + i},{5 + i % 7},{0.25 * i}\n" for i in range(50)))
+    code = ("import sys; from data import WorkloadConfig, build_workload;"
+            f"r = build_workload(WorkloadConfig(path={str(csv)!r}, num_requests=40, arrival=sys.argv[1], qps=4.0));"
+            "print(len(r), 'numpy.random' in sys.modules)")
+    for arrival, imported in (("trace", "False"), ("poisson", "True")):
+        p = subprocess.run([sys.executable, "-c", code, arrival], cwd=root, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.split() == ["40", imported], (arrival, p.stdout)
+
+
 def test_start_index_and_no_shuffle():
     reqs = build_workload(WorkloadConfig(dataset="sharegpt", num_requests=10, start_index=100, shuffle=False))
     want = filter_requests(load_dataset("sharegpt").iloc[100:])

@@ -43,7 +43,8 @@ def counted(self, *args, **kwargs):
     return compose_config(self, *args, **kwargs)
 Hydra.compose_config = counted
 atexit.register(lambda: print(f"COMPOSITIONS={len(calls)} GC={gc_at_compose[0][0]} FROZEN={gc_at_compose[0][1]} "
-                              f"PANDAS={'pandas' in sys.modules} TQDM={'tqdm' in sys.modules}", flush=True))
+                              f"PANDAS={'pandas' in sys.modules} TQDM={'tqdm' in sys.modules} MA={'numpy.ma' in sys.modules}",
+                              flush=True))
 sys.argv = ["experiments/run.py", *sys.argv[1:]]
 sys.orig_argv = [sys.executable, "-m", "experiments.run", *sys.argv[1:]]  # what `python -m experiments.run` has
 runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
@@ -73,6 +74,8 @@ def test_a_run_composes_its_config_once_and_ends_without_teardown(tmp_path):
     assert seen["PANDAS"] == "False"
     # nor tqdm for a progress bar nobody sees (it would still take a multiprocessing lock)
     assert seen["TQDM"] == "False"
+    # nor numpy's masked arrays, which np.median / np.percentile import (vidur.records.order_stats)
+    assert seen["MA"] == "False"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] == 30 and summary["num_instances"] == 2
     assert "completed=30 failed=0" in out  # the summary line reached the pipe (flushed before the exit)

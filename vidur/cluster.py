@@ -190,7 +190,8 @@ class Cluster:
         w0 = time.perf_counter()
 
         def gather(kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
-            self._listen_if_asked()  # opened while telling lengths: the probes' finishes are the policy's
+            if not self._listening and self.policy_state:  # opened while telling lengths: the probes' finishes
+                self._listen_if_asked()  # are the policy's
             return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
 
         force = None
@@ -203,7 +204,8 @@ class Cluster:
         r = self._routed = self.router.route(req, self.active, t, index, gather, force=force)
         ms = (time.perf_counter() - w0) * 1e3
         self._meta[req.id] = (r.instance, t, r.predicted_e2e_s, ms, len(self.active))
-        self._listen_if_asked()  # opened in choose or observe
+        if not self._listening and self.policy_state:  # opened in choose or observe (an empty memory opened nothing)
+            self._listen_if_asked()
         return r.instance, r.candidates, r.ctx
 
     def _duplicate(self, req: Request, choice: int, cands: list[Candidate], ctx: RoutingContext, sample: int) -> None:

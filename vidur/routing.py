@@ -37,6 +37,7 @@ Fallback = Callable[[list[int]], int]  # (probed ids) -> an instance, when none 
 
 
 _BARE: dict[int, Candidate] = {}  # instance id -> its signal-less candidate (``Turn.bare``)
+_BARE_LISTS: dict[tuple[int, ...], tuple[Candidate, ...]] = {}  # probed instances -> their candidates, in order
 
 
 class InvalidChoice(ValueError):
@@ -84,7 +85,10 @@ class Turn:
         """The output length ``instance`` keeps as the request's expected one if it runs it: the policy's un-noised
         length when it draws noise per probe (as Block forwards ``num_predicted_tokens``), else the told one."""
         keep = self.policy.kept_length
-        return max(1, int(keep(self.req))) if keep is not None else self.told(instance)
+        if keep is not None:
+            return max(1, int(keep(self.req)))
+        exp = self._told.get(instance)  # told already when a prediction's probes carried it
+        return exp if exp is not None else self.told(instance)
 
     def lengths(self) -> dict[int, int]:
         """The lengths the probes carry: one per sampled instance, in sampling order, for a prediction signal."""
@@ -95,8 +99,16 @@ class Turn:
     def bare(self) -> list[Candidate]:
         """The candidates of a policy that looks at no signal: a new list, each instance's one signal-less
         ``Candidate`` (they carry nothing that changes and policies only read them; building four per request was a
-        fifth of a round-robin decision)."""
-        return [_BARE.get(i) or _BARE.setdefault(i, Candidate(i)) for i in self.probed]
+        fifth of a round-robin decision). The list for a set of instances is kept and copied: the same instances
+        are probed decision after decision."""
+        probed = self.probed
+        key = tuple(probed)
+        cands = _BARE_LISTS.get(key)
+        if cands is None:
+            if len(_BARE_LISTS) >= 4096:  # random samples of a large cluster: keep the memory bounded
+                _BARE_LISTS.clear()
+            cands = _BARE_LISTS[key] = tuple(_BARE.get(i) or _BARE.setdefault(i, Candidate(i)) for i in probed)
+        return list(cands)
 
     def decide(self, cands: list[Candidate], force: Optional[Force] = None,
                fallback: Optional[Fallback] = None) -> "Turn":
@@ -140,10 +152,10 @@ class Router:
 
     def open(self, req: Request, ids: list[int], now_s: float, index: int) -> Turn:
         """Steps 1 (the context and the sample) of a decision among the routable instances ``ids``."""
-        ctx = RoutingContext(now_s=now_s, num_instances=len(ids), instance_ids=ids, rng=self.rng,
-                             request_index=index, state=self.state)
+        rng = self.rng
+        ctx = RoutingContext(now_s, len(ids), ids, rng, index, self.state)  # positional: its fields' order
         k = self.policy.k
-        probe = self.rng.sample(ids, k) if k is not None and k < len(ids) else ids
+        probe = rng.sample(ids, k) if k is not None and k < len(ids) else ids
         return Turn(self.policy, req, ctx, ids, probe)
 
     def route(self, req: Request, ids: list[int], now_s: float, index: int, gather: Gather, *,
