@@ -2,7 +2,8 @@
 
 Hydra composes the YAML tree without types, so ``workload.num_requests=abc`` or ``workload.arrival=poison`` compose
 fine and would fail as a traceback halfway through a run. ``check(cfg)`` validates the composed config against the
-pydantic models below and raises one ``ConfigError`` whose message names every bad key (``workload.arrival='poison':
+models below (pydantic's semantics and messages, by ``experiments.validation``, which costs a run no pydantic import)
+and raises one ``ConfigError`` whose message names every bad key (``workload.arrival='poison':
 Input should be 'poisson', 'gamma', 'constant' or 'trace'``). Only the keys modelled here are checked; every other
 key passes through (``extra="allow"``), so a group can grow keys without touching this file. Once every key has
 its type, ``RunConfig``'s last check tries the combinations by building what the run builds: the engine setup
@@ -24,8 +25,8 @@ from typing import Any, Literal, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from experiments.validation import (Field, Node, ValidationError, ValidationInfo, field_validator,
+                                    model_validator)
 
 from data.arrivals import ARRIVALS
 from data.workload import PREDICTED_LENGTH_MODES
@@ -40,10 +41,8 @@ PREDICTED_LENGTHS = (*PREDICTED_LENGTH_MODES, "estimator")
 MODES = ("sim", "emulate", "deploy")
 
 
-class _Node(BaseModel):
+class _Node(Node):
     """A config node: the listed keys are checked, the others pass through."""
-
-    model_config = ConfigDict(extra="allow")
 
 
 class Workload(_Node):
@@ -202,7 +201,7 @@ class RunConfig(_Node):
     gpu: Gpu
     engine: Engine
     provisioning: Optional[Provisioning] = None
-    _engine_config: Optional[EngineConfig] = PrivateAttr(None)
+    _engine_config: Optional[EngineConfig] = None  # private (a leading underscore): set by _combinations
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
