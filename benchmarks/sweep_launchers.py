@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hydra_plugins.block_ray_launcher.local_cluster import LocalRayCluster  # noqa: E402
+from hydra_plugins.block_ray_launcher._local_cluster import LocalRayCluster  # noqa: E402
 
 
 def sweep(out: Path, requests: int, launcher_args: list[str], env: dict | None = None) -> float:

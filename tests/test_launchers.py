@@ -118,7 +118,7 @@ def test_slurm_sweep_submits_one_array_job_with_the_config(slurm_commands, tmp_p
 @pytest.fixture(scope="module")
 def ray_cluster():
     pytest.importorskip("ray", reason="pip install -e '.[cluster]' (ray)")
-    from hydra_plugins.block_ray_launcher.local_cluster import LocalRayCluster
+    from hydra_plugins.block_ray_launcher._local_cluster import LocalRayCluster
 
     cluster = LocalRayCluster(num_nodes=2, cpus_per_node=1, object_store_bytes=100 * 1024 ** 2)
     try:
@@ -153,7 +153,7 @@ def test_ray_cluster_launcher_composes_into_the_plugin_class(composer):
 def test_ray_cluster_without_a_cluster_fails_at_once_saying_so(tmp_path):
     pytest.importorskip("ray", reason="pip install -e '.[cluster]' (ray)")
     from block.ports import free_port
-    from hydra_plugins.block_ray_launcher.local_cluster import LOOPBACK
+    from hydra_plugins.block_ray_launcher._local_cluster import LOOPBACK
 
     address = f"{LOOPBACK}:{free_port(LOOPBACK)}"  # nothing listens there (ray.init would retry for minutes)
     p = _sweep("experiment=smoke", "policy=round_robin", f"output_root={tmp_path}", "progress=false",

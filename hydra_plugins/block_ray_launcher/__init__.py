@@ -6,6 +6,7 @@ install both (ResolutionImpossible), and installing it alone downgrades cloudpic
 only ``ray`` (2.x, no extras): Ray carries its own cloudpickle.
 
 Modules: ``config`` (the structured config Hydra composes), ``launcher`` (the Launcher class, imports no Ray so
-Hydra's plugin scan stays fast), ``_core`` (driver and task side), ``local_cluster`` (head + workers on loopback
-for tests, benchmarks and a laptop).
+Hydra's plugin scan stays fast), ``_core`` (driver and task side), ``_local_cluster`` (head + workers on loopback
+for tests, benchmarks and a laptop). Hydra's scan imports every module of a plugin package at every run's start
+except those named with a leading underscore: ``_local_cluster``'s imports cost each run 4 ms before it had one.
 """

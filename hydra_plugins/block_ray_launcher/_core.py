@@ -116,7 +116,7 @@ def _start_ray(address: Optional[str], init: Dict[str, Any]) -> None:
     kwargs = {"address": address, **init}
     host = str(address or "").rpartition(":")[0]
     if host.startswith("127.") and host != "127.0.0.1":
-        # a cluster on this machine's loopback (local_cluster.LOOPBACK): the driver's node has that address too;
+        # a cluster on this machine's loopback (_local_cluster.LOOPBACK): the driver's node has that address too;
         # Ray would otherwise look for a local node at its outward address and not find one
         kwargs.setdefault("_node_ip_address", host)
     log.info("ray.init(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
