@@ -57,10 +57,15 @@ sitting, ``--repeat 5``, compiled: 41-47x at 10k (ours 0.51-0.60 s; the first pr
 more: the CSV's ``ours_first_wall_s``) and 135-138x at 100k (1.55-1.62 s), the same latencies; alike with our side
 in a venv (this command run by the venv's python: the CSV's ``ours_python``), as Vidur runs in its own.
 
-Issue 17's goals (50x at 10k, 200x at 100k) are not met. A 10k process is start-up (imports about 0.27 s of
-0.55 s, Hydra's job set-up 0.05 s); at 100k the event loop is about 0.8 s, half of it the engines, and
-``benchmarks/phases.py`` measures that with the routing harness, the loop and the samples at no cost the process
-would still be at about 170x.
+Later still (fourth session): a run imports no pydantic (``experiments/validation.py``), numpy with one BLAS
+thread (``experiments/blas_threads.py``), no ``numpy.ma`` or, replaying a trace, ``numpy.random``. Vidur re-run in
+the same sitting (24.7-28.1 s at 10k, 221.7 s at 100k, slower than before), ``--repeat 5``, compiled: 55-61x at 10k
+(ours 0.44-0.49 s) and 152x at 100k (1.46 s), the same latencies; with our side in a venv minutes later (``--reuse``)
+53-64x and 138x.
+
+Issue 17's 50x at 10k is met in that sitting (against the earlier sittings' Vidur times ours reads 47-56x); its 200x
+at 100k is not: there the event loop is about 0.75 s of 1.43 s, half of it the routing harness, the loop and the
+samples, and ``benchmarks/phases.py`` measures that with those at no cost the process would be at about 215x.
 docs/simulator.md has the breakdown; ``benchmarks/startup.py`` times our side alone.
 """
 
