@@ -8,13 +8,10 @@ through ``/proc/self/maps``): Linux with numpy's bundled OpenBLAS, else the test
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from subprocess_run import run_python
 
 # Prints "BLAS=<threads> ENV=<OPENBLAS_NUM_THREADS or None>" for the numpy this process imported.
 BLAS_REPORT = """
@@ -36,14 +33,11 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="re
 
 
 def _python(code: str, env_extra: dict[str, str] | None = None, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
-                                                            "OMP_NUM_THREADS")}
+    """The output of ``code`` (after ``BLAS_REPORT``) in a fresh interpreter with no BLAS thread count set but
+    ``env_extra``'s."""
+    env = {v: None for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
     env.update(env_extra or {})
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", BLAS_REPORT + code, *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p.stdout
+    return run_python("-c", BLAS_REPORT + code, *args, env=env, timeout=300).stdout
 
 
 def _blas(out: str) -> str:

@@ -147,12 +147,8 @@ def test_the_two_streams_are_the_seed_sequences_children():
 def test_a_trace_replayed_in_order_imports_no_numpy_random(tmp_path):
     """Nothing is drawn when a trace is replayed in its own order, so numpy.random (about 15 ms of a short run's
     process) stays unimported; a shuffled or Poisson workload imports it as before."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from subprocess_run import run_python
 
-    root = Path(__file__).resolve().parents[1]
     csv = tmp_path / "trace.csv"
     csv.write_text("num_prefill_tokens,num_decode_tokens,arrived_at\n" + "".join(
         f"{10 + i},{5 + i % 7},{0.25 * i}\n" for i in range(50)))
@@ -160,10 +156,8 @@ def test_a_trace_replayed_in_order_imports_no_numpy_random(tmp_path):
             f"r = build_workload(WorkloadConfig(path={str(csv)!r}, num_requests=40, arrival=sys.argv[1], qps=4.0));"
             "print(len(r), 'numpy.random' in sys.modules)")
     for arrival, imported in (("trace", "False"), ("poisson", "True")):
-        p = subprocess.run([sys.executable, "-c", code, arrival], cwd=root, capture_output=True, text=True,
-                           timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert p.stdout.split() == ["40", imported], (arrival, p.stdout)
+        out = run_python("-c", code, arrival).stdout
+        assert out.split() == ["40", imported], (arrival, out)
 
 
 def test_start_index_and_no_shuffle():

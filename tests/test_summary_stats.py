@@ -4,17 +4,11 @@ import: about 10 ms of a short run's process)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from subprocess_run import run_python
 
 from vidur.records import order_stats, summarize
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _arrays(rng: np.random.Generator):
@@ -76,10 +70,7 @@ def test_a_summary_imports_no_masked_arrays():
             " 'prompt_tokens': np.ones(n, dtype=np.int64), 'output_tokens': np.ones(n, dtype=np.int64),"
             " 'num_preemptions': np.zeros(n, dtype=np.int64), 'decision_ms': np.linspace(0, 1, n)});"
             "print('numpy.ma' in sys.modules, s['median_e2el_ms'], s['p99_e2el_ms'], s['p99_scheduler_overhead_ms'])")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert p.returncode == 0, p.stderr[-2000:]
-    ma, median, p99, p99_overhead = p.stdout.split()
+    ma, median, p99, p99_overhead = run_python("-c", code).stdout.split()
     assert ma == "False"
     e2e_ms = np.linspace(1, 3, 1001) * 1e3
     assert float(median) == float(np.median(e2e_ms)) and float(p99) == float(np.percentile(e2e_ms, 99))

@@ -233,16 +233,12 @@ def test_unsupported_declarations_are_refused_when_the_node_is_first_used():
 
 def test_a_run_imports_no_pydantic(tmp_path):
     """What the module is for: a simulated run's process never imports pydantic (90-110 ms of it here)."""
-    import os
-    import subprocess
-    import sys
+    from subprocess_run import run_python
 
     code = ("import atexit, runpy, sys\n"
             "atexit.register(lambda: print('PYDANTIC', 'pydantic' in sys.modules, flush=True))\n"
             "sys.argv = ['experiments/run.py', *sys.argv[1:]]\n"
             "runpy.run_module('experiments.run', run_name='__main__', alter_sys=True)\n")
-    p = subprocess.run([sys.executable, "-c", code, f"output_root={tmp_path}", "workload.num_requests=5",
-                        "progress=false", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "PYDANTIC False" in p.stdout, p.stdout[-2000:]
+    out = run_python("-c", code, f"output_root={tmp_path}", "workload.num_requests=5", "progress=false",
+                     f"hydra.run.dir={tmp_path / 'run'}", timeout=300).stdout
+    assert "PYDANTIC False" in out, out[-2000:]
