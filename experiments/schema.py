@@ -5,7 +5,7 @@ fine and would fail as a traceback halfway through a run. ``check(cfg)`` validat
 models below (pydantic's semantics and messages, by ``experiments.validation``, which costs a run no pydantic import)
 and raises one ``ConfigError`` whose message names every bad key (``workload.arrival='poison':
 Input should be 'poisson', 'gamma', 'constant' or 'trace'``). Only the keys modelled here are checked; every other
-key passes through (``extra="allow"``), so a group can grow keys without touching this file. Once every key has
+key passes through (kept as ``model_extra``), so a group can grow keys without touching this file. Once every key has
 its type, ``RunConfig``'s last check tries the combinations by building what the run builds: the engine setup
 (``vidur.config.engine_setup``: KV blocks from GPU memory, max_model_len, the engine config's rules), the
 provisioning config and the policy (its own parameters). ``experiments.run.run_one`` calls this once per run
@@ -25,11 +25,10 @@ from typing import Any, Literal, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from experiments.validation import (Field, Node, ValidationError, ValidationInfo, field_validator,
-                                    model_validator)
 
 from data.arrivals import ARRIVALS
 from data.workload import PREDICTED_LENGTH_MODES
+from experiments.validation import Field, Node, ValidationError, ValidationInfo, field_validator, model_validator
 from experiments.wiring import ConfigError
 from vidur.types import SCHEDULERS, EngineConfig
 
