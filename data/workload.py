@@ -63,16 +63,11 @@ class WorkloadConfig:
         return asdict(self)
 
 
-def _shuffles(cfg: WorkloadConfig) -> bool:
-    """Whether the rows are shuffled: ``shuffle`` on, and arrivals drawn (a trace keeps its order)."""
-    return cfg.shuffle and cfg.arrival != "trace"
-
-
-def _select_rows(cfg: WorkloadConfig, df: Columns, rng: Optional[np.random.Generator], source: str) -> np.ndarray:
-    """Row indices of the workload, in arrival order (before arrivals are drawn); ``rng`` is used (and needed) only
-    when the rows are shuffled (``_shuffles``)."""
+def _select_rows(cfg: WorkloadConfig, df: Columns, shuffle: Optional[np.random.Generator], source: str) -> np.ndarray:
+    """Row indices of the workload, in arrival order (before arrivals are drawn): shuffled with ``shuffle`` when
+    given, else in file order."""
     m, n = len(df), cfg.num_requests
-    order = rng.permutation(m) if _shuffles(cfg) else np.arange(m)
+    order = shuffle.permutation(m) if shuffle is not None else np.arange(m)
     if n > m:
         if not cfg.wrap:
             raise WorkloadError(f"{source}: only {m} requests left after start_index={cfg.start_index} and filtering, "
@@ -118,12 +113,14 @@ def build_workload_columns(cfg: WorkloadConfig) -> Columns:
                                 "use poisson/gamma", "arrival")
         df = df.take(np.argsort(df["arrival_s"], kind="stable"))
 
-    # A trace replayed in order draws nothing: numpy.random is not even imported then (about 15 ms of a 10,000-request
-    # run's process); the streams are the same whenever they are drawn from.
-    shuffle_ss = arrival_ss = None
+    # A trace is replayed in its own order and draws nothing: numpy.random is not even imported then (about 15 ms of a
+    # 10,000-request run's process); the streams are the same whenever they are drawn from.
+    shuffle = arrival_ss = None
     if cfg.arrival != "trace":
         shuffle_ss, arrival_ss = np.random.SeedSequence(cfg.seed).spawn(2)
-    idx = _select_rows(cfg, df, np.random.default_rng(shuffle_ss) if _shuffles(cfg) else None, source)
+        if cfg.shuffle:
+            shuffle = np.random.default_rng(shuffle_ss)
+    idx = _select_rows(cfg, df, shuffle, source)
     n = len(idx)
 
     if cfg.arrival == "trace":

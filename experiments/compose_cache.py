@@ -218,10 +218,7 @@ def _store(key: str, cfg: Any, recorded: Recorded) -> Optional[str]:
 
     if secret_keys_in(cfg):  # the run refuses it (ConfigGuard); the cache must not have written it first
         return "the config sets a secret key"
-    entry = {
-        "key": key, "sources": sources,
-        "warnings": recorded, "cfg": cfg,
-    }
+    entry = {"key": key, "sources": sources, "warnings": recorded, "cfg": cfg}
     try:
         data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as err:  # noqa: BLE001 -- a config holding something unpicklable

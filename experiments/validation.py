@@ -258,12 +258,10 @@ class Node:
     with ``_`` are private attributes, not fields. They are resolved on the first validation of the class.
     """
 
+    # resolved on a class's first use (``_resolve``, stored in the class's own __dict__): its annotations may name
+    # classes defined later in the module
     _specs: Optional[dict[str, _Spec]] = None
     _node_checks: tuple[Callable[..., Any], ...] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._specs = None  # resolved on first use: the annotations may name classes defined later in the module
 
     def __init__(self, **data: Any) -> None:
         errors: list[dict[str, Any]] = []

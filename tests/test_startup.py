@@ -43,8 +43,8 @@ def counted(self, *args, **kwargs):
     return compose_config(self, *args, **kwargs)
 Hydra.compose_config = counted
 atexit.register(lambda: print(f"COMPOSITIONS={len(calls)} GC={gc_at_compose[0][0]} FROZEN={gc_at_compose[0][1]} "
-                              f"PANDAS={'pandas' in sys.modules} TQDM={'tqdm' in sys.modules} MA={'numpy.ma' in sys.modules}",
-                              flush=True))
+                              f"PANDAS={'pandas' in sys.modules} TQDM={'tqdm' in sys.modules} "
+                              f"MA={'numpy.ma' in sys.modules}", flush=True))
 sys.argv = ["experiments/run.py", *sys.argv[1:]]
 sys.orig_argv = [sys.executable, "-m", "experiments.run", *sys.argv[1:]]  # what `python -m experiments.run` has
 runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)

@@ -36,8 +36,7 @@ Force = Callable[[list[Candidate]], Optional[int]]  # an instance that takes the
 Fallback = Callable[[list[int]], int]  # (probed ids) -> an instance, when none of them answered
 
 
-_BARE: dict[int, Candidate] = {}  # instance id -> its signal-less candidate (``Turn.bare``)
-_BARE_LISTS: dict[tuple[int, ...], tuple[Candidate, ...]] = {}  # probed instances -> their candidates, in order
+_BARE: dict[tuple[int, ...], tuple[Candidate, ...]] = {}  # probed instances -> their signal-less candidates (``bare``)
 
 
 class InvalidChoice(ValueError):
@@ -101,13 +100,12 @@ class Turn:
         ``Candidate`` (they carry nothing that changes and policies only read them; building four per request was a
         fifth of a round-robin decision). The list for a set of instances is kept and copied: the same instances
         are probed decision after decision."""
-        probed = self.probed
-        key = tuple(probed)
-        cands = _BARE_LISTS.get(key)
+        key = tuple(self.probed)
+        cands = _BARE.get(key)
         if cands is None:
-            if len(_BARE_LISTS) >= 4096:  # random samples of a large cluster: keep the memory bounded
-                _BARE_LISTS.clear()
-            cands = _BARE_LISTS[key] = tuple(_BARE.get(i) or _BARE.setdefault(i, Candidate(i)) for i in probed)
+            if len(_BARE) >= 4096:  # random samples of a large cluster: keep the memory bounded
+                _BARE.clear()
+            cands = _BARE[key] = tuple(map(Candidate, key))
         return list(cands)
 
     def decide(self, cands: list[Candidate], force: Optional[Force] = None,
