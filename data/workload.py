@@ -163,7 +163,7 @@ def build_workload(cfg: WorkloadConfig) -> list[Request]:
     o = f["output_tokens"].tolist()
     pred = f["predicted_output_tokens"].tolist() if "predicted_output_tokens" in f else [None] * n
     text = f["prompt"].tolist() if "prompt" in f else [None] * n
-    return [Request(i, a, pt, ot, pr, tx) for i, a, pt, ot, pr, tx in zip(ids, arr, p, o, pred, text)]
+    return list(map(Request, ids, arr, p, o, pred, text))  # (map: no tuple per row to unpack)
 
 
 def workload_to_frame(requests: list[Request]) -> "pd.DataFrame":

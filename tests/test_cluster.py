@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from block.policies import make_policy
+import vidur.cluster
 from vidur.cluster import Cluster
 from vidur.policy_contract import RoutingPolicy
 from vidur.records import (REQUEST_RECORD_COLUMNS, instance_columns, instances_frame, is_complete, load_run,
@@ -95,6 +98,28 @@ def test_prediction_signal_reaches_the_policy(toy_model):
     # predictions are good on average at this light load
     rel = (df["predicted_e2e_s"] - df["e2e_s"]).abs() / df["e2e_s"]
     assert rel.median() < 0.2
+
+
+def test_fig5_copies_stay_out_of_the_request_records(toy_model):
+    """With accuracy sampling every sampled request also runs as a copy on each other instance (Fig 5); the copies
+    go to the accuracy table only: one record per request, each with the instance the policy picked and the times of
+    the pick's copy."""
+    def least_e2e(req, cands, ctx):
+        return min(cands, key=lambda c: c.prediction.e2e_s).instance_id
+
+    pol = RoutingPolicy("least_e2e", least_e2e, signal="prediction", k=None)
+    cl = Cluster.build(3, EngineConfig(num_blocks=600), toy_model, pol, seed=0, accuracy_sampling_rate=0.3)
+    res = cl.run(_requests(150))
+    cols = res.request_columns
+    assert cols["id"].tolist() == list(range(150))
+    acc = pd.DataFrame(res.accuracy)
+    assert acc["sample"].nunique() >= 20 and len(acc) == 3 * acc["sample"].nunique()
+    picked = acc[acc["dispatched"]].set_index("id")
+    assert (cols["instance"][picked.index] == picked["instance"].to_numpy()).all()
+    e2e = cols["e2e_s"][picked.index]
+    np.testing.assert_array_equal(e2e, picked["actual_e2e_s"].to_numpy())
+    copies = sum(len(e.finished) for e in cl.engines)
+    assert copies == 150 + 2 * acc["sample"].nunique()  # the copies ran (they load the cluster), unrecorded
 
 
 def test_write_run_is_atomic_and_marks_completion(tmp_path, toy_model):
@@ -206,3 +231,69 @@ def test_a_queue_opened_while_lengths_are_told_gets_the_finishes_its_probes_caus
     late, fresh_late = run(j, False)
     always, _ = run(j, True)
     assert fresh_late[j] > 0 and len(late) > 200 and late == always
+
+
+class _Collections:
+    """Counts the cyclic collector's passes while it is installed (``gc.callbacks``)."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.passes += 1
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
+def test_the_collector_runs_rarely_during_a_run_and_its_thresholds_come_back(toy_model):
+    """A run's survivors (one Seq and one routing record per request) used to trigger a collection every 700 of
+    them; during ``Cluster.run`` the first threshold is raised, and restored after it, also when the run fails."""
+    before = gc.get_threshold()
+    reqs = _requests(3000, rate=40.0)
+    cl = Cluster.build(4, EngineConfig(num_blocks=600), toy_model, make_policy("round_robin"), seed=0)
+    with _Collections() as seen:
+        cl.run(reqs)
+    assert seen.passes <= 1 and gc.get_threshold() == before
+    with _Collections() as seen:  # the same requests' survivors, built outside a run: the default pacing
+        kept = [[r] for r in reqs] + [[r, r] for r in reqs]
+    assert seen.passes >= 5 and len(kept) == 6000
+
+    def broken(req, cands, ctx):
+        raise RuntimeError("policy bug")
+
+    bad = Cluster.build(2, EngineConfig(num_blocks=600), toy_model, RoutingPolicy("broken", broken), seed=0)
+    with pytest.raises(RuntimeError, match="policy bug"):
+        bad.run(reqs[:10])
+    assert gc.get_threshold() == before
+
+
+def test_cyclic_garbage_a_policy_makes_is_still_collected_during_a_run(toy_model, monkeypatch):
+    """The collector stays on during a run: what a policy leaves in reference cycles is collected after about
+    ``LOOP_GC_THRESHOLD`` new objects, not kept to the end of the run."""
+    monkeypatch.setattr(vidur.cluster, "LOOP_GC_THRESHOLD", 1000)
+
+    class Node:
+        pass
+
+    freed = []
+    seen_at_last = []
+
+    def cyclic(req, cands, ctx):
+        node = Node()
+        node.me = node  # garbage only the cyclic collector frees
+        weakref.finalize(node, freed.append, req.id)
+        if ctx.request_index == 3999:
+            seen_at_last.append(len(freed))
+        return ctx.instance_ids[ctx.request_index % len(ctx.instance_ids)]
+
+    cl = Cluster.build(2, EngineConfig(num_blocks=600), toy_model, RoutingPolicy("cyclic", cyclic), seed=0)
+    gc.collect()
+    cl.run(_requests(4000, rate=40.0))
+    # before the run ended, all but the last ~threshold's worth of the 3,999 earlier cycles were gone
+    assert seen_at_last and seen_at_last[0] >= 2000

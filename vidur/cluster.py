@@ -14,12 +14,15 @@ module supplies the signals (``_signal``) and the provisioning controller's over
 
 from __future__ import annotations
 
+import gc
 import random
 import time
+from contextlib import contextmanager
+from itertools import chain
 from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter, itemgetter
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 from vidur.engine import INF, Engine, Seq, StepTimeModel, outcome_lists
 from vidur.migration import Migrator
@@ -70,6 +73,30 @@ class ClusterResult:
         return pd.DataFrame(self.request_columns)
 
 
+# The cyclic collector's first threshold while the event loop runs (``rare_collections``).
+LOOP_GC_THRESHOLD = 200_000
+
+
+@contextmanager
+def rare_collections(threshold: Optional[int] = None) -> Iterator[None]:
+    """Run the cyclic garbage collector rarely inside the block (first threshold ``threshold``, by default
+    ``LOOP_GC_THRESHOLD``, if that is above the current one); the thresholds are restored afterwards.
+
+    Why: a run's requests, their ``Seq`` and their routing records live to its end. With the default threshold (700)
+    the collector ran about 500 times in a 100,000-request run (the workload's requests, then every arrival's
+    survivors), each pass reading young objects again and finding nothing: 80-110 ms of a 1.4 s process, against
+    about 25 ms now. The collector stays on, so what a policy leaves as cyclic garbage (``routebalance``'s learned
+    model: a few objects per request; the simulator itself leaves none) is still collected, after about
+    ``threshold`` new objects instead of 700.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], LOOP_GC_THRESHOLD if threshold is None else threshold), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+
+
 class Cluster:
     """N engines and the hook that routes each request (see the module docstring).
 
@@ -112,6 +139,7 @@ class Cluster:
         self._routed: Optional[Turn] = None  # the last decision (its told lengths serve Fig 5's duplicates)
         self._dups: list[tuple[int, Request, int, float, bool, bool, Seq]] = []
         self._events: list[tuple[float, str, int, int]] = []
+        self._deciding: Optional[Request] = None  # the request ``route`` is deciding
         if controller is not None:
             self._listen()
             controller.start(self)
@@ -180,6 +208,14 @@ class Cluster:
                            others_delay="others_delay" in self.policy.needs, next_query_s=self._next_arrival)
         return Candidate(i, stats=None, prediction=p)
 
+    def _gather(self, kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
+        """The routing harness's ``gather`` for the request being decided (``route``): each probe's signal."""
+        if not self._listening and self.policy_state:  # opened while telling lengths: the probes' finishes
+            self._listen_if_asked()  # are the policy's
+        req = self._deciding
+        t = req.arrival_s
+        return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
+
     def route(self, req: Request, index: int) -> tuple[int, list[Candidate], RoutingContext]:
         """Pick the instance for ``req`` (the global scheduler's decision: ``vidur.routing``, as the live one).
 
@@ -188,12 +224,7 @@ class Cluster:
         """
         t = req.arrival_s
         w0 = time.perf_counter()
-
-        def gather(kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
-            if not self._listening and self.policy_state:  # opened while telling lengths: the probes' finishes
-                self._listen_if_asked()  # are the policy's
-            return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
-
+        self._deciding = req  # (``_gather``: a method, not a closure made for every decision)
         force = None
         if self.controller is not None:
             ctl = self.controller
@@ -201,7 +232,7 @@ class Cluster:
             def force(cands: list[Candidate]) -> Optional[int]:
                 return ctl.before_route(self, req, cands, t)
 
-        r = self._routed = self.router.route(req, self.active, t, index, gather, force=force)
+        r = self._routed = self.router.route(req, self.active, t, index, self._gather, force=force)
         ms = (time.perf_counter() - w0) * 1e3
         self._meta[req.id] = (r.instance, t, r.predicted_e2e_s, ms, len(self.active))
         if not self._listening and self.policy_state:  # opened in choose or observe (an empty memory opened nothing)
@@ -230,11 +261,11 @@ class Cluster:
         dt = self.sample_interval_s
         if dt <= 0:
             return
+        out = self._samples
         while self._next_sample <= t:
             ts = self._next_sample
             for e in self.engines:
-                e.sync(ts)
-                self._samples.append((ts, e.instance_id, len(e.running), len(e.waiting), e.free, e.num_preemptions))
+                e.sample(ts, out)  # = e.sync(ts), then its row
             self._next_sample = ts + dt
 
     def _advance_until(self, t: float) -> None:
@@ -248,6 +279,10 @@ class Cluster:
 
     def run(self, requests: Sequence[Request], progress: Optional[Callable[[int], None]] = None) -> ClusterResult:
         """Simulate ``requests`` (sorted by arrival) to completion and return the records."""
+        with rare_collections():
+            return self._run(requests, progress)
+
+    def _run(self, requests: Sequence[Request], progress: Optional[Callable[[int], None]]) -> ClusterResult:
         w0 = time.perf_counter()
         engines = self.engines
         last_t = -1.0
@@ -313,35 +348,47 @@ class Cluster:
     def _request_rows(self) -> dict[str, Any]:
         """The per-request table (DESIGN's columns plus ``queue_s`` and ``decision_ms``) as numpy columns.
 
-        The engine side in one pass over the sequences (``outcome_lists``), the request side and the routing
-        metadata one column per pass (cheaper than a tuple per row); a missing time (``None``: never scheduled,
-        rejected) becomes NaN as numpy converts it.
+        The engine side in one pass over the sequences (``outcome_lists``), the request side one column per pass
+        streamed into numpy (``fromiter``: no intermediate list), the routing metadata as one stream of floats; a
+        missing time (``None``: never scheduled, rejected) becomes NaN as numpy converts it. At 100,000 requests
+        this was 145 ms of a 1.5 s process, mostly reading objects scattered over the heap: each pass counts.
         """
         import numpy as np
 
-        seqs = [s for e in self.engines for s in (*e.finished, *e.rejected) if not isinstance(s.tag, tuple)]
+        seqs: list[Seq] = []
+        for e in self.engines:
+            seqs += e.finished
+            seqs += e.rejected
+        if self._dups:  # Fig 5's copies are not requests of the run
+            seqs = [s for s in seqs if not isinstance(s.tag, tuple)]
         seqs.sort(key=attrgetter("id"))
+        n = len(seqs)
         nan = float("nan")
         meta = self._meta
         default = (-1, nan, nan, nan, 0)
-        m = [meta.get(s.id, default) for s in seqs]
+        # (instance, dispatch, predicted e2e, decision ms, active) per request as one stream of floats: numpy reads
+        # it several times faster than five columns of tuples (the counts are small integers: exact as floats)
+        m = np.fromiter(chain.from_iterable([meta.get(s.id, default) for s in seqs]), dtype=np.float64,
+                        count=5 * n).reshape(n, 5)
         ids, first_token, finish_time, first_sched, preemptions, reqs = outcome_lists(seqs)
 
-        def col(objs: list, attr: str, dtype: Any) -> np.ndarray:
-            return np.array(list(map(attrgetter(attr), objs)), dtype=dtype)
+        def col(attr: str, dtype: Any) -> np.ndarray:
+            return np.fromiter(map(attrgetter(attr), reqs), dtype=dtype, count=n)
 
         def meta_col(j: int, dtype: Any) -> np.ndarray:
-            return np.array(list(map(itemgetter(j), m)), dtype=dtype)
+            return m[:, j].astype(dtype)
 
-        arrival = col(reqs, "arrival_s", float)
+        arrival = col("arrival_s", float)
         finish = np.array(finish_time, dtype=float)
         done = ~np.isnan(finish)
         first = np.where(done, np.array(first_token, dtype=float), nan)
-        out = col(reqs, "output_tokens", np.int64)
+        out = col("output_tokens", np.int64)
         ttft = first - arrival
         e2e = finish - arrival
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out > 1, (e2e - ttft) / np.maximum(out - 1, 1), nan)
+        status = np.full(n, "ok", dtype=object)
+        status[~done] = "rejected"
         return {
             "id": np.array(ids, dtype=np.int64),
             "instance": meta_col(0, np.int64),
@@ -349,7 +396,7 @@ class Cluster:
             "dispatch_s": meta_col(1, float),
             "first_token_s": first,
             "finish_s": finish,
-            "prompt_tokens": col(reqs, "prompt_tokens", np.int64),
+            "prompt_tokens": col("prompt_tokens", np.int64),
             "output_tokens": out,
             "predicted_tokens": np.array([-1 if p is None else p
                                           for p in map(attrgetter("predicted_output_tokens"), reqs)], dtype=np.int64),
@@ -358,7 +405,7 @@ class Cluster:
             "e2e_s": e2e,
             "predicted_e2e_s": meta_col(2, float),
             "num_preemptions": np.array(preemptions, dtype=np.int64),
-            "status": np.where(done, "ok", "rejected").astype(object),
+            "status": status,
             "queue_s": np.array(first_sched, dtype=float) - arrival,
             "decision_ms": meta_col(3, float),
             "num_active": meta_col(4, np.int64),

@@ -42,6 +42,9 @@ cdef class Engine:
     cdef public object on_finish, whatif, _rule_advance
     cdef public bint _prefill_holds_known
 
+    cpdef sample(self, double ts, list out)
+    @cython.locals(k=cython.longlong, u=cython.longlong)
+    cpdef queued(self, Seq s, long long sign)
     @cython.locals(off=cython.longlong)
     cpdef join_decode(self, Seq s)
     @cython.locals(off=cython.longlong)
@@ -66,5 +69,7 @@ cdef class Engine:
     cpdef long long _steps_until_blocks_run_out(self)
 
 
+@cython.locals(j=cython.longlong)
+cpdef long long steps_started_before(double a, double b, double delta)
 @cython.locals(s=Seq)
 cpdef tuple outcome_lists(list seqs)

@@ -250,6 +250,16 @@ class Engine:
         while self.time < t and (self.running or self.waiting):
             advance(self, t)
 
+    def sample(self, ts, out) -> None:  # (ts: float, out: list; typed in engine.pxd for the compiled build)
+        """Commit the steps that start before ``ts`` and append the engine's state then to ``out``: (ts, instance,
+        running, waiting, free blocks, preemptions), a row of ``vidur.records``' instance table. The cluster's
+        sampler calls it for every engine every sample interval (50,000 times in a 100,000-request run of 4
+        engines): one call, compiled with the engine, instead of a sync and six field reads in the loop."""
+        advance = self._rule_advance
+        while self.time < ts and (self.running or self.waiting):
+            advance(self, ts)
+        out.append((ts, self.instance_id, len(self.running), len(self.waiting), self.free, self.num_preemptions))
+
     def run_until_idle(self) -> None:
         advance = self._rule_advance
         while self.running or self.waiting:
@@ -449,7 +459,7 @@ class Engine:
             self.queued(s, 1)
         return s
 
-    def queued(self, s: Seq, sign: int) -> None:
+    def queued(self, s, sign) -> None:  # (s: Seq, sign: int; typed in engine.pxd)
         """``s`` entered (``sign`` 1) or left (-1) the waiting queue: update its load figures (``stats``). Callers
         skip it on a fork (``wq_exact`` False: it counts afresh), where the what-if's steps run."""
         k = s.prompt + s.generated
@@ -566,7 +576,7 @@ class Engine:
         b = c + k * S1 - a
         if until < INF:
             delta = until - t0
-            j = self._steps_started_before(a, b, delta)
+            j = steps_started_before(a, b, delta)
             if j < m:
                 m = j
         total = m * b + a * m * m  # = sum_{i<m} (c + k (S1 + B i))
@@ -581,22 +591,6 @@ class Engine:
         """Raise if waiting requests can never be admitted into an empty engine (a bug or a misconfiguration)."""
         if self.waiting and not self.running:
             raise RuntimeError("engine stalled: waiting requests cannot be admitted into an empty engine")
-
-    @staticmethod
-    def _steps_started_before(a: float, b: float, delta: float) -> int:
-        """Number of steps i >= 0 whose start time cum(i) = a i^2 + b i is < delta (at least 1)."""
-        if delta <= 0:
-            return 1
-        if a > 0:
-            j = math.ceil((-b + math.sqrt(b * b + 4 * a * delta)) / (2 * a))
-        else:
-            j = math.ceil(delta / b)
-        j = max(j, 1)
-        while j > 1 and a * (j - 1) * (j - 1) + b * (j - 1) >= delta:
-            j -= 1
-        while a * j * j + b * j < delta:
-            j += 1
-        return j
 
     def _cum_need(self, m) -> int:  # (m: int; a C integer in engine.pxd for the compiled build)
         """New blocks the decode group takes over the next ``m`` steps (the first included)."""
@@ -629,6 +623,23 @@ class Engine:
                 break
             r += 1
         return max(1, q * bs + r)
+
+
+def steps_started_before(a, b, delta) -> int:  # (a, b, delta: float; C doubles in engine.pxd)
+    """Number of steps i >= 0 of a decode run whose start time cum(i) = a i^2 + b i is < delta (at least 1):
+    ``Engine.decode_run``'s cut of a run at a time limit (a function of the compiled build's, called in C)."""
+    if delta <= 0:
+        return 1
+    if a > 0:
+        j = math.ceil((-b + math.sqrt(b * b + 4 * a * delta)) / (2 * a))
+    else:
+        j = math.ceil(delta / b)
+    j = max(j, 1)
+    while j > 1 and a * (j - 1) * (j - 1) + b * (j - 1) >= delta:
+        j -= 1
+    while a * j * j + b * j < delta:
+        j += 1
+    return j
 
 
 def make_seqs(requests: Iterable, use_prediction: bool = True) -> list[Seq]:

@@ -23,7 +23,7 @@ SIGNALS = ("none", "stats", "prediction")
 NEEDS = ("others_delay",)
 
 
-@dataclass
+@dataclass(slots=True)
 class RoutingContext:
     """What a policy may know besides its candidates. ``state`` is the policy's own memory (one per scheduler)."""
 
