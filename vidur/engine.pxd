@@ -71,5 +71,6 @@ cdef class Engine:
 
 @cython.locals(j=cython.longlong)
 cpdef long long steps_started_before(double a, double b, double delta)
-@cython.locals(s=Seq)
-cpdef tuple outcome_lists(list seqs)
+@cython.locals(s=Seq, n=cython.Py_ssize_t, k=cython.Py_ssize_t, nan=cython.double, ids=cython.longlong[:],
+               pre=cython.longlong[:], first=cython.double[:], finish=cython.double[:], sched=cython.double[:])
+cpdef tuple outcome_columns(list seqs)

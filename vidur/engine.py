@@ -651,19 +651,31 @@ def make_seqs(requests: Iterable, use_prediction: bool = True) -> list[Seq]:
     return out
 
 
-def outcome_lists(seqs: list) -> tuple:
-    """(ids, first-token times, finish times, first-scheduled times, preemptions, tags) of ``seqs``, one list each,
-    a time None where the request never got that far: what a run's request records take from the engines.
+def outcome_columns(seqs: list) -> tuple:
+    """(ids, first-token times, finish times, first-scheduled times, preemptions) of ``seqs`` as numpy arrays (int64,
+    float64 with NaN where the request never got that far, int64), and their tags as a list: what a run's request
+    records take from the engines.
 
-    One pass over the sequences instead of one per field: the records of a 100,000-request run read every request's
-    ``Seq``, scattered in memory, and the compiled build (``vidur.speedups``) runs this loop in C.
+    One pass over the sequences, writing numbers straight into the arrays: the records of a 100,000-request run read
+    every request's ``Seq`` and its times, scattered in memory, and the compiled build (``vidur.speedups``) runs this
+    loop in C with the arrays as typed memory (lists of floats converted by numpy afterwards took twice as long).
     """
-    ids, first, finish, sched, pre, tags = [], [], [], [], [], []
-    for s in seqs:
-        ids.append(s.id)
-        first.append(s.first_token)
-        finish.append(s.finish)
-        sched.append(s.first_sched)
-        pre.append(s.preemptions)
-        tags.append(s.tag)
-    return ids, first, finish, sched, pre, tags
+    import numpy as np
+
+    n = len(seqs)
+    nan = math.nan
+    ids = np.empty(n, dtype=np.int64)
+    pre = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.float64)
+    finish = np.empty(n, dtype=np.float64)
+    sched = np.empty(n, dtype=np.float64)
+    tags = [None] * n
+    for k in range(n):
+        s = seqs[k]
+        ids[k] = s.id
+        pre[k] = s.preemptions
+        first[k] = nan if s.first_token is None else s.first_token
+        finish[k] = nan if s.finish is None else s.finish
+        sched[k] = nan if s.first_sched is None else s.first_sched
+        tags[k] = s.tag
+    return np.asarray(ids), np.asarray(first), np.asarray(finish), np.asarray(sched), np.asarray(pre), tags
