@@ -542,12 +542,12 @@ class Engine:
             self.dclock += 1
             self._pop_finished(t_end)
         done = []
-        for s, n in chunks:
+        for s, n in chunks:  # (``s.known`` spelled out here: a property is a Python call in the compiled build)
             s.computed += n
-            if s.computed >= s.known:
+            if s.computed >= s.prompt + s.generated:
                 done.append(s)
         if done:
-            self.prefilling = [s for s in self.prefilling if s.computed < s.known]
+            self.prefilling = [s for s in self.prefilling if s.computed < s.prompt + s.generated]
             for s in done:
                 s.generated += 1  # the step that completes a prefill emits the next token
                 if s.first_token is None:
