@@ -10,13 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from block.policies import make_policy
 import vidur.cluster
+from block.policies import make_policy
 from vidur.cluster import Cluster
-from vidur.policy_contract import RoutingPolicy
-from vidur.records import (REQUEST_RECORD_COLUMNS, instance_columns, instances_frame, is_complete, load_run,
-                           request_columns, requests_frame, summarize, write_run)
 from vidur.outcomes import drain, open_outcomes
+from vidur.policy_contract import RoutingPolicy
+from vidur.records import (
+    REQUEST_RECORD_COLUMNS,
+    instance_columns,
+    instances_frame,
+    is_complete,
+    load_run,
+    request_columns,
+    requests_frame,
+    summarize,
+    write_run,
+)
 from vidur.types import EngineConfig, Request
 
 
