@@ -237,16 +237,11 @@ def settle_imports() -> None:
     ``python -m experiments.run`` imports with the cyclic collector off (the top of this module): pandas, Hydra,
     pydantic and the simulator allocate hundreds of thousands of long-lived objects, whose allocation would trigger
     collections that find next to nothing; ``gc.freeze`` then keeps them out of the full collections the run's own
-    allocations trigger. About 5-8% of a run's CPU time. From here on the collector runs after
-    ``vidur.cluster.LOOP_GC_THRESHOLD`` new objects instead of 700, as ``mode=sim`` paces it around each run
-    (``vidur.cluster.rare_collections``: a run's objects live to its end); set for the whole process, the pacing's end
-    is no collection of the run's survivors just before the process exits (about 20 ms at 100,000 requests).
+    allocations trigger. About 5-8% of a run's CPU time; the run itself collects as before (a simulated run paces
+    the collector to its objects: ``vidur.cluster.rare_collections``; a live run's client keeps Python's default
+    pacing, whose passes are short).
     """
-    from vidur.cluster import LOOP_GC_THRESHOLD
-
     gc.freeze()
-    first, *rest = gc.get_threshold()
-    gc.set_threshold(max(first, LOOP_GC_THRESHOLD), *rest)
     gc.enable()
 
 
