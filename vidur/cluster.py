@@ -210,8 +210,7 @@ class Cluster:
 
     def _gather(self, kind: str, ids: list[int], told: Mapping[int, int]) -> list[Candidate]:
         """The routing harness's ``gather`` for the request being decided (``route``): each probe's signal."""
-        if not self._listening and self.policy_state:  # opened while telling lengths: the probes' finishes
-            self._listen_if_asked()  # are the policy's
+        self._listen_if_asked()  # opened while telling lengths: the probes' finishes are the policy's
         req = self._deciding
         t = req.arrival_s
         return [self._signal(req, i, t, kind, told.get(i, 0)) for i in ids]
@@ -350,7 +349,7 @@ class Cluster:
 
         The engine side in one pass over the sequences (``outcome_columns``), the request side one column per pass
         streamed into numpy (``fromiter``: no intermediate list), the routing metadata as one stream of floats; a
-        missing time (``None``: never scheduled, rejected) becomes NaN as numpy converts it. At 100,000 requests
+        missing time (never scheduled, rejected) is NaN (``outcome_columns``). At 100,000 requests
         this was 145 ms of a 1.5 s process, mostly reading objects scattered over the heap: each pass counts.
         """
         import numpy as np

@@ -84,10 +84,7 @@ class Turn:
         """The output length ``instance`` keeps as the request's expected one if it runs it: the policy's un-noised
         length when it draws noise per probe (as Block forwards ``num_predicted_tokens``), else the told one."""
         keep = self.policy.kept_length
-        if keep is not None:
-            return max(1, int(keep(self.req)))
-        exp = self._told.get(instance)  # told already when a prediction's probes carried it
-        return exp if exp is not None else self.told(instance)
+        return max(1, int(keep(self.req))) if keep is not None else self.told(instance)
 
     def lengths(self) -> dict[int, int]:
         """The lengths the probes carry: one per sampled instance, in sampling order, for a prediction signal."""
