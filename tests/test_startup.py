@@ -224,6 +224,7 @@ def test_the_phases_benchmark_accounts_for_a_run_and_splits_its_loop(tmp_path, c
         order = [m for _, a, b in PHASES for m in (a, b)]
         assert all(marks[a] <= marks[b] for a, b in itertools.pairwise(order) if a != b), marks
         assert run["replay_same"] and 0 < run["engines_alone_s"] < marks["rows<"] - marks["run<"] + 1.0
+        assert run["kept_for_exit"]  # as ``python -m experiments.run`` does: freeing the run is not in its phases
 
 
 def test_the_phases_replay_tells_a_different_simulation_apart(toy_model):
