@@ -31,8 +31,8 @@ A request added at ``t`` joins the first step formed after that.
 from __future__ import annotations
 
 import math
-from heapq import heapify, heappop, heappush
 from collections import deque
+from heapq import heapify, heappop, heappush
 from typing import Iterable, Optional, Protocol
 
 from vidur.sched import SchedulingRule, make_rule
