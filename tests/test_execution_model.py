@@ -377,3 +377,20 @@ def test_kv_capacity_model_too_big():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         kv_capacity_blocks(model("llama2_7b"), gpu("a30"), gpu_memory_utilization=1.5)
     assert kv_capacity_blocks(model("llama2_70b"), gpu("a100_80gb"), tp=2) > 256
+
+
+def test_the_compiled_builds_typed_tables_hold_lists(qwen):
+    """model.pxd types the step-time tables as lists for the compiled build (a native class refuses anything else
+    there, and the plain build never looks): every one is a list when fitted and after the tables grow, and the class
+    keeps an instance dict for the rest of its attributes. Checked without a compiler."""
+    import re
+
+    text = (ROOT / "vidur" / "execution_model" / "model.pxd").read_text()
+    tables = [n.strip() for m in re.finditer(r"cdef public list ([\w, ]+)", text) for n in m.group(1).split(",")]
+    assert {"_tok", "_pa0", "_pa1", "_pb", "_da", "_dk", "_dc"} <= set(tables)
+    assert "cdef dict __dict__" in text
+    for name in tables:
+        assert type(getattr(qwen, name)) is list, name
+    qwen.step_time([(3 * len(qwen._tok), 0)], 2 * len(qwen._da), 10**6)  # past both tables: they are rebuilt
+    for name in tables:
+        assert type(getattr(qwen, name)) is list, name

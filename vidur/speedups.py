@@ -6,9 +6,9 @@
 
 Why: a Block run is Python attribute traffic -- a request's fields, the engine's counters, the recorded future's
 lists -- read and written millions of times per run. Compiling ``MODULES`` with the ``.pxd`` declarations beside them
-(``Seq``, ``Engine``, ``Future``, ``Trajectory`` and the V0 rule become native classes with typed fields; the hot
-methods and functions become ``cpdef`` with their integer and time locals typed by ``cython.locals``, so they call
-each other in C and do their arithmetic on C integers and doubles) makes that traffic C struct access; the
+(``Seq``, ``Engine``, ``Future``, ``Trajectory``, the V0 rule and the execution model become native classes with typed
+fields; the hot methods and functions become ``cpdef`` with their integer and time locals typed by ``cython.locals``,
+so they call each other in C and do their arithmetic on C integers and doubles) makes that traffic C struct access; the
 arithmetic and the order of every operation stay those of the ``.py`` source, so runs give the same records bit for
 bit (``tests/test_speedups.py`` compares them). Measured numbers: docs/simulator.md ("The compiled build").
 
