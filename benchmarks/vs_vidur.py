@@ -74,11 +74,11 @@ same sitting (24.4-28.8 s at 10k, 244.3 s at 100k), ``--repeat 5``, compiled: 51
 198x at 100k (1.24 s; CPU 200x), the same latencies.
 
 Sixth session (6 December): first, with the simulator as the fifth session left it, four more same-sitting pairs at
-100k read 199x, 195x, 228x and 167x (Vidur 214.6, 240.2, 242.8, 245.2 s; ours 1.08, 1.23, 1.07, 1.47 s): Vidur's run averages the machine's
-noise over minutes, ours is timed in a one-second burst, so the printout now gives the range of our runs beside their
-median (and the CSV every run's time). Then two compiled-engine changes (a decode run's cut in C arithmetic, the
-execution model's tables as typed fields; engines alone 0.243 -> 0.210 s): 54-60x at 10k and, in three pairs,
-203x, 237x and 227x at 100k (Vidur 234.5, 267.5, 248.3 s; ours 1.16, 1.13, 1.09 s), the same latencies.
+100k read 199x, 195x, 228x and 167x (Vidur 214.6, 240.2, 242.8, 245.2 s; ours 1.08, 1.23, 1.07, 1.47 s): Vidur's run
+averages the machine's noise over minutes, ours is timed in a one-second burst, so the printout now gives the range of
+our runs beside their median (and the CSV every run's time). Then two compiled-engine changes (a decode run's cut in C
+arithmetic, the execution model's tables as typed fields; engines alone 0.243 -> 0.210 s): 54-60x at 10k and, in three
+pairs, 203x, 237x and 227x at 100k (Vidur 234.5, 267.5, 248.3 s; ours 1.16, 1.13, 1.09 s), the same latencies.
 """
 
 from __future__ import annotations
